@@ -1,0 +1,9 @@
+//! `getpeername()`: an application sees the Service as its peer, not the
+//! backend it was sent to.
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    crate::lb::reverse(&ctx)
+}

@@ -1,0 +1,9 @@
+//! `recvmsg()` on UDP sockets: a reply from a backend appears to come from
+//! the Service the datagram was sent to.
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    crate::lb::reverse(&ctx)
+}

@@ -1,0 +1,9 @@
+//! `sendmsg()` with an address on unconnected UDP sockets (DNS clients):
+//! pick a backend for every datagram.
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    crate::lb::forward(&ctx)
+}

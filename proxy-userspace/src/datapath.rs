@@ -1,0 +1,291 @@
+//! Loading, pinning and attaching the eBPF programs and maps.
+//!
+//! Everything lives under one bpffs directory:
+//! `maps/<name>` for the maps (versioned names, see `proxy_common`) and
+//! `links/<program>` for the cgroup links. Pinned links keep the programs
+//! attached while no agent runs; a starting agent reuses the pinned maps and
+//! swaps its programs into the pinned links atomically, so a restart or an
+//! upgrade never leaves a socket without a program.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, Map, MapData},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use proxy_common::{
+    BACKENDS_MAP, Backend, SERVICES_MAP, SOCK_REV_NAT_MAP, ServiceKey, ServiceValue,
+};
+use tracing::info;
+
+use crate::bpf_sys;
+
+/// The object built from proxy-ebpf by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJECT"));
+
+/// The cgroup socket-address programs, by the names of their functions.
+pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// The maps the agent owns; the datapath's LRU map is the programs' own.
+const MAPS: [&str; 3] = [SERVICES_MAP, BACKENDS_MAP, SOCK_REV_NAT_MAP];
+
+pub type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
+pub type BackendsMap = BpfHashMap<MapData, u32, Backend>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot create the pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("cannot load program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot open the cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the link of {name} is not a bpf_link (kernel older than 5.7?)")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin the link of {name} at {path}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot swap the program behind the pinned link {path}")]
+    UpdateLink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map {name} is missing at {path}")]
+    MissingMap { name: &'static str, path: PathBuf },
+    #[error("cannot open map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where things are pinned under the bpffs directory.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    #[must_use]
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    #[must_use]
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+}
+
+/// The service maps, typed.
+pub struct ServiceMaps {
+    pub services: ServicesMap,
+    pub backends: BackendsMap,
+}
+
+/// The loaded object: programs loaded into the kernel, maps created or
+/// reused from their pins.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Pins,
+}
+
+impl Datapath {
+    /// Loads the programs and maps, reusing every map that is already pinned.
+    pub fn load(pins: Pins) -> Result<Self, DatapathError> {
+        bpf_sys::ensure_bpffs(&pins.root).map_err(|source| DatapathError::PinDir {
+            path: pins.root.clone(),
+            source,
+        })?;
+        for dir in [pins.maps_dir(), pins.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, pins.map(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        for name in PROGRAMS {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Self { ebpf, pins })
+    }
+
+    /// Hands out the service maps, for the writer.
+    pub fn take_service_maps(&mut self) -> Result<ServiceMaps, DatapathError> {
+        Ok(ServiceMaps {
+            services: typed_map(self.ebpf.take_map(SERVICES_MAP), SERVICES_MAP, &self.pins)?,
+            backends: typed_map(self.ebpf.take_map(BACKENDS_MAP), BACKENDS_MAP, &self.pins)?,
+        })
+    }
+
+    /// Attaches every program to `cgroup`. Where a link is already pinned
+    /// (an earlier agent's), the link is kept and only its program is
+    /// swapped, atomically.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let cgroup_dir = fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in PROGRAMS {
+            let link_path = self.pins.link(name);
+            let program = program(&mut self.ebpf, name)?;
+            if let Ok(link) = bpf_sys::obj_get(&link_path) {
+                let program_fd = program
+                    .fd()
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                bpf_sys::link_update(&link, program_fd).map_err(|source| {
+                    DatapathError::UpdateLink {
+                        path: link_path.clone(),
+                        source,
+                    }
+                })?;
+                info!(program = name, link = %link_path.display(), "swapped the program behind the pinned link");
+                continue;
+            }
+            // A bpf_link takes no attach flags (the kernel rejects any with
+            // EINVAL) and always shares the hook with other programs.
+            let link_id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let link =
+                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
+            link.pin(&link_path)
+                .map_err(|source| DatapathError::PinLink {
+                    name,
+                    path: link_path.clone(),
+                    source,
+                })?;
+            info!(program = name, cgroup = %cgroup.display(), link = %link_path.display(), "attached");
+        }
+        Ok(())
+    }
+}
+
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn typed_map<K: aya::Pod, V: aya::Pod>(
+    map: Option<Map>,
+    name: &'static str,
+    pins: &Pins,
+) -> Result<BpfHashMap<MapData, K, V>, DatapathError> {
+    let map = map.ok_or_else(|| DatapathError::MissingMap {
+        name,
+        path: pins.map(name),
+    })?;
+    BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Opens the pinned service maps without loading anything: for reading the
+/// datapath while the agent runs, or after it is gone.
+pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
+    let open = |name: &'static str| {
+        let path = pins.map(name);
+        if !path.exists() {
+            return Err(DatapathError::MissingMap { name, path });
+        }
+        MapData::from_pin(&path)
+            .map(Map::HashMap)
+            .map_err(|source| DatapathError::Map { name, source })
+    };
+    Ok(ServiceMaps {
+        services: typed_map(Some(open(SERVICES_MAP)?), SERVICES_MAP, pins)?,
+        backends: typed_map(Some(open(BACKENDS_MAP)?), BACKENDS_MAP, pins)?,
+    })
+}
+
+/// Detaches the programs (by dropping their pinned links) and removes the
+/// pinned maps and the directory. Safe to run twice.
+pub fn cleanup(pins: &Pins) -> Result<(), DatapathError> {
+    let remove = |path: PathBuf| match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(DatapathError::Remove { path, source: e })
+        }
+        _ => Ok(()),
+    };
+    // Links first: once they are gone no program uses the maps.
+    for name in PROGRAMS {
+        remove(pins.link(name))?;
+    }
+    for name in MAPS {
+        remove(pins.map(name))?;
+    }
+    for dir in [pins.links_dir(), pins.maps_dir(), pins.root.clone()] {
+        match fs::remove_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(DatapathError::Remove {
+                    path: dir,
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

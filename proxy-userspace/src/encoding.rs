@@ -1,0 +1,126 @@
+//! Model types to map keys and values and back. Network byte order starts
+//! and ends here.
+
+use std::net::Ipv4Addr;
+
+use proxy_common::{Backend, PROTO_TCP, PROTO_UDP, ServiceKey};
+
+use crate::model::{L4Addr, Protocol};
+
+impl Protocol {
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+
+    #[must_use]
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            PROTO_TCP => Some(Self::Tcp),
+            PROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// Stores the address's octets as they go on the wire.
+fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn ip_from_be(addr_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr_be.to_ne_bytes())
+}
+
+impl L4Addr {
+    /// The slot-0 key of this frontend.
+    #[must_use]
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey::frontend(addr_be(self.ip), self.port.to_be(), self.protocol.number())
+    }
+
+    /// The map value of this backend.
+    #[must_use]
+    pub fn backend(&self) -> Backend {
+        Backend {
+            addr_be: addr_be(self.ip),
+            port_be: self.port.to_be(),
+            proto: self.protocol.number(),
+            flags: 0,
+        }
+    }
+
+    /// The frontend a service key belongs to; `None` for a protocol this
+    /// agent does not write.
+    #[must_use]
+    pub fn from_service_key(key: &ServiceKey) -> Option<Self> {
+        Some(Self {
+            ip: ip_from_be(key.addr_be),
+            port: u16::from_be(key.port_be),
+            protocol: Protocol::from_number(key.proto)?,
+        })
+    }
+
+    #[must_use]
+    pub fn from_backend(backend: &Backend) -> Option<Self> {
+        Some(Self {
+            ip: ip_from_be(backend.addr_be),
+            port: u16::from_be(backend.port_be),
+            protocol: Protocol::from_number(backend.proto)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: the map types are plain integers without padding.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn service_key_is_in_network_byte_order_as_the_kernel_sees_it() {
+        let frontend = L4Addr {
+            ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        assert_eq!(
+            bytes_of(&frontend.service_key()),
+            [10, 96, 0, 10, 0, 53, 0, 0, 17, 0, 0, 0]
+        );
+        assert_eq!(bytes_of(&frontend.service_key().slot(2))[6..8], [2, 0]);
+    }
+
+    #[test]
+    fn backend_bytes_and_round_trip() {
+        let backend = L4Addr {
+            ip: Ipv4Addr::new(10, 244, 1, 7),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(
+            bytes_of(&backend.backend()),
+            [10, 244, 1, 7, 0x1f, 0x90, 6, 0]
+        );
+        assert_eq!(L4Addr::from_backend(&backend.backend()), Some(backend));
+        assert_eq!(
+            L4Addr::from_service_key(&backend.service_key()),
+            Some(backend)
+        );
+    }
+
+    #[test]
+    fn unknown_protocols_do_not_decode() {
+        let mut key = ServiceKey::frontend(0, 0, 132);
+        assert_eq!(L4Addr::from_service_key(&key), None);
+        key.proto = PROTO_TCP;
+        assert!(L4Addr::from_service_key(&key).is_some());
+    }
+}

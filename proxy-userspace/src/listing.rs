@@ -1,0 +1,103 @@
+//! `proxy-userspace services`: the datapath as the pinned maps hold it, in
+//! the spirit of `cilium-dbg service list`. It reads only the pins, so it
+//! works whether or not the agent is running.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use aya::maps::MapError;
+use proxy_common::ServiceKey;
+use serde::Serialize;
+
+use crate::{datapath::ServiceMaps, model::L4Addr, writer::Table};
+
+/// One frontend as the maps hold it.
+#[derive(Debug, Serialize)]
+pub struct ListedService {
+    pub frontend: String,
+    pub protocol: String,
+    /// Backend addresses in slot order; a slot whose id or backend is missing
+    /// shows as such, since that is exactly what a reader needs to see.
+    pub backends: Vec<ListedBackend>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListedBackend {
+    pub slot: u16,
+    pub id: u32,
+    pub address: String,
+}
+
+pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
+    let backends: BTreeMap<u32, proxy_common::Backend> =
+        maps.backends.entries()?.into_iter().collect();
+    let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
+    let mut counts: BTreeMap<ServiceKey, u16> = BTreeMap::new();
+    for (key, value) in maps.services.entries()? {
+        if key.backend_slot == 0 {
+            counts.insert(key, value.count);
+        } else {
+            slots
+                .entry(key.slot(0))
+                .or_default()
+                .insert(key.backend_slot, value.backend_id);
+        }
+    }
+    let mut listed = Vec::new();
+    for (key, count) in counts {
+        let frontend_slots = slots.remove(&key).unwrap_or_default();
+        let (frontend, protocol) = match L4Addr::from_service_key(&key) {
+            Some(addr) => (
+                format!("{}:{}", addr.ip, addr.port),
+                addr.protocol.to_string(),
+            ),
+            None => (format!("{key:?}"), format!("proto {}", key.proto)),
+        };
+        let backends = (1..=count)
+            .map(|slot| {
+                let id = frontend_slots.get(&slot).copied().unwrap_or(0);
+                let address = backends
+                    .get(&id)
+                    .and_then(L4Addr::from_backend)
+                    .map_or_else(
+                        || "<missing>".to_owned(),
+                        |b| format!("{}:{}", b.ip, b.port),
+                    );
+                ListedBackend { slot, id, address }
+            })
+            .collect();
+        listed.push(ListedService {
+            frontend,
+            protocol,
+            backends,
+        });
+    }
+    Ok(listed)
+}
+
+/// A table, one backend per line, like `cilium-dbg service list`.
+#[must_use]
+pub fn table(services: &[ListedService]) -> String {
+    let mut out = format!("{:<22} {:<6} {}\n", "FRONTEND", "PROTO", "BACKENDS");
+    for service in services {
+        let mut first = true;
+        let mut line = |backend: &str| {
+            let (frontend, protocol) = if first {
+                (service.frontend.as_str(), service.protocol.as_str())
+            } else {
+                ("", "")
+            };
+            first = false;
+            let _ = writeln!(out, "{frontend:<22} {protocol:<6} {backend}");
+        };
+        if service.backends.is_empty() {
+            line("(no ready endpoints: connections are refused)");
+        }
+        for backend in &service.backends {
+            line(&format!(
+                "{} => {} (id {})",
+                backend.slot, backend.address, backend.id
+            ));
+        }
+    }
+    out
+}

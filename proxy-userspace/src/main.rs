@@ -1,0 +1,163 @@
+//! The agent: keeps the eBPF service maps equal to the Services and
+//! EndpointSlices it is given, and lets you read them.
+
+mod bpf_sys;
+mod datapath;
+mod encoding;
+mod listing;
+mod model;
+mod source;
+mod writer;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{Datapath, Pins},
+    source::{Source, manifests::ManifestDir},
+    writer::MapWriter,
+};
+
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ebpf-proxy";
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "eBPF service load balancer: a kube-proxy replacement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the datapath, then keep its maps in step with the
+    /// Services and EndpointSlices.
+    Run {
+        /// Read Service and EndpointSlice manifests (multi-document YAML)
+        /// from this directory, and follow edits.
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+        /// The cgroup (v2) whose sockets are load-balanced. Default: the
+        /// cgroup2 root, from /proc/mounts.
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+        /// Where maps and links are pinned.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Print the datapath's services and backends from the pinned maps.
+    Services {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Detach the programs and remove everything pinned. Stop the agent
+    /// first, or it keeps the programs attached until it exits.
+    Cleanup {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run {
+            manifests,
+            cgroup,
+            bpffs,
+        } => {
+            let cgroup = match cgroup {
+                Some(path) => path,
+                None => cgroup2_root()?,
+            };
+            run(ManifestDir::new(manifests), &cgroup, Pins::new(bpffs))
+        }
+        Command::Services { bpffs, output } => {
+            let maps = datapath::open_pinned(&Pins::new(&bpffs))
+                .with_context(|| format!("is the agent set up at {}?", bpffs.display()))?;
+            let services = listing::list(&maps)?;
+            match output {
+                Output::Table => print!("{}", listing::table(&services)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
+            }
+            Ok(())
+        }
+        Command::Cleanup { bpffs } => {
+            datapath::cleanup(&Pins::new(&bpffs))?;
+            info!(bpffs = %bpffs.display(), "removed the datapath");
+            Ok(())
+        }
+    }
+}
+
+/// Level-triggered: every snapshot is turned into a whole desired state and
+/// only its difference from the maps is written.
+fn run(mut source: impl Source, cgroup: &Path, pins: Pins) -> Result<()> {
+    let mut datapath = Datapath::load(pins)?;
+    let maps = datapath.take_service_maps()?;
+    let mut writer =
+        MapWriter::adopt(maps.services, maps.backends).context("cannot read the pinned maps")?;
+    let (frontends, backends) = writer.sizes();
+    info!(frontends, backends, "adopted the pinned maps");
+
+    let mut attached = false;
+    loop {
+        let snapshot = source.next_snapshot()?;
+        let started = Instant::now();
+        let (desired, problems) = model::desired_state(&snapshot);
+        for problem in &problems {
+            warn!("{problem}; skipped");
+        }
+        let stats = writer.apply(&desired);
+        info!(
+            frontends = desired.frontends.len(),
+            changes = stats.changes(),
+            failures = stats.failures,
+            took_us = started.elapsed().as_micros(),
+            "applied"
+        );
+        // Attach only once the maps hold the services, so no socket ever
+        // sees a half-filled datapath.
+        if !attached {
+            datapath.attach(cgroup)?;
+            attached = true;
+            info!("datapath ready");
+        }
+    }
+}
+
+/// The cgroup2 mount point, as /proc/mounts has it (it is not always
+/// /sys/fs/cgroup: hybrid hosts mount it at /sys/fs/cgroup/unified).
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(_), Some(path), Some("cgroup2")) =
+            (fields.next(), fields.next(), fields.next())
+        {
+            return Ok(PathBuf::from(path));
+        }
+    }
+    bail!("no cgroup2 file system is mounted (see /proc/mounts); pass --cgroup")
+}

@@ -1,0 +1,203 @@
+//! Services and EndpointSlices from a directory of multi-document YAML
+//! files, re-read when a file changes.
+//!
+//! The directory is polled rather than watched with inotify: a polled stat
+//! of a few files is cheap, and it also sees the symlink swaps of a mounted
+//! ConfigMap, which inotify watches on the files miss.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use tracing::{debug, warn};
+
+use super::{Snapshot, Source, SourceError, Sourced};
+
+/// How often the directory is checked: well inside the 1 s in which an edit
+/// must reach the datapath.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What tells a file changed, without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+/// The objects of one file, as of its last successful parse.
+#[derive(Clone, Debug, Default)]
+struct FileObjects {
+    services: Vec<Service>,
+    endpoint_slices: Vec<EndpointSlice>,
+}
+
+pub struct ManifestDir {
+    dir: PathBuf,
+    stamps: BTreeMap<PathBuf, Stamp>,
+    files: BTreeMap<PathBuf, FileObjects>,
+    first: bool,
+}
+
+impl ManifestDir {
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            stamps: BTreeMap::new(),
+            files: BTreeMap::new(),
+            first: true,
+        }
+    }
+
+    fn scan(&self) -> Result<BTreeMap<PathBuf, Stamp>, SourceError> {
+        let read_dir_error = |source| SourceError::ReadDir {
+            path: self.dir.display().to_string(),
+            source,
+        };
+        let mut stamps = BTreeMap::new();
+        for entry in fs::read_dir(&self.dir).map_err(read_dir_error)? {
+            let path = entry.map_err(read_dir_error)?.path();
+            if !is_manifest(&path) {
+                continue;
+            }
+            // Follows symlinks, so a ConfigMap's `..data` swap changes the stamp.
+            let Ok(meta) = fs::metadata(&path) else {
+                continue; // deleted between read_dir and here
+            };
+            if meta.is_file() {
+                stamps.insert(
+                    path,
+                    Stamp {
+                        modified: meta.modified().ok(),
+                        len: meta.len(),
+                        inode: std::os::unix::fs::MetadataExt::ino(&meta),
+                    },
+                );
+            }
+        }
+        Ok(stamps)
+    }
+
+    fn reload(&mut self, stamps: BTreeMap<PathBuf, Stamp>) {
+        self.files.retain(|path, _| stamps.contains_key(path));
+        for (path, stamp) in &stamps {
+            if self.stamps.get(path) == Some(stamp) {
+                continue;
+            }
+            match fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse_manifests(&text))
+            {
+                Ok(objects) => {
+                    debug!(file = %path.display(), "read manifests");
+                    self.files.insert(path.clone(), objects);
+                }
+                Err(message) => {
+                    let kept = if self.files.contains_key(path) {
+                        "keeping its last good contents"
+                    } else {
+                        "skipping it"
+                    };
+                    warn!("{}: {message}; {kept}", path.display());
+                }
+            }
+        }
+        self.stamps = stamps;
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for (path, objects) in &self.files {
+            let origin = path.display().to_string();
+            snapshot
+                .services
+                .extend(sourced(&origin, &objects.services));
+            snapshot
+                .endpoint_slices
+                .extend(sourced(&origin, &objects.endpoint_slices));
+        }
+        snapshot
+    }
+}
+
+fn sourced<'a, T: Clone>(
+    origin: &'a str,
+    objects: &'a [T],
+) -> impl Iterator<Item = Sourced<T>> + 'a {
+    objects.iter().map(move |object| Sourced {
+        origin: origin.to_owned(),
+        object: object.clone(),
+    })
+}
+
+impl Source for ManifestDir {
+    fn next_snapshot(&mut self) -> Result<Snapshot, SourceError> {
+        loop {
+            let stamps = self.scan()?;
+            if self.first || stamps != self.stamps {
+                self.first = false;
+                self.reload(stamps);
+                return Ok(self.snapshot());
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let yaml = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+    yaml && !hidden
+}
+
+/// Parses every document of a file. One broken document fails the whole
+/// file, so a half-read file never drops the objects it did not reach.
+fn parse_manifests(text: &str) -> Result<FileObjects, String> {
+    let mut objects = FileObjects::default();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let at = |message: String| format!("document {}: {message}", index + 1);
+        let value: serde_yaml::Value = serde::Deserialize::deserialize(document)
+            .map_err(|e: serde_yaml::Error| at(format!("invalid YAML: {e}")))?;
+        if value.is_null() {
+            continue; // an empty document, as after a trailing `---`
+        }
+        let field = |path: &[&str]| {
+            path.iter()
+                .try_fold(&value, |v, key| v.get(key))
+                .and_then(serde_yaml::Value::as_str)
+                .map(str::to_owned)
+        };
+        let (Some(api_version), Some(kind)) = (field(&["apiVersion"]), field(&["kind"])) else {
+            return Err(at(
+                "not a Kubernetes object (no apiVersion and kind)".to_owned()
+            ));
+        };
+        let name = field(&["metadata", "name"]).unwrap_or_else(|| "<unnamed>".to_owned());
+        let object_error = |e: serde_yaml::Error| at(format!("{kind} {name}: {e}"));
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Service") => objects
+                .services
+                .push(serde_yaml::from_value(value).map_err(object_error)?),
+            ("discovery.k8s.io/v1", "EndpointSlice") => objects
+                .endpoint_slices
+                .push(serde_yaml::from_value(value).map_err(object_error)?),
+            _ => debug!(api_version, kind, name, "ignoring object"),
+        }
+    }
+    Ok(objects)
+}
+
+#[cfg(test)]
+mod tests;

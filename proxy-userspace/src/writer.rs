@@ -1,0 +1,255 @@
+//! The one place that writes the service maps: it diffs the desired state
+//! against a mirror of what the maps hold and writes only the difference.
+//!
+//! The mirror is read back from the pinned maps at start-up, so a restarted
+//! agent whose desired state has not changed writes nothing at all.
+//!
+//! Writes are ordered so that a program reading concurrently never follows
+//! a slot to a missing backend and never reads a count beyond the slots that
+//! exist: backends first, then a frontend's slots, then its count; on
+//! shrinking, the count first, then the surplus slots, then unused backends.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, MapData, MapError},
+};
+use proxy_common::{Backend, ServiceKey, ServiceValue};
+use tracing::warn;
+
+use crate::model::DesiredState;
+
+/// A key-value map the writer can read and change: a pinned BPF hash map,
+/// or an in-memory map in tests.
+pub trait Table<K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<(), MapError>;
+    /// Removing a key that is not there is not an error.
+    fn delete(&mut self, key: &K) -> Result<(), MapError>;
+    fn entries(&self) -> Result<Vec<(K, V)>, MapError>;
+}
+
+impl<K: Pod, V: Pod> Table<K, V> for BpfHashMap<MapData, K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+
+    fn delete(&mut self, key: &K) -> Result<(), MapError> {
+        match self.remove(key) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn entries(&self) -> Result<Vec<(K, V)>, MapError> {
+        self.iter().collect()
+    }
+}
+
+/// What a frontend's entries in the services map hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct FrontendSlots {
+    /// Slot 0's count; `None` when slot 0 is missing.
+    count: Option<u16>,
+    /// Slots 1.. and their backend ids.
+    slots: BTreeMap<u16, u32>,
+}
+
+/// Counts of what one [`MapWriter::apply`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub writes: usize,
+    pub deletes: usize,
+    pub failures: usize,
+}
+
+impl ApplyStats {
+    #[must_use]
+    pub const fn changes(&self) -> usize {
+        self.writes + self.deletes
+    }
+}
+
+pub struct MapWriter<S, B> {
+    services: S,
+    backends: B,
+    frontends: BTreeMap<ServiceKey, FrontendSlots>,
+    backend_by_id: BTreeMap<u32, Backend>,
+}
+
+impl<S, B> MapWriter<S, B>
+where
+    S: Table<ServiceKey, ServiceValue>,
+    B: Table<u32, Backend>,
+{
+    /// Takes over the maps with whatever they already hold.
+    pub fn adopt(services: S, backends: B) -> Result<Self, MapError> {
+        let mut frontends: BTreeMap<ServiceKey, FrontendSlots> = BTreeMap::new();
+        for (key, value) in services.entries()? {
+            let slots = frontends.entry(key.slot(0)).or_default();
+            if key.backend_slot == 0 {
+                slots.count = Some(value.count);
+            } else {
+                slots.slots.insert(key.backend_slot, value.backend_id);
+            }
+        }
+        let backend_by_id = backends.entries()?.into_iter().collect();
+        Ok(Self {
+            services,
+            backends,
+            frontends,
+            backend_by_id,
+        })
+    }
+
+    /// How many frontends and backends the maps hold.
+    #[must_use]
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.frontends.len(), self.backend_by_id.len())
+    }
+
+    /// Makes the maps hold `desired`, writing only what differs. A failed
+    /// write (a full map, say) is logged with the Service it was for and
+    /// leaves that Service as it was; the others are still written, and the
+    /// next apply tries again.
+    pub fn apply(&mut self, desired: &DesiredState) -> ApplyStats {
+        let mut stats = ApplyStats::default();
+        let mut id_of: BTreeMap<Backend, u32> =
+            self.backend_by_id.iter().map(|(id, b)| (*b, *id)).collect();
+
+        let mut wanted = BTreeSet::new();
+        for (frontend, entry) in &desired.frontends {
+            let key = frontend.service_key();
+            wanted.insert(key);
+            let mut ids = Vec::with_capacity(entry.backends.len());
+            for backend in entry.backends.iter().map(crate::model::L4Addr::backend) {
+                match self.backend_id(&mut id_of, backend, &mut stats) {
+                    Ok(id) => ids.push(id),
+                    Err(error) => {
+                        warn!(service = %entry.service, %error, "cannot write a backend");
+                        stats.failures += 1;
+                    }
+                }
+            }
+            if ids.len() != entry.backends.len() {
+                continue;
+            }
+            if let Err(error) = self.write_frontend(key, &ids, &mut stats) {
+                warn!(service = %entry.service, %frontend, %error, "cannot write the frontend");
+                stats.failures += 1;
+            }
+        }
+
+        let stale: Vec<ServiceKey> = self
+            .frontends
+            .keys()
+            .filter(|key| !wanted.contains(key))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Err(error) = self.delete_frontend(key, &mut stats) {
+                warn!(?key, %error, "cannot delete a frontend");
+                stats.failures += 1;
+            }
+        }
+
+        let in_use: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.slots.values().copied())
+            .collect();
+        let unused: Vec<u32> = self
+            .backend_by_id
+            .keys()
+            .filter(|id| !in_use.contains(id))
+            .copied()
+            .collect();
+        for id in unused {
+            match self.backends.delete(&id) {
+                Ok(()) => {
+                    self.backend_by_id.remove(&id);
+                    stats.deletes += 1;
+                }
+                Err(error) => {
+                    warn!(id, %error, "cannot delete a backend");
+                    stats.failures += 1;
+                }
+            }
+        }
+        stats
+    }
+
+    /// The id of a backend, writing it first if the map lacks it.
+    fn backend_id(
+        &mut self,
+        id_of: &mut BTreeMap<Backend, u32>,
+        backend: Backend,
+        stats: &mut ApplyStats,
+    ) -> Result<u32, MapError> {
+        if let Some(id) = id_of.get(&backend) {
+            return Ok(*id);
+        }
+        // Ids only grow (a u32 outlasts any cluster's churn), so an id is
+        // never reused while a reader may still hold it.
+        let id = self
+            .backend_by_id
+            .last_key_value()
+            .map_or(1, |(id, _)| id + 1);
+        self.backends.put(&id, &backend)?;
+        stats.writes += 1;
+        self.backend_by_id.insert(id, backend);
+        id_of.insert(backend, id);
+        Ok(id)
+    }
+
+    fn write_frontend(
+        &mut self,
+        key: ServiceKey,
+        ids: &[u32],
+        stats: &mut ApplyStats,
+    ) -> Result<(), MapError> {
+        let current = self.frontends.entry(key).or_default();
+        let count = u16::try_from(ids.len()).expect("the model caps backends per frontend");
+        for (slot, id) in (1..=count).zip(ids) {
+            if current.slots.get(&slot) != Some(id) {
+                self.services
+                    .put(&key.slot(slot), &ServiceValue::backend(*id))?;
+                current.slots.insert(slot, *id);
+                stats.writes += 1;
+            }
+        }
+        if current.count != Some(count) {
+            self.services.put(&key, &ServiceValue::frontend(count))?;
+            current.count = Some(count);
+            stats.writes += 1;
+        }
+        let surplus: Vec<u16> = current.slots.range(count + 1..).map(|(s, _)| *s).collect();
+        for slot in surplus {
+            self.services.delete(&key.slot(slot))?;
+            current.slots.remove(&slot);
+            stats.deletes += 1;
+        }
+        Ok(())
+    }
+
+    fn delete_frontend(&mut self, key: ServiceKey, stats: &mut ApplyStats) -> Result<(), MapError> {
+        let current = self.frontends.entry(key).or_default();
+        // Slot 0 first: from then on no program looks at the slots.
+        if current.count.is_some() {
+            self.services.delete(&key)?;
+            current.count = None;
+            stats.deletes += 1;
+        }
+        while let Some((slot, _)) = current.slots.last_key_value() {
+            let slot = *slot;
+            self.services.delete(&key.slot(slot))?;
+            current.slots.remove(&slot);
+            stats.deletes += 1;
+        }
+        self.frontends.remove(&key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
