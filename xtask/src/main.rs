@@ -1,1 +1,149 @@
-fn main() {}
+//! `cargo xtask`: building the eBPF object, the demo and the tests.
+
+use std::{process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use xtask::{
+    lab::{self, Lab, manifests},
+    prerequisites, workspace_root,
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (installing rust-src and bpf-linker if needed).
+    BuildEbpf,
+    /// Set up the machine, then show the agent balancing real traffic in a
+    /// netns lab: pods, a ClusterIP, the maps. Needs root.
+    Demo,
+    /// Set up the machine, then run the unit tests and the privileged
+    /// datapath tests. Needs root.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::BuildEbpf => {
+            let object = prerequisites::build_ebpf()?;
+            println!("{}", object.display());
+            Ok(())
+        }
+        Task::Demo => demo(),
+        Task::Test { filter } => test(filter.as_deref()),
+    }
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this needs root (network namespaces, cgroups and BPF): run it with sudo");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new("cargo")
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    require_root()?;
+    prerequisites::ensure_tools()?;
+    let agent = prerequisites::build_agent()?;
+    // Unit tests of every crate; the privileged tests are #[ignore]d there.
+    cargo(&["test", "--workspace"])?;
+    let mut args = vec!["test", "--package", "xtask", "--test", "datapath", "--"];
+    args.extend(filter);
+    // Two labs at a time: each runs nginx pods and an agent, and the
+    // machine has two cores.
+    args.extend(["--ignored", "--test-threads=2"]);
+    // SAFETY: single-threaded here; the child inherits the variable.
+    unsafe { std::env::set_var("PROXY_AGENT", &agent) };
+    cargo(&args)
+}
+
+/// The example the demo serves: one HTTP Service over three pods.
+fn demo_manifest(pods: &[lab::Pod]) -> String {
+    let endpoints: Vec<_> = pods.iter().map(|p| (p.ip, true)).collect();
+    manifests::documents(&[
+        manifests::service("web", "10.96.0.10", &[("http", 80, "TCP")]),
+        manifests::endpoint_slice("web-1", "web", &[("http", 8080, "TCP")], &endpoints),
+    ])
+}
+
+fn demo() -> Result<()> {
+    require_root()?;
+    prerequisites::ensure_tools()?;
+    let agent_binary = prerequisites::build_agent()?;
+    let mut lab = Lab::new()?;
+    let mut pods = Vec::new();
+    for name in ["pod-a", "pod-b", "pod-c"] {
+        let pod = lab.add_pod(name)?;
+        lab.serve_http(&pod, 8080)?;
+        println!(
+            "started {name} at {}:8080 (nginx answering with its name)",
+            pod.ip
+        );
+        pods.push(pod);
+    }
+    let manifest = demo_manifest(&pods);
+    lab.write_manifest("web.yaml", &manifest)?;
+    println!("\n# manifests/web.yaml\n{manifest}");
+    let agent = lab.start_agent(&agent_binary)?;
+    println!(
+        "agent running: programs attached to {}",
+        lab.cgroup().display()
+    );
+
+    println!("\n# 6 requests to the ClusterIP, each a new connection");
+    for _ in 0..6 {
+        let out = lab.run_client("curl", &["-s", "--max-time", "2", "http://10.96.0.10/"])?;
+        println!(
+            "curl http://10.96.0.10/ -> {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    println!(
+        "\n# proxy-userspace services --bpffs {}",
+        lab.bpffs().display()
+    );
+    let services = Command::new(&agent_binary)
+        .args(["services", "--bpffs"])
+        .arg(lab.bpffs())
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&services.stdout));
+    let map = lab.bpffs().join("maps").join("lb4_svc_v1");
+    println!("\n# bpftool map dump pinned {}", map.display());
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&map)
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&dump.stdout));
+
+    println!("\n# the agent is SIGKILLed; the pinned datapath keeps serving");
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(100));
+    let out = lab.run_client("curl", &["-s", "--max-time", "2", "http://10.96.0.10/"])?;
+    println!(
+        "curl http://10.96.0.10/ -> {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    println!("\ncleaning up the lab");
+    Ok(())
+}

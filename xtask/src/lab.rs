@@ -1,0 +1,610 @@
+//! A node in network namespaces: pods with real servers, clients in a
+//! cgroup of the lab's own, and the agent pinned under a bpffs directory of
+//! the lab's own. Used by the privileged tests and the demo.
+//!
+//! ```text
+//!   node netns ── br0 10.244.0.1/24 ──┬── veth ── pod netns 10.244.0.10 (nginx, dnsmasq)
+//!   (clients run here, inside          ├── veth ── pod netns 10.244.0.11
+//!    the lab's cgroup)                 └── ...
+//! ```
+//!
+//! Nothing the lab makes is shared with the host or with another lab, and
+//! [`Drop`] takes it all down again, even when a test panics. A lab whose
+//! process was SIGKILLed is swept up by the next lab that starts.
+
+use std::{
+    fs,
+    io::{self, Read as _},
+    net::Ipv4Addr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const PREFIX: &str = "plab";
+const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+const FIRST_POD_HOST: u8 = 10;
+const BPFFS: &str = "/sys/fs/bpf";
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// A pod: a network namespace with one address on the lab's bridge.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    netns: String,
+}
+
+pub struct Lab {
+    name: String,
+    node_netns: String,
+    pods: Vec<Pod>,
+    cgroup: PathBuf,
+    /// Kept open so a client can move itself in between fork and exec.
+    cgroup_procs: fs::File,
+    bpffs: PathBuf,
+    dir: PathBuf,
+    servers: Vec<Child>,
+}
+
+impl Lab {
+    /// Makes the node namespace, the lab's cgroup and its directories.
+    pub fn new() -> Result<Self> {
+        sweep_stale();
+        let name = format!(
+            "{PREFIX}-{}-{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup = cgroup2_root()?.join(&name);
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        let cgroup_procs = fs::OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))?;
+        let dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(dir.join("manifests"))?;
+        let node_netns = format!("{name}-node");
+        // From here on Drop cleans up whatever was made.
+        let lab = Self {
+            bpffs: Path::new(BPFFS).join(&name),
+            name,
+            node_netns,
+            pods: Vec::new(),
+            cgroup,
+            cgroup_procs,
+            dir,
+            servers: Vec::new(),
+        };
+        ip(&["netns", "add", &lab.node_netns])?;
+        let node = lab.node_netns.as_str();
+        ip(&["-n", node, "link", "set", "lo", "up"])?;
+        ip(&["-n", node, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{BRIDGE_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", node, "link", "set", "br0", "up"])?;
+        Ok(lab)
+    }
+
+    /// Adds a pod on the bridge; pods get 10.244.0.10, .11, ... in order.
+    pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let index = u8::try_from(self.pods.len()).context("too many pods")?;
+        let pod = Pod {
+            name: name.to_owned(),
+            ip: Ipv4Addr::new(10, 244, 0, FIRST_POD_HOST + index),
+            netns: format!("{}-{name}", self.name),
+        };
+        ip(&["netns", "add", &pod.netns])?;
+        self.pods.push(pod.clone());
+        let (node, ns) = (self.node_netns.as_str(), pod.netns.as_str());
+        let veth = format!("veth{index}");
+        ip(&[
+            "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        ip(&["-n", node, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &BRIDGE_IP.to_string(),
+        ])?;
+        Ok(pod)
+    }
+
+    /// Runs nginx in the pod, answering every request on `port` with the
+    /// pod's name, and closing every connection so each request is a new
+    /// connection (and a new load-balancing decision).
+    pub fn serve_http(&mut self, pod: &Pod, port: u16) -> Result<()> {
+        let dir = self.dir.join(format!("nginx-{}-{port}", pod.name));
+        fs::create_dir_all(&dir)?;
+        let d = dir.display();
+        let config = format!(
+            "worker_processes 1;\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+               access_log off;\n\
+               keepalive_timeout 0;\n\
+               client_body_temp_path {d}/body;\n\
+               proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n\
+               uwsgi_temp_path {d}/uwsgi;\n\
+               scgi_temp_path {d}/scgi;\n\
+               server {{\n\
+                 listen {ip}:{port} backlog=4096;\n\
+                 location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n\
+               }}\n\
+             }}\n",
+            ip = pod.ip,
+            name = pod.name,
+        );
+        let config_path = dir.join("nginx.conf");
+        fs::write(&config_path, config)?;
+        let nginx = crate::prerequisites::which("nginx").context("nginx is not installed")?;
+        let child = self
+            .in_pod(pod, &nginx.display().to_string())
+            .arg("-c")
+            .arg(&config_path)
+            .args(["-p", &d.to_string(), "-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.servers.push(child);
+        self.wait_listening(pod, port, "tcp")
+    }
+
+    /// Runs dnsmasq in the pod, answering `whoami.lab TXT` with the pod's
+    /// name on UDP `port`.
+    pub fn serve_dns(&mut self, pod: &Pod, port: u16) -> Result<()> {
+        let dnsmasq = crate::prerequisites::which("dnsmasq").context("dnsmasq is not installed")?;
+        let child = self
+            .in_pod(pod, &dnsmasq.display().to_string())
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args(["--bind-interfaces", "--user=root"])
+            .arg(format!("--listen-address={}", pod.ip))
+            .arg(format!("--port={port}"))
+            .arg(format!("--txt-record=whoami.lab,{}", pod.name))
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.join(format!("dnsmasq-{}.pid", pod.name)).display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.servers.push(child);
+        self.wait_listening(pod, port, "udp")
+    }
+
+    fn in_pod(&self, pod: &Pod, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pod.netns, program]);
+        cmd
+    }
+
+    fn wait_listening(&self, pod: &Pod, port: u16, proto: &str) -> Result<()> {
+        let flag = if proto == "tcp" { "-Hltn" } else { "-Hlun" };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &pod.netns, "ss", flag])
+                .arg(format!("sport = :{port}"))
+                .output()?;
+            if !out.stdout.is_empty() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "{} did not listen on {proto} port {port} within 10 s",
+            pod.name
+        )
+    }
+
+    /// A command that runs in the node namespace inside the lab's cgroup,
+    /// where the agent's programs are attached.
+    #[must_use]
+    pub fn client(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node_netns, program]);
+        let procs = self.cgroup_procs.as_raw_fd();
+        // SAFETY: only async-signal-safe calls between fork and exec. Writing
+        // "0" to cgroup.procs moves the writing process itself.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(procs, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+        }
+        cmd
+    }
+
+    /// Runs a client to completion and returns its output; fails if it
+    /// could not be started.
+    pub fn run_client(&self, program: &str, args: &[&str]) -> Result<Output> {
+        self.client(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {program}"))
+    }
+
+    /// Runs Python in the lab's client cgroup: the tests' probe for what an
+    /// application sees (getpeername, errno and timing of connect).
+    pub fn python(&self, script: &str) -> Result<Output> {
+        self.run_client("python3", &["-c", script])
+    }
+
+    /// Writes a manifest file atomically, so the agent never reads half.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let path = self.manifests_dir().join(file);
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        fs::remove_file(self.manifests_dir().join(file))?;
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    #[must_use]
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    #[must_use]
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Starts the agent on this lab and waits until its datapath is ready.
+    pub fn start_agent(&self, binary: &Path) -> Result<Agent> {
+        let run = fs::read_dir(&self.dir)?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+            .count();
+        let log = self.dir.join(format!("agent-{run}.log"));
+        let child = Command::new(binary)
+            .args(["run", "--manifests"])
+            .arg(self.manifests_dir())
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("cannot start the agent {}", binary.display()))?;
+        let agent = Agent {
+            child,
+            log,
+            binary: binary.to_owned(),
+            bpffs: self.bpffs.clone(),
+        };
+        agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let namespaces: Vec<String> = self
+            .pods
+            .iter()
+            .map(|p| p.netns.clone())
+            .chain([self.node_netns.clone()])
+            .collect();
+        teardown(&namespaces, &self.cgroup, &self.bpffs, &self.dir);
+    }
+}
+
+/// Takes down what a lab made; every step is tried whatever failed before.
+fn teardown(namespaces: &[String], cgroup: &Path, bpffs: &Path, dir: &Path) {
+    for ns in namespaces {
+        kill_netns_processes(ns);
+    }
+    if cgroup.exists() {
+        let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        // rmdir detaches whatever is still attached to the cgroup.
+        if let Err(e) = fs::remove_dir(cgroup) {
+            eprintln!("lab: cannot remove cgroup {}: {e}", cgroup.display());
+        }
+    }
+    // Unpinning the links detaches the programs; the maps go with the pins.
+    if bpffs.exists()
+        && let Err(e) = fs::remove_dir_all(bpffs)
+    {
+        eprintln!("lab: cannot remove {}: {e}", bpffs.display());
+    }
+    for ns in namespaces {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+fn kill_netns_processes(ns: &str) {
+    let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Removes what labs of processes that no longer exist left behind (a
+/// SIGKILLed test run cannot run its destructors).
+fn sweep_stale() {
+    let stale = |name: &str| -> Option<String> {
+        let rest = name.strip_prefix(PREFIX)?.strip_prefix('-')?;
+        let pid = rest.split('-').next()?;
+        let alive = Path::new("/proc").join(pid).exists();
+        let lab: Vec<&str> = rest.splitn(3, '-').take(2).collect();
+        (!alive && lab.len() == 2).then(|| format!("{PREFIX}-{}-{}", lab[0], lab[1]))
+    };
+    let mut labs = std::collections::BTreeMap::<String, Vec<String>>::new();
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let ns = line.split_whitespace().next().unwrap_or_default();
+            if let Some(lab) = stale(ns) {
+                labs.entry(lab).or_default().push(ns.to_owned());
+            }
+        }
+    }
+    let mut dirs: Vec<PathBuf> = vec![Path::new(BPFFS).to_path_buf(), std::env::temp_dir()];
+    if let Ok(root) = cgroup2_root() {
+        dirs.push(root);
+    }
+    for dir in dirs {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if let Some(lab) = stale(&entry.file_name().to_string_lossy()) {
+                labs.entry(lab).or_default();
+            }
+        }
+    }
+    for (lab, namespaces) in labs {
+        let cgroup = cgroup2_root().map(|r| r.join(&lab)).unwrap_or_default();
+        teardown(
+            &namespaces,
+            &cgroup,
+            &Path::new(BPFFS).join(&lab),
+            &std::env::temp_dir().join(&lab),
+        );
+    }
+}
+
+/// The cgroup2 mount point, from /proc/mounts (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, so it is never assumed).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .map(|f| PathBuf::from(f[1]))
+        .context("no cgroup2 file system is mounted")
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A running agent. Dropping it SIGKILLs it: the pinned datapath stays, as
+/// it would when a DaemonSet pod dies.
+pub struct Agent {
+    child: Child,
+    log: PathBuf,
+    binary: PathBuf,
+    bpffs: PathBuf,
+}
+
+impl Agent {
+    /// Everything the agent has logged so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = fs::File::open(&self.log) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits until the log contains `needle`, failing early if the agent
+    /// exits.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not log {needle:?} within {timeout:?}; its log:\n{log}");
+            }
+            if !self.is_running() {
+                bail!("the agent exited before logging {needle:?}; its log:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[must_use]
+    pub fn is_running(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
+        let exists = unsafe { libc::kill(pid, 0) } == 0;
+        // A zombie still "exists"; look at its state too.
+        exists
+            && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start()
+                    .starts_with('Z')
+            })
+    }
+
+    /// SIGKILL, as an OOM kill or a node problem would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs `proxy-userspace services --output json` against the lab's pins.
+    pub fn services_json(&self) -> Result<String> {
+        let out = Command::new(&self.binary)
+            .args(["services", "--output", "json", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()?;
+        if !out.status.success() {
+            bail!("services failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The agent binary the tests and the demo run: `$PROXY_AGENT`, or the
+/// workspace's debug build.
+#[must_use]
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("PROXY_AGENT").map_or_else(
+        || crate::workspace_root().join("target/debug/proxy-userspace"),
+        PathBuf::from,
+    )
+}
+
+/// Manifest text for the lab, so tests read as what they set up.
+pub mod manifests {
+    use std::{fmt::Write as _, net::Ipv4Addr};
+
+    /// A ClusterIP Service; `ports` are `(name, port, protocol)`.
+    #[must_use]
+    pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, i64, &str)]) -> String {
+        let mut yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
+             spec:\n  clusterIP: {cluster_ip}\n  ports:\n"
+        );
+        for (port_name, port, protocol) in ports {
+            let _ = writeln!(
+                yaml,
+                "  - name: {port_name:?}\n    port: {port}\n    protocol: {protocol}"
+            );
+        }
+        yaml
+    }
+
+    /// An EndpointSlice of `service`; `endpoints` are `(address, ready)`.
+    #[must_use]
+    pub fn endpoint_slice(
+        name: &str,
+        service: &str,
+        ports: &[(&str, u16, &str)],
+        endpoints: &[(Ipv4Addr, bool)],
+    ) -> String {
+        let mut yaml = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+             namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\n\
+             addressType: IPv4\nports:\n"
+        );
+        for (port_name, port, protocol) in ports {
+            let _ = writeln!(
+                yaml,
+                "- name: {port_name:?}\n  port: {port}\n  protocol: {protocol}"
+            );
+        }
+        yaml.push_str("endpoints:\n");
+        for (address, ready) in endpoints {
+            let _ = writeln!(
+                yaml,
+                "- addresses: [\"{address}\"]\n  conditions:\n    ready: {ready}"
+            );
+        }
+        yaml
+    }
+
+    /// Documents joined into one multi-document file.
+    #[must_use]
+    pub fn documents(docs: &[String]) -> String {
+        docs.join("---\n")
+    }
+}

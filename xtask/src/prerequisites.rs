@@ -1,0 +1,171 @@
+//! What the project needs on a machine, installed where that is possible,
+//! otherwise named in one line with the command that fixes it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::ebpf_build::{self, Missing};
+
+/// Commands the lab, the tests and the demo run, and their Debian packages.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nginx", "nginx-light"),
+    ("dnsmasq", "dnsmasq"),
+    ("dig", "dnsutils"),
+    ("curl", "curl"),
+    ("bpftool", "bpftool"),
+    ("python3", "python3"),
+];
+
+fn on_path(tool: &str) -> bool {
+    which(tool).is_some()
+}
+
+/// `tool`'s path, looking on PATH and in the sbin directories a non-login
+/// shell may lack.
+#[must_use]
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Installs the Debian packages of the lab's tools that are missing.
+pub fn ensure_tools() -> Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() || !on_path("apt-get") {
+        bail!(
+            "missing packages {}: install them with `apt-get install {}` (as root)",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Installs rust-src and bpf-linker for the nightly when they are missing.
+pub fn ensure_ebpf_toolchain() -> Result<()> {
+    while let Some(missing) = ebpf_build::first_missing() {
+        match missing {
+            Missing::Nightly => bail!("{}", missing.advice()),
+            Missing::RustSrc => run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                ebpf_build::TOOLCHAIN,
+            ]))?,
+            Missing::BpfLinker => install_bpf_linker()?,
+        }
+        if ebpf_build::first_missing() == Some(missing) {
+            bail!("installing did not help: {}", missing.advice());
+        }
+    }
+    Ok(())
+}
+
+/// Builds bpf-linker against the nightly's own libLLVM, so no LLVM has to be
+/// fetched: cargo install finds it through an LLVM_PREFIX whose `lib/`
+/// holds a `libLLVM.so` link to the nightly's library.
+fn install_bpf_linker() -> Result<()> {
+    let sysroot = ebpf_build::nightly_sysroot().context("no nightly sysroot")?;
+    let lib_dir = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&lib_dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("the nightly has no libLLVM in {}", lib_dir.display()))?;
+    let major = llvm_major(&libllvm)
+        .with_context(|| format!("cannot tell the LLVM version of {}", libllvm.display()))?;
+    let prefix = crate::workspace_root().join("target/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)?;
+    eprintln!("installing bpf-linker against {}", libllvm.display());
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", "^0.13"])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix))
+}
+
+/// `libLLVM.so.22.1-rust-1.97.0-nightly` → 22.
+fn llvm_major(lib: &Path) -> Option<u32> {
+    let name = lib.file_name()?.to_str()?;
+    name.strip_prefix("libLLVM.so.")?
+        .split(['.', '-'])
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Builds the eBPF object, installing what its build needs first.
+pub fn build_ebpf() -> Result<PathBuf> {
+    ensure_ebpf_toolchain()?;
+    let workspace = crate::workspace_root();
+    run(&mut ebpf_build::build_command(&workspace))?;
+    Ok(ebpf_build::object_path(&workspace))
+}
+
+/// Builds the agent (its build script builds the eBPF object) and returns
+/// the binary.
+pub fn build_agent() -> Result<PathBuf> {
+    ensure_ebpf_toolchain()?;
+    let workspace = crate::workspace_root();
+    run(Command::new("cargo")
+        .args(["build", "--package", "proxy-userspace"])
+        .current_dir(&workspace))?;
+    Ok(workspace.join("target/debug/proxy-userspace"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_reads_the_nightly_library_name() {
+        assert_eq!(
+            llvm_major(Path::new("/x/libLLVM.so.22.1-rust-1.97.0-nightly")),
+            Some(22)
+        );
+        assert_eq!(llvm_major(Path::new("/x/libLLVM.so")), None);
+    }
+}
