@@ -47,7 +47,8 @@ pub struct ServiceKey {
     pub proto: u8,
     /// Reserved for traffic-policy scopes; always 0 for now.
     pub scope: u8,
-    pub _pad: [u8; 2],
+    /// Explicit padding, always zero: hash keys compare every byte.
+    pub pad: [u8; 2],
 }
 
 impl ServiceKey {
@@ -60,7 +61,7 @@ impl ServiceKey {
             backend_slot: 0,
             proto,
             scope: 0,
-            _pad: [0; 2],
+            pad: [0; 2],
         }
     }
 
@@ -136,7 +137,8 @@ pub struct SockRevNatKey {
     pub addr_be: u32,
     /// The backend port, network byte order.
     pub port_be: u16,
-    pub _pad: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
 }
 
 /// The frontend a socket asked for, restored on `recvmsg` and `getpeername`.
@@ -147,7 +149,8 @@ pub struct SockRevNatValue {
     pub addr_be: u32,
     /// The frontend port, network byte order.
     pub port_be: u16,
-    pub _pad: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
 }
 
 #[cfg(feature = "user")]

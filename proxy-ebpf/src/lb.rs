@@ -36,7 +36,7 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     )]
     let frontend = ServiceKey::frontend(addr.user_ip4, addr.user_port as u16, proto);
     // SAFETY: map values are read once and copied; nothing keeps a reference.
-    let Some(count) = (unsafe { SERVICES.get(&frontend) }).map(|v| v.count) else {
+    let Some(count) = (unsafe { SERVICES.get(frontend) }).map(|v| v.count) else {
         return ALLOW;
     };
     if count == 0 {
@@ -51,11 +51,11 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
     // A slot can vanish between the two lookups while the agent shrinks the
     // Service; leaving the socket alone then is the same as a lost race.
-    let Some(backend_id) = (unsafe { SERVICES.get(&frontend.slot(slot)) }).map(|v| v.backend_id)
+    let Some(backend_id) = (unsafe { SERVICES.get(frontend.slot(slot)) }).map(|v| v.backend_id)
     else {
         return ALLOW;
     };
-    let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
         return ALLOW;
     };
     remember_frontend(ctx, addr, backend.addr_be, backend.port_be);
@@ -71,7 +71,7 @@ fn remember_frontend(ctx: &SockAddrContext, addr: &bpf_sock_addr, addr_be: u32, 
         cookie,
         addr_be,
         port_be,
-        _pad: 0,
+        pad: 0,
     };
     #[expect(
         clippy::cast_possible_truncation,
@@ -80,11 +80,11 @@ fn remember_frontend(ctx: &SockAddrContext, addr: &bpf_sock_addr, addr_be: u32, 
     let value = SockRevNatValue {
         addr_be: addr.user_ip4,
         port_be: addr.user_port as u16,
-        _pad: 0,
+        pad: 0,
     };
     // If the LRU map is full it evicts; an insert error can only mean the
     // reply shows the backend address, which is no reason to fail the call.
-    let _ = SOCK_REV_NAT.insert(&key, &value, 0);
+    let _ = SOCK_REV_NAT.insert(key, value, 0);
 }
 
 /// Rewrites a backend address seen by a socket back to the frontend that
@@ -101,10 +101,10 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         addr_be: addr.user_ip4,
         port_be: addr.user_port as u16,
-        _pad: 0,
+        pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(frontend) = unsafe { SOCK_REV_NAT.get(&key) }.copied() {
+    if let Some(frontend) = unsafe { SOCK_REV_NAT.get(key) }.copied() {
         addr.user_ip4 = frontend.addr_be;
         addr.user_port = u32::from(frontend.port_be);
     }

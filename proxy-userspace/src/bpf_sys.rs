@@ -19,7 +19,7 @@ struct ObjGetAttr {
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
-    _pad: u32,
+    pad: u32,
 }
 
 /// `union bpf_attr` for BPF_LINK_UPDATE.
@@ -117,5 +117,5 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
     if unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(i64::from(stat.f_type) == BPF_FS_MAGIC)
+    Ok(stat.f_type == BPF_FS_MAGIC)
 }

@@ -38,13 +38,13 @@ fn ip_from_be(addr_be: u32) -> Ipv4Addr {
 impl L4Addr {
     /// The slot-0 key of this frontend.
     #[must_use]
-    pub fn service_key(&self) -> ServiceKey {
+    pub fn service_key(self) -> ServiceKey {
         ServiceKey::frontend(addr_be(self.ip), self.port.to_be(), self.protocol.number())
     }
 
     /// The map value of this backend.
     #[must_use]
-    pub fn backend(&self) -> Backend {
+    pub fn backend(self) -> Backend {
         Backend {
             addr_be: addr_be(self.ip),
             port_be: self.port.to_be(),
@@ -65,7 +65,7 @@ impl L4Addr {
     }
 
     #[must_use]
-    pub fn from_backend(backend: &Backend) -> Option<Self> {
+    pub fn from_backend(backend: Backend) -> Option<Self> {
         Some(Self {
             ip: ip_from_be(backend.addr_be),
             port: u16::from_be(backend.port_be),
@@ -80,8 +80,10 @@ mod tests {
 
     fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
         // SAFETY: the map types are plain integers without padding.
-        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref::<T>(value).cast::<u8>(), size_of::<T>())
+        }
+        .to_vec()
     }
 
     #[test]
@@ -109,7 +111,7 @@ mod tests {
             bytes_of(&backend.backend()),
             [10, 244, 1, 7, 0x1f, 0x90, 6, 0]
         );
-        assert_eq!(L4Addr::from_backend(&backend.backend()), Some(backend));
+        assert_eq!(L4Addr::from_backend(backend.backend()), Some(backend));
         assert_eq!(
             L4Addr::from_service_key(&backend.service_key()),
             Some(backend)

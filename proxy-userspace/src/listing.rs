@@ -57,7 +57,7 @@ pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
                 let id = frontend_slots.get(&slot).copied().unwrap_or(0);
                 let address = backends
                     .get(&id)
-                    .and_then(L4Addr::from_backend)
+                    .and_then(|b| L4Addr::from_backend(*b))
                     .map_or_else(
                         || "<missing>".to_owned(),
                         |b| format!("{}:{}", b.ip, b.port),

@@ -122,7 +122,7 @@ where
             let key = frontend.service_key();
             wanted.insert(key);
             let mut ids = Vec::with_capacity(entry.backends.len());
-            for backend in entry.backends.iter().map(crate::model::L4Addr::backend) {
+            for backend in entry.backends.iter().map(|b| b.backend()) {
                 match self.backend_id(&mut id_of, backend, &mut stats) {
                     Ok(id) => ids.push(id),
                     Err(error) => {

@@ -169,8 +169,7 @@ impl Lab {
         let config_path = dir.join("nginx.conf");
         fs::write(&config_path, config)?;
         let nginx = crate::prerequisites::which("nginx").context("nginx is not installed")?;
-        let child = self
-            .in_pod(pod, &nginx.display().to_string())
+        let child = Self::in_pod(pod, &nginx.display().to_string())
             .arg("-c")
             .arg(&config_path)
             .args(["-p", &d.to_string(), "-g", "daemon off;"])
@@ -178,15 +177,14 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()?;
         self.servers.push(child);
-        self.wait_listening(pod, port, "tcp")
+        Self::wait_listening(pod, port, "tcp")
     }
 
     /// Runs dnsmasq in the pod, answering `whoami.lab TXT` with the pod's
     /// name on UDP `port`.
     pub fn serve_dns(&mut self, pod: &Pod, port: u16) -> Result<()> {
         let dnsmasq = crate::prerequisites::which("dnsmasq").context("dnsmasq is not installed")?;
-        let child = self
-            .in_pod(pod, &dnsmasq.display().to_string())
+        let child = Self::in_pod(pod, &dnsmasq.display().to_string())
             .args([
                 "--keep-in-foreground",
                 "--conf-file=/dev/null",
@@ -205,16 +203,16 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()?;
         self.servers.push(child);
-        self.wait_listening(pod, port, "udp")
+        Self::wait_listening(pod, port, "udp")
     }
 
-    fn in_pod(&self, pod: &Pod, program: &str) -> Command {
+    fn in_pod(pod: &Pod, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &pod.netns, program]);
         cmd
     }
 
-    fn wait_listening(&self, pod: &Pod, port: u16, proto: &str) -> Result<()> {
+    fn wait_listening(pod: &Pod, port: u16, proto: &str) -> Result<()> {
         let flag = if proto == "tcp" { "-Hltn" } else { "-Hlun" };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -199,5 +199,11 @@ fn parse_manifests(text: &str) -> Result<FileObjects, String> {
     Ok(objects)
 }
 
+/// The model's tests build snapshots from YAML text.
+#[cfg(test)]
+pub fn parse_for_tests(text: &str) -> Result<(Vec<Service>, Vec<EndpointSlice>), String> {
+    parse_manifests(text).map(|o| (o.services, o.endpoint_slices))
+}
+
 #[cfg(test)]
 mod tests;

@@ -1,1 +1,266 @@
+use std::{cell::RefCell, net::Ipv4Addr, rc::Rc};
 
+use super::*;
+use crate::model::{DesiredFrontend, L4Addr, Protocol};
+
+/// Both maps as the kernel holds them, shared by the two tables so every
+/// single write can be checked against what a concurrent reader would see.
+#[derive(Default)]
+struct Kernel {
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    backends: BTreeMap<u32, Backend>,
+    /// Rejects writes to this frontend, as a full map would.
+    refuse: Option<ServiceKey>,
+}
+
+impl Kernel {
+    /// What a program may read at any instant: a count never points past the
+    /// slots, and a slot never points at a missing backend.
+    fn assert_readable(&self) {
+        for (key, value) in &self.services {
+            if key.backend_slot == 0 {
+                for slot in 1..=value.count {
+                    let id = self.services.get(&key.slot(slot)).map(|v| v.backend_id);
+                    let id = id.unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
+                    assert!(
+                        self.backends.contains_key(&id),
+                        "{key:?}: backend {id} missing"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Frontend → backend addresses in slot order, whatever the ids.
+    fn view(&self) -> BTreeMap<L4Addr, Vec<L4Addr>> {
+        let mut view = BTreeMap::new();
+        for (key, value) in &self.services {
+            if key.backend_slot == 0 {
+                let backends = (1..=value.count)
+                    .map(|slot| {
+                        let id = self.services[&key.slot(slot)].backend_id;
+                        L4Addr::from_backend(self.backends[&id]).unwrap()
+                    })
+                    .collect();
+                view.insert(L4Addr::from_service_key(key).unwrap(), backends);
+            }
+        }
+        view
+    }
+}
+
+struct Services(Rc<RefCell<Kernel>>);
+struct Backends(Rc<RefCell<Kernel>>);
+
+impl Table<ServiceKey, ServiceValue> for Services {
+    fn put(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        let mut kernel = self.0.borrow_mut();
+        if kernel.refuse == Some(key.slot(0)) {
+            return Err(MapError::KeyNotFound);
+        }
+        kernel.services.insert(*key, *value);
+        kernel.assert_readable();
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        let mut kernel = self.0.borrow_mut();
+        kernel.services.remove(key);
+        kernel.assert_readable();
+        Ok(())
+    }
+
+    fn entries(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+        Ok(self
+            .0
+            .borrow()
+            .services
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect())
+    }
+}
+
+impl Table<u32, Backend> for Backends {
+    fn put(&mut self, key: &u32, value: &Backend) -> Result<(), MapError> {
+        let mut kernel = self.0.borrow_mut();
+        kernel.backends.insert(*key, *value);
+        kernel.assert_readable();
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &u32) -> Result<(), MapError> {
+        let mut kernel = self.0.borrow_mut();
+        kernel.backends.remove(key);
+        kernel.assert_readable();
+        Ok(())
+    }
+
+    fn entries(&self) -> Result<Vec<(u32, Backend)>, MapError> {
+        Ok(self
+            .0
+            .borrow()
+            .backends
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect())
+    }
+}
+
+fn writer(kernel: &Rc<RefCell<Kernel>>) -> MapWriter<Services, Backends> {
+    MapWriter::adopt(Services(kernel.clone()), Backends(kernel.clone())).unwrap()
+}
+
+fn tcp(host: u8, port: u16) -> L4Addr {
+    L4Addr {
+        ip: Ipv4Addr::new(10, 0, 0, host),
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn state(frontends: &[(L4Addr, &[L4Addr])]) -> DesiredState {
+    DesiredState {
+        frontends: frontends
+            .iter()
+            .map(|(frontend, backends)| {
+                let entry = DesiredFrontend {
+                    service: format!("test/{frontend}"),
+                    backends: backends.to_vec(),
+                };
+                (*frontend, entry)
+            })
+            .collect(),
+    }
+}
+
+fn view_of(desired: &DesiredState) -> BTreeMap<L4Addr, Vec<L4Addr>> {
+    desired
+        .frontends
+        .iter()
+        .map(|(k, v)| (*k, v.backends.clone()))
+        .collect()
+}
+
+#[test]
+fn writes_everything_once_then_nothing() {
+    let kernel = Rc::default();
+    let mut writer = writer(&kernel);
+    let desired = state(&[
+        (tcp(100, 80), &[tcp(1, 8080), tcp(2, 8080)]),
+        (tcp(101, 53), &[]),
+    ]);
+    let stats = writer.apply(&desired);
+    // Two backends, two slots and two slot-0 entries.
+    assert_eq!((stats.writes, stats.deletes, stats.failures), (6, 0, 0));
+    assert_eq!(kernel.borrow().view(), view_of(&desired));
+    assert_eq!(writer.apply(&desired).changes(), 0);
+}
+
+#[test]
+fn a_restarted_writer_adopts_the_maps_and_changes_nothing() {
+    let kernel = Rc::default();
+    let desired = state(&[(tcp(100, 80), &[tcp(1, 8080), tcp(2, 8080), tcp(3, 8080)])]);
+    writer(&kernel).apply(&desired);
+    let mut restarted = writer(&kernel);
+    assert_eq!(restarted.sizes(), (1, 3));
+    assert_eq!(restarted.apply(&desired).changes(), 0);
+}
+
+#[test]
+fn backends_are_shared_by_id_and_removed_when_unused() {
+    let kernel: Rc<RefCell<Kernel>> = Rc::default();
+    let mut writer = writer(&kernel);
+    let shared = tcp(1, 8080);
+    writer.apply(&state(&[
+        (tcp(100, 80), &[shared]),
+        (tcp(101, 80), &[shared]),
+    ]));
+    assert_eq!(kernel.borrow().backends.len(), 1);
+    writer.apply(&state(&[(tcp(101, 80), &[tcp(2, 8080)])]));
+    let kernel = kernel.borrow();
+    assert_eq!(
+        kernel.backends.values().copied().collect::<Vec<_>>(),
+        [tcp(2, 8080).backend()]
+    );
+    assert_eq!(kernel.services.len(), 2);
+}
+
+#[test]
+fn a_failed_frontend_is_left_alone_and_the_others_are_written() {
+    let kernel: Rc<RefCell<Kernel>> = Rc::default();
+    let mut writer = writer(&kernel);
+    kernel.borrow_mut().refuse = Some(tcp(100, 80).service_key());
+    let desired = state(&[(tcp(100, 80), &[tcp(1, 80)]), (tcp(101, 80), &[tcp(2, 80)])]);
+    let stats = writer.apply(&desired);
+    assert_eq!(stats.failures, 1);
+    assert_eq!(
+        kernel.borrow().view().keys().copied().collect::<Vec<_>>(),
+        [tcp(101, 80)]
+    );
+    // Once the map takes writes again, the next apply catches up.
+    kernel.borrow_mut().refuse = None;
+    assert_eq!(writer.apply(&desired).failures, 0);
+    assert_eq!(kernel.borrow().view(), view_of(&desired));
+}
+
+/// A tiny deterministic generator, so failures replay.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn any_sequence_of_states_ends_as_if_written_from_scratch() {
+    let mut rng = XorShift(0x5eed);
+    let kernel = Rc::default();
+    let mut incremental = writer(&kernel);
+    for round in 0..300 {
+        let mut frontends = Vec::new();
+        for service in 0..rng.below(6) {
+            let backends: Vec<L4Addr> = (0..rng.below(5))
+                .map(|_| tcp(u8::try_from(rng.below(8)).unwrap(), 8080))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            frontends.push((tcp(100 + u8::try_from(service).unwrap(), 80), backends));
+        }
+        let desired = state(
+            &frontends
+                .iter()
+                .map(|(f, b)| (*f, b.as_slice()))
+                .collect::<Vec<_>>(),
+        );
+        // Now and then the agent restarts and adopts the maps.
+        if round % 37 == 0 {
+            incremental = writer(&kernel);
+        }
+        incremental.apply(&desired);
+        let scratch: Rc<RefCell<Kernel>> = Rc::default();
+        writer(&scratch).apply(&desired);
+        assert_eq!(
+            kernel.borrow().view(),
+            scratch.borrow().view(),
+            "round {round}"
+        );
+        assert_eq!(kernel.borrow().view(), view_of(&desired), "round {round}");
+        let live: BTreeSet<u32> = kernel
+            .borrow()
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot > 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        assert_eq!(
+            live.len(),
+            kernel.borrow().backends.len(),
+            "round {round}: unused backends left"
+        );
+    }
+}
