@@ -75,6 +75,7 @@ pub struct MapWriter<S, B> {
     backends: B,
     frontends: BTreeMap<ServiceKey, FrontendSlots>,
     backend_by_id: BTreeMap<u32, Backend>,
+    next_backend_id: u32,
 }
 
 impl<S, B> MapWriter<S, B>
@@ -93,12 +94,14 @@ where
                 slots.slots.insert(key.backend_slot, value.backend_id);
             }
         }
-        let backend_by_id = backends.entries()?.into_iter().collect();
+        let backend_by_id: BTreeMap<u32, Backend> = backends.entries()?.into_iter().collect();
+        let next_backend_id = backend_by_id.last_key_value().map_or(1, |(id, _)| id + 1);
         Ok(Self {
             services,
             backends,
             frontends,
             backend_by_id,
+            next_backend_id,
         })
     }
 
@@ -189,12 +192,14 @@ where
         if let Some(id) = id_of.get(&backend) {
             return Ok(*id);
         }
-        // Ids only grow (a u32 outlasts any cluster's churn), so an id is
-        // never reused while a reader may still hold it.
-        let id = self
-            .backend_by_id
-            .last_key_value()
-            .map_or(1, |(id, _)| id + 1);
+        // Ids keep growing rather than filling holes: a program that read a
+        // slot just before its backend was deleted must not find a new
+        // backend (of another Service, perhaps) under the same id.
+        let mut id = self.next_backend_id;
+        while id == 0 || self.backend_by_id.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_backend_id = id.wrapping_add(1);
         self.backends.put(&id, &backend)?;
         stats.writes += 1;
         self.backend_by_id.insert(id, backend);

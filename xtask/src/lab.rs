@@ -19,7 +19,10 @@ use std::{
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU32, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -56,6 +59,7 @@ pub struct Lab {
 impl Lab {
     /// Makes the node namespace, the lab's cgroup and its directories.
     pub fn new() -> Result<Self> {
+        ensure_bpffs()?;
         sweep_stale();
         let name = format!(
             "{PREFIX}-{}-{}",
@@ -432,6 +436,33 @@ fn sweep_stale() {
             &std::env::temp_dir().join(&lab),
         );
     }
+}
+
+/// Mounts bpffs at /sys/fs/bpf before any agent starts. The agent mounts it
+/// too when it is missing, but two agents of parallel labs that both found
+/// it missing would mount it twice, and the second mount would hide the
+/// first agent's pins.
+fn ensure_bpffs() -> Result<()> {
+    static CHECKED: Mutex<bool> = Mutex::new(false);
+    let mut checked = CHECKED.lock().unwrap_or_else(PoisonError::into_inner);
+    if *checked {
+        return Ok(());
+    }
+    let mounted = fs::read_to_string("/proc/mounts")?.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&BPFFS) && fields.get(2) == Some(&"bpf")
+    });
+    if !mounted {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", BPFFS])
+            .status()
+            .context("cannot run mount")?;
+        if !status.success() {
+            bail!("cannot mount bpffs at {BPFFS}: {status}");
+        }
+    }
+    *checked = true;
+    Ok(())
 }
 
 /// The cgroup2 mount point, from /proc/mounts (hybrid hosts mount it at

@@ -187,6 +187,17 @@ fn backends_are_shared_by_id_and_removed_when_unused() {
 }
 
 #[test]
+fn a_deleted_backend_id_is_not_handed_to_a_new_backend() {
+    let kernel: Rc<RefCell<Kernel>> = Rc::default();
+    let mut writer = writer(&kernel);
+    writer.apply(&state(&[(tcp(100, 80), &[tcp(1, 80), tcp(2, 80)])]));
+    writer.apply(&state(&[(tcp(100, 80), &[tcp(1, 80)])]));
+    writer.apply(&state(&[(tcp(100, 80), &[tcp(1, 80), tcp(3, 80)])]));
+    let ids: Vec<u32> = kernel.borrow().backends.keys().copied().collect();
+    assert_eq!(ids, [1, 3]);
+}
+
+#[test]
 fn a_failed_frontend_is_left_alone_and_the_others_are_written() {
     let kernel: Rc<RefCell<Kernel>> = Rc::default();
     let mut writer = writer(&kernel);
