@@ -20,7 +20,7 @@ use aya::{
 use proxy_common::{
     BACKENDS_MAP, Backend, SERVICES_MAP, SOCK_REV_NAT_MAP, ServiceKey, ServiceValue,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::bpf_sys;
 
@@ -152,10 +152,10 @@ impl Datapath {
                 source,
             })?;
         }
-        let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, pins.map(m))).collect();
         let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
+        for name in MAPS {
+            // Opens the pinned map when there is one, else creates and pins it.
+            loader.map_pin_path(name, pins.map(name));
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
         for name in PROGRAMS {
@@ -189,14 +189,27 @@ impl Datapath {
                 let program_fd = program
                     .fd()
                     .map_err(|source| DatapathError::Program { name, source })?;
-                bpf_sys::link_update(&link, program_fd).map_err(|source| {
-                    DatapathError::UpdateLink {
-                        path: link_path.clone(),
-                        source,
+                match bpf_sys::link_update(&link, program_fd) {
+                    Ok(()) => {
+                        info!(program = name, link = %link_path.display(), "swapped the program behind the pinned link");
+                        continue;
                     }
-                })?;
-                info!(program = name, link = %link_path.display(), "swapped the program behind the pinned link");
-                continue;
+                    // The link's cgroup is gone: the pin is all that is left
+                    // of it, so it is replaced by a new link below.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+                        warn!(program = name, link = %link_path.display(), "the pinned link is defunct; attaching anew");
+                        fs::remove_file(&link_path).map_err(|source| DatapathError::Remove {
+                            path: link_path.clone(),
+                            source,
+                        })?;
+                    }
+                    Err(source) => {
+                        return Err(DatapathError::UpdateLink {
+                            path: link_path,
+                            source,
+                        });
+                    }
+                }
             }
             // A bpf_link takes no attach flags (the kernel rejects any with
             // EINVAL) and always shares the hook with other programs.

@@ -263,12 +263,14 @@ fn backends(slices: &[&EndpointSlice], port_name: &str, protocol: Protocol) -> V
             };
             let addr = L4Addr { ip, port, protocol };
             let conditions = endpoint.conditions.clone().unwrap_or_default();
-            // An unset condition means ready, as the EndpointSlice API says.
+            // Unset conditions mean ready, serving as ready, and not
+            // terminating, as the EndpointSlice API says.
             let is_ready = conditions.ready.unwrap_or(true);
             let is_serving = conditions.serving.unwrap_or(is_ready);
-            if is_ready && !conditions.terminating.unwrap_or(false) {
+            let is_terminating = conditions.terminating.unwrap_or(false);
+            if is_ready && !is_terminating {
                 ready.insert(addr);
-            } else if is_serving {
+            } else if is_serving && is_terminating {
                 terminating.insert(addr);
             }
         }

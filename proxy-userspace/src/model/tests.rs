@@ -135,6 +135,8 @@ endpoints:
   conditions: {{ready: false, serving: true, terminating: true}}
 - addresses: [10.244.0.3]
   conditions: {{ready: {ready_one}}}
+- addresses: [10.244.0.4]
+  conditions: {{ready: false, serving: true}}
 "
         )
     };
