@@ -142,6 +142,13 @@ impl Lab {
         Ok(pod)
     }
 
+    /// Routes `cidr` from the node onto the bridge, as a node's default route
+    /// would: iptables translates a Service address only after the kernel
+    /// found a route for it, while the socket hooks need none.
+    pub fn route_from_node(&self, cidr: &str) -> Result<()> {
+        ip(&["-n", &self.node_netns, "route", "add", cidr, "dev", "br0"])
+    }
+
     /// Runs nginx in the pod, answering every request on `port` with the
     /// pod's name, and closing every connection so each request is a new
     /// connection (and a new load-balancing decision).

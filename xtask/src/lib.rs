@@ -1,8 +1,9 @@
 //! Developer commands and the netns lab they share.
 //!
 //! The lab is a library so that the privileged tests (`tests/`), the demo
-//! and, later, the bench all stand on the same harness.
+//! and the bench all stand on the same harness.
 
+pub mod bench;
 pub mod ebpf_build;
 pub mod lab;
 pub mod prerequisites;

@@ -5,6 +5,7 @@ use std::{process::Command, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use xtask::{
+    bench,
     lab::{self, Lab, manifests},
     prerequisites, workspace_root,
 };
@@ -28,6 +29,19 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Measure new connections per second through a ClusterIP: eBPF against
+    /// kube-proxy's iptables rules, in one run. Needs root.
+    Bench {
+        /// Services in the cluster (the iptables walk grows with them).
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -39,6 +53,23 @@ fn main() -> Result<()> {
         }
         Task::Demo => demo(),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Bench {
+            services,
+            seconds,
+            connections,
+        } => {
+            require_root()?;
+            prerequisites::ensure_tools()?;
+            let agent = prerequisites::build_agent()?;
+            bench::run(
+                &agent,
+                &bench::BenchOptions {
+                    services,
+                    seconds,
+                    connections,
+                },
+            )
+        }
     }
 }
 

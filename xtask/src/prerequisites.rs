@@ -19,6 +19,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("bpftool", "bpftool"),
     ("python3", "python3"),
+    ("wrk", "wrk"),
+    ("iptables", "iptables"),
 ];
 
 fn on_path(tool: &str) -> bool {
