@@ -10,6 +10,7 @@ mod source;
 mod writer;
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -123,13 +124,17 @@ fn run(mut source: impl Source, cgroup: &Path, pins: Pins) -> Result<()> {
     info!(frontends, backends, "adopted the pinned maps");
 
     let mut attached = false;
+    let mut reported = BTreeSet::new();
     loop {
         let snapshot = source.next_snapshot()?;
         let started = Instant::now();
         let (desired, problems) = model::desired_state(&snapshot);
-        for problem in &problems {
+        // Each problem is logged once, not again with every unrelated edit.
+        let problems: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+        for problem in problems.difference(&reported) {
             warn!("{problem}; skipped");
         }
+        reported = problems;
         let stats = writer.apply(&desired);
         info!(
             frontends = desired.frontends.len(),

@@ -388,16 +388,33 @@ fn bad_input_is_logged_once_and_skipped_while_the_rest_keeps_working() {
         .unwrap();
     let agent = lab.start_agent(&agent_binary()).unwrap();
 
-    let log = agent.log();
-    for (file, _, message) in &bad {
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains(*file)).collect();
-        assert_eq!(lines.len(), 1, "{file}: expected one log line, got:\n{log}");
-        assert!(
-            lines[0].contains(message),
-            "{file}: {:?} lacks {message:?}",
-            lines[0]
-        );
-    }
+    let assert_logged_once = || {
+        let log = agent.log();
+        for (file, _, message) in &bad {
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(*file)).collect();
+            assert_eq!(lines.len(), 1, "{file}: expected one log line, got:\n{log}");
+            assert!(
+                lines[0].contains(message),
+                "{file}: {:?} lacks {message:?}",
+                lines[0]
+            );
+        }
+    };
+    assert_logged_once();
     assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+
+    // An unrelated edit is applied without logging the same problems again.
+    let extra = manifests::service("extra", "10.96.0.33", HTTP);
+    lab.write_manifest("extra.yaml", &extra).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while agent.log().matches(" applied ").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the edit was not applied:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_logged_once();
     assert!(agent.is_running());
 }
