@@ -193,7 +193,8 @@ fn udp_dns_through_clusterip_answers_from_the_vip() {
         String::from_utf8_lossy(&dig.stderr)
     );
 
-    // An unconnected socket (sendto/recvfrom): sendmsg4 and recvmsg4.
+    // An unconnected socket (sendto/recvfrom: sendmsg4 and recvmsg4), then
+    // a connected one (connect4, recvmsg4 and getpeername4).
     let out = lab
         .python(
             "import socket, struct\n\
@@ -203,12 +204,18 @@ fn udp_dns_through_clusterip_answers_from_the_vip() {
              s.settimeout(3)\n\
              s.sendto(query, ('10.96.0.53', 53))\n\
              reply, (host, port) = s.recvfrom(512)\n\
-             print(host, port, reply[:2].hex(), b'dns-a' in reply)",
+             print(host, port, reply[:2].hex(), b'dns-a' in reply)\n\
+             c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             c.settimeout(3)\n\
+             c.connect(('10.96.0.53', 53))\n\
+             c.send(query)\n\
+             reply, (host, port) = c.recvfrom(512)\n\
+             print(host, port, *c.getpeername(), b'dns-a' in reply)",
         )
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "10.96.0.53 53 1234 True",
+        "10.96.0.53 53 1234 True\n10.96.0.53 53 10.96.0.53 53 True",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -319,6 +326,8 @@ fn sigkilled_agent_loses_no_connection_and_a_restart_adopts_the_state() {
         "connections failed while the agent died: {traffic:?}"
     );
     assert_eq!(traffic.values().sum::<usize>(), total);
+    // The listing reads the pins, so it works with no agent running.
+    assert!(agent.services_json().unwrap().contains("\"10.96.0.10:80\""));
 
     // A new agent adopts the pinned maps and links while traffic flows, and
     // finds nothing to change.
