@@ -1,28 +1,10 @@
 use std::fmt::Write as _;
 
 use super::*;
-use crate::source::manifests::parse_for_tests as parse;
+use crate::source::manifests::snapshot_of;
 
 fn snapshot(yaml: &str) -> Snapshot {
-    let objects = parse(yaml).expect("valid test manifest");
-    Snapshot {
-        services: objects
-            .0
-            .into_iter()
-            .map(|object| Sourced {
-                origin: "test.yaml".to_owned(),
-                object,
-            })
-            .collect(),
-        endpoint_slices: objects
-            .1
-            .into_iter()
-            .map(|object| Sourced {
-                origin: "test.yaml".to_owned(),
-                object,
-            })
-            .collect(),
-    }
+    snapshot_of("test.yaml", yaml).expect("valid test manifest")
 }
 
 fn addr(ip: &str, port: u16, protocol: Protocol) -> L4Addr {

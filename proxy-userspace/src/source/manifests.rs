@@ -114,15 +114,18 @@ impl ManifestDir {
     fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (path, objects) in &self.files {
-            let origin = path.display().to_string();
-            snapshot
-                .services
-                .extend(sourced(&origin, &objects.services));
-            snapshot
-                .endpoint_slices
-                .extend(sourced(&origin, &objects.endpoint_slices));
+            objects.add_to(&mut snapshot, &path.display().to_string());
         }
         snapshot
+    }
+}
+
+impl FileObjects {
+    fn add_to(&self, snapshot: &mut Snapshot, origin: &str) {
+        snapshot.services.extend(sourced(origin, &self.services));
+        snapshot
+            .endpoint_slices
+            .extend(sourced(origin, &self.endpoint_slices));
     }
 }
 
@@ -199,10 +202,13 @@ fn parse_manifests(text: &str) -> Result<FileObjects, String> {
     Ok(objects)
 }
 
-/// The model's tests build snapshots from YAML text.
+/// A snapshot of one manifest text, as if read from the file `origin`: the
+/// model's tests are written in YAML.
 #[cfg(test)]
-pub fn parse_for_tests(text: &str) -> Result<(Vec<Service>, Vec<EndpointSlice>), String> {
-    parse_manifests(text).map(|o| (o.services, o.endpoint_slices))
+pub fn snapshot_of(origin: &str, text: &str) -> Result<Snapshot, String> {
+    let mut snapshot = Snapshot::default();
+    parse_manifests(text)?.add_to(&mut snapshot, origin);
+    Ok(snapshot)
 }
 
 #[cfg(test)]
