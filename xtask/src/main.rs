@@ -150,6 +150,15 @@ fn demo() -> Result<()> {
             String::from_utf8_lossy(&out.stdout).trim()
         );
     }
+    let tally = lab.run_client(
+        "curl",
+        &["-s", "--max-time", "30", "http://10.96.0.10/[1-300]"],
+    )?;
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for pod in String::from_utf8_lossy(&tally.stdout).lines() {
+        *counts.entry(pod.to_owned()).or_default() += 1;
+    }
+    println!("300 more, counted by the pod that answered: {counts:?}");
     println!(
         "\n# proxy-userspace services --bpffs {}",
         lab.bpffs().display()
