@@ -78,6 +78,7 @@ impl L4Addr {
 mod tests {
     use super::*;
 
+    #[expect(unsafe_code, reason = "reads the bytes the kernel will see")]
     fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
         // SAFETY: the map types are plain integers without padding.
         unsafe {

@@ -1,6 +1,12 @@
 //! The agent: keeps the eBPF service maps equal to the Services and
 //! EndpointSlices it is given, and lets you read them.
+// Raw system calls live in bpf_sys and nowhere else.
+#![deny(unsafe_code)]
 
+#[expect(
+    unsafe_code,
+    reason = "bpf(2), statfs(2) and mount(2) have no safe wrapper in aya or std"
+)]
 mod bpf_sys;
 mod datapath;
 mod encoding;
