@@ -71,11 +71,24 @@ pub fn ensure_tools() -> Result<()> {
         );
     }
     eprintln!("installing {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    // A mirror that hiccups once should not fail a CI run.
+    let mut attempt = 1;
+    loop {
+        let installed = run(Command::new("apt-get").args(["update", "-qq"])).and_then(|()| {
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        });
+        match installed {
+            Err(error) if attempt < 3 => {
+                eprintln!("{error:#}; trying again");
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Installs rust-src and bpf-linker for the nightly when they are missing.
