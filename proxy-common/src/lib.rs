@@ -19,6 +19,9 @@ pub const BACKENDS_MAP: &str = "lb4_be_v1";
 /// See [`SERVICES_MAP`].
 pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v1";
 
+/// See [`SERVICES_MAP`].
+pub const EVENTS_MAP: &str = "lb4_events_v1";
+
 /// Default capacities: room for 30k Services with 4 endpoints each, and
 /// headroom for churn.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
@@ -27,6 +30,44 @@ pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
 /// Reverse translations live as long as their socket; the LRU map forgets
 /// the sockets that are long gone.
 pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262_144;
+
+/// What the socket hooks count, per CPU, in [`EVENTS_MAP`]: the variant is
+/// the array index. One list for every hook, as Cilium keeps its drop
+/// reasons, so a new outcome is counted everywhere or nowhere.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A Service address was rewritten to a backend (connect, sendmsg).
+    Forwarded = 0,
+    /// A Service without endpoints refused a connect or sendmsg.
+    Refused = 1,
+    /// A slot or backend vanished between two lookups while the agent shrank
+    /// a Service; the socket was left alone.
+    LostRace = 2,
+    /// A backend address was shown as its Service (recvmsg, getpeername).
+    Reversed = 3,
+}
+
+impl Event {
+    /// Every event, in index order.
+    pub const ALL: [Self; 4] = [
+        Self::Forwarded,
+        Self::Refused,
+        Self::LostRace,
+        Self::Reversed,
+    ];
+
+    /// The name the agent prints.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Refused => "refused",
+            Self::LostRace => "lost_race",
+            Self::Reversed => "reversed",
+        }
+    }
+}
 
 /// IANA protocol numbers, as the socket hooks see them in `protocol`.
 pub const PROTO_TCP: u8 = 6;

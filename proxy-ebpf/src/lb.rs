@@ -7,9 +7,9 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use proxy_common::{ServiceKey, SockRevNatKey, SockRevNatValue};
+use proxy_common::{Event, ServiceKey, SockRevNatKey, SockRevNatValue};
 
-use crate::maps::{BACKENDS, SERVICES, SOCK_REV_NAT};
+use crate::maps::{BACKENDS, SERVICES, SOCK_REV_NAT, record};
 
 /// Let the system call go on.
 pub const ALLOW: i32 = 1;
@@ -42,25 +42,30 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     if count == 0 {
         // SAFETY: a plain helper call; connect and sendmsg hooks may set it.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
+        record(Event::Refused);
         return REJECT;
     }
     #[expect(
         clippy::cast_possible_truncation,
         reason = "the remainder is below count, a u16"
     )]
+    // SAFETY: a plain helper call.
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
     // A slot can vanish between the two lookups while the agent shrinks the
     // Service; leaving the socket alone then is the same as a lost race.
     let Some(backend_id) = (unsafe { SERVICES.get(frontend.slot(slot)) }).map(|v| v.backend_id)
     else {
+        record(Event::LostRace);
         return ALLOW;
     };
     let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
+        record(Event::LostRace);
         return ALLOW;
     };
     remember_frontend(ctx, addr, backend.addr_be, backend.port_be);
     addr.user_ip4 = backend.addr_be;
     addr.user_port = u32::from(backend.port_be);
+    record(Event::Forwarded);
     ALLOW
 }
 
@@ -107,6 +112,7 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     if let Some(frontend) = unsafe { SOCK_REV_NAT.get(key) }.copied() {
         addr.user_ip4 = frontend.addr_be;
         addr.user_port = u32::from(frontend.port_be);
+        record(Event::Reversed);
     }
     // recvmsg and getpeername hooks must always return 1.
     ALLOW

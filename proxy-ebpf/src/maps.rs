@@ -2,12 +2,12 @@
 //! uses to pin and open them; they carry a layout version.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    BACKENDS_MAX_ENTRIES, Backend, SERVICES_MAX_ENTRIES, SOCK_REV_NAT_MAX_ENTRIES, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue,
+    BACKENDS_MAX_ENTRIES, Backend, Event, SERVICES_MAX_ENTRIES, SOCK_REV_NAT_MAX_ENTRIES,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
 };
 
 /// Frontend slots: slot 0 is the frontend, slots `1..=count` backend ids.
@@ -26,3 +26,16 @@ pub static SOCK_REV_NAT: LruHashMap<
     SockRevNatValue,
     { SOCK_REV_NAT_MAX_ENTRIES as usize },
 > = LruHashMap::new();
+
+/// Per-CPU counters, one per [`Event`]: no atomics, no contention.
+#[btf_map(name = "lb4_events_v1")]
+pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
+
+/// Counts one event on this CPU.
+#[inline(always)]
+pub fn record(event: Event) {
+    if let Some(counter) = EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: a per-CPU slot, and programs do not migrate CPUs mid-run.
+        unsafe { *counter += 1 };
+    }
+}

@@ -14,11 +14,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, Map, MapData},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use proxy_common::{
-    BACKENDS_MAP, Backend, SERVICES_MAP, SOCK_REV_NAT_MAP, ServiceKey, ServiceValue,
+    BACKENDS_MAP, Backend, EVENTS_MAP, SERVICES_MAP, SOCK_REV_NAT_MAP, ServiceKey, ServiceValue,
 };
 use tracing::{info, warn};
 
@@ -30,8 +30,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJECT"
 /// The cgroup socket-address programs, by the names of their functions.
 pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
-/// The maps the agent owns; the datapath's LRU map is the programs' own.
-const MAPS: [&str; 3] = [SERVICES_MAP, BACKENDS_MAP, SOCK_REV_NAT_MAP];
+/// Every map is pinned: a restarted agent's programs carry on with the same
+/// services, reverse translations and counters.
+const MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, SOCK_REV_NAT_MAP, EVENTS_MAP];
 
 pub type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
 pub type BackendsMap = BpfHashMap<MapData, u32, Backend>;
@@ -258,19 +259,41 @@ fn typed_map<K: aya::Pod, V: aya::Pod>(
 /// Opens the pinned service maps without loading anything: for reading the
 /// datapath while the agent runs, or after it is gone.
 pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
-    let open = |name: &'static str| {
-        let path = pins.map(name);
-        if !path.exists() {
-            return Err(DatapathError::MissingMap { name, path });
-        }
-        MapData::from_pin(&path)
-            .map(Map::HashMap)
-            .map_err(|source| DatapathError::Map { name, source })
-    };
     Ok(ServiceMaps {
-        services: typed_map(Some(open(SERVICES_MAP)?), SERVICES_MAP, pins)?,
-        backends: typed_map(Some(open(BACKENDS_MAP)?), BACKENDS_MAP, pins)?,
+        services: typed_map(
+            Some(open_pin(pins, SERVICES_MAP, Map::HashMap)?),
+            SERVICES_MAP,
+            pins,
+        )?,
+        backends: typed_map(
+            Some(open_pin(pins, BACKENDS_MAP, Map::HashMap)?),
+            BACKENDS_MAP,
+            pins,
+        )?,
     })
+}
+
+/// Opens the pinned per-CPU event counters, indexed by [`proxy_common::Event`].
+pub fn open_pinned_events(pins: &Pins) -> Result<PerCpuArray<MapData, u64>, DatapathError> {
+    let map = open_pin(pins, EVENTS_MAP, Map::PerCpuArray)?;
+    PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
+        name: EVENTS_MAP,
+        source,
+    })
+}
+
+fn open_pin(
+    pins: &Pins,
+    name: &'static str,
+    kind: fn(MapData) -> Map,
+) -> Result<Map, DatapathError> {
+    let path = pins.map(name);
+    if !path.exists() {
+        return Err(DatapathError::MissingMap { name, path });
+    }
+    MapData::from_pin(&path)
+        .map(kind)
+        .map_err(|source| DatapathError::Map { name, source })
 }
 
 /// Detaches the programs (by dropping their pinned links) and removes the

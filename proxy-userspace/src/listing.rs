@@ -1,11 +1,11 @@
-//! `proxy-userspace services`: the datapath as the pinned maps hold it, in
-//! the spirit of `cilium-dbg service list`. It reads only the pins, so it
-//! works whether or not the agent is running.
+//! `proxy-userspace services` and `stats`: the datapath as the pinned maps
+//! hold it, in the spirit of `cilium-dbg service list`. They read only the
+//! pins, so they work whether or not the agent is running.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use aya::maps::MapError;
-use proxy_common::ServiceKey;
+use aya::maps::{MapData, MapError, PerCpuArray};
+use proxy_common::{Event, ServiceKey};
 use serde::Serialize;
 
 use crate::{datapath::ServiceMaps, model::L4Addr, writer::Table};
@@ -100,4 +100,15 @@ pub fn table(services: &[ListedService]) -> String {
         }
     }
     out
+}
+
+/// The event counters summed over CPUs, in [`Event::ALL`] order.
+pub fn events(counters: &PerCpuArray<MapData, u64>) -> Result<Vec<(Event, u64)>, MapError> {
+    Event::ALL
+        .iter()
+        .map(|event| {
+            let per_cpu = counters.get(&(*event as u32), 0)?;
+            Ok((*event, per_cpu.iter().sum()))
+        })
+        .collect()
 }

@@ -67,6 +67,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Print what the programs counted (all CPUs, since they were loaded
+    /// first): connections forwarded, refused, and so on.
+    Stats {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Detach the programs and remove everything pinned. Stop the agent
     /// first, or it keeps the programs attached until it exits.
     Cleanup {
@@ -108,6 +116,26 @@ fn main() -> Result<()> {
             match output {
                 Output::Table => print!("{}", listing::table(&services)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
+            }
+            Ok(())
+        }
+        Command::Stats { bpffs, output } => {
+            let counters = datapath::open_pinned_events(&Pins::new(&bpffs))
+                .with_context(|| format!("is the agent set up at {}?", bpffs.display()))?;
+            let events = listing::events(&counters)?;
+            match output {
+                Output::Table => {
+                    for (event, count) in events {
+                        println!("{:<10} {count}", event.name());
+                    }
+                }
+                Output::Json => {
+                    let object: serde_json::Map<String, serde_json::Value> = events
+                        .into_iter()
+                        .map(|(event, count)| (event.name().to_owned(), count.into()))
+                        .collect();
+                    println!("{}", serde_json::Value::Object(object));
+                }
             }
             Ok(())
         }

@@ -562,12 +562,21 @@ impl Agent {
 
     /// Runs `proxy-userspace services --output json` against the lab's pins.
     pub fn services_json(&self) -> Result<String> {
+        self.query("services")
+    }
+
+    /// Runs `proxy-userspace stats --output json` against the lab's pins.
+    pub fn stats_json(&self) -> Result<String> {
+        self.query("stats")
+    }
+
+    fn query(&self, command: &str) -> Result<String> {
         let out = Command::new(&self.binary)
-            .args(["services", "--output", "json", "--bpffs"])
+            .args([command, "--output", "json", "--bpffs"])
             .arg(&self.bpffs)
             .output()?;
         if !out.status.success() {
-            bail!("services failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!("{command} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
     }

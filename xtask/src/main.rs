@@ -168,6 +168,15 @@ fn demo() -> Result<()> {
         .arg(lab.bpffs())
         .output()?;
     print!("{}", String::from_utf8_lossy(&services.stdout));
+    println!(
+        "\n# proxy-userspace stats --bpffs {}",
+        lab.bpffs().display()
+    );
+    let stats = Command::new(&agent_binary)
+        .args(["stats", "--bpffs"])
+        .arg(lab.bpffs())
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&stats.stdout));
     let map = lab.bpffs().join("maps").join("lb4_svc_v1");
     println!("\n# bpftool map dump pinned {}", map.display());
     let dump = Command::new("bpftool")

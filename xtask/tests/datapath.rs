@@ -234,7 +234,7 @@ fn service_without_endpoints_refuses_at_once() {
         ]),
     )
     .unwrap();
-    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
 
     let out = lab
         .python(
@@ -263,6 +263,11 @@ fn service_without_endpoints_refuses_at_once() {
             .unwrap();
         assert!(millis < 10.0, "refused only after {millis} ms");
     }
+    assert!(
+        agent.stats_json().unwrap().contains(r#""refused":20"#),
+        "{}",
+        agent.stats_json().unwrap()
+    );
 }
 
 #[test]
