@@ -18,7 +18,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use proxy_common::{
-    BACKENDS_MAP, Backend, EVENTS_MAP, SERVICES_MAP, SOCK_REV_NAT_MAP, ServiceKey, ServiceValue,
+    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, Backend, EVENTS_MAP, SERVICES_MAP, SERVICES_MAX_ENTRIES,
+    SOCK_REV_NAT_MAP, SOCK_REV_NAT_MAX_ENTRIES, ServiceKey, ServiceValue,
 };
 use tracing::{info, warn};
 
@@ -127,6 +128,35 @@ impl Pins {
     }
 }
 
+/// How many entries each map holds. Sizes apply when a map is created; a
+/// pinned map keeps the size it was made with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub sock_rev_nat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: SERVICES_MAX_ENTRIES,
+            backends: BACKENDS_MAX_ENTRIES,
+            sock_rev_nat: SOCK_REV_NAT_MAX_ENTRIES,
+        }
+    }
+}
+
+impl MapSizes {
+    fn by_name(self) -> [(&'static str, u32); 3] {
+        [
+            (SERVICES_MAP, self.services),
+            (BACKENDS_MAP, self.backends),
+            (SOCK_REV_NAT_MAP, self.sock_rev_nat),
+        ]
+    }
+}
+
 /// The service maps, typed.
 pub struct ServiceMaps {
     pub services: ServicesMap,
@@ -142,7 +172,7 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs and maps, reusing every map that is already pinned.
-    pub fn load(pins: Pins) -> Result<Self, DatapathError> {
+    pub fn load(pins: Pins, sizes: MapSizes) -> Result<Self, DatapathError> {
         bpf_sys::ensure_bpffs(&pins.root).map_err(|source| DatapathError::PinDir {
             path: pins.root.clone(),
             source,
@@ -158,7 +188,27 @@ impl Datapath {
             // Opens the pinned map when there is one, else creates and pins it.
             loader.map_pin_path(name, pins.map(name));
         }
+        for (name, size) in sizes.by_name() {
+            loader.map_max_entries(name, size);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        for (name, size) in sizes.by_name() {
+            let pinned = MapData::from_pin(pins.map(name))
+                .and_then(|map| map.info())
+                .map(|info| info.max_entries());
+            if let Ok(pinned) = pinned
+                && pinned != size
+            {
+                // Resizing means a new map, and so dropping every entry the
+                // programs depend on; that is for an operator to choose.
+                warn!(
+                    map = name,
+                    pinned,
+                    requested = size,
+                    "the pinned map keeps its size; run cleanup and restart to resize it"
+                );
+            }
+        }
         for name in PROGRAMS {
             program(&mut ebpf, name)?
                 .load()

@@ -26,7 +26,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, Pins},
+    datapath::{Datapath, MapSizes, Pins},
     source::{Source, manifests::ManifestDir},
     writer::MapWriter,
 };
@@ -59,6 +59,17 @@ enum Command {
         /// Where maps and links are pinned.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Entries of the services map: one per Service port plus one per
+        /// backend of it.
+        #[arg(long, value_name = "N", default_value_t = MapSizes::default().services)]
+        services_map_size: u32,
+        /// Entries of the backends map: one per distinct endpoint address and port.
+        #[arg(long, value_name = "N", default_value_t = MapSizes::default().backends)]
+        backends_map_size: u32,
+        /// Entries of the reverse-translation LRU map: about one per live
+        /// socket talking to a Service.
+        #[arg(long, value_name = "N", default_value_t = MapSizes::default().sock_rev_nat)]
+        sock_rev_nat_map_size: u32,
     },
     /// Print the datapath's services and backends from the pinned maps.
     Services {
@@ -102,12 +113,25 @@ fn main() -> Result<()> {
             manifests,
             cgroup,
             bpffs,
+            services_map_size,
+            backends_map_size,
+            sock_rev_nat_map_size,
         } => {
             let cgroup = match cgroup {
                 Some(path) => path,
                 None => cgroup2_root()?,
             };
-            run(ManifestDir::new(manifests), &cgroup, Pins::new(bpffs))
+            let sizes = MapSizes {
+                services: services_map_size,
+                backends: backends_map_size,
+                sock_rev_nat: sock_rev_nat_map_size,
+            };
+            run(
+                ManifestDir::new(manifests),
+                &cgroup,
+                Pins::new(bpffs),
+                sizes,
+            )
         }
         Command::Services { bpffs, output } => {
             let maps = datapath::open_pinned(&Pins::new(&bpffs))
@@ -149,8 +173,8 @@ fn main() -> Result<()> {
 
 /// Level-triggered: every snapshot is turned into a whole desired state and
 /// only its difference from the maps is written.
-fn run(mut source: impl Source, cgroup: &Path, pins: Pins) -> Result<()> {
-    let mut datapath = Datapath::load(pins)?;
+fn run(mut source: impl Source, cgroup: &Path, pins: Pins, sizes: MapSizes) -> Result<()> {
+    let mut datapath = Datapath::load(pins, sizes)?;
     let maps = datapath.take_service_maps()?;
     let mut writer =
         MapWriter::adopt(maps.services, maps.backends).context("cannot read the pinned maps")?;

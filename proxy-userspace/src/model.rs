@@ -72,7 +72,8 @@ impl fmt::Display for L4Addr {
 /// One frontend and the backends it balances over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
-    /// `namespace/name:port-name`, for logs.
+    /// `namespace/name:port-name` (or `namespace/name` for an unnamed
+    /// port), for logs.
     pub service: String,
     /// Sorted and without duplicates, so equal states compare equal. Empty
     /// means "refuse connections".
@@ -161,7 +162,12 @@ pub fn desired_state(snapshot: &Snapshot) -> (DesiredState, Vec<Problem>) {
                 ));
                 continue;
             }
-            let service = format!("{name}:{port_name}");
+            // kube-proxy's ServicePortName: the port name only when it has one.
+            let service = if port_name.is_empty() {
+                name.clone()
+            } else {
+                format!("{name}:{port_name}")
+            };
             state
                 .frontends
                 .insert(frontend, DesiredFrontend { service, backends });

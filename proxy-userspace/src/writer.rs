@@ -129,7 +129,7 @@ where
                 match self.backend_id(&mut id_of, backend, &mut stats) {
                     Ok(id) => ids.push(id),
                     Err(error) => {
-                        warn!(service = %entry.service, %error, "cannot write a backend");
+                        warn!(service = %entry.service, error = %describe(&error), "cannot write a backend");
                         stats.failures += 1;
                     }
                 }
@@ -138,8 +138,15 @@ where
                 continue;
             }
             if let Err(error) = self.write_frontend(key, &ids, &mut stats) {
-                warn!(service = %entry.service, %frontend, %error, "cannot write the frontend");
+                warn!(service = %entry.service, %frontend, error = %describe(&error), "cannot write the frontend");
                 stats.failures += 1;
+                // Slots written past the count are out of the programs' reach;
+                // free them, or a Service too big for a full map would keep
+                // it full for every other Service.
+                let count = self.frontends.get(&key).and_then(|f| f.count).unwrap_or(0);
+                if let Err(error) = self.delete_slots_after(key, count, &mut stats) {
+                    warn!(%frontend, error = %describe(&error), "cannot delete surplus slots");
+                }
             }
         }
 
@@ -151,7 +158,7 @@ where
             .collect();
         for key in stale {
             if let Err(error) = self.delete_frontend(key, &mut stats) {
-                warn!(?key, %error, "cannot delete a frontend");
+                warn!(?key, error = %describe(&error), "cannot delete a frontend");
                 stats.failures += 1;
             }
         }
@@ -174,7 +181,7 @@ where
                     stats.deletes += 1;
                 }
                 Err(error) => {
-                    warn!(id, %error, "cannot delete a backend");
+                    warn!(id, error = %describe(&error), "cannot delete a backend");
                     stats.failures += 1;
                 }
             }
@@ -228,11 +235,27 @@ where
             current.count = Some(count);
             stats.writes += 1;
         }
+        self.delete_slots_after(key, count, stats)
+    }
+
+    /// Deletes the frontend's slots numbered above `count`.
+    fn delete_slots_after(
+        &mut self,
+        key: ServiceKey,
+        count: u16,
+        stats: &mut ApplyStats,
+    ) -> Result<(), MapError> {
+        let Some(current) = self.frontends.get_mut(&key) else {
+            return Ok(());
+        };
         let surplus: Vec<u16> = current.slots.range(count + 1..).map(|(s, _)| *s).collect();
         for slot in surplus {
             self.services.delete(&key.slot(slot))?;
             current.slots.remove(&slot);
             stats.deletes += 1;
+        }
+        if current.count.is_none() && current.slots.is_empty() {
+            self.frontends.remove(&key);
         }
         Ok(())
     }
@@ -254,6 +277,18 @@ where
         self.frontends.remove(&key);
         Ok(())
     }
+}
+
+/// A map error with its causes (the errno is in the source), on one line.
+fn describe(error: &MapError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -310,6 +310,11 @@ impl Lab {
 
     /// Starts the agent on this lab and waits until its datapath is ready.
     pub fn start_agent(&self, binary: &Path) -> Result<Agent> {
+        self.start_agent_with(binary, &[])
+    }
+
+    /// [`Lab::start_agent`] with more `run` flags.
+    pub fn start_agent_with(&self, binary: &Path, flags: &[&str]) -> Result<Agent> {
         let run = fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
@@ -322,6 +327,7 @@ impl Lab {
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .args(flags)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -432,3 +432,38 @@ fn bad_input_is_logged_once_and_skipped_while_the_rest_keeps_working() {
     assert_logged_once();
     assert!(agent.is_running());
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_service_too_big_for_the_map_is_logged_and_the_rest_keeps_working() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    let many: Vec<(Ipv4Addr, bool)> = (1..=10)
+        .map(|i| (Ipv4Addr::new(10, 244, 9, i), true))
+        .collect();
+    lab.write_manifest(
+        "big.yaml",
+        &manifests::documents(&[
+            manifests::service("big", "10.96.0.60", HTTP),
+            manifests::endpoint_slice("big-1", "big", HTTP_BACKEND, &many),
+        ]),
+    )
+    .unwrap();
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    // Room for web (2 entries) but not for big (11).
+    let agent = lab
+        .start_agent_with(&agent_binary(), &["--services-map-size", "8"])
+        .unwrap();
+
+    let log = agent.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("default/big")).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("cannot write the frontend"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    assert!(!agent.services_json().unwrap().contains("10.96.0.60"));
+    assert!(agent.is_running());
+}

@@ -213,7 +213,7 @@ fn a_frontend_claimed_twice_goes_to_the_first_by_name() {
     let (state, problems) = desired_state(&snapshot(&yaml));
     assert_eq!(
         state.frontends[&addr("10.96.0.40", 80, Protocol::Tcp)].service,
-        "default/alpha:"
+        "default/alpha"
     );
     assert_eq!(problems.len(), 1);
     assert!(

@@ -9,8 +9,8 @@ use crate::model::{DesiredFrontend, L4Addr, Protocol};
 struct Kernel {
     services: BTreeMap<ServiceKey, ServiceValue>,
     backends: BTreeMap<u32, Backend>,
-    /// Rejects writes to this frontend, as a full map would.
-    refuse: Option<ServiceKey>,
+    /// How many entries the services map takes before it is full.
+    services_capacity: Option<usize>,
 }
 
 impl Kernel {
@@ -55,7 +55,11 @@ struct Backends(Rc<RefCell<Kernel>>);
 impl Table<ServiceKey, ServiceValue> for Services {
     fn put(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
         let mut kernel = self.0.borrow_mut();
-        if kernel.refuse == Some(key.slot(0)) {
+        let full = kernel
+            .services_capacity
+            .is_some_and(|capacity| kernel.services.len() >= capacity);
+        if full && !kernel.services.contains_key(key) {
+            // The kernel says E2BIG; any error will do for the writer.
             return Err(MapError::KeyNotFound);
         }
         kernel.services.insert(*key, *value);
@@ -198,19 +202,23 @@ fn a_deleted_backend_id_is_not_handed_to_a_new_backend() {
 }
 
 #[test]
-fn a_failed_frontend_is_left_alone_and_the_others_are_written() {
+fn a_frontend_that_does_not_fit_leaves_no_slots_behind_and_the_others_are_written() {
     let kernel: Rc<RefCell<Kernel>> = Rc::default();
+    kernel.borrow_mut().services_capacity = Some(8);
     let mut writer = writer(&kernel);
-    kernel.borrow_mut().refuse = Some(tcp(100, 80).service_key());
-    let desired = state(&[(tcp(100, 80), &[tcp(1, 80)]), (tcp(101, 80), &[tcp(2, 80)])]);
+    let big: Vec<L4Addr> = (1..=10).map(|host| tcp(host, 80)).collect();
+    let desired = state(&[(tcp(100, 80), &big), (tcp(101, 80), &[tcp(11, 80)])]);
     let stats = writer.apply(&desired);
     assert_eq!(stats.failures, 1);
+    let view = kernel.borrow().view();
+    assert_eq!(view.keys().copied().collect::<Vec<_>>(), [tcp(101, 80)]);
     assert_eq!(
-        kernel.borrow().view().keys().copied().collect::<Vec<_>>(),
-        [tcp(101, 80)]
+        kernel.borrow().services.len(),
+        2,
+        "the big frontend left slots behind"
     );
-    // Once the map takes writes again, the next apply catches up.
-    kernel.borrow_mut().refuse = None;
+    // Once the map is bigger, the next apply catches up.
+    kernel.borrow_mut().services_capacity = None;
     assert_eq!(writer.apply(&desired).failures, 0);
     assert_eq!(kernel.borrow().view(), view_of(&desired));
 }
