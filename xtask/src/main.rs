@@ -2,12 +2,12 @@
 
 use std::{process::Command, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use xtask::{
-    bench,
+    bench, cargo,
     lab::{self, Lab, manifests},
-    prerequisites, workspace_root,
+    prerequisites, run_checked,
 };
 
 #[derive(Parser)]
@@ -81,32 +81,18 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
-    let status = Command::new("cargo")
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
-        .context("cannot run cargo")?;
-    if !status.success() {
-        bail!("cargo {} failed", args.join(" "));
-    }
-    Ok(())
-}
-
 fn test(filter: Option<&str>) -> Result<()> {
     require_root()?;
     prerequisites::ensure_tools()?;
     let agent = prerequisites::build_agent()?;
     // Unit tests of every crate; the privileged tests are #[ignore]d there.
-    cargo(&["test", "--workspace"])?;
+    run_checked(cargo().args(["test", "--workspace"]))?;
     let mut args = vec!["test", "--package", "xtask", "--test", "datapath", "--"];
     args.extend(filter);
     // Two labs at a time: each runs nginx pods and an agent, and the
     // machine has two cores.
     args.extend(["--ignored", "--test-threads=2"]);
-    // SAFETY: single-threaded here; the child inherits the variable.
-    unsafe { std::env::set_var("PROXY_AGENT", &agent) };
-    cargo(&args)
+    run_checked(cargo().args(&args).env("PROXY_AGENT", &agent))
 }
 
 /// The example the demo serves: one HTTP Service over three pods.

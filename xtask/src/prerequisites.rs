@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::ebpf_build::{self, Missing};
+use crate::{
+    ebpf_build::{self, Missing},
+    run_checked,
+};
 
 /// Commands the lab, the tests and the demo run, and their Debian packages.
 const TOOLS: &[(&str, &str)] = &[
@@ -38,16 +41,6 @@ pub fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -74,12 +67,15 @@ pub fn ensure_tools() -> Result<()> {
     // A mirror that hiccups once should not fail a CI run.
     let mut attempt = 1;
     loop {
-        let installed = run(Command::new("apt-get").args(["update", "-qq"])).and_then(|()| {
-            run(Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        });
+        let installed =
+            run_checked(Command::new("apt-get").args(["update", "-qq"])).and_then(|()| {
+                run_checked(
+                    Command::new("apt-get")
+                        .args(["install", "-y", "-qq", "--no-install-recommends"])
+                        .args(&missing)
+                        .env("DEBIAN_FRONTEND", "noninteractive"),
+                )
+            });
         match installed {
             Err(error) if attempt < 3 => {
                 eprintln!("{error:#}; trying again");
@@ -96,7 +92,7 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     while let Some(missing) = ebpf_build::first_missing() {
         match missing {
             Missing::Nightly => bail!("{}", missing.advice()),
-            Missing::RustSrc => run(Command::new("rustup").args([
+            Missing::RustSrc => run_checked(Command::new("rustup").args([
                 "component",
                 "add",
                 "rust-src",
@@ -135,11 +131,13 @@ fn install_bpf_linker() -> Result<()> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)?;
     eprintln!("installing bpf-linker against {}", libllvm.display());
-    run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "^0.13"])
-        .args(["--no-default-features", "--features"])
-        .arg(format!("llvm-{major}"))
-        .env("LLVM_PREFIX", &prefix))
+    run_checked(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", "^0.13"])
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )
 }
 
 /// `libLLVM.so.22.1-rust-1.97.0-nightly` → 22.
@@ -156,7 +154,7 @@ fn llvm_major(lib: &Path) -> Option<u32> {
 pub fn build_ebpf() -> Result<PathBuf> {
     ensure_ebpf_toolchain()?;
     let workspace = crate::workspace_root();
-    run(&mut ebpf_build::build_command(&workspace))?;
+    run_checked(&mut ebpf_build::build_command(&workspace))?;
     Ok(ebpf_build::object_path(&workspace))
 }
 
@@ -164,11 +162,8 @@ pub fn build_ebpf() -> Result<PathBuf> {
 /// the binary.
 pub fn build_agent() -> Result<PathBuf> {
     ensure_ebpf_toolchain()?;
-    let workspace = crate::workspace_root();
-    run(Command::new("cargo")
-        .args(["build", "--package", "proxy-userspace"])
-        .current_dir(&workspace))?;
-    Ok(workspace.join("target/debug/proxy-userspace"))
+    run_checked(crate::cargo().args(["build", "--package", "proxy-userspace"]))?;
+    Ok(crate::workspace_root().join("target/debug/proxy-userspace"))
 }
 
 #[cfg(test)]
