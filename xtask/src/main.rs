@@ -145,31 +145,30 @@ fn demo() -> Result<()> {
         *counts.entry(pod.to_owned()).or_default() += 1;
     }
     println!("300 more, counted by the pod that answered: {counts:?}");
-    println!(
-        "\n# proxy-userspace services --bpffs {}",
-        lab.bpffs().display()
-    );
-    let services = Command::new(&agent_binary)
-        .args(["services", "--bpffs"])
-        .arg(lab.bpffs())
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&services.stdout));
-    println!(
-        "\n# proxy-userspace stats --bpffs {}",
-        lab.bpffs().display()
-    );
-    let stats = Command::new(&agent_binary)
-        .args(["stats", "--bpffs"])
-        .arg(lab.bpffs())
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&stats.stdout));
-    let map = lab.bpffs().join("maps").join("lb4_svc_v1");
-    println!("\n# bpftool map dump pinned {}", map.display());
-    let dump = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(&map)
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&dump.stdout));
+    let bpffs = lab.bpffs().display().to_string();
+    let map = format!("{bpffs}/maps/lb4_svc_v1");
+    let agent_path = agent_binary.display().to_string();
+    for (title, program, args) in [
+        (
+            "proxy-userspace services",
+            agent_path.as_str(),
+            ["services", "--bpffs", &bpffs].as_slice(),
+        ),
+        (
+            "proxy-userspace stats",
+            &agent_path,
+            &["stats", "--bpffs", &bpffs],
+        ),
+        (
+            "bpftool map dump pinned",
+            "bpftool",
+            &["map", "dump", "pinned", &map],
+        ),
+    ] {
+        println!("\n# {title} {}", args.join(" "));
+        let out = Command::new(program).args(args).output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
 
     println!("\n# the agent is SIGKILLed; the pinned datapath keeps serving");
     drop(agent);
