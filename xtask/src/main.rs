@@ -148,24 +148,20 @@ fn demo() -> Result<()> {
     let bpffs = lab.bpffs().display().to_string();
     let map = format!("{bpffs}/maps/lb4_svc_v1");
     let agent_path = agent_binary.display().to_string();
-    for (title, program, args) in [
+    for (name, program, args) in [
         (
-            "proxy-userspace services",
+            "proxy-userspace",
             agent_path.as_str(),
             ["services", "--bpffs", &bpffs].as_slice(),
         ),
         (
-            "proxy-userspace stats",
+            "proxy-userspace",
             &agent_path,
             &["stats", "--bpffs", &bpffs],
         ),
-        (
-            "bpftool map dump pinned",
-            "bpftool",
-            &["map", "dump", "pinned", &map],
-        ),
+        ("bpftool", "bpftool", &["map", "dump", "pinned", &map]),
     ] {
-        println!("\n# {title} {}", args.join(" "));
+        println!("\n# {name} {}", args.join(" "));
         let out = Command::new(program).args(args).output()?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
