@@ -12,7 +12,7 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    discovery::v1::{Endpoint, EndpointSlice},
 };
 use serde::Serialize;
 
@@ -108,7 +108,8 @@ impl fmt::Display for Problem {
 #[must_use]
 pub fn desired_state(snapshot: &Snapshot) -> (DesiredState, Vec<Problem>) {
     let mut problems = Vec::new();
-    let slices = slices_by_service(&snapshot.endpoint_slices);
+    let mut slice_problems = Vec::new();
+    let slices = checked_slices(&snapshot.endpoint_slices, &mut slice_problems);
     let mut services: Vec<&Sourced<Service>> = snapshot.services.iter().collect();
     // Conflicts are settled the same way whatever order the source gave.
     services.sort_by_key(|s| namespaced_name(&s.object.metadata));
@@ -173,7 +174,7 @@ pub fn desired_state(snapshot: &Snapshot) -> (DesiredState, Vec<Problem>) {
                 .insert(frontend, DesiredFrontend { service, backends });
         }
     }
-    problems.extend(slice_problems(&snapshot.endpoint_slices));
+    problems.extend(slice_problems);
     (state, problems)
 }
 
@@ -230,100 +231,118 @@ fn valid_port(port: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("port {port} is out of range 1-65535"))
 }
 
-fn slices_by_service(slices: &[Sourced<EndpointSlice>]) -> BTreeMap<String, Vec<&EndpointSlice>> {
-    let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
-        let meta = &slice.object.metadata;
+/// An EndpointSlice's ports and endpoints, checked once: the bad parts are
+/// problems and left out, so every Service port reads only good data.
+struct CheckedSlice {
+    /// Port name, protocol and port number.
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<(Ipv4Addr, Readiness)>,
+}
+
+#[derive(Clone, Copy)]
+enum Readiness {
+    Ready,
+    /// Serving while it terminates: used only when nothing is ready.
+    Terminating,
+    Unusable,
+}
+
+/// The IPv4 slices by `namespace/service`.
+fn checked_slices(
+    slices: &[Sourced<EndpointSlice>],
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, Vec<CheckedSlice>> {
+    let mut by_service: BTreeMap<String, Vec<CheckedSlice>> = BTreeMap::new();
+    for sourced in slices {
+        let slice = &sourced.object;
+        let meta = &slice.metadata;
         let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             continue;
         };
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let mut problem = |message: String| {
+            problems.push(Problem {
+                origin: sourced.origin.clone(),
+                object: format!("EndpointSlice {}", namespaced_name(meta)),
+                message,
+            });
+        };
+        let mut ports = Vec::new();
+        for port in slice.ports.iter().flatten() {
+            let name = port.name.clone().unwrap_or_default();
+            match valid_port(port.port.unwrap_or(0)) {
+                Err(message) => problem(format!("port {name:?}: {message}")),
+                // A protocol the Service side refuses matches no frontend.
+                Ok(number) => {
+                    if let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) {
+                        ports.push((name, protocol, number));
+                    }
+                }
+            }
+        }
+        let mut endpoints = Vec::new();
+        for endpoint in slice.endpoints.iter().flatten() {
+            // Consumers use only the first address (EndpointSlice API).
+            let Some(address) = endpoint.addresses.first() else {
+                continue;
+            };
+            match address.parse() {
+                Ok(ip) => endpoints.push((ip, readiness(endpoint))),
+                Err(_) => problem(format!(
+                    "endpoint address {address:?} is not an IPv4 address"
+                )),
+            }
+        }
         let namespace = meta.namespace.as_deref().unwrap_or("default");
         by_service
             .entry(format!("{namespace}/{service}"))
             .or_default()
-            .push(&slice.object);
+            .push(CheckedSlice { ports, endpoints });
     }
     by_service
+}
+
+fn readiness(endpoint: &Endpoint) -> Readiness {
+    let conditions = endpoint.conditions.clone().unwrap_or_default();
+    // Unset conditions mean ready, serving as ready, and not terminating,
+    // as the EndpointSlice API says.
+    let ready = conditions.ready.unwrap_or(true);
+    let serving = conditions.serving.unwrap_or(ready);
+    let terminating = conditions.terminating.unwrap_or(false);
+    match (ready, serving, terminating) {
+        (true, _, false) => Readiness::Ready,
+        (_, true, true) => Readiness::Terminating,
+        _ => Readiness::Unusable,
+    }
 }
 
 /// The endpoints of one Service port: ready ones, or, when none is ready,
 /// the ones still serving while they terminate (kube-proxy does the same,
 /// so a rolling update never refuses connections it could have served).
-fn backends(slices: &[&EndpointSlice], port_name: &str, protocol: Protocol) -> Vec<L4Addr> {
+fn backends(slices: &[CheckedSlice], port_name: &str, protocol: Protocol) -> Vec<L4Addr> {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
-        let Some(port) = slice
+    for slice in slices {
+        let Some(&(_, _, port)) = slice
             .ports
             .iter()
-            .flatten()
-            .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
-            .filter(|p| Protocol::parse(p.protocol.as_deref()) == Ok(protocol))
-            .and_then(|p| endpoint_port(p).ok())
+            .find(|(name, p, _)| name == port_name && *p == protocol)
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().flatten() {
-            let Some(ip) = endpoint_ip(endpoint).and_then(Result::ok) else {
-                continue;
-            };
+        for &(ip, readiness) in &slice.endpoints {
             let addr = L4Addr { ip, port, protocol };
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
-            // Unset conditions mean ready, serving as ready, and not
-            // terminating, as the EndpointSlice API says.
-            let is_ready = conditions.ready.unwrap_or(true);
-            let is_serving = conditions.serving.unwrap_or(is_ready);
-            let is_terminating = conditions.terminating.unwrap_or(false);
-            if is_ready && !is_terminating {
-                ready.insert(addr);
-            } else if is_serving && is_terminating {
-                terminating.insert(addr);
-            }
+            match readiness {
+                Readiness::Ready => ready.insert(addr),
+                Readiness::Terminating => terminating.insert(addr),
+                Readiness::Unusable => false,
+            };
         }
     }
     let chosen = if ready.is_empty() { terminating } else { ready };
     chosen.into_iter().collect()
-}
-
-fn endpoint_port(port: &EndpointPort) -> Result<u16, String> {
-    valid_port(port.port.unwrap_or(0))
-}
-
-/// Consumers use only the first address of an endpoint (EndpointSlice API).
-fn endpoint_ip(endpoint: &Endpoint) -> Option<Result<Ipv4Addr, String>> {
-    let address = endpoint.addresses.first()?;
-    Some(
-        address
-            .parse()
-            .map_err(|_| format!("endpoint address {address:?} is not an IPv4 address")),
-    )
-}
-
-/// What is wrong in the slices themselves; the bad parts are skipped by
-/// [`backends`].
-fn slice_problems(slices: &[Sourced<EndpointSlice>]) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    for slice in slices.iter().filter(|s| s.object.address_type == "IPv4") {
-        let problem = |message: String| Problem {
-            origin: slice.origin.clone(),
-            object: format!("EndpointSlice {}", namespaced_name(&slice.object.metadata)),
-            message,
-        };
-        for port in slice.object.ports.iter().flatten() {
-            if let Err(message) = endpoint_port(port) {
-                problems.push(problem(format!(
-                    "port {:?}: {message}",
-                    port.name.as_deref().unwrap_or_default()
-                )));
-            }
-        }
-        for endpoint in slice.object.endpoints.iter().flatten() {
-            if let Some(Err(message)) = endpoint_ip(endpoint) {
-                problems.push(problem(message));
-            }
-        }
-    }
-    problems
 }
 
 #[cfg(test)]
