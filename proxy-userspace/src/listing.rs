@@ -5,10 +5,14 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use aya::maps::{MapData, MapError, PerCpuArray};
-use proxy_common::{Event, ServiceKey};
+use proxy_common::Event;
 use serde::Serialize;
 
-use crate::{datapath::ServiceMaps, model::L4Addr, writer::Table};
+use crate::{
+    datapath::ServiceMaps,
+    model::L4Addr,
+    writer::{Table, read_frontends},
+};
 
 /// One frontend as the maps hold it.
 #[derive(Debug, Serialize)]
@@ -30,21 +34,12 @@ pub struct ListedBackend {
 pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
     let backends: BTreeMap<u32, proxy_common::Backend> =
         maps.backends.entries()?.into_iter().collect();
-    let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
-    let mut counts: BTreeMap<ServiceKey, u16> = BTreeMap::new();
-    for (key, value) in maps.services.entries()? {
-        if key.backend_slot == 0 {
-            counts.insert(key, value.count);
-        } else {
-            slots
-                .entry(key.slot(0))
-                .or_default()
-                .insert(key.backend_slot, value.backend_id);
-        }
-    }
     let mut listed = Vec::new();
-    for (key, count) in counts {
-        let frontend_slots = slots.remove(&key).unwrap_or_default();
+    // Slots without a slot 0 are out of the programs' reach: not listed.
+    for (key, frontend_slots) in read_frontends(&maps.services)? {
+        let Some(count) = frontend_slots.count else {
+            continue;
+        };
         let (frontend, protocol) = match L4Addr::from_service_key(&key) {
             Some(addr) => (
                 format!("{}:{}", addr.ip, addr.port),
@@ -54,7 +49,7 @@ pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
         };
         let backends = (1..=count)
             .map(|slot| {
-                let id = frontend_slots.get(&slot).copied().unwrap_or(0);
+                let id = frontend_slots.slots.get(&slot).copied().unwrap_or(0);
                 let address = backends
                     .get(&id)
                     .and_then(|b| L4Addr::from_backend(*b))
@@ -102,13 +97,41 @@ pub fn table(services: &[ListedService]) -> String {
     out
 }
 
-/// The event counters summed over CPUs, in [`Event::ALL`] order.
-pub fn events(counters: &PerCpuArray<MapData, u64>) -> Result<Vec<(Event, u64)>, MapError> {
+/// The event counters summed over CPUs, in [`Event::ALL`] order; as JSON,
+/// an object in that same order.
+pub struct EventCounts(Vec<(Event, u64)>);
+
+pub fn events(counters: &PerCpuArray<MapData, u64>) -> Result<EventCounts, MapError> {
     Event::ALL
         .iter()
         .map(|event| {
             let per_cpu = counters.get(&(*event as u32), 0)?;
             Ok((*event, per_cpu.iter().sum()))
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(EventCounts)
+}
+
+impl EventCounts {
+    /// One `name count` line per event.
+    #[must_use]
+    pub fn table(&self) -> String {
+        self.0
+            .iter()
+            .fold(String::new(), |mut out, (event, count)| {
+                let _ = writeln!(out, "{:<10} {count}", event.name());
+                out
+            })
+    }
+}
+
+impl Serialize for EventCounts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (event, count) in &self.0 {
+            map.serialize_entry(event.name(), count)?;
+        }
+        map.end()
+    }
 }

@@ -148,18 +148,8 @@ fn main() -> Result<()> {
                 .with_context(|| format!("is the agent set up at {}?", bpffs.display()))?;
             let events = listing::events(&counters)?;
             match output {
-                Output::Table => {
-                    for (event, count) in events {
-                        println!("{:<10} {count}", event.name());
-                    }
-                }
-                Output::Json => {
-                    let object: serde_json::Map<String, serde_json::Value> = events
-                        .into_iter()
-                        .map(|(event, count)| (event.name().to_owned(), count.into()))
-                        .collect();
-                    println!("{}", serde_json::Value::Object(object));
-                }
+                Output::Table => print!("{}", events.table()),
+                Output::Json => println!("{}", serde_json::to_string(&events)?),
             }
             Ok(())
         }

@@ -48,11 +48,28 @@ impl<K: Pod, V: Pod> Table<K, V> for BpfHashMap<MapData, K, V> {
 
 /// What a frontend's entries in the services map hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct FrontendSlots {
+pub struct FrontendSlots {
     /// Slot 0's count; `None` when slot 0 is missing.
-    count: Option<u16>,
+    pub count: Option<u16>,
     /// Slots 1.. and their backend ids.
-    slots: BTreeMap<u16, u32>,
+    pub slots: BTreeMap<u16, u32>,
+}
+
+/// The services map's entries grouped by frontend (keyed by slot 0), as
+/// they are, torn or not.
+pub fn read_frontends(
+    services: &impl Table<ServiceKey, ServiceValue>,
+) -> Result<BTreeMap<ServiceKey, FrontendSlots>, MapError> {
+    let mut frontends: BTreeMap<ServiceKey, FrontendSlots> = BTreeMap::new();
+    for (key, value) in services.entries()? {
+        let slots = frontends.entry(key.slot(0)).or_default();
+        if key.backend_slot == 0 {
+            slots.count = Some(value.count);
+        } else {
+            slots.slots.insert(key.backend_slot, value.backend_id);
+        }
+    }
+    Ok(frontends)
 }
 
 /// Counts of what one [`MapWriter::apply`] did.
@@ -85,15 +102,7 @@ where
 {
     /// Takes over the maps with whatever they already hold.
     pub fn adopt(services: S, backends: B) -> Result<Self, MapError> {
-        let mut frontends: BTreeMap<ServiceKey, FrontendSlots> = BTreeMap::new();
-        for (key, value) in services.entries()? {
-            let slots = frontends.entry(key.slot(0)).or_default();
-            if key.backend_slot == 0 {
-                slots.count = Some(value.count);
-            } else {
-                slots.slots.insert(key.backend_slot, value.backend_id);
-            }
-        }
+        let frontends = read_frontends(&services)?;
         let backend_by_id: BTreeMap<u32, Backend> = backends.entries()?.into_iter().collect();
         let next_backend_id = backend_by_id.last_key_value().map_or(1, |(id, _)| id + 1);
         Ok(Self {
@@ -261,21 +270,15 @@ where
     }
 
     fn delete_frontend(&mut self, key: ServiceKey, stats: &mut ApplyStats) -> Result<(), MapError> {
-        let current = self.frontends.entry(key).or_default();
         // Slot 0 first: from then on no program looks at the slots.
-        if current.count.is_some() {
+        if let Some(current) = self.frontends.get_mut(&key)
+            && current.count.is_some()
+        {
             self.services.delete(&key)?;
             current.count = None;
             stats.deletes += 1;
         }
-        while let Some((slot, _)) = current.slots.last_key_value() {
-            let slot = *slot;
-            self.services.delete(&key.slot(slot))?;
-            current.slots.remove(&slot);
-            stats.deletes += 1;
-        }
-        self.frontends.remove(&key);
-        Ok(())
+        self.delete_slots_after(key, 0, stats)
     }
 }
 

@@ -127,7 +127,7 @@ fn getpeername_shows_the_vip_and_other_addresses_are_untouched() {
     let (lab, pods) = web_lab(&["pod-a"]);
     lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
         .unwrap();
-    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
 
     let probe = |host: &str, port: u16| {
         let out = lab
@@ -151,6 +151,15 @@ fn getpeername_shows_the_vip_and_other_addresses_are_untouched() {
     assert_eq!(
         probe(&pods[0].ip.to_string(), 8080),
         format!("{} 8080 pod-a", pods[0].ip)
+    );
+    // One connect forwarded (the pod-IP one is not a Service), its peer
+    // reversed at least once (Python's socket asks for the peer on its own
+    // too), nothing refused or raced.
+    let stats = agent.stats_json().unwrap();
+    assert!(
+        stats.starts_with(r#"{"forwarded":1,"refused":0,"lost_race":0,"reversed":"#)
+            && !stats.contains(r#""reversed":0"#),
+        "{stats}"
     );
 }
 
