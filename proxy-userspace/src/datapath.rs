@@ -29,7 +29,7 @@ use crate::bpf_sys;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJECT"));
 
 /// The cgroup socket-address programs, by the names of their functions.
-pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
 /// Every map is pinned: a restarted agent's programs carry on with the same
 /// services, reverse translations and counters.
@@ -220,9 +220,18 @@ impl Datapath {
     /// Hands out the service maps, for the writer.
     pub fn take_service_maps(&mut self) -> Result<ServiceMaps, DatapathError> {
         Ok(ServiceMaps {
-            services: typed_map(self.ebpf.take_map(SERVICES_MAP), SERVICES_MAP, &self.pins)?,
-            backends: typed_map(self.ebpf.take_map(BACKENDS_MAP), BACKENDS_MAP, &self.pins)?,
+            services: typed_map(self.take_map(SERVICES_MAP)?, SERVICES_MAP)?,
+            backends: typed_map(self.take_map(BACKENDS_MAP)?, BACKENDS_MAP)?,
         })
+    }
+
+    fn take_map(&mut self, name: &'static str) -> Result<Map, DatapathError> {
+        self.ebpf
+            .take_map(name)
+            .ok_or_else(|| DatapathError::MissingMap {
+                name,
+                path: self.pins.map(name),
+            })
     }
 
     /// Attaches every program to `cgroup`. Where a link is already pinned
@@ -295,14 +304,9 @@ fn program<'a>(
 }
 
 fn typed_map<K: aya::Pod, V: aya::Pod>(
-    map: Option<Map>,
+    map: Map,
     name: &'static str,
-    pins: &Pins,
 ) -> Result<BpfHashMap<MapData, K, V>, DatapathError> {
-    let map = map.ok_or_else(|| DatapathError::MissingMap {
-        name,
-        path: pins.map(name),
-    })?;
     BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -310,16 +314,8 @@ fn typed_map<K: aya::Pod, V: aya::Pod>(
 /// datapath while the agent runs, or after it is gone.
 pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
     Ok(ServiceMaps {
-        services: typed_map(
-            Some(open_pin(pins, SERVICES_MAP, Map::HashMap)?),
-            SERVICES_MAP,
-            pins,
-        )?,
-        backends: typed_map(
-            Some(open_pin(pins, BACKENDS_MAP, Map::HashMap)?),
-            BACKENDS_MAP,
-            pins,
-        )?,
+        services: typed_map(open_pin(pins, SERVICES_MAP, Map::HashMap)?, SERVICES_MAP)?,
+        backends: typed_map(open_pin(pins, BACKENDS_MAP, Map::HashMap)?, BACKENDS_MAP)?,
     })
 }
 

@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{info, warn};
 
 use crate::{
@@ -56,9 +56,8 @@ enum Command {
         /// cgroup2 root, from /proc/mounts.
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
-        /// Where maps and links are pinned.
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-        bpffs: PathBuf,
+        #[command(flatten)]
+        pins: PinDir,
         /// Entries of the services map: one per Service port plus one per
         /// backend of it.
         #[arg(long, value_name = "N", default_value_t = MapSizes::default().services)]
@@ -73,25 +72,44 @@ enum Command {
     },
     /// Print the datapath's services and backends from the pinned maps.
     Services {
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-        bpffs: PathBuf,
+        #[command(flatten)]
+        pins: PinDir,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Print what the programs counted (all CPUs, since they were loaded
-    /// first): connections forwarded, refused, and so on.
+    /// Print what the programs counted since the maps were created, summed
+    /// over CPUs: connections forwarded, refused, and so on.
     Stats {
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-        bpffs: PathBuf,
+        #[command(flatten)]
+        pins: PinDir,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Detach the programs and remove everything pinned. Stop the agent
     /// first, or it keeps the programs attached until it exits.
     Cleanup {
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-        bpffs: PathBuf,
+        #[command(flatten)]
+        pins: PinDir,
     },
+}
+
+/// `--bpffs`, shared by every command.
+#[derive(Args)]
+struct PinDir {
+    /// Where maps and links are pinned.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+}
+
+impl PinDir {
+    fn pins(&self) -> Pins {
+        Pins::new(&self.bpffs)
+    }
+
+    /// For errors of the commands that only read the pins.
+    fn hint(&self) -> String {
+        format!("is the agent set up at {}?", self.bpffs.display())
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -112,7 +130,7 @@ fn main() -> Result<()> {
         Command::Run {
             manifests,
             cgroup,
-            bpffs,
+            pins,
             services_map_size,
             backends_map_size,
             sock_rev_nat_map_size,
@@ -126,16 +144,10 @@ fn main() -> Result<()> {
                 backends: backends_map_size,
                 sock_rev_nat: sock_rev_nat_map_size,
             };
-            run(
-                ManifestDir::new(manifests),
-                &cgroup,
-                Pins::new(bpffs),
-                sizes,
-            )
+            run(ManifestDir::new(manifests), &cgroup, pins.pins(), sizes)
         }
-        Command::Services { bpffs, output } => {
-            let maps = datapath::open_pinned(&Pins::new(&bpffs))
-                .with_context(|| format!("is the agent set up at {}?", bpffs.display()))?;
+        Command::Services { pins, output } => {
+            let maps = datapath::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
             let services = listing::list(&maps)?;
             match output {
                 Output::Table => print!("{}", listing::table(&services)),
@@ -143,9 +155,9 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Stats { bpffs, output } => {
-            let counters = datapath::open_pinned_events(&Pins::new(&bpffs))
-                .with_context(|| format!("is the agent set up at {}?", bpffs.display()))?;
+        Command::Stats { pins, output } => {
+            let counters =
+                datapath::open_pinned_events(&pins.pins()).with_context(|| pins.hint())?;
             let events = listing::events(&counters)?;
             match output {
                 Output::Table => print!("{}", events.table()),
@@ -153,9 +165,9 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { bpffs } => {
-            datapath::cleanup(&Pins::new(&bpffs))?;
-            info!(bpffs = %bpffs.display(), "removed the datapath");
+        Command::Cleanup { pins } => {
+            datapath::cleanup(&pins.pins())?;
+            info!(bpffs = %pins.bpffs.display(), "removed the datapath");
             Ok(())
         }
     }
