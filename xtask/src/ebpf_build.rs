@@ -84,17 +84,19 @@ pub fn first_missing() -> Option<Missing> {
 /// bpf-linker on PATH or in cargo's bin directory.
 #[must_use]
 pub fn bpf_linker() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("bpf-linker"))
+    let cargo_bins = [
+        std::env::var_os("CARGO_HOME").map(|home| PathBuf::from(home).join("bin")),
+        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin")),
+    ];
+    find_program("bpf-linker", cargo_bins.into_iter().flatten())
+}
+
+/// `name` in a PATH directory, or else in one of `more_dirs`.
+pub fn find_program(name: &str, more_dirs: impl IntoIterator<Item = PathBuf>) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(more_dirs)
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
 

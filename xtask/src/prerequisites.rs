@@ -34,11 +34,7 @@ fn on_path(tool: &str) -> bool {
 /// shell may lack.
 #[must_use]
 pub fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
+    ebpf_build::find_program(tool, ["/usr/sbin", "/sbin"].map(PathBuf::from))
 }
 
 fn is_root() -> bool {
