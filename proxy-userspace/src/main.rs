@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, MapSizes, Pins},
-    source::{Source, manifests::ManifestDir},
+    source::manifests::ManifestDir,
     writer::MapWriter,
 };
 
@@ -175,7 +175,7 @@ fn main() -> Result<()> {
 
 /// Level-triggered: every snapshot is turned into a whole desired state and
 /// only its difference from the maps is written.
-fn run(mut source: impl Source, cgroup: &Path, pins: Pins, sizes: MapSizes) -> Result<()> {
+fn run(mut source: ManifestDir, cgroup: &Path, pins: Pins, sizes: MapSizes) -> Result<()> {
     let mut datapath = Datapath::load(pins, sizes)?;
     let maps = datapath.take_service_maps()?;
     let mut writer =

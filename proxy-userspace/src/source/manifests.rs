@@ -16,7 +16,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tracing::{debug, warn};
 
-use super::{Snapshot, Source, SourceError, Sourced};
+use super::{Snapshot, SourceError, Sourced};
 
 /// How often the directory is checked: well inside the 1 s in which an edit
 /// must reach the datapath.
@@ -139,8 +139,8 @@ fn sourced<'a, T: Clone>(
     })
 }
 
-impl Source for ManifestDir {
-    fn next_snapshot(&mut self) -> Result<Snapshot, SourceError> {
+impl ManifestDir {
+    pub fn next_snapshot(&mut self) -> Result<Snapshot, SourceError> {
         loop {
             let stamps = self.scan()?;
             if self.first || stamps != self.stamps {

@@ -1,0 +1,281 @@
+//! The model's view of Kubernetes objects: only the fields it reads.
+//!
+//! Sources turn API objects into these at their edge, so the agent never
+//! holds managedFields, annotations or status it does not use (at 30,000
+//! Services that is most of the memory a whole object takes). Values stay
+//! as the API spells them (strings, `i32` ports): checking them is the
+//! model's job, so that every problem is reported in one place.
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label is served by the proxy it names, not by us
+/// (unless it names us).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller: when the change behind a slice
+/// happened, for the network programming latency metric.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The Node label that names its zone, for topology-aware routing.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// `namespace/name`: how objects are keyed everywhere in the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectName {
+    #[must_use]
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// An object's name; a missing namespace is `default`, as kubectl
+    /// would make it.
+    #[must_use]
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or(""),
+        )
+    }
+}
+
+impl std::fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePortObject {
+    /// Empty for the single unnamed port.
+    pub name: String,
+    /// `None` means TCP.
+    pub protocol: Option<String>,
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+/// What the model reads of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceObject {
+    pub name: ObjectName,
+    /// Seconds since the epoch; the older of two Services claiming one
+    /// frontend keeps it, as the API server's allocator would have had it.
+    pub created: Option<i64>,
+    /// The `service.kubernetes.io/service-proxy-name` label.
+    pub proxy_name: Option<String>,
+    /// `spec.type`; `None` means ClusterIP.
+    pub type_: Option<String>,
+    /// `spec.clusterIPs`, or `spec.clusterIP` when the list is empty.
+    pub cluster_ips: Vec<String>,
+    pub ports: Vec<ServicePortObject>,
+    pub external_ips: Vec<String>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ips: Vec<String>,
+    pub external_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub health_check_node_port: Option<i32>,
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout_seconds: Option<i32>,
+    pub traffic_distribution: Option<String>,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlicePortObject {
+    /// Empty for the unnamed port.
+    pub name: String,
+    pub protocol: Option<String>,
+    pub port: Option<i32>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointObject {
+    /// The first address: consumers use only that one (EndpointSlice API).
+    pub address: Option<String>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`.
+    pub zone_hints: Vec<String>,
+}
+
+/// What the model reads of an EndpointSlice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceObject {
+    /// The slice's own name.
+    pub name: ObjectName,
+    /// The `kubernetes.io/service-name` label: the Service in the slice's
+    /// namespace that it belongs to.
+    pub service: Option<String>,
+    pub address_type: String,
+    pub ports: Vec<SlicePortObject>,
+    pub endpoints: Vec<EndpointObject>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
+    pub trigger_time: Option<String>,
+}
+
+impl SliceObject {
+    /// The Service this slice belongs to, if it names one.
+    #[must_use]
+    pub fn service_name(&self) -> Option<ObjectName> {
+        self.service
+            .as_deref()
+            .map(|service| ObjectName::new(&self.name.namespace, service))
+    }
+}
+
+/// What the agent reads of its own Node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeObject {
+    pub name: String,
+    /// The `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+    /// InternalIP and ExternalIP addresses, as listed.
+    pub addresses: Vec<String>,
+    /// Set while the Node is being deleted: /healthz then answers 503
+    /// (KEP-3836), so load balancers drain this node.
+    pub deleting: bool,
+}
+
+impl From<&Service> for ServiceObject {
+    fn from(service: &Service) -> Self {
+        let meta = &service.metadata;
+        let spec = service.spec.clone().unwrap_or_default();
+        let cluster_ips = match (spec.cluster_ips, spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => ips,
+            (_, Some(ip)) => vec![ip],
+            _ => Vec::new(),
+        };
+        let load_balancer_ips = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ingress| ingress.ip.clone())
+            .collect();
+        Self {
+            name: ObjectName::of(meta),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+            proxy_name: label(meta, SERVICE_PROXY_NAME_LABEL),
+            type_: spec.type_,
+            cluster_ips,
+            ports: spec
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| ServicePortObject {
+                    name: p.name.unwrap_or_default(),
+                    protocol: p.protocol,
+                    port: p.port,
+                    node_port: p.node_port,
+                })
+                .collect(),
+            external_ips: spec.external_ips.unwrap_or_default(),
+            load_balancer_ips,
+            external_traffic_policy: spec.external_traffic_policy,
+            internal_traffic_policy: spec.internal_traffic_policy,
+            health_check_node_port: spec.health_check_node_port,
+            session_affinity: spec.session_affinity,
+            affinity_timeout_seconds: spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds),
+            traffic_distribution: spec.traffic_distribution,
+        }
+    }
+}
+
+impl From<&EndpointSlice> for SliceObject {
+    fn from(slice: &EndpointSlice) -> Self {
+        let meta = &slice.metadata;
+        Self {
+            name: ObjectName::of(meta),
+            service: label(meta, SERVICE_NAME_LABEL),
+            address_type: slice.address_type.clone(),
+            ports: slice
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| SlicePortObject {
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol: p.protocol.clone(),
+                    port: p.port,
+                })
+                .collect(),
+            endpoints: slice
+                .endpoints
+                .iter()
+                .flatten()
+                .map(|e| {
+                    let conditions = e.conditions.clone().unwrap_or_default();
+                    EndpointObject {
+                        address: e.addresses.first().cloned(),
+                        ready: conditions.ready,
+                        serving: conditions.serving,
+                        terminating: conditions.terminating,
+                        node_name: e.node_name.clone(),
+                        zone: e.zone.clone(),
+                        zone_hints: e
+                            .hints
+                            .as_ref()
+                            .and_then(|h| h.for_zones.as_ref())
+                            .into_iter()
+                            .flatten()
+                            .map(|z| z.name.clone())
+                            .collect(),
+                    }
+                })
+                .collect(),
+            trigger_time: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+                .cloned(),
+        }
+    }
+}
+
+impl From<&Node> for NodeObject {
+    fn from(node: &Node) -> Self {
+        let meta = &node.metadata;
+        Self {
+            name: meta.name.clone().unwrap_or_default(),
+            zone: label(meta, ZONE_LABEL),
+            addresses: node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                .map(|a| a.address.clone())
+                .collect(),
+            deleting: meta.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+fn label(meta: &ObjectMeta, key: &str) -> Option<String> {
+    meta.labels.as_ref().and_then(|l| l.get(key)).cloned()
+}
