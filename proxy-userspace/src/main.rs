@@ -3,35 +3,26 @@
 // Raw system calls live in bpf_sys and nowhere else.
 #![deny(unsafe_code)]
 
+mod agent;
 #[expect(
     unsafe_code,
     reason = "bpf(2), statfs(2) and mount(2) have no safe wrapper in aya or std"
 )]
 mod bpf_sys;
+mod config;
 mod datapath;
 mod encoding;
 mod listing;
 mod model;
+mod report;
 mod source;
 mod writer;
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
 
-use anyhow::{Context as _, Result, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use tracing::{info, warn};
-
-use crate::{
-    datapath::{Datapath, MapSizes, Pins},
-    source::manifests::ManifestDir,
-    writer::MapWriter,
-};
-
-const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ebpf-proxy";
+use crate::config::{PinDir, RunArgs};
 
 #[derive(Parser)]
 #[command(
@@ -47,29 +38,7 @@ struct Cli {
 enum Command {
     /// Load and attach the datapath, then keep its maps in step with the
     /// Services and EndpointSlices.
-    Run {
-        /// Read Service and EndpointSlice manifests (multi-document YAML)
-        /// from this directory, and follow edits.
-        #[arg(long, value_name = "DIR")]
-        manifests: PathBuf,
-        /// The cgroup (v2) whose sockets are load-balanced. Default: the
-        /// cgroup2 root, from /proc/mounts.
-        #[arg(long, value_name = "PATH")]
-        cgroup: Option<PathBuf>,
-        #[command(flatten)]
-        pins: PinDir,
-        /// Entries of the services map: one per Service port plus one per
-        /// backend of it.
-        #[arg(long, value_name = "N", default_value_t = MapSizes::default().services)]
-        services_map_size: u32,
-        /// Entries of the backends map: one per distinct endpoint address and port.
-        #[arg(long, value_name = "N", default_value_t = MapSizes::default().backends)]
-        backends_map_size: u32,
-        /// Entries of the reverse-translation LRU map: about one per live
-        /// socket talking to a Service.
-        #[arg(long, value_name = "N", default_value_t = MapSizes::default().sock_rev_nat)]
-        sock_rev_nat_map_size: u32,
-    },
+    Run(RunArgs),
     /// Print the datapath's services and backends from the pinned maps.
     Services {
         #[command(flatten)]
@@ -93,25 +62,6 @@ enum Command {
     },
 }
 
-/// `--bpffs`, shared by every command.
-#[derive(Args)]
-struct PinDir {
-    /// Where maps and links are pinned.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-    bpffs: PathBuf,
-}
-
-impl PinDir {
-    fn pins(&self) -> Pins {
-        Pins::new(&self.bpffs)
-    }
-
-    /// For errors of the commands that only read the pins.
-    fn hint(&self) -> String {
-        format!("is the agent set up at {}?", self.bpffs.display())
-    }
-}
-
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
@@ -127,24 +77,16 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run {
-            manifests,
-            cgroup,
-            pins,
-            services_map_size,
-            backends_map_size,
-            sock_rev_nat_map_size,
-        } => {
-            let cgroup = match cgroup {
-                Some(path) => path,
-                None => cgroup2_root()?,
-            };
-            let sizes = MapSizes {
-                services: services_map_size,
-                backends: backends_map_size,
-                sock_rev_nat: sock_rev_nat_map_size,
-            };
-            run(ManifestDir::new(manifests), &cgroup, pins.pins(), sizes)
+        Command::Run(args) => {
+            let (config, source) = args.resolve()?;
+            // One thread: the loop is cheap, and one thread keeps the
+            // agent's memory and its event order simple.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(agent::run(config, source))?;
+            Ok(())
         }
         Command::Services { pins, output } => {
             let maps = datapath::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
@@ -171,59 +113,4 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Level-triggered: every snapshot is turned into a whole desired state and
-/// only its difference from the maps is written.
-fn run(mut source: ManifestDir, cgroup: &Path, pins: Pins, sizes: MapSizes) -> Result<()> {
-    let mut datapath = Datapath::load(pins, sizes)?;
-    let maps = datapath.take_service_maps()?;
-    let mut writer =
-        MapWriter::adopt(maps.services, maps.backends).context("cannot read the pinned maps")?;
-    let (frontends, backends) = writer.sizes();
-    info!(frontends, backends, "adopted the pinned maps");
-
-    let mut attached = false;
-    let mut reported = BTreeSet::new();
-    loop {
-        let snapshot = source.next_snapshot()?;
-        let started = Instant::now();
-        let (desired, problems) = model::desired_state(&snapshot);
-        // Each problem is logged once, not again with every unrelated edit.
-        let problems: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
-        for problem in problems.difference(&reported) {
-            warn!("{problem}; skipped");
-        }
-        reported = problems;
-        let stats = writer.apply(&desired);
-        info!(
-            frontends = desired.frontends.len(),
-            changes = stats.changes(),
-            failures = stats.failures,
-            took_us = started.elapsed().as_micros(),
-            "applied"
-        );
-        // Attach only once the maps hold the services, so no socket ever
-        // sees a half-filled datapath.
-        if !attached {
-            datapath.attach(cgroup)?;
-            attached = true;
-            info!("datapath ready");
-        }
-    }
-}
-
-/// The cgroup2 mount point, as /proc/mounts has it (it is not always
-/// /sys/fs/cgroup: hybrid hosts mount it at /sys/fs/cgroup/unified).
-fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        if let (Some(_), Some(path), Some("cgroup2")) =
-            (fields.next(), fields.next(), fields.next())
-        {
-            return Ok(PathBuf::from(path));
-        }
-    }
-    bail!("no cgroup2 file system is mounted (see /proc/mounts); pass --cgroup")
 }

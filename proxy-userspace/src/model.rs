@@ -1,8 +1,12 @@
 //! The desired state: which frontends exist and which backends serve them.
 //!
-//! Pure: Kubernetes objects in, frontends and problems out, no I/O. The agent
-//! recomputes it from the whole snapshot after every change (level
-//! triggered), so there is no incremental bookkeeping to go stale.
+//! Pure: objects in, frontends and problems out, no I/O. The [`Model`] holds
+//! the objects the sources reported and, per Service, what that Service
+//! asks of the datapath. A change marks the Services it touches; a
+//! [`Model::recompute`] recomputes only those and says which frontends
+//! changed, so the writer applies only their difference. Nothing is patched
+//! by hand: each touched Service is recomputed from its objects, so the
+//! result equals a computation from scratch (a property test checks it).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,21 +14,21 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
-};
 use serde::Serialize;
 
-use crate::source::{Snapshot, Sourced};
-
-/// The label that ties an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+use crate::source::{
+    Change, NodeObject, ObjectName, ServiceObject, SliceObject, Sourced,
+    objects::{EndpointObject, ServicePortObject},
+};
 
 /// The datapath keeps a Service's backend count in 16 bits.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
 
-/// The transport protocols the socket hooks balance.
+/// The value of the `service.kubernetes.io/service-proxy-name` label that
+/// names this proxy; Services naming any other proxy are left to it.
+pub const PROXY_NAME: &str = "ebpf-proxy";
+
+/// The transport protocols the datapath balances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Protocol {
     #[serde(rename = "TCP")]
@@ -69,11 +73,60 @@ impl fmt::Display for L4Addr {
     }
 }
 
+/// An IPv4 prefix, as in `--service-cidr 10.96.0.0/12`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    #[must_use]
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
+        let prefix = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{text:?} has no valid prefix length (0-32)"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// What the model is told about the node it runs on, and the operator's
+/// limits. Fixed for the agent's lifetime.
+#[derive(Clone, Debug, Default)]
+pub struct ModelConfig {
+    /// ClusterIPs outside these ranges are refused; empty means any unicast
+    /// address that is not loopback or unspecified.
+    pub service_cidrs: Vec<Cidr>,
+}
+
 /// One frontend and the backends it balances over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
-    /// `namespace/name:port-name` (or `namespace/name` for an unnamed
-    /// port), for logs.
+    /// kube-proxy's ServicePortName: `namespace/name:port-name` (or
+    /// `namespace/name` for an unnamed port), for logs.
     pub service: String,
     /// Sorted and without duplicates, so equal states compare equal. Empty
     /// means "refuse connections".
@@ -87,7 +140,7 @@ pub struct DesiredState {
 }
 
 /// Input that was skipped, with where it came from and which object it was.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Problem {
     /// Where the object came from: a file, or the API server.
     pub origin: String,
@@ -102,121 +155,395 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Computes the desired state from a whole snapshot. Bad objects, or bad
-/// parts of objects, become [`Problem`]s and are left out; everything else
-/// is still served.
-#[must_use]
-pub fn desired_state(snapshot: &Snapshot) -> (DesiredState, Vec<Problem>) {
-    let mut problems = Vec::new();
-    let mut slice_problems = Vec::new();
-    let slices = checked_slices(&snapshot.endpoint_slices, &mut slice_problems);
-    let mut services: Vec<&Sourced<Service>> = snapshot.services.iter().collect();
-    // Conflicts are settled the same way whatever order the source gave.
-    services.sort_by_key(|s| namespaced_name(&s.object.metadata));
+/// A Service as the model keeps it.
+#[derive(Clone, Debug)]
+struct ServiceEntry {
+    service: Sourced<ServiceObject>,
+    /// When the model first saw this Service: with the creation time, it
+    /// settles which of two Services claiming one frontend keeps it.
+    first_seen: u64,
+}
 
-    let mut state = DesiredState::default();
-    for service in services {
-        let name = namespaced_name(&service.object.metadata);
+/// What one Service asks of the datapath.
+#[derive(Clone, Debug, Default)]
+struct ServiceOutput {
+    frontends: BTreeMap<L4Addr, DesiredFrontend>,
+    problems: Vec<Problem>,
+}
+
+/// An EndpointSlice's ports and endpoints, checked once: the bad parts are
+/// problems and left out, so every Service port reads only good data.
+#[derive(Clone, Debug, Default)]
+struct CheckedSlice {
+    /// Port name, protocol and port number.
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<(Ipv4Addr, Readiness)>,
+    problems: Vec<Problem>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Readiness {
+    Ready,
+    /// Serving while it terminates: used only when nothing is ready.
+    Terminating,
+    Unusable,
+}
+
+/// Who may own a frontend: the oldest Service first, as the API server's
+/// allocator would have refused the younger one's address.
+type Seniority = (i64, u64, ObjectName);
+
+/// The objects and, per Service, the frontends they ask for.
+#[derive(Debug, Default)]
+pub struct Model {
+    config: ModelConfig,
+    services: BTreeMap<ObjectName, ServiceEntry>,
+    slices: BTreeMap<ObjectName, CheckedSlice>,
+    /// The slices of each Service, by the Service's name.
+    slices_of: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    /// The Service each slice belongs to, by the slice's name.
+    service_of_slice: BTreeMap<ObjectName, ObjectName>,
+    node: Option<NodeObject>,
+    outputs: BTreeMap<ObjectName, ServiceOutput>,
+    /// Every Service that asks for a frontend, whether it got it or not.
+    claims: BTreeMap<L4Addr, BTreeSet<ObjectName>>,
+    /// Frontends that more than one Service claims.
+    contested: BTreeSet<L4Addr>,
+    /// Services and slices with problems, so listing problems costs what
+    /// there are, not what there is.
+    troubled_services: BTreeSet<ObjectName>,
+    troubled_slices: BTreeSet<ObjectName>,
+    desired: DesiredState,
+    dirty: BTreeSet<ObjectName>,
+    next_seen: u64,
+}
+
+impl Model {
+    #[must_use]
+    pub fn new(config: ModelConfig) -> Self {
+        Self {
+            config,
+            ..Self::default()
+        }
+    }
+
+    /// Takes in one change, marking the Services it touches. Nothing is
+    /// computed until [`Model::recompute`].
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Service(name, object) => self.apply_service(name, object),
+            Change::EndpointSlice(name, object) => self.apply_slice(name, object),
+            Change::Node(node) => {
+                if self.node != node {
+                    self.node = node;
+                    // Zones and node-local endpoints may change for all.
+                    self.dirty.extend(self.services.keys().cloned());
+                }
+            }
+        }
+    }
+
+    fn apply_service(&mut self, name: ObjectName, object: Option<Sourced<ServiceObject>>) {
+        match object {
+            Some(service) => {
+                if let Some(entry) = self.services.get_mut(&name) {
+                    if entry.service == service {
+                        return;
+                    }
+                    entry.service = service;
+                } else {
+                    self.next_seen += 1;
+                    let first_seen = self.next_seen;
+                    self.services.insert(
+                        name.clone(),
+                        ServiceEntry {
+                            service,
+                            first_seen,
+                        },
+                    );
+                }
+            }
+            None => {
+                if self.services.remove(&name).is_none() {
+                    return;
+                }
+            }
+        }
+        self.dirty.insert(name);
+    }
+
+    fn apply_slice(&mut self, name: ObjectName, object: Option<Sourced<SliceObject>>) {
+        if let Some(old_service) = self.service_of_slice.remove(&name) {
+            if let Some(slices) = self.slices_of.get_mut(&old_service) {
+                slices.remove(&name);
+                if slices.is_empty() {
+                    self.slices_of.remove(&old_service);
+                }
+            }
+            self.dirty.insert(old_service);
+        }
+        self.slices.remove(&name);
+        self.troubled_slices.remove(&name);
+        let Some(slice) = object else {
+            return;
+        };
+        // Slices of other families are not ours; a slice that names no
+        // Service belongs to nobody (custom controllers make such).
+        let Some(service) = slice.object.service_name() else {
+            return;
+        };
+        if slice.object.address_type != "IPv4" {
+            return;
+        }
+        let checked = check_slice(&slice);
+        if !checked.problems.is_empty() {
+            self.troubled_slices.insert(name.clone());
+        }
+        self.slices.insert(name.clone(), checked);
+        self.slices_of
+            .entry(service.clone())
+            .or_default()
+            .insert(name.clone());
+        self.service_of_slice.insert(name, service.clone());
+        self.dirty.insert(service);
+    }
+
+    /// Recomputes the Services touched since the last call and returns the
+    /// frontends whose desired state changed (added, changed or removed).
+    pub fn recompute(&mut self) -> BTreeSet<L4Addr> {
+        let mut touched = BTreeSet::new();
+        for name in std::mem::take(&mut self.dirty) {
+            let output = self
+                .services
+                .get(&name)
+                .map(|entry| self.compute_service(&entry.service))
+                .unwrap_or_default();
+            let old = self.outputs.remove(&name).unwrap_or_default();
+            for frontend in old.frontends.keys() {
+                if let Some(claimants) = self.claims.get_mut(frontend) {
+                    claimants.remove(&name);
+                    if claimants.is_empty() {
+                        self.claims.remove(frontend);
+                    }
+                }
+                touched.insert(*frontend);
+            }
+            for frontend in output.frontends.keys() {
+                self.claims
+                    .entry(*frontend)
+                    .or_default()
+                    .insert(name.clone());
+                touched.insert(*frontend);
+            }
+            self.troubled_services.remove(&name);
+            if self.services.contains_key(&name) {
+                if !output.problems.is_empty() {
+                    self.troubled_services.insert(name.clone());
+                }
+                self.outputs.insert(name, output);
+            }
+        }
+        let mut changed = BTreeSet::new();
+        for frontend in touched {
+            if self.claims.get(&frontend).is_some_and(|c| c.len() > 1) {
+                self.contested.insert(frontend);
+            } else {
+                self.contested.remove(&frontend);
+            }
+            let wanted = self
+                .owner(frontend)
+                .and_then(|owner| self.outputs[&owner].frontends.get(&frontend))
+                .cloned();
+            if self.desired.frontends.get(&frontend) != wanted.as_ref() {
+                match wanted {
+                    Some(wanted) => self.desired.frontends.insert(frontend, wanted),
+                    None => self.desired.frontends.remove(&frontend),
+                };
+                changed.insert(frontend);
+            }
+        }
+        changed
+    }
+
+    /// The Service that keeps a frontend several Services claim.
+    fn owner(&self, frontend: L4Addr) -> Option<ObjectName> {
+        self.claims
+            .get(&frontend)?
+            .iter()
+            .min_by_key(|name| self.seniority(name))
+            .cloned()
+    }
+
+    fn seniority(&self, name: &ObjectName) -> Seniority {
+        let entry = &self.services[name];
+        (
+            entry.service.object.created.unwrap_or(i64::MAX),
+            entry.first_seen,
+            name.clone(),
+        )
+    }
+
+    /// What the maps should hold, as of the last [`Model::recompute`].
+    #[must_use]
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Whether changes are waiting for [`Model::recompute`].
+    #[must_use]
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Every problem with the input, in a stable order.
+    #[must_use]
+    pub fn problems(&self) -> BTreeSet<Problem> {
+        let mut problems: BTreeSet<Problem> = self
+            .troubled_services
+            .iter()
+            .flat_map(|name| self.outputs[name].problems.iter().cloned())
+            .chain(
+                self.troubled_slices
+                    .iter()
+                    .flat_map(|name| self.slices[name].problems.iter().cloned()),
+            )
+            .collect();
+        for frontend in &self.contested {
+            let claimants = &self.claims[frontend];
+            let owner = self
+                .owner(*frontend)
+                .expect("claimed frontends have an owner");
+            for name in claimants.iter().filter(|n| **n != owner) {
+                let service = &self.services[name].service;
+                problems.insert(Problem {
+                    origin: service.origin.clone(),
+                    object: format!("Service {name}"),
+                    message: format!(
+                        "{frontend} is already served by {}",
+                        self.outputs[&owner].frontends[frontend].service
+                    ),
+                });
+            }
+        }
+        problems
+    }
+
+    fn compute_service(&self, sourced: &Sourced<ServiceObject>) -> ServiceOutput {
+        let service = &sourced.object;
+        let mut output = ServiceOutput::default();
         let mut problem = |message: String| {
-            problems.push(Problem {
-                origin: service.origin.clone(),
-                object: format!("Service {name}"),
+            output.problems.push(Problem {
+                origin: sourced.origin.clone(),
+                object: format!("Service {}", service.name),
                 message,
             });
         };
-        let cluster_ip = match cluster_ip(&service.object) {
+        if service
+            .proxy_name
+            .as_deref()
+            .is_some_and(|name| name != PROXY_NAME)
+        {
+            return output;
+        }
+        let cluster_ip = match self.cluster_ip(service) {
             Ok(Some(ip)) => ip,
-            Ok(None) => continue,
+            Ok(None) => return output,
             Err(message) => {
                 problem(message);
-                continue;
+                return output;
             }
         };
-        let ports = service
-            .object
-            .spec
-            .as_ref()
-            .and_then(|s| s.ports.as_deref())
-            .unwrap_or_default();
-        let service_slices = slices.get(&name).map(Vec::as_slice).unwrap_or_default();
-        for port in ports {
-            let port_name = port.name.clone().unwrap_or_default();
+        let slices: Vec<&CheckedSlice> = self
+            .slices_of
+            .get(&service.name)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.slices.get(name))
+            .collect();
+        for port in &service.ports {
             let frontend = match frontend(cluster_ip, port) {
                 Ok(frontend) => frontend,
                 Err(message) => {
-                    problem(format!("port {port_name:?}: {message}"));
+                    problem(format!("port {:?}: {message}", port.name));
                     continue;
                 }
             };
-            let backends = backends(service_slices, &port_name, frontend.protocol);
+            let mut backends = backends(&slices, &port.name, frontend.protocol);
             if backends.len() > MAX_BACKENDS_PER_FRONTEND {
+                // Serving the first endpoints beats dropping the Service.
                 problem(format!(
-                    "port {port_name:?}: {} endpoints, more than the {MAX_BACKENDS_PER_FRONTEND} a frontend can hold",
+                    "port {:?}: {} endpoints, more than the {MAX_BACKENDS_PER_FRONTEND} a frontend can hold; serving the first {MAX_BACKENDS_PER_FRONTEND}",
+                    port.name,
                     backends.len()
                 ));
-                continue;
+                backends.truncate(MAX_BACKENDS_PER_FRONTEND);
             }
-            if let Some(owner) = state.frontends.get(&frontend) {
-                problem(format!(
-                    "port {port_name:?}: {frontend} is already served by {}",
-                    owner.service
-                ));
-                continue;
-            }
-            // kube-proxy's ServicePortName: the port name only when it has one.
-            let service = if port_name.is_empty() {
-                name.clone()
+            let name = if port.name.is_empty() {
+                service.name.to_string()
             } else {
-                format!("{name}:{port_name}")
+                format!("{}:{}", service.name, port.name)
             };
-            state
-                .frontends
-                .insert(frontend, DesiredFrontend { service, backends });
+            output.frontends.insert(
+                frontend,
+                DesiredFrontend {
+                    service: name,
+                    backends,
+                },
+            );
         }
+        output
     }
-    problems.extend(slice_problems);
-    (state, problems)
-}
 
-fn namespaced_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or("default"),
-        meta.name.as_deref().unwrap_or("")
-    )
-}
-
-/// The IPv4 ClusterIP, `None` for Services the socket hooks do not serve
-/// (headless, ExternalName, not yet allocated, IPv6 only).
-fn cluster_ip(service: &Service) -> Result<Option<Ipv4Addr>, String> {
-    let Some(spec) = &service.spec else {
-        return Ok(None);
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(None);
-    }
-    let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
-        _ => Vec::new(),
-    };
-    let mut first_v4 = None;
-    for ip in ips {
-        if ip.is_empty() || ip == "None" {
+    /// The IPv4 ClusterIP, `None` for Services without one (headless,
+    /// ExternalName, not yet allocated, IPv6 only).
+    fn cluster_ip(&self, service: &ServiceObject) -> Result<Option<Ipv4Addr>, String> {
+        if service.type_.as_deref() == Some("ExternalName") {
             return Ok(None);
         }
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => {
-                first_v4.get_or_insert(v4);
+        let mut first_v4 = None;
+        for ip in &service.cluster_ips {
+            if ip.is_empty() || ip == "None" {
+                return Ok(None);
             }
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => return Err(format!("invalid clusterIP {ip:?}")),
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(v4)) => {
+                    first_v4.get_or_insert(v4);
+                }
+                Ok(std::net::IpAddr::V6(_)) => {
+                    tracing::debug!(service = %service.name, ip, "IPv6 clusterIP skipped");
+                }
+                Err(_) => return Err(format!("invalid clusterIP {ip:?}")),
+            }
         }
+        let Some(ip) = first_v4 else {
+            return Ok(None);
+        };
+        // A ClusterIP that is not a unicast address of the cluster would
+        // capture traffic the node sends elsewhere (127.0.0.1:80 to a pod).
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_broadcast() || ip.is_multicast() {
+            return Err(format!(
+                "clusterIP {ip} is not a unicast Service address (loopback, unspecified, broadcast and multicast are refused)"
+            ));
+        }
+        if !self.config.service_cidrs.is_empty()
+            && !self.config.service_cidrs.iter().any(|c| c.contains(ip))
+        {
+            let ranges: Vec<String> = self
+                .config
+                .service_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            return Err(format!(
+                "clusterIP {ip} is outside --service-cidr {}",
+                ranges.join(",")
+            ));
+        }
+        Ok(Some(ip))
     }
-    Ok(first_v4)
 }
 
-fn frontend(cluster_ip: Ipv4Addr, port: &ServicePort) -> Result<L4Addr, String> {
+fn frontend(cluster_ip: Ipv4Addr, port: &ServicePortObject) -> Result<L4Addr, String> {
     Ok(L4Addr {
         ip: cluster_ip,
         port: valid_port(port.port)?,
@@ -231,86 +558,51 @@ fn valid_port(port: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("port {port} is out of range 1-65535"))
 }
 
-/// An EndpointSlice's ports and endpoints, checked once: the bad parts are
-/// problems and left out, so every Service port reads only good data.
-struct CheckedSlice {
-    /// Port name, protocol and port number.
-    ports: Vec<(String, Protocol, u16)>,
-    endpoints: Vec<(Ipv4Addr, Readiness)>,
-}
-
-#[derive(Clone, Copy)]
-enum Readiness {
-    Ready,
-    /// Serving while it terminates: used only when nothing is ready.
-    Terminating,
-    Unusable,
-}
-
-/// The IPv4 slices by `namespace/service`.
-fn checked_slices(
-    slices: &[Sourced<EndpointSlice>],
-    problems: &mut Vec<Problem>,
-) -> BTreeMap<String, Vec<CheckedSlice>> {
-    let mut by_service: BTreeMap<String, Vec<CheckedSlice>> = BTreeMap::new();
-    for sourced in slices {
-        let slice = &sourced.object;
-        let meta = &slice.metadata;
-        let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            continue;
-        };
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let mut problem = |message: String| {
-            problems.push(Problem {
-                origin: sourced.origin.clone(),
-                object: format!("EndpointSlice {}", namespaced_name(meta)),
-                message,
-            });
-        };
-        let mut ports = Vec::new();
-        for port in slice.ports.iter().flatten() {
-            let name = port.name.clone().unwrap_or_default();
-            match valid_port(port.port.unwrap_or(0)) {
-                Err(message) => problem(format!("port {name:?}: {message}")),
-                // A protocol the Service side refuses matches no frontend.
-                Ok(number) => {
-                    if let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) {
-                        ports.push((name, protocol, number));
-                    }
+fn check_slice(sourced: &Sourced<SliceObject>) -> CheckedSlice {
+    let slice = &sourced.object;
+    let mut checked = CheckedSlice::default();
+    let mut problem = |message: String| {
+        checked.problems.push(Problem {
+            origin: sourced.origin.clone(),
+            object: format!("EndpointSlice {}", slice.name),
+            message,
+        });
+    };
+    let mut ports = Vec::new();
+    for port in &slice.ports {
+        match valid_port(port.port.unwrap_or(0)) {
+            Err(message) => problem(format!("port {:?}: {message}", port.name)),
+            // A protocol the Service side refuses matches no frontend.
+            Ok(number) => {
+                if let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) {
+                    ports.push((port.name.clone(), protocol, number));
                 }
             }
         }
-        let mut endpoints = Vec::new();
-        for endpoint in slice.endpoints.iter().flatten() {
-            // Consumers use only the first address (EndpointSlice API).
-            let Some(address) = endpoint.addresses.first() else {
-                continue;
-            };
-            match address.parse() {
-                Ok(ip) => endpoints.push((ip, readiness(endpoint))),
-                Err(_) => problem(format!(
-                    "endpoint address {address:?} is not an IPv4 address"
-                )),
-            }
-        }
-        let namespace = meta.namespace.as_deref().unwrap_or("default");
-        by_service
-            .entry(format!("{namespace}/{service}"))
-            .or_default()
-            .push(CheckedSlice { ports, endpoints });
     }
-    by_service
+    let mut endpoints = Vec::new();
+    for endpoint in &slice.endpoints {
+        let Some(address) = &endpoint.address else {
+            continue;
+        };
+        match address.parse() {
+            Ok(ip) => endpoints.push((ip, readiness(endpoint))),
+            Err(_) => problem(format!(
+                "endpoint address {address:?} is not an IPv4 address"
+            )),
+        }
+    }
+    checked.ports = ports;
+    checked.endpoints = endpoints;
+    checked
 }
 
-fn readiness(endpoint: &Endpoint) -> Readiness {
-    let conditions = endpoint.conditions.clone().unwrap_or_default();
+fn readiness(endpoint: &EndpointObject) -> Readiness {
     // Unset conditions mean ready, serving as ready, and not terminating,
     // as the EndpointSlice API says.
-    let ready = conditions.ready.unwrap_or(true);
-    let serving = conditions.serving.unwrap_or(ready);
-    let terminating = conditions.terminating.unwrap_or(false);
+    let ready = endpoint.ready.unwrap_or(true);
+    let serving = endpoint.serving.unwrap_or(ready);
+    let terminating = endpoint.terminating.unwrap_or(false);
     match (ready, serving, terminating) {
         (true, _, false) => Readiness::Ready,
         (_, true, true) => Readiness::Terminating,
@@ -318,13 +610,16 @@ fn readiness(endpoint: &Endpoint) -> Readiness {
     }
 }
 
-/// The endpoints of one Service port: ready ones, or, when none is ready,
+/// The endpoints of one Service port, merged over its slices (an endpoint
+/// listed by two slices counts once): ready ones, or, when none is ready,
 /// the ones still serving while they terminate (kube-proxy does the same,
 /// so a rolling update never refuses connections it could have served).
-fn backends(slices: &[CheckedSlice], port_name: &str, protocol: Protocol) -> Vec<L4Addr> {
+fn backends(slices: &[&CheckedSlice], port_name: &str, protocol: Protocol) -> Vec<L4Addr> {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
+        // Named target ports resolve per slice: each slice says which
+        // number its port name has.
         let Some(&(_, _, port)) = slice
             .ports
             .iter()

@@ -18,7 +18,7 @@ use aya::{
 use proxy_common::{Backend, ServiceKey, ServiceValue};
 use tracing::warn;
 
-use crate::model::DesiredState;
+use crate::model::{DesiredFrontend, DesiredState, L4Addr};
 
 /// A key-value map the writer can read and change: a pinned BPF hash map,
 /// or an in-memory map in tests.
@@ -72,18 +72,27 @@ pub fn read_frontends(
     Ok(frontends)
 }
 
-/// Counts of what one [`MapWriter::apply`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one [`MapWriter::apply`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub writes: usize,
     pub deletes: usize,
-    pub failures: usize,
+    /// Frontends that could not be written (or deleted) as desired; they
+    /// are left as they were and should be applied again later.
+    pub failed: BTreeSet<L4Addr>,
+    /// Other failures (stray entries, backends that could not be removed).
+    pub other_failures: usize,
 }
 
 impl ApplyStats {
     #[must_use]
     pub const fn changes(&self) -> usize {
         self.writes + self.deletes
+    }
+
+    #[must_use]
+    pub fn failures(&self) -> usize {
+        self.failed.len() + self.other_failures
     }
 }
 
@@ -92,6 +101,10 @@ pub struct MapWriter<S, B> {
     backends: B,
     frontends: BTreeMap<ServiceKey, FrontendSlots>,
     backend_by_id: BTreeMap<u32, Backend>,
+    id_of: BTreeMap<Backend, u32>,
+    /// How many slots name each backend id: a backend is deleted when its
+    /// last slot goes, without scanning every frontend.
+    refs: BTreeMap<u32, usize>,
     next_backend_id: u32,
 }
 
@@ -105,11 +118,18 @@ where
         let frontends = read_frontends(&services)?;
         let backend_by_id: BTreeMap<u32, Backend> = backends.entries()?.into_iter().collect();
         let next_backend_id = backend_by_id.last_key_value().map_or(1, |(id, _)| id + 1);
+        let id_of = backend_by_id.iter().map(|(id, b)| (*b, *id)).collect();
+        let mut refs: BTreeMap<u32, usize> = backend_by_id.keys().map(|id| (*id, 0)).collect();
+        for id in frontends.values().flat_map(|f| f.slots.values()) {
+            *refs.entry(*id).or_default() += 1;
+        }
         Ok(Self {
             services,
             backends,
             frontends,
             backend_by_id,
+            id_of,
+            refs,
             next_backend_id,
         })
     }
@@ -120,92 +140,136 @@ where
         (self.frontends.len(), self.backend_by_id.len())
     }
 
-    /// Makes the maps hold `desired`, writing only what differs. A failed
-    /// write (a full map, say) is logged with the Service it was for and
-    /// leaves that Service as it was; the others are still written, and the
-    /// next apply tries again.
-    pub fn apply(&mut self, desired: &DesiredState) -> ApplyStats {
-        let mut stats = ApplyStats::default();
-        let mut id_of: BTreeMap<Backend, u32> =
-            self.backend_by_id.iter().map(|(id, b)| (*b, *id)).collect();
+    /// Makes the maps hold `desired` for the frontends that changed,
+    /// writing only what differs: each is written when `desired` has it
+    /// and deleted when not.
+    pub fn apply_changed(
+        &mut self,
+        desired: &DesiredState,
+        changed: &BTreeSet<L4Addr>,
+    ) -> ApplyStats {
+        self.apply(desired, changed, &BTreeSet::new(), BTreeSet::new())
+    }
 
-        let mut wanted = BTreeSet::new();
-        for (frontend, entry) in &desired.frontends {
+    /// Makes the maps hold all of `desired`. With `prune`, entries that no
+    /// frontend of `desired` names are deleted too (frontends, and backends
+    /// no slot uses); without, they are kept, for input that could not be
+    /// read may still claim them.
+    pub fn apply_all(&mut self, desired: &DesiredState, prune: bool) -> ApplyStats {
+        let (stray, unused) = if prune {
+            let wanted: BTreeSet<ServiceKey> =
+                desired.frontends.keys().map(|f| f.service_key()).collect();
+            let stray = self
+                .frontends
+                .keys()
+                .filter(|key| !wanted.contains(key))
+                .copied()
+                .collect();
+            let unused = self
+                .refs
+                .iter()
+                .filter(|(_, n)| **n == 0)
+                .map(|(id, _)| *id)
+                .collect();
+            (stray, unused)
+        } else {
+            Default::default()
+        };
+        let all: BTreeSet<L4Addr> = desired.frontends.keys().copied().collect();
+        self.apply(desired, &all, &stray, unused)
+    }
+
+    /// A failed write (a full map, say) is logged with the Service it was
+    /// for and leaves that frontend as it was; the others are still
+    /// written, and the frontend is reported in [`ApplyStats::failed`] to
+    /// be tried again.
+    fn apply(
+        &mut self,
+        desired: &DesiredState,
+        frontends: &BTreeSet<L4Addr>,
+        stray: &BTreeSet<ServiceKey>,
+        mut released: BTreeSet<u32>,
+    ) -> ApplyStats {
+        let mut stats = ApplyStats::default();
+        for frontend in frontends {
             let key = frontend.service_key();
-            wanted.insert(key);
-            let mut ids = Vec::with_capacity(entry.backends.len());
-            for backend in entry.backends.iter().map(|b| b.backend()) {
-                match self.backend_id(&mut id_of, backend, &mut stats) {
-                    Ok(id) => ids.push(id),
-                    Err(error) => {
-                        warn!(service = %entry.service, error = %describe(&error), "cannot write a backend");
-                        stats.failures += 1;
-                    }
-                }
+            let result = match desired.frontends.get(frontend) {
+                Some(entry) => self.write_service(key, entry, &mut released, &mut stats),
+                None => self.delete_frontend(key, &mut released, &mut stats),
+            };
+            if let Err(error) = result {
+                let service = desired
+                    .frontends
+                    .get(frontend)
+                    .map_or("(removed)", |e| e.service.as_str());
+                warn!(service, %frontend, error = %describe(&error), "cannot write the frontend");
+                stats.failed.insert(*frontend);
             }
-            if ids.len() != entry.backends.len() {
+        }
+        for key in stray {
+            if let Err(error) = self.delete_frontend(*key, &mut released, &mut stats) {
+                warn!(?key, error = %describe(&error), "cannot delete a frontend");
+                stats.other_failures += 1;
+            }
+        }
+        for id in released {
+            if self.refs.get(&id).is_some_and(|n| *n > 0) {
                 continue;
             }
-            if let Err(error) = self.write_frontend(key, &ids, &mut stats) {
-                warn!(service = %entry.service, %frontend, error = %describe(&error), "cannot write the frontend");
-                stats.failures += 1;
-                // Slots written past the count are out of the programs' reach;
-                // free them, or a Service too big for a full map would keep
-                // it full for every other Service.
-                let count = self.frontends.get(&key).and_then(|f| f.count).unwrap_or(0);
-                if let Err(error) = self.delete_slots_after(key, count, &mut stats) {
-                    warn!(%frontend, error = %describe(&error), "cannot delete surplus slots");
-                }
-            }
-        }
-
-        let stale: Vec<ServiceKey> = self
-            .frontends
-            .keys()
-            .filter(|key| !wanted.contains(key))
-            .copied()
-            .collect();
-        for key in stale {
-            if let Err(error) = self.delete_frontend(key, &mut stats) {
-                warn!(?key, error = %describe(&error), "cannot delete a frontend");
-                stats.failures += 1;
-            }
-        }
-
-        let in_use: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|f| f.slots.values().copied())
-            .collect();
-        let unused: Vec<u32> = self
-            .backend_by_id
-            .keys()
-            .filter(|id| !in_use.contains(id))
-            .copied()
-            .collect();
-        for id in unused {
             match self.backends.delete(&id) {
                 Ok(()) => {
-                    self.backend_by_id.remove(&id);
+                    if let Some(backend) = self.backend_by_id.remove(&id) {
+                        self.id_of.remove(&backend);
+                    }
+                    self.refs.remove(&id);
                     stats.deletes += 1;
                 }
                 Err(error) => {
                     warn!(id, error = %describe(&error), "cannot delete a backend");
-                    stats.failures += 1;
+                    stats.other_failures += 1;
                 }
             }
         }
         stats
     }
 
-    /// The id of a backend, writing it first if the map lacks it.
-    fn backend_id(
+    /// Writes one frontend: its backends, then its slots, then its count.
+    fn write_service(
         &mut self,
-        id_of: &mut BTreeMap<Backend, u32>,
-        backend: Backend,
+        key: ServiceKey,
+        entry: &DesiredFrontend,
+        released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
-    ) -> Result<u32, MapError> {
-        if let Some(id) = id_of.get(&backend) {
+    ) -> Result<(), MapError> {
+        let mut ids = Vec::with_capacity(entry.backends.len());
+        for backend in &entry.backends {
+            match self.backend_id(backend.backend(), stats) {
+                Ok(id) => ids.push(id),
+                Err(error) => {
+                    // A backend written for this frontend but never used
+                    // by a slot must not stay behind.
+                    released.extend(ids.iter().copied());
+                    return Err(error);
+                }
+            }
+        }
+        if let Err(error) = self.write_frontend(key, &ids, released, stats) {
+            released.extend(ids.iter().copied());
+            // Slots written past the count are out of the programs' reach;
+            // free them, or a Service too big for a full map would keep
+            // it full for every other Service.
+            let count = self.frontends.get(&key).and_then(|f| f.count).unwrap_or(0);
+            if let Err(error) = self.delete_slots_after(key, count, released, stats) {
+                warn!(?key, error = %describe(&error), "cannot delete surplus slots");
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// The id of a backend, writing it first if the map lacks it.
+    fn backend_id(&mut self, backend: Backend, stats: &mut ApplyStats) -> Result<u32, MapError> {
+        if let Some(id) = self.id_of.get(&backend) {
             return Ok(*id);
         }
         // Ids keep growing rather than filling holes: a program that read a
@@ -219,7 +283,8 @@ where
         self.backends.put(&id, &backend)?;
         stats.writes += 1;
         self.backend_by_id.insert(id, backend);
-        id_of.insert(backend, id);
+        self.id_of.insert(backend, id);
+        self.refs.insert(id, 0);
         Ok(id)
     }
 
@@ -227,6 +292,7 @@ where
         &mut self,
         key: ServiceKey,
         ids: &[u32],
+        released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
     ) -> Result<(), MapError> {
         let current = self.frontends.entry(key).or_default();
@@ -235,7 +301,10 @@ where
             if current.slots.get(&slot) != Some(id) {
                 self.services
                     .put(&key.slot(slot), &ServiceValue::backend(*id))?;
-                current.slots.insert(slot, *id);
+                if let Some(old) = current.slots.insert(slot, *id) {
+                    release(&mut self.refs, old, released);
+                }
+                *self.refs.entry(*id).or_default() += 1;
                 stats.writes += 1;
             }
         }
@@ -244,7 +313,7 @@ where
             current.count = Some(count);
             stats.writes += 1;
         }
-        self.delete_slots_after(key, count, stats)
+        self.delete_slots_after(key, count, released, stats)
     }
 
     /// Deletes the frontend's slots numbered above `count`.
@@ -252,6 +321,7 @@ where
         &mut self,
         key: ServiceKey,
         count: u16,
+        released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
     ) -> Result<(), MapError> {
         let Some(current) = self.frontends.get_mut(&key) else {
@@ -260,7 +330,9 @@ where
         let surplus: Vec<u16> = current.slots.range(count + 1..).map(|(s, _)| *s).collect();
         for slot in surplus {
             self.services.delete(&key.slot(slot))?;
-            current.slots.remove(&slot);
+            if let Some(id) = current.slots.remove(&slot) {
+                release(&mut self.refs, id, released);
+            }
             stats.deletes += 1;
         }
         if current.count.is_none() && current.slots.is_empty() {
@@ -269,7 +341,12 @@ where
         Ok(())
     }
 
-    fn delete_frontend(&mut self, key: ServiceKey, stats: &mut ApplyStats) -> Result<(), MapError> {
+    fn delete_frontend(
+        &mut self,
+        key: ServiceKey,
+        released: &mut BTreeSet<u32>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), MapError> {
         // Slot 0 first: from then on no program looks at the slots.
         if let Some(current) = self.frontends.get_mut(&key)
             && current.count.is_some()
@@ -278,20 +355,20 @@ where
             current.count = None;
             stats.deletes += 1;
         }
-        self.delete_slots_after(key, 0, stats)
+        self.delete_slots_after(key, 0, released, stats)
     }
 }
 
-/// A map error with its causes (the errno is in the source), on one line.
-fn describe(error: &MapError) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+/// One slot fewer names `id`; at none it is a candidate for deletion.
+fn release(refs: &mut BTreeMap<u32, usize>, id: u32, released: &mut BTreeSet<u32>) {
+    if let Some(n) = refs.get_mut(&id) {
+        *n = n.saturating_sub(1);
     }
-    text
+    released.insert(id);
+}
+
+fn describe(error: &MapError) -> String {
+    crate::report::chain(error)
 }
 
 #[cfg(test)]

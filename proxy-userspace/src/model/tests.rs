@@ -1,10 +1,23 @@
 use std::fmt::Write as _;
 
 use super::*;
-use crate::source::manifests::snapshot_of;
+use crate::source::manifests::changes_of;
 
-fn snapshot(yaml: &str) -> Snapshot {
-    snapshot_of("test.yaml", yaml).expect("valid test manifest")
+fn snapshot(yaml: &str) -> Vec<Change> {
+    changes_of("test.yaml", yaml).expect("valid test manifest")
+}
+
+/// The desired state and problems of a model fed `changes` at once.
+fn desired_state(changes: &[Change]) -> (DesiredState, Vec<Problem>) {
+    let mut model = Model::new(ModelConfig::default());
+    for change in changes {
+        model.apply(change.clone());
+    }
+    model.recompute();
+    (
+        model.desired().clone(),
+        model.problems().into_iter().collect(),
+    )
 }
 
 fn addr(ip: &str, port: u16, protocol: Protocol) -> L4Addr {
@@ -189,8 +202,8 @@ spec:
     assert_eq!(
         messages,
         [
-            "test.yaml: Service default/mixed: port \"sig\": protocol SCTP is not supported",
             "test.yaml: Service default/mixed: port \"big\": port 70000 is out of range 1-65535",
+            "test.yaml: Service default/mixed: port \"sig\": protocol SCTP is not supported",
             "test.yaml: Service default/mixed: port \"zero\": port 0 is out of range 1-65535",
             "test.yaml: Service shop/bad-ip: invalid clusterIP \"10.96.0.999\"",
         ]
@@ -201,25 +214,125 @@ spec:
     );
 }
 
+fn service_at(name: &str, cluster_ip: &str) -> Vec<Change> {
+    snapshot(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+         spec: {{clusterIP: {cluster_ip}, ports: [{{port: 80}}]}}\n"
+    ))
+}
+
+fn owner(model: &Model, frontend: L4Addr) -> Option<String> {
+    model
+        .desired()
+        .frontends
+        .get(&frontend)
+        .map(|f| f.service.clone())
+}
+
 #[test]
-fn a_frontend_claimed_twice_goes_to_the_first_by_name() {
-    let service = |name: &str| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
-             spec: {{clusterIP: 10.96.0.40, ports: [{{port: 80}}]}}\n"
-        )
-    };
-    let yaml = format!("{}---\n{}", service("zeta"), service("alpha"));
-    let (state, problems) = desired_state(&snapshot(&yaml));
+fn a_frontend_claimed_twice_stays_with_the_service_that_had_it() {
+    let frontend = addr("10.96.0.40", 80, Protocol::Tcp);
+    let mut model = Model::new(ModelConfig::default());
+    for change in service_at("zeta", "10.96.0.40") {
+        model.apply(change);
+    }
+    model.recompute();
+    // "alpha" sorts first, but comes later: it must not take over.
+    for change in service_at("alpha", "10.96.0.40") {
+        model.apply(change);
+    }
+    assert_eq!(model.recompute(), BTreeSet::new(), "the frontend moved");
+    assert_eq!(owner(&model, frontend).as_deref(), Some("default/zeta"));
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
     assert_eq!(
-        state.frontends[&addr("10.96.0.40", 80, Protocol::Tcp)].service,
-        "default/alpha"
+        problems,
+        ["test.yaml: Service default/alpha: 10.96.0.40:80/TCP is already served by default/zeta"]
     );
-    assert_eq!(problems.len(), 1);
-    assert!(
-        problems[0].to_string().contains("Service default/zeta"),
-        "{problems:?}"
+    // Once the incumbent is gone, the other claimant gets the frontend.
+    model.apply(Change::Service(ObjectName::new("default", "zeta"), None));
+    assert_eq!(model.recompute(), BTreeSet::from([frontend]));
+    assert_eq!(owner(&model, frontend).as_deref(), Some("default/alpha"));
+    assert!(model.problems().is_empty());
+}
+
+#[test]
+fn the_older_service_keeps_a_contested_frontend_whatever_the_order() {
+    let with_time = |name: &str, time: &str| {
+        snapshot(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, creationTimestamp: '{time}'}}\n\
+             spec: {{clusterIP: 10.96.0.41, ports: [{{port: 80}}]}}\n"
+        ))
+    };
+    let young = with_time("young", "2026-01-02T00:00:00Z");
+    let old = with_time("old", "2025-01-01T00:00:00Z");
+    for changes in [[young.clone(), old.clone()], [old, young]] {
+        let (state, problems) = desired_state(&changes.concat());
+        assert_eq!(
+            state.frontends[&addr("10.96.0.41", 80, Protocol::Tcp)].service,
+            "default/old"
+        );
+        assert_eq!(problems.len(), 1);
+    }
+}
+
+#[test]
+fn cluster_ips_that_would_capture_other_traffic_are_refused() {
+    for ip in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "127.9.9.9",
+        "255.255.255.255",
+        "224.0.0.5",
+    ] {
+        let (state, problems) = desired_state(&service_at("bad", ip));
+        assert!(state.frontends.is_empty(), "{ip} was accepted");
+        assert!(
+            problems[0]
+                .message
+                .contains("not a unicast Service address"),
+            "{ip}: {problems:?}"
+        );
+    }
+    let mut model = Model::new(ModelConfig {
+        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+    });
+    for change in [
+        service_at("inside", "10.96.0.1"),
+        service_at("outside", "10.112.0.1"),
+    ]
+    .concat()
+    {
+        model.apply(change);
+    }
+    model.recompute();
+    assert_eq!(
+        model
+            .desired()
+            .frontends
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        [addr("10.96.0.1", 80, Protocol::Tcp)]
     );
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        [
+            "test.yaml: Service default/outside: clusterIP 10.112.0.1 is outside --service-cidr 10.96.0.0/12"
+        ]
+    );
+}
+
+#[test]
+fn services_of_another_proxy_are_left_to_it() {
+    let labelled = |proxy: &str| {
+        snapshot(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  labels: {{service.kubernetes.io/service-proxy-name: {proxy}}}\n\
+             spec: {{clusterIP: 10.96.0.42, ports: [{{port: 80}}]}}\n"
+        ))
+    };
+    assert!(desired_state(&labelled("other")).0.frontends.is_empty());
+    assert_eq!(desired_state(&labelled(PROXY_NAME)).0.frontends.len(), 1);
 }
 
 #[test]
@@ -272,7 +385,13 @@ fn too_many_endpoints_is_a_problem() {
          endpoints:\n{endpoints}"
     );
     let (state, problems) = desired_state(&snapshot(&yaml));
-    assert!(state.frontends.is_empty());
+    // The first endpoints are still served.
+    assert_eq!(
+        state.frontends[&addr("10.96.0.50", 80, Protocol::Tcp)]
+            .backends
+            .len(),
+        MAX_BACKENDS_PER_FRONTEND
+    );
     assert!(
         problems[0].message.contains("65536 endpoints"),
         "{problems:?}"
@@ -281,9 +400,131 @@ fn too_many_endpoints_is_a_problem() {
 
 #[test]
 fn the_result_does_not_depend_on_the_order_of_objects() {
-    let mut forward = snapshot(DNS);
-    let (expected, _) = desired_state(&forward);
-    forward.services.reverse();
-    forward.endpoint_slices.reverse();
-    assert_eq!(desired_state(&forward).0, expected);
+    let mut changes = snapshot(DNS);
+    let (expected, _) = desired_state(&changes);
+    changes.reverse();
+    assert_eq!(desired_state(&changes).0, expected);
+}
+
+/// A tiny deterministic generator, so failures replay.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+
+    fn pick(&mut self, n: u64) -> u8 {
+        u8::try_from(self.below(n)).unwrap()
+    }
+}
+
+fn random_change(rng: &mut XorShift) -> Change {
+    let sourced = |object| Sourced {
+        origin: "random".to_owned(),
+        object,
+    };
+    if rng.below(2) == 0 {
+        let service = rng.pick(5);
+        let name = ObjectName::new("default", &format!("svc-{service}"));
+        if rng.below(4) == 0 {
+            return Change::Service(name, None);
+        }
+        let ports = (0..rng.below(3))
+            .map(|i| ServicePortObject {
+                name: format!("p{i}"),
+                protocol: Some(if rng.below(3) == 0 { "UDP" } else { "TCP" }.to_owned()),
+                port: 80 + i32::from(rng.pick(2)),
+                node_port: None,
+            })
+            .collect();
+        Change::Service(
+            name.clone(),
+            Some(sourced(ServiceObject {
+                name,
+                cluster_ips: vec![format!("10.96.0.{}", service + 1)],
+                ports,
+                ..ServiceObject::default()
+            })),
+        )
+    } else {
+        let slice = rng.pick(8);
+        let name = ObjectName::new("default", &format!("slice-{slice}"));
+        if rng.below(4) == 0 {
+            return Change::EndpointSlice(name, None);
+        }
+        let endpoints = (0..rng.below(4))
+            .map(|_| EndpointObject {
+                address: Some(format!("10.244.0.{}", rng.pick(6) + 1)),
+                ready: Some(rng.below(4) != 0),
+                serving: Some(rng.below(2) == 0),
+                terminating: Some(rng.below(3) == 0),
+                ..EndpointObject::default()
+            })
+            .collect();
+        let ports = (0..2)
+            .map(|i| crate::source::objects::SlicePortObject {
+                name: format!("p{i}"),
+                protocol: Some(if rng.below(3) == 0 { "UDP" } else { "TCP" }.to_owned()),
+                port: Some(8080 + i32::from(rng.pick(3))),
+            })
+            .collect();
+        Change::EndpointSlice(
+            name.clone(),
+            Some(Sourced {
+                origin: "random".to_owned(),
+                object: SliceObject {
+                    name,
+                    service: Some(format!("svc-{}", rng.pick(5))),
+                    address_type: "IPv4".to_owned(),
+                    ports,
+                    endpoints,
+                    ..SliceObject::default()
+                },
+            }),
+        )
+    }
+}
+
+#[test]
+fn any_sequence_of_changes_ends_as_if_computed_from_scratch() {
+    let mut rng = XorShift(0x0dd5_eed5);
+    let mut model = Model::new(ModelConfig::default());
+    let mut objects: BTreeMap<String, Change> = BTreeMap::new();
+    let mut previous = DesiredState::default();
+    for round in 0..500 {
+        for _ in 0..=rng.below(3) {
+            let change = random_change(&mut rng);
+            let key = match &change {
+                Change::Service(name, _) => format!("svc {name}"),
+                Change::EndpointSlice(name, _) => format!("slice {name}"),
+                Change::Node(_) => "node".to_owned(),
+            };
+            match &change {
+                Change::Service(_, None) | Change::EndpointSlice(_, None) => {
+                    objects.remove(&key);
+                }
+                _ => {
+                    objects.insert(key, change.clone());
+                }
+            }
+            model.apply(change);
+        }
+        let changed = model.recompute();
+        let (scratch, _) = desired_state(&objects.values().cloned().collect::<Vec<_>>());
+        assert_eq!(model.desired(), &scratch, "round {round}");
+        // The frontends reported as changed are exactly those that differ.
+        let differ: BTreeSet<L4Addr> = previous
+            .frontends
+            .keys()
+            .chain(scratch.frontends.keys())
+            .filter(|f| previous.frontends.get(f) != scratch.frontends.get(f))
+            .copied()
+            .collect();
+        assert_eq!(changed, differ, "round {round}");
+        previous = scratch;
+    }
 }

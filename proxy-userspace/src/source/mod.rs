@@ -13,7 +13,6 @@
 pub mod manifests;
 pub mod objects;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 pub use objects::{NodeObject, ObjectName, ServiceObject, SliceObject};
 use tokio::sync::mpsc;
 
@@ -82,13 +81,6 @@ pub trait Source {
     /// cannot start at all); later trouble is reported as
     /// [`SourceEvent::Status`] and retried by the source itself.
     fn start(self: Box<Self>, sink: EventSink) -> Result<(), SourceError>;
-}
-
-/// The complete set of objects a source knows right now.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub services: Vec<Sourced<Service>>,
-    pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
 }
 
 #[derive(Debug, thiserror::Error)]

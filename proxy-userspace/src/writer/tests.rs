@@ -154,21 +154,21 @@ fn writes_everything_once_then_nothing() {
         (tcp(100, 80), &[tcp(1, 8080), tcp(2, 8080)]),
         (tcp(101, 53), &[]),
     ]);
-    let stats = writer.apply(&desired);
+    let stats = writer.apply_all(&desired, true);
     // Two backends, two slots and two slot-0 entries.
-    assert_eq!((stats.writes, stats.deletes, stats.failures), (6, 0, 0));
+    assert_eq!((stats.writes, stats.deletes, stats.failures()), (6, 0, 0));
     assert_eq!(kernel.borrow().view(), view_of(&desired));
-    assert_eq!(writer.apply(&desired).changes(), 0);
+    assert_eq!(writer.apply_all(&desired, true).changes(), 0);
 }
 
 #[test]
 fn a_restarted_writer_adopts_the_maps_and_changes_nothing() {
     let kernel = Rc::default();
     let desired = state(&[(tcp(100, 80), &[tcp(1, 8080), tcp(2, 8080), tcp(3, 8080)])]);
-    writer(&kernel).apply(&desired);
+    writer(&kernel).apply_all(&desired, true);
     let mut restarted = writer(&kernel);
     assert_eq!(restarted.sizes(), (1, 3));
-    assert_eq!(restarted.apply(&desired).changes(), 0);
+    assert_eq!(restarted.apply_all(&desired, true).changes(), 0);
 }
 
 #[test]
@@ -176,12 +176,12 @@ fn backends_are_shared_by_id_and_removed_when_unused() {
     let kernel: Rc<RefCell<Kernel>> = Rc::default();
     let mut writer = writer(&kernel);
     let shared = tcp(1, 8080);
-    writer.apply(&state(&[
-        (tcp(100, 80), &[shared]),
-        (tcp(101, 80), &[shared]),
-    ]));
+    writer.apply_all(
+        &state(&[(tcp(100, 80), &[shared]), (tcp(101, 80), &[shared])]),
+        true,
+    );
     assert_eq!(kernel.borrow().backends.len(), 1);
-    writer.apply(&state(&[(tcp(101, 80), &[tcp(2, 8080)])]));
+    writer.apply_all(&state(&[(tcp(101, 80), &[tcp(2, 8080)])]), true);
     let kernel = kernel.borrow();
     assert_eq!(
         kernel.backends.values().copied().collect::<Vec<_>>(),
@@ -194,9 +194,9 @@ fn backends_are_shared_by_id_and_removed_when_unused() {
 fn a_deleted_backend_id_is_not_handed_to_a_new_backend() {
     let kernel: Rc<RefCell<Kernel>> = Rc::default();
     let mut writer = writer(&kernel);
-    writer.apply(&state(&[(tcp(100, 80), &[tcp(1, 80), tcp(2, 80)])]));
-    writer.apply(&state(&[(tcp(100, 80), &[tcp(1, 80)])]));
-    writer.apply(&state(&[(tcp(100, 80), &[tcp(1, 80), tcp(3, 80)])]));
+    writer.apply_all(&state(&[(tcp(100, 80), &[tcp(1, 80), tcp(2, 80)])]), true);
+    writer.apply_all(&state(&[(tcp(100, 80), &[tcp(1, 80)])]), true);
+    writer.apply_all(&state(&[(tcp(100, 80), &[tcp(1, 80), tcp(3, 80)])]), true);
     let ids: Vec<u32> = kernel.borrow().backends.keys().copied().collect();
     assert_eq!(ids, [1, 3]);
 }
@@ -208,8 +208,8 @@ fn a_frontend_that_does_not_fit_leaves_no_slots_behind_and_the_others_are_writte
     let mut writer = writer(&kernel);
     let big: Vec<L4Addr> = (1..=10).map(|host| tcp(host, 80)).collect();
     let desired = state(&[(tcp(100, 80), &big), (tcp(101, 80), &[tcp(11, 80)])]);
-    let stats = writer.apply(&desired);
-    assert_eq!(stats.failures, 1);
+    let stats = writer.apply_all(&desired, true);
+    assert_eq!(stats.failures(), 1);
     let view = kernel.borrow().view();
     assert_eq!(view.keys().copied().collect::<Vec<_>>(), [tcp(101, 80)]);
     assert_eq!(
@@ -219,7 +219,7 @@ fn a_frontend_that_does_not_fit_leaves_no_slots_behind_and_the_others_are_writte
     );
     // Once the map is bigger, the next apply catches up.
     kernel.borrow_mut().services_capacity = None;
-    assert_eq!(writer.apply(&desired).failures, 0);
+    assert_eq!(writer.apply_all(&desired, true).failures(), 0);
     assert_eq!(kernel.borrow().view(), view_of(&desired));
 }
 
@@ -240,6 +240,7 @@ fn any_sequence_of_states_ends_as_if_written_from_scratch() {
     let mut rng = XorShift(0x5eed);
     let kernel = Rc::default();
     let mut incremental = writer(&kernel);
+    let mut previous = DesiredState::default();
     for round in 0..300 {
         let mut frontends = Vec::new();
         for service in 0..rng.below(6) {
@@ -256,13 +257,24 @@ fn any_sequence_of_states_ends_as_if_written_from_scratch() {
                 .map(|(f, b)| (*f, b.as_slice()))
                 .collect::<Vec<_>>(),
         );
-        // Now and then the agent restarts and adopts the maps.
+        // Now and then the agent restarts and adopts the maps, and writes
+        // everything; otherwise it writes only the frontends that changed.
         if round % 37 == 0 {
             incremental = writer(&kernel);
+            incremental.apply_all(&desired, true);
+        } else {
+            let changed: BTreeSet<L4Addr> = previous
+                .frontends
+                .keys()
+                .chain(desired.frontends.keys())
+                .filter(|f| previous.frontends.get(f) != desired.frontends.get(f))
+                .copied()
+                .collect();
+            incremental.apply_changed(&desired, &changed);
         }
-        incremental.apply(&desired);
+        previous = desired.clone();
         let scratch: Rc<RefCell<Kernel>> = Rc::default();
-        writer(&scratch).apply(&desired);
+        writer(&scratch).apply_all(&desired, true);
         assert_eq!(
             kernel.borrow().view(),
             scratch.borrow().view(),

@@ -1,0 +1,246 @@
+//! The agent's loop: source events in, map writes out.
+//!
+//! Level-triggered and incremental: events update the model's objects, the
+//! model recomputes the Services they touched, and the writer applies the
+//! frontends that changed. Nothing is written before the source's view is
+//! complete, bursts of events are coalesced into one apply (and spaced by
+//! `--min-sync-period`), and frontends whose write failed are retried on a
+//! timer with backoff, not only when the source next changes.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc::UnboundedReceiver,
+    time::sleep_until,
+};
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{BackendsMap, Datapath, DatapathError, MapSizes, Pins, ServicesMap},
+    model::{L4Addr, Model, ModelConfig, Problem},
+    source::{EventSink, Source, SourceError, SourceEvent},
+    writer::MapWriter,
+};
+
+/// The first retry of a failed write comes after this, then twice as long
+/// each time, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Everything `run` needs, from the flags (and later the config file).
+pub struct AgentConfig {
+    pub cgroup: PathBuf,
+    pub pins: Pins,
+    pub sizes: MapSizes,
+    pub min_sync_period: Duration,
+    pub model: ModelConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("cannot read the pinned maps")]
+    Adopt(#[source] aya::maps::MapError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("the source stopped")]
+    SourceStopped,
+    #[error("cannot listen for signals")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Whether the source has given a complete view yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum View {
+    /// Not yet: nothing may be written.
+    Partial,
+    /// Complete, but some input could not be read: pinned frontends no
+    /// object claims are kept.
+    Incomplete,
+    Complete,
+}
+
+struct Loop {
+    model: Model,
+    writer: MapWriter<ServicesMap, BackendsMap>,
+    view: View,
+    /// The view that the maps were last fully reconciled against.
+    reconciled: Option<View>,
+    /// Frontends changed since the last apply, or whose write failed.
+    pending: BTreeSet<L4Addr>,
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+    reported: BTreeSet<Problem>,
+}
+
+/// Loads and attaches the datapath, then follows `source` until SIGTERM or
+/// SIGINT. The pinned datapath keeps serving after the agent exits.
+pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), AgentError> {
+    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+
+    let mut datapath = Datapath::load(config.pins.clone(), config.sizes)?;
+    let maps = datapath.take_service_maps()?;
+    let writer = MapWriter::adopt(maps.services, maps.backends).map_err(AgentError::Adopt)?;
+    let (frontends, backends) = writer.sizes();
+    info!(frontends, backends, "adopted the pinned maps");
+
+    let (sink, mut events) = EventSink::channel();
+    source.start(sink)?;
+    let mut state = Loop {
+        model: Model::new(config.model.clone()),
+        writer,
+        view: View::Partial,
+        reconciled: None,
+        pending: BTreeSet::new(),
+        retry_at: None,
+        retry_delay: RETRY_FIRST,
+        reported: BTreeSet::new(),
+    };
+    let mut attached = false;
+    let mut last_sync: Option<Instant> = None;
+    loop {
+        let retry_at = state.retry_at.map(tokio::time::Instant::from_std);
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else {
+                    return Err(AgentError::SourceStopped);
+                };
+                state.take(event);
+                drain(&mut events, &mut state);
+            }
+            () = async { sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                state.retry_at = None;
+            }
+            _ = terminate.recv() => {
+                info!("SIGTERM: exiting; the pinned datapath keeps serving");
+                return Ok(());
+            }
+            _ = interrupt.recv() => {
+                info!("SIGINT: exiting; the pinned datapath keeps serving");
+                return Ok(());
+            }
+        }
+        if state.view == View::Partial {
+            continue;
+        }
+        // kube-proxy's minSyncPeriod: changes that come sooner wait, and
+        // are applied together.
+        if let Some(last) = last_sync {
+            let due = last + config.min_sync_period;
+            if Instant::now() < due {
+                tokio::time::sleep_until(due.into()).await;
+                drain(&mut events, &mut state);
+            }
+        }
+        if state.sync() {
+            last_sync = Some(Instant::now());
+        }
+        // Attach only once the maps hold the services, so no socket ever
+        // sees a half-filled datapath.
+        if !attached {
+            datapath.attach(&config.cgroup)?;
+            attached = true;
+            info!("datapath ready");
+        }
+    }
+}
+
+/// Takes every event already waiting, so a burst becomes one apply.
+fn drain(events: &mut UnboundedReceiver<SourceEvent>, state: &mut Loop) {
+    while let Ok(event) = events.try_recv() {
+        state.take(event);
+    }
+}
+
+impl Loop {
+    fn take(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Changes(changes) => {
+                for change in changes {
+                    self.model.apply(change);
+                }
+            }
+            SourceEvent::Synced { complete } => {
+                self.view = if complete {
+                    View::Complete
+                } else {
+                    View::Incomplete
+                };
+            }
+            SourceEvent::Status(None) => info!("the source works again"),
+            SourceEvent::Status(Some(error)) => warn!(%error, "the source fails"),
+        }
+    }
+
+    /// Brings the maps up to date; `false` when there was nothing to do.
+    fn sync(&mut self) -> bool {
+        let retrying = self.retry_at.is_none() && !self.pending.is_empty();
+        let full = self.reconciled != Some(self.view);
+        if !self.model.is_dirty() && !full && !retrying {
+            return false;
+        }
+        let started = Instant::now();
+        let changed = self.model.recompute();
+        self.log_problems();
+        self.pending.extend(changed);
+        let stats = if full {
+            // The first complete view (and each change of completeness)
+            // reconciles everything the pins hold; later views only what
+            // changed.
+            let prune = self.view == View::Complete;
+            self.reconciled = Some(self.view);
+            if !prune {
+                warn!(
+                    "some input could not be read: frontends in the maps that no object claims are kept until it can"
+                );
+            }
+            self.writer.apply_all(self.model.desired(), prune)
+        } else {
+            self.writer
+                .apply_changed(self.model.desired(), &self.pending)
+        };
+        info!(
+            frontends = self.model.desired().frontends.len(),
+            changed = self.pending.len(),
+            changes = stats.changes(),
+            failures = stats.failures(),
+            took_us = started.elapsed().as_micros(),
+            "applied"
+        );
+        if stats.failures() == 0 {
+            self.retry_delay = RETRY_FIRST;
+            self.retry_at = None;
+        } else {
+            warn!(
+                failed = stats.failed.len(),
+                retry_in_ms = self.retry_delay.as_millis(),
+                "some writes failed; retrying"
+            );
+            self.retry_at = Some(Instant::now() + self.retry_delay);
+            self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+        }
+        self.pending = stats.failed;
+        // Failures that are not tied to a frontend are retried by a full
+        // pass.
+        if stats.other_failures > 0 {
+            self.reconciled = None;
+        }
+        true
+    }
+
+    /// Each problem is logged once, not again with every unrelated edit.
+    fn log_problems(&mut self) {
+        let problems = self.model.problems();
+        for problem in problems.difference(&self.reported) {
+            warn!("{problem}; skipped");
+        }
+        self.reported = problems;
+    }
+}

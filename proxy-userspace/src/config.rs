@@ -1,0 +1,172 @@
+//! The agent's configuration: `run`'s flags, checked before anything on
+//! the system is touched.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+
+use crate::{
+    agent::AgentConfig,
+    datapath::{MapSizes, Pins},
+    model::{Cidr, ModelConfig},
+    source::{Source, manifests::ManifestDir},
+};
+
+/// The default pin directory.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ebpf-proxy";
+
+/// `--bpffs`, shared by every command.
+#[derive(Args)]
+pub struct PinDir {
+    /// Where maps and links are pinned.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+impl PinDir {
+    #[must_use]
+    pub fn pins(&self) -> Pins {
+        Pins::new(&self.bpffs)
+    }
+
+    /// For errors of the commands that only read the pins.
+    #[must_use]
+    pub fn hint(&self) -> String {
+        format!("is the agent set up at {}?", self.bpffs.display())
+    }
+}
+
+/// `proxy-userspace run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Read Service and EndpointSlice manifests (multi-document YAML)
+    /// from this directory, and follow edits, instead of watching the
+    /// Kubernetes API.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// The cgroup (v2) whose sockets are load-balanced. Default: the
+    /// cgroup2 root, from /proc/mounts.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    #[command(flatten)]
+    pub pins: PinDir,
+    /// ClusterIPs outside these ranges are refused (comma-separated
+    /// CIDRs); by default any unicast address is accepted.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub service_cidr: Vec<Cidr>,
+    /// At most one sync per this period; changes that come sooner are
+    /// applied together (kube-proxy's --min-sync-period), e.g. 1s, 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+    /// Entries of the services map: one per Service port plus one per
+    /// backend of it.
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().services)]
+    pub services_map_size: u32,
+    /// Entries of the backends map: one per distinct endpoint address and port.
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().backends)]
+    pub backends_map_size: u32,
+    /// Entries of the reverse-translation LRU map: about one per live
+    /// socket talking to a Service.
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().sock_rev_nat)]
+    pub sock_rev_nat_map_size: u32,
+}
+
+impl RunArgs {
+    /// The agent's configuration and its source, or an error that says
+    /// which flag is wrong. Touches nothing on the system.
+    pub fn resolve(self) -> Result<(AgentConfig, Box<dyn Source>)> {
+        let cgroup = match self.cgroup {
+            Some(path) => path,
+            None => cgroup2_root()?,
+        };
+        let source: Box<dyn Source> = match self.manifests {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    bail!("--manifests {}: not a directory", dir.display());
+                }
+                Box::new(ManifestDir::new(dir))
+            }
+            None => bail!("the Kubernetes API source is not built in yet: pass --manifests DIR"),
+        };
+        let config = AgentConfig {
+            cgroup,
+            pins: self.pins.pins(),
+            sizes: MapSizes {
+                services: self.services_map_size,
+                backends: self.backends_map_size,
+                sock_rev_nat: self.sock_rev_nat_map_size,
+            },
+            min_sync_period: self.min_sync_period,
+            model: ModelConfig {
+                service_cidrs: self.service_cidr,
+            },
+        };
+        Ok((config, source))
+    }
+}
+
+/// A duration as kube-proxy writes them: `500ms`, `1s`, `1m30s`, `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let error = || format!("{text:?} is not a duration such as 500ms, 1s or 1m30s");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(error)?;
+        let (number, tail) = rest.split_at(digits);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let number: f64 = number.parse().map_err(|_| error())?;
+        let seconds = match unit {
+            "ns" => number / 1e9,
+            "us" | "µs" => number / 1e6,
+            "ms" => number / 1e3,
+            "s" => number,
+            "m" => number * 60.0,
+            "h" => number * 3600.0,
+            _ => return Err(error()),
+        };
+        total += Duration::try_from_secs_f64(seconds).map_err(|_| error())?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+/// The cgroup2 mount point, as /proc/mounts has it (it is not always
+/// /sys/fs/cgroup: hybrid hosts mount it at /sys/fs/cgroup/unified).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(_), Some(path), Some("cgroup2")) =
+            (fields.next(), fields.next(), fields.next())
+        {
+            return Ok(PathBuf::from(path));
+        }
+    }
+    bail!("no cgroup2 file system is mounted (see /proc/mounts); pass --cgroup")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_as_kube_proxy_writes_them() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
