@@ -9,8 +9,10 @@
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     path::PathBuf,
-    time::{Duration, Instant},
+    sync::{Arc, PoisonError},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::{
@@ -22,8 +24,10 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{BackendsMap, Datapath, DatapathError, MapSizes, Pins, ServicesMap},
+    health::{Health, HealthEndpoints, SharedHealth},
+    metrics::Metrics,
     model::{L4Addr, Model, ModelConfig, Problem},
-    source::{EventSink, Source, SourceError, SourceEvent},
+    source::{Change, EventSink, Source, SourceError, SourceEvent},
     writer::MapWriter,
 };
 
@@ -38,6 +42,9 @@ pub struct AgentConfig {
     pub pins: Pins,
     pub sizes: MapSizes,
     pub min_sync_period: Duration,
+    pub healthz_bind_address: SocketAddr,
+    pub metrics_bind_address: SocketAddr,
+    pub health_stale_after: Duration,
     pub model: ModelConfig,
 }
 
@@ -53,6 +60,13 @@ pub enum AgentError {
     SourceStopped,
     #[error("cannot listen for signals")]
     Signals(#[source] std::io::Error),
+    #[error("cannot serve {what} on {address}")]
+    Listen {
+        what: &'static str,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Whether the source has given a complete view yet.
@@ -77,6 +91,11 @@ struct Loop {
     retry_at: Option<Instant>,
     retry_delay: Duration,
     reported: BTreeSet<Problem>,
+    health: SharedHealth,
+    metrics: Metrics,
+    sizes: MapSizes,
+    /// When the EndpointSlice changes waiting to be applied were made.
+    triggers: Vec<SystemTime>,
 }
 
 /// Loads and attaches the datapath, then follows `source` until SIGTERM or
@@ -91,6 +110,29 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let (frontends, backends) = writer.sizes();
     info!(frontends, backends, "adopted the pinned maps");
 
+    let health = Health::shared(config.health_stale_after);
+    let metrics = Metrics::new(config.pins.clone());
+    for (what, address, responder) in [
+        (
+            "healthz",
+            config.healthz_bind_address,
+            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn crate::health::Responder>,
+        ),
+        (
+            "metrics",
+            config.metrics_bind_address,
+            Arc::new(metrics.clone()),
+        ),
+    ] {
+        crate::health::serve(what, address, responder)
+            .await
+            .map_err(|source| AgentError::Listen {
+                what,
+                address,
+                source,
+            })?;
+    }
+
     let (sink, mut events) = EventSink::channel();
     source.start(sink)?;
     let mut state = Loop {
@@ -102,6 +144,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         retry_at: None,
         retry_delay: RETRY_FIRST,
         reported: BTreeSet::new(),
+        health: health.clone(),
+        metrics,
+        sizes: config.sizes,
+        triggers: Vec::new(),
     };
     let mut attached = false;
     let mut last_sync: Option<Instant> = None;
@@ -147,6 +193,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         if !attached {
             datapath.attach(&config.cgroup)?;
             attached = true;
+            health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_attached();
             info!("datapath ready");
         }
     }
@@ -164,8 +214,27 @@ impl Loop {
         match event {
             SourceEvent::Changes(changes) => {
                 for change in changes {
+                    match &change {
+                        Change::EndpointSlice(_, Some(slice)) => {
+                            if let Some(time) = slice
+                                .object
+                                .trigger_time
+                                .as_deref()
+                                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                                .and_then(|t| u64::try_from(t.as_millisecond()).ok())
+                            {
+                                self.triggers
+                                    .push(SystemTime::UNIX_EPOCH + Duration::from_millis(time));
+                            }
+                        }
+                        Change::Node(node) => self
+                            .health()
+                            .node_deleting(node.as_ref().is_some_and(|n| n.deleting)),
+                        _ => {}
+                    }
                     self.model.apply(change);
                 }
+                self.health().pending();
             }
             SourceEvent::Synced { complete } => {
                 self.view = if complete {
@@ -174,9 +243,19 @@ impl Loop {
                     View::Incomplete
                 };
             }
-            SourceEvent::Status(None) => info!("the source works again"),
-            SourceEvent::Status(Some(error)) => warn!(%error, "the source fails"),
+            SourceEvent::Status(None) => {
+                info!("the source works again");
+                self.health().source_status(None);
+            }
+            SourceEvent::Status(Some(error)) => {
+                warn!(%error, "the source fails");
+                self.health().source_status(Some(error));
+            }
         }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Brings the maps up to date; `false` when there was nothing to do.
@@ -214,10 +293,28 @@ impl Loop {
             took_us = started.elapsed().as_micros(),
             "applied"
         );
+        self.metrics.observe_sync(started.elapsed());
+        let (frontends, backends) = self.writer.sizes();
+        self.metrics.programmed(frontends, backends);
+        self.metrics.map_fill(
+            proxy_common::SERVICES_MAP,
+            self.writer.service_entries(),
+            self.sizes.services,
+        );
+        self.metrics
+            .map_fill(proxy_common::BACKENDS_MAP, backends, self.sizes.backends);
         if stats.failures() == 0 {
+            let now = SystemTime::now();
+            for trigger in self.triggers.drain(..) {
+                if let Ok(latency) = now.duration_since(trigger) {
+                    self.metrics.observe_programming(latency);
+                }
+            }
+            self.health().synced();
             self.retry_delay = RETRY_FIRST;
             self.retry_at = None;
         } else {
+            self.metrics.sync_error("map_write", stats.failures());
             warn!(
                 failed = stats.failed.len(),
                 retry_in_ms = self.retry_delay.as_millis(),

@@ -1,7 +1,7 @@
 //! The agent's configuration: `run`'s flags, checked before anything on
 //! the system is touched.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
@@ -59,6 +59,16 @@ pub struct RunArgs {
     /// applied together (kube-proxy's --min-sync-period), e.g. 1s, 500ms.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub min_sync_period: Duration,
+    /// Where /healthz and /livez are served (kube-proxy's healthzBindAddress).
+    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: SocketAddr,
+    /// Where /metrics is served (kube-proxy's metricsBindAddress).
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: SocketAddr,
+    /// /healthz turns 503 when the source has failed, or changes have
+    /// waited for the maps, this long.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub health_stale_after: Duration,
     /// Entries of the services map: one per Service port plus one per
     /// backend of it.
     #[arg(long, value_name = "N", default_value_t = MapSizes::default().services)]
@@ -98,6 +108,9 @@ impl RunArgs {
                 sock_rev_nat: self.sock_rev_nat_map_size,
             },
             min_sync_period: self.min_sync_period,
+            healthz_bind_address: self.healthz_bind_address,
+            metrics_bind_address: self.metrics_bind_address,
+            health_stale_after: self.health_stale_after,
             model: ModelConfig {
                 service_cidrs: self.service_cidr,
             },

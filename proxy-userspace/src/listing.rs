@@ -113,6 +113,11 @@ pub fn events(counters: &PerCpuArray<MapData, u64>) -> Result<EventCounts, MapEr
 }
 
 impl EventCounts {
+    /// Each event and its count, in [`Event::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Event, u64)> + '_ {
+        self.0.iter().copied()
+    }
+
     /// One `name count` line per event.
     #[must_use]
     pub fn table(&self) -> String {

@@ -140,6 +140,15 @@ where
         (self.frontends.len(), self.backend_by_id.len())
     }
 
+    /// How many entries the services map holds (slot 0 and the slots).
+    #[must_use]
+    pub fn service_entries(&self) -> usize {
+        self.frontends
+            .values()
+            .map(|f| f.slots.len() + usize::from(f.count.is_some()))
+            .sum()
+    }
+
     /// Makes the maps hold `desired` for the frontends that changed,
     /// writing only what differs: each is written when `desired` has it
     /// and deleted when not.

@@ -327,6 +327,10 @@ impl Lab {
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            // Labs run side by side on the host: each agent takes free
+            // ports, found again in its log.
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
             .args(flags)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -564,6 +568,38 @@ impl Agent {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The address the agent serves `what` ("healthz" or "metrics") on,
+    /// from its log.
+    pub fn address(&self, what: &str) -> Result<String> {
+        let needle = format!("{what} listening bound=");
+        let log = self.log();
+        log.split(&needle)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .with_context(|| format!("the agent logged no {needle:?}:\n{log}"))
+    }
+
+    /// One HTTP GET to the agent's `what` listener: status and body.
+    pub fn http_get(&self, what: &str, path: &str) -> Result<(u16, String)> {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(self.address(what)?)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP response: {response:?}"))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
     }
 
     /// Runs `proxy-userspace services --output json` against the lab's pins.

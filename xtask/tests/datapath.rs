@@ -476,3 +476,85 @@ fn a_service_too_big_for_the_map_is_logged_and_the_rest_keeps_working() {
     assert!(!agent.services_json().unwrap().contains("10.96.0.60"));
     assert!(agent.is_running());
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn healthz_and_metrics_report_the_datapath_as_kube_proxy_does() {
+    let (lab, pods) = web_lab(&["pod-a", "pod-b"]);
+    lab.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let (status, body) = agent.http_get("healthz", "/healthz").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"lastUpdated\":\"20"), "{body}");
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+    assert_eq!(agent.http_get("healthz", "/livez").unwrap().0, 200);
+    assert_eq!(agent.http_get("healthz", "/nope").unwrap().0, 404);
+
+    let counts = request_counts(&lab, WEB_VIP, 10);
+    assert_eq!(counts.get(""), None, "{counts:?}");
+    let (status, metrics) = agent.http_get("metrics", "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "ebpf_proxy_frontends_programmed 1",
+        "ebpf_proxy_backends_programmed 2",
+        "ebpf_proxy_datapath_events_total{event=\"forwarded\"} 10",
+        "ebpf_proxy_map_fill_ratio{map=\"lb4_be_v1\"}",
+        "ebpf_proxy_sync_duration_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_restart_while_a_file_is_broken_keeps_its_services() {
+    let (lab, pods) = web_lab(&["pod-a", "pod-b"]);
+    lab.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))
+        .unwrap();
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+    agent.kill();
+    lab.write_manifest(
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+    )
+    .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let log = agent.log();
+    assert!(log.contains("keeping") || log.contains("skipping"), "{log}");
+    assert!(log.contains("are kept until it can"), "{log}");
+    let counts = request_counts(&lab, WEB_VIP, 20);
+    assert_eq!(
+        counts.get(""),
+        None,
+        "the broken file's Service went: {counts:?}"
+    );
+
+    // Once the file parses again, it is followed as usual.
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[1]]))
+        .unwrap();
+    wait_for_backends(&agent, WEB_VIP, &[pods[1].ip], Duration::from_secs(1));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_file_rewritten_in_two_steps_loses_no_connection() {
+    let (lab, pods) = web_lab(&["pod-a", "pod-b"]);
+    let manifest = web_manifest(&pods.iter().collect::<Vec<_>>());
+    lab.write_manifest("web.yaml", &manifest).unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let path = lab.manifests_dir().join("web.yaml");
+    let traffic = thread::scope(|scope| {
+        let traffic = scope.spawn(|| request_counts(&lab, WEB_VIP, 4000));
+        thread::sleep(Duration::from_millis(200));
+        // As `cat new > web.yaml` does it: truncate, then write.
+        std::fs::write(&path, "").unwrap();
+        thread::sleep(Duration::from_millis(600));
+        std::fs::write(&path, &manifest).unwrap();
+        traffic.join().unwrap()
+    });
+    assert_eq!(traffic.get(""), None, "connections failed: {traffic:?}");
+    let log = agent.log();
+    assert!(log.contains("the file now holds no objects"), "{log}");
+    assert!(!log.contains("stayed empty"), "{log}");
+}

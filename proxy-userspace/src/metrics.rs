@@ -1,0 +1,180 @@
+//! Prometheus metrics on `/metrics` (kube-proxy's port 10249), with the
+//! prometheus-client crate: how long syncs take, how long a change takes
+//! from the EndpointSlice controller to the maps (kube-proxy's network
+//! programming latency), what is programmed, how full the maps are, sync
+//! errors by kind, and the datapath's own counters, read from the pinned
+//! per-CPU map at each scrape.
+
+use std::{
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use crate::{datapath::Pins, health::Responder};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// The agent's metrics; cheap to clone (every field is shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    sync_duration: Histogram,
+    programming_latency: Histogram,
+    frontends: Gauge,
+    backends: Gauge,
+    map_fill: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    sync_errors: Family<KindLabel, Counter>,
+}
+
+impl Metrics {
+    /// Registers everything; `pins` locates the datapath's counters.
+    #[must_use]
+    pub fn new(pins: Pins) -> Self {
+        let mut registry = Registry::with_prefix("ebpf_proxy");
+        let sync_duration = Histogram::new(exponential_buckets(0.000_1, 2.0, 18));
+        registry.register(
+            "sync_duration_seconds",
+            "How long one sync of the maps took",
+            sync_duration.clone(),
+        );
+        let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice change (its last-change-trigger-time) to the maps",
+            programming_latency.clone(),
+        );
+        let frontends = Gauge::default();
+        registry.register(
+            "frontends_programmed",
+            "Service frontends in the maps",
+            frontends.clone(),
+        );
+        let backends = Gauge::default();
+        registry.register(
+            "backends_programmed",
+            "Distinct backends in the maps",
+            backends.clone(),
+        );
+        let map_fill = Family::default();
+        registry.register(
+            "map_fill_ratio",
+            "Entries of each map over its size",
+            map_fill.clone(),
+        );
+        let sync_errors = Family::default();
+        registry.register(
+            "sync_errors",
+            "Failures while syncing, by kind",
+            sync_errors.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCounters(pins)));
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            sync_duration,
+            programming_latency,
+            frontends,
+            backends,
+            map_fill,
+            sync_errors,
+        }
+    }
+
+    pub fn observe_sync(&self, took: Duration) {
+        self.sync_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn observe_programming(&self, latency: Duration) {
+        self.programming_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn programmed(&self, frontends: usize, backends: usize) {
+        self.frontends
+            .set(i64::try_from(frontends).unwrap_or(i64::MAX));
+        self.backends
+            .set(i64::try_from(backends).unwrap_or(i64::MAX));
+    }
+
+    pub fn map_fill(&self, map: &'static str, entries: usize, size: u32) {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a ratio for people; map sizes are far below 2^52"
+        )]
+        let ratio = entries as f64 / f64::from(size.max(1));
+        self.map_fill.get_or_create(&MapLabel { map }).set(ratio);
+    }
+
+    pub fn sync_error(&self, kind: &'static str, count: usize) {
+        self.sync_errors
+            .get_or_create(&KindLabel { kind })
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::new();
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+impl Responder for Metrics {
+    fn respond(&self, path: &str) -> (u16, &'static str, String) {
+        match path {
+            "/metrics" => (
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.render(),
+            ),
+            _ => (404, "text/plain", "not found\n".to_owned()),
+        }
+    }
+}
+
+/// The datapath's per-CPU event counters, summed at each scrape.
+#[derive(Debug)]
+struct DatapathCounters(Pins);
+
+impl Collector for DatapathCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Ok(map) = crate::datapath::open_pinned_events(&self.0) else {
+            return Ok(());
+        };
+        let Ok(events) = crate::listing::events(&map) else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "datapath_events",
+            "What the eBPF programs counted, summed over CPUs",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (event, count) in events.iter() {
+            let counter = ConstCounter::new(count);
+            let labels = [("event", event.name())];
+            counter.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
