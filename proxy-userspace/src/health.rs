@@ -268,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_recent_source_error_is_tolerated() {
-        let health = Health::shared(Duration::from_secs(60));
+        let health = Health::shared(Duration::from_mins(1));
         let mut h = health.lock().unwrap();
         h.set_attached();
         h.source_status(Some("timeout".into()));
