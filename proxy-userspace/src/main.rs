@@ -12,6 +12,7 @@ mod datapath;
 mod encoding;
 mod listing;
 mod model;
+mod privileges;
 mod source;
 mod writer;
 
@@ -85,11 +86,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Detach the programs and remove everything pinned. Stop the agent
-    /// first, or it keeps the programs attached until it exits.
+    /// Detach the programs and remove everything pinned. Refused while an
+    /// agent runs on the directory.
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
+        /// Remove the datapath even under a running agent, which then
+        /// writes maps that no program reads until it is restarted.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -135,15 +140,24 @@ fn main() -> Result<()> {
             backends_map_size,
             sock_rev_nat_map_size,
         } => {
+            // Everything is checked before anything is made on the node.
+            privileges::check()?;
             let cgroup = match cgroup {
                 Some(path) => path,
                 None => cgroup2_root()?,
             };
+            datapath::check_cgroup(&cgroup)?;
             let sizes = MapSizes {
                 services: services_map_size,
                 backends: backends_map_size,
                 sock_rev_nat: sock_rev_nat_map_size,
             };
+            sizes.check()?;
+            // Before any thread starts: capabilities are per thread.
+            privileges::drop_to(&privileges::STARTUP_CAPABILITIES)?;
+            // Held until the agent exits: one agent per pin directory.
+            let _lock = pins.pins().prepare()?;
+            privileges::drop_to(&privileges::AGENT_CAPABILITIES)?;
             run(ManifestDir::new(manifests), &cgroup, pins.pins(), sizes)
         }
         Command::Services { pins, output } => {
@@ -165,8 +179,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { pins } => {
-            datapath::cleanup(&pins.pins())?;
+        Command::Cleanup { pins, force } => {
+            datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
             Ok(())
         }
