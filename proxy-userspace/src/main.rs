@@ -154,10 +154,13 @@ fn main() -> Result<()> {
             };
             sizes.check()?;
             // Before any thread starts: capabilities are per thread.
-            privileges::drop_to(&privileges::STARTUP_CAPABILITIES)?;
+            privileges::drop_to(
+                &privileges::AGENT_CAPABILITIES,
+                &privileges::STARTUP_CAPABILITIES,
+            )?;
             // Held until the agent exits: one agent per pin directory.
             let _lock = pins.pins().prepare()?;
-            privileges::drop_to(&privileges::AGENT_CAPABILITIES)?;
+            privileges::end_startup(&privileges::STARTUP_CAPABILITIES)?;
             run(ManifestDir::new(manifests), &cgroup, pins.pins(), sizes)
         }
         Command::Services { pins, output } => {
