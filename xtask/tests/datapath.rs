@@ -639,6 +639,29 @@ fn a_pin_directory_that_others_control_is_refused() {
         .unwrap();
     std::os::unix::fs::symlink(&victim, root.join("maps")).unwrap();
     refused("symlink");
+
+    // cleanup does not follow links/ to another datapath's links either.
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&victim)
+        .unwrap();
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(victim.join("connect4"))
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "victim",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::os::unix::fs::symlink(&victim, root.join("links")).unwrap();
+    let (ok, stderr) = run_to_exit(cleanup_command(&root, true));
+    assert!(!ok && stderr.contains("symlink"), "{stderr}");
+    assert!(
+        victim.join("connect4").exists(),
+        "cleanup removed through a symlink"
+    );
 }
 
 #[test]

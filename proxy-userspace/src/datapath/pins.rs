@@ -111,13 +111,23 @@ impl Pins {
         Ok(lock)
     }
 
-    /// Locks an existing pin directory, for `cleanup`: `None` when there is
-    /// no directory to lock.
+    /// Checks an existing pin directory as [`Pins::prepare`] does, making
+    /// nothing, and locks it, for `cleanup`: `None` when there is no
+    /// directory. Removing pins through a directory another user controls
+    /// could detach some other datapath.
     pub fn lock_existing(&self) -> Result<Option<PinLock>, PinsError> {
-        match fs::symlink_metadata(&self.root) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            _ => self.lock().map(Some),
+        if fs::symlink_metadata(&self.root).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+            return Ok(None);
         }
+        check_ancestors_only(&self.root)?;
+        check_dir(&self.root)?;
+        let lock = self.lock()?;
+        for dir in [self.maps_dir(), self.links_dir()] {
+            if fs::symlink_metadata(&dir).is_ok() {
+                check_dir(&dir)?;
+            }
+        }
+        Ok(Some(lock))
     }
 
     fn lock(&self) -> Result<PinLock, PinsError> {
@@ -170,6 +180,11 @@ fn make_private_dir(dir: &Path) -> Result<(), PinsError> {
             });
         }
     }
+    check_dir(dir)
+}
+
+/// A real directory, root's, that only root can write to.
+fn check_dir(dir: &Path) -> Result<(), PinsError> {
     let meta = open_dir(dir)?
         .metadata()
         .map_err(|source| PinsError::Create {
@@ -227,6 +242,24 @@ fn check_owner(path: &Path, meta: &fs::Metadata, sticky_ok: bool) -> Result<(), 
 }
 
 fn check_ancestors(root: &Path) -> Result<(), PinsError> {
+    check_ancestors_only(root)?;
+    // Missing ancestors are made by root, for root.
+    if let Some(parent) = root.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|source| PinsError::Create {
+                path: parent.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+fn check_ancestors_only(root: &Path) -> Result<(), PinsError> {
     for ancestor in root.ancestors().skip(1) {
         if ancestor.as_os_str().is_empty() {
             continue;
@@ -241,19 +274,6 @@ fn check_ancestors(root: &Path) -> Result<(), PinsError> {
                 });
             }
         }
-    }
-    // Missing ancestors are made by root, for root.
-    if let Some(parent) = root.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(|source| PinsError::Create {
-                path: parent.to_owned(),
-                source,
-            })?;
     }
     Ok(())
 }
