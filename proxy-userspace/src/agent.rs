@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use proxy_common::{Backend, ServiceKey, ServiceValue};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::UnboundedReceiver,
@@ -23,7 +24,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{BackendsMap, Datapath, DatapathError, MapSizes, Pins, ServicesMap},
+    datapath::{Datapath, DatapathError, MapSizes, Pins, SizedTable},
     health::{Health, HealthEndpoints, SharedHealth},
     metrics::Metrics,
     model::{L4Addr, Model, ModelConfig, Problem},
@@ -82,7 +83,7 @@ enum View {
 
 struct Loop {
     model: Model,
-    writer: MapWriter<ServicesMap, BackendsMap>,
+    writer: MapWriter<SizedTable<ServiceKey, ServiceValue>, SizedTable<u32, Backend>>,
     view: View,
     /// The view that the maps were last fully reconciled against.
     reconciled: Option<View>,

@@ -1,5 +1,6 @@
-//! The system calls aya does not make for us: opening a pinned link,
-//! swapping the program behind it, and mounting bpffs.
+//! The system calls aya does not make for us: opening a pinned object,
+//! reading a map's definition from the kernel, swapping the program behind
+//! a link, and asking which file system a path is on.
 
 use std::{
     ffi::CString,
@@ -8,8 +9,11 @@ use std::{
     path::Path,
 };
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 29;
+use aya_obj::generated::{bpf_cmd, bpf_map_info};
+
+const BPF_OBJ_GET: bpf_cmd = bpf_cmd::BPF_OBJ_GET;
+const BPF_LINK_UPDATE: bpf_cmd = bpf_cmd::BPF_LINK_UPDATE;
+const BPF_OBJ_GET_INFO_BY_FD: bpf_cmd = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD;
 
 /// `union bpf_attr` for BPF_OBJ_GET.
 #[repr(C)]
@@ -32,10 +36,25 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+fn bpf<T>(cmd: bpf_cmd, attr: &T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a bpf_attr prefix of the size passed, valid for the call.
-    let ret =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_ref(attr),
+            size_of::<T>(),
+        )
+    };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -57,6 +76,30 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The kernel's definition of the map behind `fd`; an error if `fd` is
+/// not a map at all (a pinned program or link).
+pub fn map_info(fd: impl AsFd) -> io::Result<bpf_map_info> {
+    let fd = fd.as_fd();
+    // BPF_OBJ_GET_INFO_BY_FD answers for any bpf object, in that object's
+    // own layout, so the kind is checked first.
+    let kind = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if kind.as_os_str() != "anon_inode:bpf-map" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a map but {}", kind.display()),
+        ));
+    }
+    // SAFETY: bpf_map_info is plain integers, for which zero is valid.
+    let mut info: bpf_map_info = unsafe { std::mem::zeroed() };
+    let attr = InfoAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
+        info_len: u32::try_from(size_of::<bpf_map_info>()).unwrap_or(u32::MAX),
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(info)
+}
+
 /// Atomically points a link at another program: sockets see either the old
 /// or the new program, never none.
 pub fn link_update(link: impl AsFd, program: impl AsFd) -> io::Result<()> {
@@ -71,7 +114,6 @@ pub fn link_update(link: impl AsFd, program: impl AsFd) -> io::Result<()> {
 
 /// The bpffs mount point, where the kernel and every tool expect it.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Makes sure `dir` can hold pins: when its nearest existing ancestor is not
 /// on a bpf file system and `dir` is under `/sys/fs/bpf`, mounts bpffs there,
@@ -81,7 +123,7 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
-    if is_bpffs(existing)? {
+    if fs_magic(existing)? == libc::BPF_FS_MAGIC {
         return Ok(());
     }
     if !dir.starts_with(BPFFS_MOUNT) {
@@ -109,7 +151,14 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
     }
 }
 
-fn is_bpffs(path: &Path) -> io::Result<bool> {
+/// Whether `path` is a directory of a cgroup v2 hierarchy (not v1, not a
+/// plain directory), where cgroup programs can be attached.
+pub fn is_cgroup2(path: &Path) -> io::Result<bool> {
+    Ok(fs_magic(path)? == libc::CGROUP2_SUPER_MAGIC)
+}
+
+/// The file system type of `path` (statfs's `f_type`).
+fn fs_magic(path: &Path) -> io::Result<libc::__fsword_t> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
@@ -117,5 +166,5 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
     if unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(stat.f_type == BPF_FS_MAGIC)
+    Ok(stat.f_type)
 }

@@ -86,10 +86,12 @@ impl RunArgs {
     /// The agent's configuration and its source, or an error that says
     /// which flag is wrong. Touches nothing on the system.
     pub fn resolve(self) -> Result<(AgentConfig, Box<dyn Source>)> {
+        crate::privileges::check()?;
         let cgroup = match self.cgroup {
             Some(path) => path,
             None => cgroup2_root()?,
         };
+        crate::datapath::check_cgroup(&cgroup)?;
         let source: Box<dyn Source> = match self.manifests {
             Some(dir) => {
                 if !dir.is_dir() {
@@ -99,14 +101,16 @@ impl RunArgs {
             }
             None => bail!("the Kubernetes API source is not built in yet: pass --manifests DIR"),
         };
+        let sizes = MapSizes {
+            services: self.services_map_size,
+            backends: self.backends_map_size,
+            sock_rev_nat: self.sock_rev_nat_map_size,
+        };
+        sizes.check()?;
         let config = AgentConfig {
             cgroup,
             pins: self.pins.pins(),
-            sizes: MapSizes {
-                services: self.services_map_size,
-                backends: self.backends_map_size,
-                sock_rev_nat: self.sock_rev_nat_map_size,
-            },
+            sizes,
             min_sync_period: self.min_sync_period,
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,

@@ -16,6 +16,7 @@ mod health;
 mod listing;
 mod metrics;
 mod model;
+mod privileges;
 mod report;
 mod source;
 mod writer;
@@ -56,11 +57,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Detach the programs and remove everything pinned. Stop the agent
-    /// first, or it keeps the programs attached until it exits.
+    /// Detach the programs and remove everything pinned. Refused while an
+    /// agent runs on the directory.
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
+        /// Remove the datapath even under a running agent, which then
+        /// writes maps that no program reads until it is restarted.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -80,7 +85,16 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
+            // Everything is checked before anything is made on the node.
             let (config, source) = args.resolve()?;
+            // Before any thread starts: capabilities are per thread.
+            privileges::drop_to(
+                &privileges::AGENT_CAPABILITIES,
+                &privileges::STARTUP_CAPABILITIES,
+            )?;
+            // Held until the agent exits: one agent per pin directory.
+            let _lock = config.pins.prepare()?;
+            privileges::end_startup(&privileges::STARTUP_CAPABILITIES)?;
             // One thread: the loop is cheap, and one thread keeps the
             // agent's memory and its event order simple.
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -109,8 +123,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { pins } => {
-            datapath::cleanup(&pins.pins())?;
+        Command::Cleanup { pins, force } => {
+            datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
             Ok(())
         }

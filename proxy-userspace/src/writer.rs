@@ -35,14 +35,27 @@ impl<K: Pod, V: Pod> Table<K, V> for BpfHashMap<MapData, K, V> {
     }
 
     fn delete(&mut self, key: &K) -> Result<(), MapError> {
-        match self.remove(key) {
-            Err(MapError::KeyNotFound) => Ok(()),
-            other => other,
+        let result = self.remove(key);
+        if is_missing_key(&result) {
+            Ok(())
+        } else {
+            result
         }
     }
 
     fn entries(&self) -> Result<Vec<(K, V)>, MapError> {
         self.iter().collect()
+    }
+}
+
+/// Whether a delete failed only because the key was not there: aya hands
+/// the kernel's ENOENT back as a failed `bpf_map_delete_elem`, not as
+/// [`MapError::KeyNotFound`].
+fn is_missing_key(result: &Result<(), MapError>) -> bool {
+    match result {
+        Err(MapError::KeyNotFound) => true,
+        Err(MapError::SyscallError(error)) => error.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

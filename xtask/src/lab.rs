@@ -308,6 +308,23 @@ impl Lab {
         &self.cgroup
     }
 
+    /// `proxy-userspace run` with this lab's manifests, cgroup and pins.
+    #[must_use]
+    pub fn agent_command(&self, binary: &Path) -> Command {
+        let mut cmd = Command::new(binary);
+        cmd.args(["run", "--manifests"])
+            .arg(self.manifests_dir())
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            // Labs run side by side on the host: each agent takes free
+            // ports, found again in its log.
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"]);
+        cmd
+    }
+
     /// Starts the agent on this lab and waits until its datapath is ready.
     pub fn start_agent(&self, binary: &Path) -> Result<Agent> {
         self.start_agent_with(binary, &[])
@@ -320,17 +337,8 @@ impl Lab {
             .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
             .count();
         let log = self.dir.join(format!("agent-{run}.log"));
-        let child = Command::new(binary)
-            .args(["run", "--manifests"])
-            .arg(self.manifests_dir())
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            // Labs run side by side on the host: each agent takes free
-            // ports, found again in its log.
-            .args(["--healthz-bind-address", "127.0.0.1:0"])
-            .args(["--metrics-bind-address", "127.0.0.1:0"])
+        let child = self
+            .agent_command(binary)
             .args(flags)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -546,6 +554,11 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     #[must_use]

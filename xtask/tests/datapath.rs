@@ -6,7 +6,12 @@
 
 use std::{
     collections::BTreeMap,
+    fs::{self, DirBuilder},
+    io::Read as _,
     net::Ipv4Addr,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::Path,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -467,14 +472,332 @@ fn a_service_too_big_for_the_map_is_logged_and_the_rest_keeps_working() {
     let log = agent.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("default/big")).collect();
     assert_eq!(lines.len(), 1, "{log}");
+    // The full map and the flag that sizes it, not "Argument list too long".
     assert!(
-        lines[0].contains("cannot write the frontend"),
+        lines[0].contains("cannot write the frontend")
+            && lines[0]
+                .contains("the map lb4_svc_v1 is full (8 entries); raise --services-map-size"),
         "{}",
         lines[0]
     );
     assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
     assert!(!agent.services_json().unwrap().contains("10.96.0.60"));
     assert!(agent.is_running());
+}
+
+/// Runs a command that must exit on its own (an agent that refuses to
+/// start) and returns whether it succeeded and what it wrote to stderr.
+fn run_to_exit(mut cmd: Command) -> (bool, String) {
+    let mut child = cmd
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} was still running after 20 s: it did not refuse");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    (status.success(), stderr)
+}
+
+fn cleanup_command(bpffs: &Path, force: bool) -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.args(["cleanup", "--bpffs"]).arg(bpffs);
+    if force {
+        cmd.arg("--force");
+    }
+    cmd
+}
+
+/// Nothing was attached: no link is pinned.
+fn assert_nothing_attached(bpffs: &Path) {
+    for program in ["connect4", "sendmsg4", "recvmsg4", "getpeername4"] {
+        let link = bpffs.join("links").join(program);
+        assert!(
+            fs::symlink_metadata(&link).is_err(),
+            "{} was pinned",
+            link.display()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_second_agent_on_the_same_pins_is_refused_naming_the_first() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+
+    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{} is in use by another agent (pid {})",
+            lab.bpffs().display(),
+            agent.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(agent.is_running());
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pinned_map_of_another_layout_is_refused_naming_cleanup() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let maps = lab.bpffs().join("maps");
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&maps)
+        .unwrap();
+    // The right name, the wrong key: 8 bytes where the programs read 12.
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(maps.join("lb4_svc_v1"))
+        .args([
+            "type", "hash", "key", "8", "value", "8", "entries", "16", "name", "x",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+    assert!(!ok);
+    assert!(
+        stderr.contains("lb4_svc_v1")
+            && stderr.contains("8-byte keys")
+            && stderr.contains(&format!(
+                "proxy-userspace cleanup --bpffs {}",
+                lab.bpffs().display()
+            )),
+        "{stderr}"
+    );
+    assert_nothing_attached(lab.bpffs());
+
+    // The way out it names works.
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(ok, "{stderr}");
+    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pin_directory_that_others_control_is_refused() {
+    let lab = Lab::new().unwrap();
+    let root = lab.bpffs().to_owned();
+    let refused = |reason: &str| {
+        let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+        assert!(!ok);
+        assert!(
+            stderr.contains("refusing the pin directory") && stderr.contains(reason),
+            "expected {reason:?}: {stderr}"
+        );
+        assert_nothing_attached(&root);
+        fs::remove_dir_all(&root).unwrap();
+    };
+
+    // Made in advance by nobody, who could then unpin the links.
+    fs::create_dir(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
+    refused("owned by uid 65534");
+
+    // Root's, but anyone may write to it.
+    fs::create_dir(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+    refused("mode 777");
+
+    // maps/ pointing at another datapath's maps, which the agent would
+    // then rewrite.
+    let victim = root.join("victim");
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&victim)
+        .unwrap();
+    std::os::unix::fs::symlink(&victim, root.join("maps")).unwrap();
+    refused("symlink");
+
+    // cleanup does not follow links/ to another datapath's links either.
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&victim)
+        .unwrap();
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(victim.join("connect4"))
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "victim",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::os::unix::fs::symlink(&victim, root.join("links")).unwrap();
+    let (ok, stderr) = run_to_exit(cleanup_command(&root, true));
+    assert!(!ok && stderr.contains("symlink"), "{stderr}");
+    assert!(
+        victim.join("connect4").exists(),
+        "cleanup removed through a symlink"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn cleanup_is_refused_while_an_agent_runs_unless_forced() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("pid {}", agent.pid())) && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), true));
+    assert!(ok, "{stderr}");
+    assert!(!lab.bpffs().exists());
+    // Detached: the ClusterIP is no longer translated.
+    assert_eq!(request_counts(&lab, WEB_VIP, 3).get(""), Some(&3));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn bad_arguments_and_missing_privileges_are_refused_before_anything_is_made() {
+    let lab = Lab::new().unwrap();
+    let run = |wrapper: &[&str], cgroup: &Path, extra: &[&str]| {
+        let binary = agent_binary();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&binary);
+                cmd
+            }
+            None => Command::new(&binary),
+        };
+        cmd.args(["run", "--manifests"])
+            .arg(lab.manifests_dir())
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--bpffs")
+            .arg(lab.bpffs())
+            .args(extra);
+        run_to_exit(cmd)
+    };
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let cases: [(&[&str], &Path, &[&str], &str); 5] = [
+        (
+            &[],
+            Path::new("/tmp"),
+            &[],
+            "--cgroup /tmp is not a cgroup v2 directory",
+        ),
+        (
+            &[],
+            Path::new("/nonexistent"),
+            &[],
+            "cannot open the cgroup /nonexistent",
+        ),
+        (
+            &[],
+            lab.cgroup(),
+            &["--backends-map-size", "0"],
+            "--backends-map-size must be at least 1",
+        ),
+        (
+            &nobody,
+            lab.cgroup(),
+            &[],
+            "needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN",
+        ),
+        (
+            &["setpriv", "--bounding-set=-bpf", "--inh-caps=-bpf"],
+            lab.cgroup(),
+            &[],
+            "(missing: CAP_BPF)",
+        ),
+    ];
+    for (wrapper, cgroup, extra, message) in cases {
+        let (ok, stderr) = run(wrapper, cgroup, extra);
+        assert!(
+            !ok && stderr.contains(message),
+            "expected {message:?}: {stderr}"
+        );
+        assert!(
+            !lab.bpffs().exists(),
+            "{} was made before the refusal: {stderr}",
+            lab.bpffs().display()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_running_agent_holds_only_the_documented_capabilities() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+
+    // The set the DaemonSet grants (capability numbers are kernel ABI).
+    let documented: u64 = [
+        12, // CAP_NET_ADMIN
+        13, // CAP_NET_RAW
+        38, // CAP_PERFMON
+        39, // CAP_BPF
+    ]
+    .iter()
+    .map(|bit| 1u64 << bit)
+    .sum();
+    let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let set = |name: &str| {
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {status}"));
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    };
+    for name in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(set(name), documented, "{name}: {status}");
+    }
+    for name in ["CapInh", "CapAmb"] {
+        assert_eq!(set(name), 0, "{name}: {status}");
+    }
+    // And it works with them: it follows an edit and traffic flows.
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    lab.remove_manifest("web.yaml").unwrap();
+    wait_for_backends(&agent, WEB_VIP, &[], Duration::from_secs(2));
 }
 
 #[test]

@@ -295,3 +295,17 @@ fn any_sequence_of_states_ends_as_if_written_from_scratch() {
         );
     }
 }
+
+#[test]
+fn a_missing_key_on_delete_is_recognised_as_the_kernel_reports_it() {
+    let syscall = |errno| -> Result<(), MapError> {
+        Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        }))
+    };
+    assert!(is_missing_key(&syscall(libc::ENOENT)));
+    assert!(!is_missing_key(&syscall(libc::EPERM)));
+    assert!(is_missing_key(&Err(MapError::KeyNotFound)));
+    assert!(!is_missing_key(&Ok(())));
+}

@@ -6,6 +6,10 @@
 //! attached while no agent runs; a starting agent reuses the pinned maps and
 //! swaps its programs into the pinned links atomically, so a restart or an
 //! upgrade never leaves a socket without a program.
+//!
+//! A pinned map is adopted only if the kernel's definition of it (type, key
+//! and value sizes, flags) is the one the programs were built for; anything
+//! else would make the programs misread it.
 
 use std::{
     fs, io,
@@ -23,7 +27,11 @@ use proxy_common::{
 };
 use tracing::{info, warn};
 
-use crate::bpf_sys;
+use crate::{bpf_sys, writer::Table};
+
+pub mod pins;
+
+pub use pins::{Pins, PinsError};
 
 /// The object built from proxy-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJECT"));
@@ -40,12 +48,40 @@ pub type BackendsMap = BpfHashMap<MapData, u32, Backend>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("cannot create the pin directory {path}")]
-    PinDir {
+    #[error(transparent)]
+    Pins(#[from] PinsError),
+    #[error(
+        "the pinned map {path} is {found}, but this agent's {name} is {expected}; it was made \
+         by another program or version. Run `proxy-userspace cleanup --bpffs {root}` to \
+         remove the old datapath (its Services stop being balanced until the agent starts \
+         again), then start the agent"
+    )]
+    Layout {
+        name: &'static str,
+        path: PathBuf,
+        root: PathBuf,
+        found: MapLayout,
+        expected: MapLayout,
+    },
+    #[error("cannot read the pinned map {path}")]
+    MapInfo {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    #[error("cannot parse the eBPF object")]
+    Parse(#[source] aya_obj::ParseError),
+    #[error(
+        "--cgroup {path} is not a cgroup v2 directory (cgroup v1 and plain directories cannot hold these programs)"
+    )]
+    NotCgroup2 { path: PathBuf },
+    #[error(
+        "{path} is in use by a running agent ({holder}): stop it first, or pass --force to \
+         detach its datapath under it"
+    )]
+    CleanupLocked { path: PathBuf, holder: String },
+    #[error("{flag} must be at least 1")]
+    ZeroSize { flag: &'static str },
     #[error("cannot load the eBPF object")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no program {0}")]
@@ -97,37 +133,6 @@ pub enum DatapathError {
     },
 }
 
-/// Where things are pinned under the bpffs directory.
-#[derive(Clone, Debug)]
-pub struct Pins {
-    root: PathBuf,
-}
-
-impl Pins {
-    #[must_use]
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
-    }
-
-    fn maps_dir(&self) -> PathBuf {
-        self.root.join("maps")
-    }
-
-    fn links_dir(&self) -> PathBuf {
-        self.root.join("links")
-    }
-
-    #[must_use]
-    pub fn map(&self, name: &str) -> PathBuf {
-        self.maps_dir().join(name)
-    }
-
-    #[must_use]
-    pub fn link(&self, program: &str) -> PathBuf {
-        self.links_dir().join(program)
-    }
-}
-
 /// How many entries each map holds. Sizes apply when a map is created; a
 /// pinned map keeps the size it was made with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +153,20 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
+    /// A map of no entries cannot be created; say so before anything is.
+    pub fn check(self) -> Result<(), DatapathError> {
+        for (flag, size) in [
+            ("--services-map-size", self.services),
+            ("--backends-map-size", self.backends),
+            ("--sock-rev-nat-map-size", self.sock_rev_nat),
+        ] {
+            if size == 0 {
+                return Err(DatapathError::ZeroSize { flag });
+            }
+        }
+        Ok(())
+    }
+
     fn by_name(self) -> [(&'static str, u32); 3] {
         [
             (SERVICES_MAP, self.services),
@@ -163,6 +182,156 @@ pub struct ServiceMaps {
     pub backends: BackendsMap,
 }
 
+/// The service maps as the writer gets them: a full map says which flag
+/// sizes it.
+pub struct WritableMaps {
+    pub services: SizedTable<ServiceKey, ServiceValue>,
+    pub backends: SizedTable<u32, Backend>,
+}
+
+/// A pinned hash map that knows its name and the flag that sizes it, so a
+/// write to a full map (E2BIG from the kernel, "Argument list too long")
+/// says what to do about it.
+pub struct SizedTable<K, V> {
+    map: BpfHashMap<MapData, K, V>,
+    name: &'static str,
+    flag: &'static str,
+    max_entries: Option<u32>,
+}
+
+impl<K: aya::Pod, V: aya::Pod> SizedTable<K, V> {
+    fn new(map: BpfHashMap<MapData, K, V>, name: &'static str, flag: &'static str) -> Self {
+        use aya::maps::IterableMap as _;
+        let max_entries = map.map().info().ok().map(|info| info.max_entries());
+        Self {
+            map,
+            name,
+            flag,
+            max_entries,
+        }
+    }
+}
+
+impl<K: aya::Pod, V: aya::Pod> Table<K, V> for SizedTable<K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<(), aya::maps::MapError> {
+        self.map.put(key, value).map_err(|error| match error {
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error })
+                if io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                let size = self
+                    .max_entries
+                    .map_or_else(String::new, |n| format!(" ({n} entries)"));
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call,
+                    io_error: io::Error::new(
+                        io::ErrorKind::StorageFull,
+                        format!(
+                            "the map {} is full{size}; raise {} (then run cleanup and restart)",
+                            self.name, self.flag
+                        ),
+                    ),
+                })
+            }
+            other => other,
+        })
+    }
+
+    fn delete(&mut self, key: &K) -> Result<(), aya::maps::MapError> {
+        self.map.delete(key)
+    }
+
+    fn entries(&self) -> Result<Vec<(K, V)>, aya::maps::MapError> {
+        self.map.entries()
+    }
+}
+
+/// What the programs assume of a map: the parts of its definition that
+/// decide how its bytes are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = aya_obj::generated::bpf_map_type::try_from(self.map_type).map_or_else(
+            |_| format!("map type {}", self.map_type),
+            |kind| format!("{kind:?}"),
+        );
+        write!(
+            f,
+            "{kind} with {}-byte keys, {}-byte values and flags {:#x}",
+            self.key_size, self.value_size, self.flags
+        )
+    }
+}
+
+/// Refuses pinned maps the programs would misread: made by another
+/// program, by a build with another layout under the same versioned name,
+/// or by hand.
+fn check_layouts(pins: &Pins) -> Result<(), DatapathError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(DatapathError::Parse)?;
+    for name in MAPS {
+        let path = pins.map(name);
+        if !Pins::check_entry(&path)? {
+            continue;
+        }
+        let def = object
+            .maps
+            .get(name)
+            .ok_or_else(|| DatapathError::MissingMap {
+                name,
+                path: path.clone(),
+            })?;
+        let expected = MapLayout {
+            map_type: def.map_type(),
+            key_size: def.key_size(),
+            value_size: def.value_size(),
+            flags: def.map_flags(),
+        };
+        let info = bpf_sys::obj_get(&path)
+            .and_then(bpf_sys::map_info)
+            .map_err(|source| DatapathError::MapInfo {
+                path: path.clone(),
+                source,
+            })?;
+        let found = MapLayout {
+            map_type: info.type_,
+            key_size: info.key_size,
+            value_size: info.value_size,
+            flags: info.map_flags,
+        };
+        if found != expected {
+            return Err(DatapathError::Layout {
+                name,
+                path,
+                root: pins.root().to_owned(),
+                found,
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks `--cgroup` before anything is made: it must be a cgroup v2
+/// directory, or attaching fails only after the maps are pinned.
+pub fn check_cgroup(path: &Path) -> Result<(), DatapathError> {
+    match bpf_sys::is_cgroup2(path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(DatapathError::NotCgroup2 {
+            path: path.to_owned(),
+        }),
+        Err(source) => Err(DatapathError::Cgroup {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// The loaded object: programs loaded into the kernel, maps created or
 /// reused from their pins.
 pub struct Datapath {
@@ -171,18 +340,11 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs and maps, reusing every map that is already pinned.
+    /// Loads the programs and maps, reusing every map that is already pinned
+    /// and laid out as the programs expect. The directory must have been
+    /// prepared and locked with [`Pins::prepare`].
     pub fn load(pins: Pins, sizes: MapSizes) -> Result<Self, DatapathError> {
-        bpf_sys::ensure_bpffs(&pins.root).map_err(|source| DatapathError::PinDir {
-            path: pins.root.clone(),
-            source,
-        })?;
-        for dir in [pins.maps_dir(), pins.links_dir()] {
-            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
-                path: dir.clone(),
-                source,
-            })?;
-        }
+        check_layouts(&pins)?;
         let mut loader = EbpfLoader::new();
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
@@ -218,10 +380,18 @@ impl Datapath {
     }
 
     /// Hands out the service maps, for the writer.
-    pub fn take_service_maps(&mut self) -> Result<ServiceMaps, DatapathError> {
-        Ok(ServiceMaps {
-            services: typed_map(self.take_map(SERVICES_MAP)?, SERVICES_MAP)?,
-            backends: typed_map(self.take_map(BACKENDS_MAP)?, BACKENDS_MAP)?,
+    pub fn take_service_maps(&mut self) -> Result<WritableMaps, DatapathError> {
+        Ok(WritableMaps {
+            services: SizedTable::new(
+                typed_map(self.take_map(SERVICES_MAP)?, SERVICES_MAP)?,
+                SERVICES_MAP,
+                "--services-map-size",
+            ),
+            backends: SizedTable::new(
+                typed_map(self.take_map(BACKENDS_MAP)?, BACKENDS_MAP)?,
+                BACKENDS_MAP,
+                "--backends-map-size",
+            ),
         })
     }
 
@@ -343,8 +513,21 @@ fn open_pin(
 }
 
 /// Detaches the programs (by dropping their pinned links) and removes the
-/// pinned maps and the directory. Safe to run twice.
-pub fn cleanup(pins: &Pins) -> Result<(), DatapathError> {
+/// pinned maps and the directory. Safe to run twice. Refused while an agent
+/// holds the directory's lock (it would go on writing maps no program
+/// reads), unless `force`.
+pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
+    let _lock = match pins.lock_existing() {
+        Ok(lock) => lock,
+        Err(PinsError::Locked { path, holder }) if force => {
+            warn!(path = %path.display(), holder, "removing the datapath of a running agent (--force)");
+            None
+        }
+        Err(PinsError::Locked { path, holder }) => {
+            return Err(DatapathError::CleanupLocked { path, holder });
+        }
+        Err(e) => return Err(e.into()),
+    };
     let remove = |path: PathBuf| match fs::remove_file(&path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
             Err(DatapathError::Remove { path, source: e })
@@ -358,7 +541,7 @@ pub fn cleanup(pins: &Pins) -> Result<(), DatapathError> {
     for name in MAPS {
         remove(pins.map(name))?;
     }
-    for dir in [pins.links_dir(), pins.maps_dir(), pins.root.clone()] {
+    for dir in [pins.links_dir(), pins.maps_dir(), pins.root().to_owned()] {
         match fs::remove_dir(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 return Err(DatapathError::Remove {
