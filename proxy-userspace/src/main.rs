@@ -10,6 +10,11 @@
 mod bpf_sys;
 mod datapath;
 mod encoding;
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "the lead merges it with the flags of `run`")
+)]
+mod kube_proxy_config;
 mod listing;
 mod model;
 mod source;
