@@ -14,6 +14,7 @@ mod encoding;
     not(test),
     expect(dead_code, reason = "the lead merges it with the flags of `run`")
 )]
+mod kube_proxy_cleanup;
 mod kube_proxy_config;
 mod listing;
 mod model;
@@ -95,6 +96,10 @@ enum Command {
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
+        /// Instead, remove what a kube-proxy left on this node: its iptables
+        /// chains (legacy and nft) and its nftables tables. Nothing else.
+        #[arg(long)]
+        kube_proxy: bool,
     },
 }
 
@@ -170,7 +175,10 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { pins } => {
+        Command::Cleanup {
+            kube_proxy: true, ..
+        } => Ok(kube_proxy_cleanup::remove_kube_proxy_leftovers()?),
+        Command::Cleanup { pins, .. } => {
             datapath::cleanup(&pins.pins())?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
             Ok(())
