@@ -17,6 +17,7 @@
 //! else meanwhile survives and no half-removed state is ever visible.
 
 use std::{
+    fmt::Write as _,
     io::Write as _,
     path::PathBuf,
     process::{Command, ExitStatus, Stdio},
@@ -172,17 +173,18 @@ fn removal_script(dump: &str) -> RemovalScript {
         if chains.is_empty() && jumps.is_empty() {
             continue;
         }
-        script.text.push_str(&format!("*{}\n", table.name));
+        let text = &mut script.text;
+        let _ = writeln!(text, "*{}", table.name);
         for jump in &jumps {
             // The rule as saved, `-A` turned into `-D`: iptables deletes the
             // rule whose spec matches exactly.
-            script.text.push_str(&format!("-D {}\n", jump.spec));
+            let _ = writeln!(text, "-D {}", jump.spec);
         }
         for chain in &chains {
-            script.text.push_str(&format!(":{chain} - [0:0]\n"));
+            let _ = writeln!(text, ":{chain} - [0:0]");
         }
         for chain in &chains {
-            script.text.push_str(&format!("-X {chain}\n"));
+            let _ = writeln!(text, "-X {chain}");
         }
         script.text.push_str("COMMIT\n");
         script.jumps += jumps.len();

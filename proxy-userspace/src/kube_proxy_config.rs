@@ -276,13 +276,12 @@ fn check_fields(
             return Err(ConfigError::UnknownField { path });
         };
         match (field, value) {
-            (Used, _) => {}
+            (Used, _) | (Object(_), Value::Null) => {}
             (Ignored, value) => {
                 if !is_unset(value) {
                     ignored.push(path);
                 }
             }
-            (Object(_), Value::Null) => {}
             (Object(schema), Value::Object(inner)) => {
                 check_fields(inner, schema, &format!("{path}."), ignored)?;
             }

@@ -10,11 +10,11 @@
 mod bpf_sys;
 mod datapath;
 mod encoding;
+mod kube_proxy_cleanup;
 #[cfg_attr(
     not(test),
     expect(dead_code, reason = "the lead merges it with the flags of `run`")
 )]
-mod kube_proxy_cleanup;
 mod kube_proxy_config;
 mod listing;
 mod model;

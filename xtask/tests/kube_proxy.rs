@@ -78,7 +78,9 @@ impl Netns {
             "iptables-nft-save",
             "ip6tables-nft-save",
         ] {
-            all.push_str(&format!("## {save}\n"));
+            all.push_str("## ");
+            all.push_str(save);
+            all.push('\n');
             for line in self.run(save, &[], "").lines() {
                 if line.starts_with('#') {
                     continue;

@@ -339,7 +339,7 @@ fn go_durations_parse_as_go_does() {
         ("1s", Duration::from_secs(1)),
         ("500ms", Duration::from_millis(500)),
         ("1m30s", Duration::from_secs(90)),
-        ("1.5h", Duration::from_secs(5400)),
+        ("1.5h", Duration::from_mins(90)),
         ("2h45m0.5s", Duration::from_millis(9_900_500)),
         ("10us", Duration::from_micros(10)),
         ("10\u{b5}s", Duration::from_micros(10)),
