@@ -13,6 +13,8 @@ mod config;
 mod datapath;
 mod encoding;
 mod health;
+mod kube_proxy_cleanup;
+mod kube_proxy_config;
 mod listing;
 mod metrics;
 mod model;
@@ -66,6 +68,10 @@ enum Command {
         /// writes maps that no program reads until it is restarted.
         #[arg(long)]
         force: bool,
+        /// Instead, remove what a kube-proxy left on this node: its iptables
+        /// chains (legacy and nft) and its nftables tables. Nothing else.
+        #[arg(long)]
+        kube_proxy: bool,
     },
 }
 
@@ -123,7 +129,10 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { pins, force } => {
+        Command::Cleanup {
+            kube_proxy: true, ..
+        } => Ok(kube_proxy_cleanup::remove_kube_proxy_leftovers()?),
+        Command::Cleanup { pins, force, .. } => {
             datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
             Ok(())

@@ -24,7 +24,7 @@ enum Task {
     /// netns lab: pods, a ClusterIP, the maps. Needs root.
     Demo,
     /// Set up the machine, then run the unit tests and the privileged
-    /// datapath tests. Needs root.
+    /// tests (datapath, kube-proxy cleanup). Needs root.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -87,7 +87,8 @@ fn test(filter: Option<&str>) -> Result<()> {
     let agent = prerequisites::build_agent()?;
     // Unit tests of every crate; the privileged tests are #[ignore]d there.
     run_checked(cargo().args(["test", "--workspace"]))?;
-    let mut args = vec!["test", "--package", "xtask", "--test", "datapath", "--"];
+    let mut args = vec!["test", "--package", "xtask"];
+    args.extend(["--test", "datapath", "--test", "kube_proxy", "--"]);
     args.extend(filter);
     // Two labs at a time: each runs nginx pods and an agent, and the
     // machine has two cores.

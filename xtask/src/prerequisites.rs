@@ -24,6 +24,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("wrk", "wrk"),
     ("iptables", "iptables"),
+    ("nft", "nftables"),
 ];
 
 fn on_path(tool: &str) -> bool {

@@ -1,0 +1,455 @@
+//! `cleanup --kube-proxy`: removes the rules a kube-proxy left on the node,
+//! so a cluster can move to this agent without kube-proxy's own `--cleanup`.
+//!
+//! What goes, in the current network namespace:
+//! - kube-proxy's iptables chains (`KUBE-SERVICES`, `KUBE-SVC-*`,
+//!   `KUBE-SEP-*`, ...) in the nat, filter and mangle tables, IPv4 and IPv6,
+//!   in both iptables back ends (legacy and nft), and every rule elsewhere
+//!   that jumps to one of them;
+//! - the `kube-proxy` nftables tables (families ip and ip6) of its nftables
+//!   mode.
+//!
+//! Nothing else is touched. In particular kubelet's own chains stay
+//! (`KUBE-FIREWALL`, `KUBE-KUBELET-CANARY`, `KUBE-IPTABLES-HINT`,
+//! `KUBE-MARK-DROP`), as they do under kube-proxy's `--cleanup`. Each table
+//! changes in one `iptables-restore --noflush` transaction that deletes the
+//! jumps, then flushes and deletes the chains, so a rule added by someone
+//! else meanwhile survives and no half-removed state is ever visible.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    path::PathBuf,
+    process::{Command, ExitStatus, Stdio},
+};
+
+use tracing::{debug, info};
+
+/// Chains kube-proxy's iptables mode makes under these exact names.
+const KUBE_PROXY_CHAINS: &[&str] = &[
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-PROXY-CANARY",
+];
+
+/// Per-Service and per-endpoint chains: service, service-local, external,
+/// firewall, endpoint, and the pre-1.24 external-local ones.
+const KUBE_PROXY_CHAIN_PREFIXES: &[&str] = &[
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-SEP-",
+    "KUBE-XLB-",
+];
+
+/// The tables kube-proxy writes to.
+const TABLES: &[&str] = &["nat", "filter", "mangle"];
+
+/// The name of the nftables table of kube-proxy's nftables mode.
+const NFT_TABLE: &str = "kube-proxy";
+
+/// An iptables back end and address family: its save and restore commands.
+#[derive(Clone, Copy, Debug)]
+struct Backend {
+    save: &'static str,
+    restore: &'static str,
+}
+
+const BACKENDS: &[Backend] = &[
+    Backend {
+        save: "iptables-legacy-save",
+        restore: "iptables-legacy-restore",
+    },
+    Backend {
+        save: "ip6tables-legacy-save",
+        restore: "ip6tables-legacy-restore",
+    },
+    Backend {
+        save: "iptables-nft-save",
+        restore: "iptables-nft-restore",
+    },
+    Backend {
+        save: "ip6tables-nft-save",
+        restore: "ip6tables-nft-restore",
+    },
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed {
+        program: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Whether kube-proxy (rather than kubelet or anyone else) owns a chain.
+fn is_kube_proxy_chain(chain: &str) -> bool {
+    KUBE_PROXY_CHAINS.contains(&chain)
+        || KUBE_PROXY_CHAIN_PREFIXES
+            .iter()
+            .any(|prefix| chain.starts_with(prefix))
+}
+
+/// Removes what kube-proxy left behind in this network namespace. Back ends
+/// whose commands are not installed are skipped (and logged).
+pub fn remove_kube_proxy_leftovers() -> Result<(), CleanupError> {
+    for backend in BACKENDS {
+        let (Some(save), Some(restore)) = (program(backend.save), program(backend.restore)) else {
+            info!(backend = backend.save, "not installed; skipped");
+            continue;
+        };
+        let dump = run(&save, &[], None)?;
+        let script = removal_script(&dump);
+        if script.chains.is_empty() && script.jumps == 0 {
+            debug!(backend = backend.save, "no kube-proxy chains");
+            continue;
+        }
+        run(&restore, &["--noflush", "-w"], Some(&script.text))?;
+        info!(
+            backend = backend.restore,
+            chains = script.chains.len(),
+            jumps = script.jumps,
+            "removed kube-proxy's iptables chains"
+        );
+    }
+    let Some(nft) = program("nft") else {
+        info!("nft is not installed; kube-proxy's nftables tables (if any) were not looked for");
+        return Ok(());
+    };
+    let tables = run(&nft, &["list", "tables"], None)?;
+    for family in nft_kube_proxy_families(&tables) {
+        run(&nft, &["delete", "table", family, NFT_TABLE], None)?;
+        info!(family, "removed kube-proxy's nftables table");
+    }
+    Ok(())
+}
+
+/// What an `iptables-restore --noflush` must do to remove kube-proxy's
+/// chains from a dump.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RemovalScript {
+    text: String,
+    /// `table/chain` of every chain removed.
+    chains: Vec<String>,
+    /// Rules in other chains that jumped to them.
+    jumps: usize,
+}
+
+/// Builds the restore input for an `iptables-save` dump: per table, delete
+/// the jumps from other chains, flush kube-proxy's chains (which drops
+/// their references to each other), then delete them.
+fn removal_script(dump: &str) -> RemovalScript {
+    let mut script = RemovalScript::default();
+    for table in parse_dump(dump) {
+        if !TABLES.contains(&table.name.as_str()) {
+            continue;
+        }
+        let chains: Vec<&str> = table
+            .chains
+            .iter()
+            .map(String::as_str)
+            .filter(|c| is_kube_proxy_chain(c))
+            .collect();
+        let jumps: Vec<&Rule> = table
+            .rules
+            .iter()
+            .filter(|r| !is_kube_proxy_chain(&r.chain))
+            .filter(|r| r.target.as_deref().is_some_and(is_kube_proxy_chain))
+            .collect();
+        if chains.is_empty() && jumps.is_empty() {
+            continue;
+        }
+        let text = &mut script.text;
+        let _ = writeln!(text, "*{}", table.name);
+        for jump in &jumps {
+            // The rule as saved, `-A` turned into `-D`: iptables deletes the
+            // rule whose spec matches exactly.
+            let _ = writeln!(text, "-D {}", jump.spec);
+        }
+        for chain in &chains {
+            let _ = writeln!(text, ":{chain} - [0:0]");
+        }
+        for chain in &chains {
+            let _ = writeln!(text, "-X {chain}");
+        }
+        script.text.push_str("COMMIT\n");
+        script.jumps += jumps.len();
+        script
+            .chains
+            .extend(chains.iter().map(|c| format!("{}/{c}", table.name)));
+    }
+    script
+}
+
+/// One table of an `iptables-save` dump.
+#[derive(Debug, Default)]
+struct Table {
+    name: String,
+    chains: Vec<String>,
+    rules: Vec<Rule>,
+}
+
+/// One `-A` line.
+#[derive(Debug)]
+struct Rule {
+    chain: String,
+    /// Everything after `-A `.
+    spec: String,
+    /// The `-j`/`-g` target.
+    target: Option<String>,
+}
+
+fn parse_dump(dump: &str) -> Vec<Table> {
+    let mut tables: Vec<Table> = Vec::new();
+    for line in dump.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('*') {
+            tables.push(Table {
+                name: name.to_owned(),
+                ..Table::default()
+            });
+            continue;
+        }
+        let Some(table) = tables.last_mut() else {
+            continue;
+        };
+        if let Some(chain) = line.strip_prefix(':') {
+            if let Some(name) = chain.split_whitespace().next() {
+                table.chains.push(name.to_owned());
+            }
+        } else if let Some(spec) = line.strip_prefix("-A ") {
+            let words = split_words(spec);
+            let target = words
+                .iter()
+                .position(|w| matches!(w.as_str(), "-j" | "--jump" | "-g" | "--goto"))
+                .and_then(|i| words.get(i + 1).cloned());
+            table.rules.push(Rule {
+                chain: words.first().cloned().unwrap_or_default(),
+                spec: spec.to_owned(),
+                target,
+            });
+        }
+    }
+    tables
+}
+
+/// Splits a saved rule into words as iptables-restore does: double quotes
+/// group (comments hold spaces, and may hold `-j`), a backslash escapes.
+fn split_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                word.extend(chars.next());
+                in_word = true;
+            }
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// The families with a `kube-proxy` table in `nft list tables` output.
+fn nft_kube_proxy_families(tables: &str) -> Vec<&'static str> {
+    ["ip", "ip6"]
+        .into_iter()
+        .filter(|family| {
+            tables.lines().any(|line| {
+                line.split_whitespace().collect::<Vec<_>>() == ["table", family, NFT_TABLE]
+            })
+        })
+        .collect()
+}
+
+/// A command's path, on PATH or in the sbin directories a container's or
+/// a non-login shell's PATH may lack.
+fn program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs a command to completion and returns its stdout.
+fn run(program: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<String, CleanupError> {
+    let name = || format!("{} {}", program.display(), args.join(" "));
+    let spawn_error = |source| CleanupError::Spawn {
+        program: name(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(spawn_error)?;
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if !output.status.success() {
+        return Err(CleanupError::Failed {
+            program: name(),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = r#"# Generated by iptables-save v1.8.9
+*mangle
+:PREROUTING ACCEPT [0:0]
+:KUBE-IPTABLES-HINT - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+COMMIT
+*nat
+:PREROUTING ACCEPT [10:600]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SEP-AAA - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-BBB - [0:0]
+:MY-CHAIN - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A PREROUTING -m comment --comment "mine: not -j KUBE-SERVICES" -j MY-CHAIN
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A POSTROUTING -s 10.0.0.0/8 -j MASQUERADE
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SEP-AAA -p tcp -m tcp -j DNAT --to-destination 10.244.0.10:8080
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-BBB
+-A KUBE-SVC-BBB -j KUBE-SEP-AAA
+-A MY-CHAIN -g KUBE-MARK-MASQ
+COMMIT
+*raw
+:PREROUTING ACCEPT [0:0]
+:KUBE-SVC-NOT-OURS - [0:0]
+COMMIT
+"#;
+
+    #[test]
+    fn the_script_removes_kube_proxy_chains_and_jumps_and_nothing_else() {
+        let script = removal_script(DUMP);
+        assert_eq!(
+            script.text,
+            r#"*mangle
+:KUBE-PROXY-CANARY - [0:0]
+-X KUBE-PROXY-CANARY
+COMMIT
+*nat
+-D PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-D OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-D POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-D MY-CHAIN -g KUBE-MARK-MASQ
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SEP-AAA - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-BBB - [0:0]
+-X KUBE-MARK-MASQ
+-X KUBE-POSTROUTING
+-X KUBE-SEP-AAA
+-X KUBE-SERVICES
+-X KUBE-SVC-BBB
+COMMIT
+"#
+        );
+        assert_eq!(script.jumps, 4);
+        assert_eq!(script.chains.len(), 6);
+    }
+
+    #[test]
+    fn a_dump_without_kube_proxy_needs_nothing() {
+        let dump = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n\
+                    -A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
+        assert_eq!(removal_script(dump), RemovalScript::default());
+    }
+
+    #[test]
+    fn kubelet_chains_are_not_kube_proxy_chains() {
+        for chain in [
+            "KUBE-FIREWALL",
+            "KUBE-KUBELET-CANARY",
+            "KUBE-IPTABLES-HINT",
+            "KUBE-MARK-DROP",
+            "INPUT",
+        ] {
+            assert!(!is_kube_proxy_chain(chain), "{chain}");
+        }
+        for chain in ["KUBE-SERVICES", "KUBE-SVC-X", "KUBE-SEP-X", "KUBE-FW-X"] {
+            assert!(is_kube_proxy_chain(chain), "{chain}");
+        }
+    }
+
+    #[test]
+    fn words_follow_iptables_quoting() {
+        assert_eq!(
+            split_words(r#"X -m comment --comment "a \"b\" -j C" -j D"#),
+            [
+                "X",
+                "-m",
+                "comment",
+                "--comment",
+                r#"a "b" -j C"#,
+                "-j",
+                "D"
+            ]
+        );
+        assert_eq!(split_words(r#"X --comment """#), ["X", "--comment", ""]);
+    }
+
+    #[test]
+    fn nft_tables_of_kube_proxy_are_found_by_family() {
+        let tables = "table ip nat\ntable ip kube-proxy\ntable inet kube-proxy\n\
+                      table ip6 kube-proxy\ntable ip kube-proxy-x\n";
+        assert_eq!(nft_kube_proxy_families(tables), ["ip", "ip6"]);
+        assert!(nft_kube_proxy_families("table ip filter\n").is_empty());
+    }
+}
