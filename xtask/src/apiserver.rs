@@ -394,6 +394,9 @@ impl ApiServer {
     /// 410 and the clients list again. Listens again if stopped.
     pub fn restart(&mut self) -> Result<()> {
         self.drop_connections();
+        // Something else in a cluster (a Lease, an Event) always moved the
+        // revision on, so no client's position survives the compaction.
+        self.shared.lock().revision += 1;
         self.compact();
         self.resume()
     }
