@@ -3,6 +3,7 @@
 //! The lab is a library so that the privileged tests (`tests/`), the demo
 //! and the bench all stand on the same harness.
 
+pub mod apiserver;
 pub mod bench;
 pub mod ebpf_build;
 pub mod lab;

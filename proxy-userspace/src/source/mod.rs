@@ -10,6 +10,7 @@
 //! seen it yet: deletions of objects it did not list come only once a full
 //! listing is done (a watcher's `InitDone`, a directory read to the end).
 
+pub mod kube;
 pub mod manifests;
 pub mod objects;
 
