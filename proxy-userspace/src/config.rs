@@ -6,11 +6,14 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
+use tracing::{info, warn};
+
 use crate::{
     agent::AgentConfig,
     datapath::{MapSizes, Pins},
+    kube_proxy_config::{self, KubeProxyConfig},
     model::{Cidr, ModelConfig},
-    source::{Source, manifests::ManifestDir},
+    source::{Source, kube::KubeSource, manifests::ManifestDir},
 };
 
 /// The default pin directory.
@@ -57,14 +60,30 @@ pub struct RunArgs {
     pub service_cidr: Vec<Cidr>,
     /// At most one sync per this period; changes that come sooner are
     /// applied together (kube-proxy's --min-sync-period), e.g. 1s, 500ms.
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
-    pub min_sync_period: Duration,
-    /// Where /healthz and /livez are served (kube-proxy's healthzBindAddress).
-    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:10256")]
-    pub healthz_bind_address: SocketAddr,
-    /// Where /metrics is served (kube-proxy's metricsBindAddress).
-    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
-    pub metrics_bind_address: SocketAddr,
+    /// [default: 0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub min_sync_period: Option<Duration>,
+    /// Where /healthz and /livez are served (kube-proxy's
+    /// healthzBindAddress) [default: 0.0.0.0:10256]
+    #[arg(long, value_name = "IP:PORT")]
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// Where /metrics is served (kube-proxy's metricsBindAddress)
+    /// [default: 127.0.0.1:10249]
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// kube-proxy's own KubeProxyConfiguration file
+    /// (kubeproxy.config.k8s.io/v1alpha1), so a kube-proxy ConfigMap keeps
+    /// working; flags of the same meaning override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A kubeconfig for the API server. Default: the pod's service account,
+    /// then $KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The name of this node's Node object [default: $NODE_NAME, else the
+    /// host name].
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub hostname_override: Option<String>,
     /// /healthz turns 503 when the source has failed, or changes have
     /// waited for the maps, this long.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
@@ -85,21 +104,41 @@ pub struct RunArgs {
 impl RunArgs {
     /// The agent's configuration and its source, or an error that says
     /// which flag is wrong. Touches nothing on the system.
-    pub fn resolve(self) -> Result<(AgentConfig, Box<dyn Source>)> {
+    pub fn resolve(self) -> Result<(AgentConfig, SourceSpec)> {
+        let file = match &self.config {
+            Some(path) => {
+                let file = kube_proxy_config::load(path)
+                    .with_context(|| format!("--config {}", path.display()))?;
+                if !file.ignored.is_empty() {
+                    warn!(
+                        fields = %file.ignored.join(", "),
+                        "these KubeProxyConfiguration fields do not apply to this proxy and are ignored"
+                    );
+                }
+                file
+            }
+            None => KubeProxyConfig::default(),
+        };
         crate::privileges::check()?;
         let cgroup = match self.cgroup {
             Some(path) => path,
             None => cgroup2_root()?,
         };
         crate::datapath::check_cgroup(&cgroup)?;
-        let source: Box<dyn Source> = match self.manifests {
+        let source = match self.manifests {
             Some(dir) => {
                 if !dir.is_dir() {
                     bail!("--manifests {}: not a directory", dir.display());
                 }
-                Box::new(ManifestDir::new(dir))
+                SourceSpec::Manifests(dir)
             }
-            None => bail!("the Kubernetes API source is not built in yet: pass --manifests DIR"),
+            None => SourceSpec::Kube {
+                kubeconfig: self.kubeconfig,
+                node_name: match self.hostname_override.or(file.hostname_override) {
+                    Some(name) => name,
+                    None => host_name()?,
+                },
+            },
         };
         let sizes = MapSizes {
             services: self.services_map_size,
@@ -111,9 +150,18 @@ impl RunArgs {
             cgroup,
             pins: self.pins.pins(),
             sizes,
-            min_sync_period: self.min_sync_period,
-            healthz_bind_address: self.healthz_bind_address,
-            metrics_bind_address: self.metrics_bind_address,
+            min_sync_period: self
+                .min_sync_period
+                .or(file.min_sync_period)
+                .unwrap_or_default(),
+            healthz_bind_address: self
+                .healthz_bind_address
+                .or(file.healthz_bind_address)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 10256))),
+            metrics_bind_address: self
+                .metrics_bind_address
+                .or(file.metrics_bind_address)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 10249))),
             health_stale_after: self.health_stale_after,
             model: ModelConfig {
                 service_cidrs: self.service_cidr,
@@ -121,6 +169,43 @@ impl RunArgs {
         };
         Ok((config, source))
     }
+}
+
+/// Where Services and EndpointSlices come from.
+pub enum SourceSpec {
+    Manifests(PathBuf),
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        node_name: String,
+    },
+}
+
+impl SourceSpec {
+    /// The source, made inside the agent's runtime (kube reads its
+    /// configuration asynchronously).
+    pub async fn build(self) -> Result<Box<dyn Source>> {
+        Ok(match self {
+            Self::Manifests(dir) => Box::new(ManifestDir::new(dir)),
+            Self::Kube {
+                kubeconfig,
+                node_name,
+            } => {
+                info!(node = %node_name, "watching the Kubernetes API");
+                Box::new(
+                    KubeSource::new(kubeconfig.as_deref(), &node_name)
+                        .await
+                        .context("cannot set up the Kubernetes source")?,
+                )
+            }
+        })
+    }
+}
+
+/// The host name, kube-proxy's default node name.
+fn host_name() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("cannot read the host name; pass --hostname-override")?;
+    Ok(name.trim().to_lowercase())
 }
 
 /// A duration as kube-proxy writes them: `500ms`, `1s`, `1m30s`, `0`.

@@ -43,7 +43,7 @@ struct Cli {
 enum Command {
     /// Load and attach the datapath, then keep its maps in step with the
     /// Services and EndpointSlices.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the datapath's services and backends from the pinned maps.
     Services {
         #[command(flatten)]
@@ -107,7 +107,12 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(agent::run(config, source))?;
+            runtime.block_on(async {
+                let source = source.build().await?;
+                agent::run(config, source)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })?;
             Ok(())
         }
         Command::Services { pins, output } => {

@@ -311,9 +311,17 @@ impl Lab {
     /// `proxy-userspace run` with this lab's manifests, cgroup and pins.
     #[must_use]
     pub fn agent_command(&self, binary: &Path) -> Command {
+        let mut cmd = self.agent_command_without_source(binary);
+        cmd.arg("--manifests").arg(self.manifests_dir());
+        cmd
+    }
+
+    /// [`Lab::agent_command`] with no source: add `--kubeconfig` and the
+    /// node's name for the Kubernetes source.
+    #[must_use]
+    pub fn agent_command_without_source(&self, binary: &Path) -> Command {
         let mut cmd = Command::new(binary);
-        cmd.args(["run", "--manifests"])
-            .arg(self.manifests_dir())
+        cmd.arg("run")
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs")
@@ -332,13 +340,32 @@ impl Lab {
 
     /// [`Lab::start_agent`] with more `run` flags.
     pub fn start_agent_with(&self, binary: &Path, flags: &[&str]) -> Result<Agent> {
+        self.spawn_agent(self.agent_command(binary), binary, flags)
+    }
+
+    /// Starts the agent on the Kubernetes source, against the API server
+    /// that `kubeconfig` names, as Node `node`.
+    pub fn start_agent_on_api(
+        &self,
+        binary: &Path,
+        kubeconfig: &Path,
+        node: &str,
+    ) -> Result<Agent> {
+        let kubeconfig = kubeconfig.display().to_string();
+        self.spawn_agent(
+            self.agent_command_without_source(binary),
+            binary,
+            &["--kubeconfig", &kubeconfig, "--hostname-override", node],
+        )
+    }
+
+    fn spawn_agent(&self, mut command: Command, binary: &Path, flags: &[&str]) -> Result<Agent> {
         let run = fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
             .count();
         let log = self.dir.join(format!("agent-{run}.log"));
-        let child = self
-            .agent_command(binary)
+        let child = command
             .args(flags)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -881,3 +881,40 @@ fn a_file_rewritten_in_two_steps_loses_no_connection() {
     assert!(log.contains("the file now holds no objects"), "{log}");
     assert!(!log.contains("stayed empty"), "{log}");
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_agent_follows_the_kubernetes_api_and_a_restarted_server_flushes_nothing() {
+    use xtask::apiserver::{ApiServer, Resource};
+    let (lab, pods) = web_lab(&["pod-a", "pod-b", "pod-c"]);
+    let (a, b, c) = (&pods[0], &pods[1], &pods[2]);
+    let mut api = ApiServer::start().expect("test API server");
+    api.apply_yaml(&web_manifest(&[a, b])).unwrap();
+    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n")
+        .unwrap();
+    let agent = lab
+        .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
+        .unwrap();
+    let within = Duration::from_secs(1);
+    wait_for_backends(&agent, WEB_VIP, &[a.ip, b.ip], within);
+
+    // An endpoint change in the API reaches the traffic within a second.
+    api.apply_yaml(&web_manifest(&[a, c])).unwrap();
+    let took = wait_for_backends(&agent, WEB_VIP, &[a.ip, c.ip], within);
+    eprintln!("an endpoint change through the API reached the maps in {took:?}");
+    let counts = request_counts(&lab, WEB_VIP, 100);
+    assert_eq!(counts.get("pod-b"), None, "{counts:?}");
+    assert_eq!(counts.get(""), None, "{counts:?}");
+
+    // The API server restarts mid-watch (resumed watches get 410): the
+    // agent lists again and converges without a failed connection.
+    let traffic = thread::scope(|scope| {
+        let traffic = scope.spawn(|| request_counts(&lab, WEB_VIP, 2000));
+        thread::sleep(Duration::from_millis(100));
+        api.restart().unwrap();
+        traffic.join().unwrap()
+    });
+    assert_eq!(traffic.get(""), None, "connections failed: {traffic:?}");
+    assert!(api.delete(Resource::Service, "default", "web"));
+    wait_for_backends(&agent, WEB_VIP, &[], Duration::from_secs(5));
+}

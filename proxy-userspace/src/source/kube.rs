@@ -81,6 +81,7 @@ impl KubeSource {
 
     /// Objects per list request (default 500).
     #[must_use]
+    #[cfg(test)]
     pub fn with_page_size(mut self, page_size: u32) -> Self {
         self.page_size = page_size.max(1);
         self
