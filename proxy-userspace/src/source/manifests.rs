@@ -13,10 +13,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tracing::{debug, warn};
 
+use self::read::{FileObjects, read_manifest_file};
 use super::{Snapshot, SourceError, Sourced};
+
+mod read;
 
 /// How often the directory is checked: well inside the 1 s in which an edit
 /// must reach the datapath.
@@ -28,13 +30,6 @@ struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
-}
-
-/// The objects of one file, as of its last successful parse.
-#[derive(Clone, Debug, Default)]
-struct FileObjects {
-    services: Vec<Service>,
-    endpoint_slices: Vec<EndpointSlice>,
 }
 
 pub struct ManifestDir {
@@ -70,7 +65,10 @@ impl ManifestDir {
             let Ok(meta) = fs::metadata(&path) else {
                 continue; // deleted between read_dir and here
             };
-            if meta.is_file() {
+            // Anything but a directory is listed, so that a FIFO or device
+            // is reported (the reader refuses it without blocking), not
+            // silently passed over.
+            if !meta.is_dir() {
                 stamps.insert(
                     path,
                     Stamp {
@@ -90,21 +88,25 @@ impl ManifestDir {
             if self.stamps.get(path) == Some(stamp) {
                 continue;
             }
-            match fs::read_to_string(path)
-                .map_err(|e| e.to_string())
-                .and_then(|text| parse_manifests(&text))
-            {
+            match read_manifest_file(path) {
                 Ok(objects) => {
                     debug!(file = %path.display(), "read manifests");
+                    for (kind, count) in &objects.ignored {
+                        warn!(
+                            "{}: ignoring {count} {kind} object(s): only v1 Service and \
+                             discovery.k8s.io/v1 EndpointSlice are read",
+                            path.display()
+                        );
+                    }
                     self.files.insert(path.clone(), objects);
                 }
-                Err(message) => {
+                Err(error) => {
                     let kept = if self.files.contains_key(path) {
                         "keeping its last good contents"
                     } else {
                         "skipping it"
                     };
-                    warn!("{}: {message}; {kept}", path.display());
+                    warn!("{}: {error}; {kept}", path.display());
                 }
             }
         }
@@ -165,49 +167,12 @@ fn is_manifest(path: &Path) -> bool {
     yaml && !hidden
 }
 
-/// Parses every document of a file. One broken document fails the whole
-/// file, so a half-read file never drops the objects it did not reach.
-fn parse_manifests(text: &str) -> Result<FileObjects, String> {
-    let mut objects = FileObjects::default();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let at = |message: String| format!("document {}: {message}", index + 1);
-        let value: serde_yaml::Value = serde::Deserialize::deserialize(document)
-            .map_err(|e: serde_yaml::Error| at(format!("invalid YAML: {e}")))?;
-        if value.is_null() {
-            continue; // an empty document, as after a trailing `---`
-        }
-        let field = |path: &[&str]| {
-            path.iter()
-                .try_fold(&value, |v, key| v.get(key))
-                .and_then(serde_yaml::Value::as_str)
-                .map(str::to_owned)
-        };
-        let (Some(api_version), Some(kind)) = (field(&["apiVersion"]), field(&["kind"])) else {
-            return Err(at(
-                "not a Kubernetes object (no apiVersion and kind)".to_owned()
-            ));
-        };
-        let name = field(&["metadata", "name"]).unwrap_or_else(|| "<unnamed>".to_owned());
-        let object_error = |e: serde_yaml::Error| at(format!("{kind} {name}: {e}"));
-        match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => objects
-                .services
-                .push(serde_yaml::from_value(value).map_err(object_error)?),
-            ("discovery.k8s.io/v1", "EndpointSlice") => objects
-                .endpoint_slices
-                .push(serde_yaml::from_value(value).map_err(object_error)?),
-            _ => debug!(api_version, kind, name, "ignoring object"),
-        }
-    }
-    Ok(objects)
-}
-
 /// A snapshot of one manifest text, as if read from the file `origin`: the
 /// model's tests are written in YAML.
 #[cfg(test)]
-pub fn snapshot_of(origin: &str, text: &str) -> Result<Snapshot, String> {
+pub fn snapshot_of(origin: &str, text: &str) -> Result<Snapshot, read::ManifestError> {
     let mut snapshot = Snapshot::default();
-    parse_manifests(text)?.add_to(&mut snapshot, origin);
+    read::parse_manifests(text.as_bytes(), read::Format::Yaml)?.add_to(&mut snapshot, origin);
     Ok(snapshot)
 }
 
