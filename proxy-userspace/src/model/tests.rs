@@ -367,24 +367,33 @@ endpoints:
 
 #[test]
 fn too_many_endpoints_is_a_problem() {
-    let endpoints = (0..=MAX_BACKENDS_PER_FRONTEND).fold(String::new(), |mut yaml, i| {
-        let _ = writeln!(
-            yaml,
-            "- addresses: [10.{}.{}.{}]",
-            i >> 16,
-            (i >> 8) & 255,
-            i & 255
-        );
-        yaml
-    });
-    let yaml = format!(
+    // In two slices from two files: one file that big is over the manifest
+    // reader's limit on nodes.
+    let half = MAX_BACKENDS_PER_FRONTEND.div_ceil(2);
+    let slice = |index: usize| {
+        let endpoints = (index * half..(index + 1) * half).fold(String::new(), |mut yaml, i| {
+            let _ = writeln!(
+                yaml,
+                "- addresses: [10.{}.{}.{}]",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255
+            );
+            yaml
+        });
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: huge-{index}\n  \
+             labels: {{kubernetes.io/service-name: huge}}\naddressType: IPv4\nports: [{{port: 80}}]\n\
+             endpoints:\n{endpoints}"
+        )
+    };
+    let mut snapshot = snapshot(&format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: huge}}\n\
-         spec: {{clusterIP: 10.96.0.50, ports: [{{port: 80}}]}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: huge-1\n  \
-         labels: {{kubernetes.io/service-name: huge}}\naddressType: IPv4\nports: [{{port: 80}}]\n\
-         endpoints:\n{endpoints}"
-    );
-    let (state, problems) = desired_state(&snapshot(&yaml));
+         spec: {{clusterIP: 10.96.0.50, ports: [{{port: 80}}]}}\n---\n{}",
+        slice(0)
+    ));
+    snapshot.extend(self::snapshot(&slice(1)));
+    let (state, problems) = desired_state(&snapshot);
     // The first endpoints are still served.
     assert_eq!(
         state.frontends[&addr("10.96.0.50", 80, Protocol::Tcp)]

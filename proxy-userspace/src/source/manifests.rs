@@ -16,14 +16,16 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use notify::Watcher as _;
 use tracing::{debug, info, warn};
 
+use self::read::{FileObjects, read_manifest_file};
 use super::{
     Change, EventSink, ObjectName, ServiceObject, SliceObject, Source, SourceError, SourceEvent,
     Sourced,
 };
+
+mod read;
 
 /// Editors and `kubectl cp` write in several steps; changes are read once
 /// the directory has been quiet this long.
@@ -41,13 +43,6 @@ struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
-}
-
-/// The objects of one file, as of its last successful parse.
-#[derive(Clone, Debug, Default)]
-pub struct FileObjects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
 }
 
 /// An object of the model's, keyed as the model keys it.
@@ -107,6 +102,12 @@ impl ManifestDir {
             let Ok(meta) = fs::metadata(&path) else {
                 continue; // deleted between read_dir and here
             };
+            // Anything but a directory is listed, so that a FIFO or device
+            // is reported (the reader refuses it without blocking), not
+            // silently passed over.
+            if meta.is_dir() {
+                continue;
+            }
             stamps.insert(
                 path,
                 Stamp {
@@ -315,8 +316,13 @@ impl Source for ManifestDir {
 
 /// Reads one file into the model's objects, by kind and name.
 fn read_file(path: &Path) -> Result<Objects, String> {
-    let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let objects = parse_manifests(&text)?;
+    let objects = read_manifest_file(path).map_err(|e| e.to_string())?;
+    for (kind, count) in &objects.ignored {
+        warn!(
+            "{}: ignoring {count} {kind} object(s): only v1 Service and discovery.k8s.io/v1 EndpointSlice are read",
+            path.display()
+        );
+    }
     Ok(objects.into_changes(&path.display().to_string()))
 }
 
@@ -362,48 +368,11 @@ fn is_manifest(path: &Path) -> bool {
     yaml && !hidden
 }
 
-/// Parses every document of a file. One broken document fails the whole
-/// file, so a half-read file never drops the objects it did not reach.
-fn parse_manifests(text: &str) -> Result<FileObjects, String> {
-    let mut objects = FileObjects::default();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let at = |message: String| format!("document {}: {message}", index + 1);
-        let value: serde_yaml::Value = serde::Deserialize::deserialize(document)
-            .map_err(|e: serde_yaml::Error| at(format!("invalid YAML: {e}")))?;
-        if value.is_null() {
-            continue; // an empty document, as after a trailing `---`
-        }
-        let field = |path: &[&str]| {
-            path.iter()
-                .try_fold(&value, |v, key| v.get(key))
-                .and_then(serde_yaml::Value::as_str)
-                .map(str::to_owned)
-        };
-        let (Some(api_version), Some(kind)) = (field(&["apiVersion"]), field(&["kind"])) else {
-            return Err(at(
-                "not a Kubernetes object (no apiVersion and kind)".to_owned()
-            ));
-        };
-        let name = field(&["metadata", "name"]).unwrap_or_else(|| "<unnamed>".to_owned());
-        let object_error = |e: serde_yaml::Error| at(format!("{kind} {name}: {e}"));
-        match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => objects
-                .services
-                .push(serde_yaml::from_value(value).map_err(object_error)?),
-            ("discovery.k8s.io/v1", "EndpointSlice") => objects
-                .endpoint_slices
-                .push(serde_yaml::from_value(value).map_err(object_error)?),
-            _ => debug!(api_version, kind, name, "ignoring object"),
-        }
-    }
-    Ok(objects)
-}
-
 /// The changes one manifest text makes, as if read from the file
 /// `origin`: the model's tests are written in YAML.
 #[cfg(test)]
-pub fn changes_of(origin: &str, text: &str) -> Result<Vec<Change>, String> {
-    Ok(parse_manifests(text)?
+pub fn changes_of(origin: &str, text: &str) -> Result<Vec<Change>, read::ManifestError> {
+    Ok(read::parse_manifests(text.as_bytes(), read::Format::Yaml)?
         .into_changes(origin)
         .into_values()
         .collect())

@@ -3,40 +3,6 @@ use std::time::Duration;
 use super::*;
 use crate::source::{EventSink, SourceEvent};
 
-#[test]
-fn reads_services_and_slices_and_ignores_other_kinds() {
-    let objects = parse_manifests(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\n\
-         apiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: c}\n\
-         addressType: IPv4\nendpoints: []\n---\n",
-    )
-    .unwrap();
-    assert_eq!(objects.services.len(), 1);
-    assert_eq!(objects.endpoint_slices.len(), 1);
-}
-
-#[test]
-fn broken_yaml_names_the_document() {
-    let error =
-        parse_manifests("apiVersion: v1\nkind: Service\n---\nmetadata: {name: [\n").unwrap_err();
-    assert!(error.starts_with("document 2: invalid YAML"), "{error}");
-}
-
-#[test]
-fn a_wrongly_typed_object_names_kind_and_name() {
-    let error = parse_manifests(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: eighty}]}\n",
-    )
-    .unwrap_err();
-    assert!(error.starts_with("document 1: Service web: "), "{error}");
-}
-
-#[test]
-fn a_document_that_is_not_an_object_is_an_error() {
-    assert!(parse_manifests("- just\n- a list\n").is_err());
-}
-
 /// The next event, or a failure after a generous wait.
 async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<SourceEvent>) -> SourceEvent {
     tokio::time::timeout(Duration::from_secs(5), events.recv())
