@@ -544,6 +544,12 @@ impl Agent {
         }
     }
 
+    /// The agent's process id, to read its /proc entries.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     #[must_use]
     pub fn is_running(&self) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
