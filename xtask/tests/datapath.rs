@@ -10,7 +10,7 @@ use std::{
     io::Read as _,
     net::Ipv4Addr,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -917,4 +917,145 @@ fn the_agent_follows_the_kubernetes_api_and_a_restarted_server_flushes_nothing()
     assert_eq!(traffic.get(""), None, "connections failed: {traffic:?}");
     assert!(api.delete(Resource::Service, "default", "web"));
     wait_for_backends(&agent, WEB_VIP, &[], Duration::from_secs(5));
+}
+
+/// The agent's peak resident memory (VmHWM), in KiB.
+fn peak_memory_kib(agent: &Agent) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in:\n{status}"))
+}
+
+/// The hostile corpus (`tests/hostile/`, with what the agent must log
+/// about each file in `expected.tsv`), plus what cannot be kept in a
+/// repository: a file over the size limit, FIFOs and a device.
+fn hostile_cases(lab: &Lab) -> Vec<(String, PathBuf, String)> {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile");
+    let expected = std::fs::read_to_string(corpus.join("expected.tsv")).unwrap();
+    let mut cases: Vec<(String, PathBuf, String)> = expected
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| {
+            let (file, message) = line.split_once('\t').expect("file<TAB>message");
+            (file.to_owned(), corpus.join(file), message.to_owned())
+        })
+        .collect();
+    assert!(cases.len() >= 30, "the corpus has {} files", cases.len());
+    let made = lab.manifests_dir().join(".made");
+    std::fs::create_dir_all(&made).unwrap();
+    let huge = made.join("huge.yaml");
+    // Sparse: only its size matters, and it is refused unread.
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len((4 << 20) + 1)
+        .unwrap();
+    cases.push((
+        "huge.yaml".to_owned(),
+        huge,
+        "size limit (4 MiB)".to_owned(),
+    ));
+    let fifo = made.join("fifo.yaml");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    cases.push(("fifo.yaml".to_owned(), fifo.clone(), "a FIFO".to_owned()));
+    // A ConfigMap mount's files are symlinks; one to a FIFO must not block.
+    let target = made.join("target-fifo");
+    let status = Command::new("mkfifo").arg(&target).status().unwrap();
+    assert!(status.success());
+    let link = made.join("fifo-link.yaml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    cases.push(("fifo-link.yaml".to_owned(), link, "a FIFO".to_owned()));
+    let zero = made.join("zero.yaml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    cases.push((
+        "zero.yaml".to_owned(),
+        zero,
+        "a character device".to_owned(),
+    ));
+    cases
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn hostile_manifests_are_refused_by_name_while_the_agent_keeps_serving() {
+    const MEMORY_BOUND_KIB: u64 = 150 << 10;
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let dir = lab.manifests_dir();
+    let started = Instant::now();
+
+    for (index, (file, source, expected)) in hostile_cases(&lab).into_iter().enumerate() {
+        // Into place in one rename, so the agent never sees half a file
+        // (hidden names are not read).
+        let staged = dir.join(format!(".{file}"));
+        if source.starts_with(dir.join(".made")) {
+            std::fs::rename(&source, &staged).unwrap();
+        } else {
+            std::fs::copy(&source, &staged).unwrap();
+        }
+        std::fs::rename(&staged, dir.join(&file)).unwrap();
+
+        // An unrelated edit lands within a second all the same.
+        let probe = format!("10.96.1.{}", index + 1);
+        let edited = Instant::now();
+        lab.write_manifest("probe.yaml", &manifests::service("probe", &probe, HTTP))
+            .unwrap();
+        let frontend = format!("\"frontend\": \"{probe}:80\"");
+        while !agent.services_json().unwrap().contains(&frontend) {
+            assert!(
+                edited.elapsed() < Duration::from_secs(1),
+                "{file}: an edit beside it did not land within a second; agent log:\n{}",
+                agent.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+
+        // The file was read before the probe (it was there first): one
+        // line names it and its problem, or none when it is fine.
+        let log = agent.log();
+        let named = format!("/{file}:");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&named)).collect();
+        if expected == "-" {
+            assert!(
+                lines.is_empty(),
+                "{file}: expected no warning, got {lines:#?}"
+            );
+        } else {
+            assert_eq!(lines.len(), 1, "{file}: expected one line, got {lines:#?}");
+            assert!(
+                lines[0].contains(&expected),
+                "{file}: {:?} lacks {expected:?}",
+                lines[0]
+            );
+        }
+        eprintln!(
+            "{file}: an edit beside it landed in {:?}; {}",
+            edited.elapsed(),
+            lines
+                .first()
+                .map_or("no warning", |l| l.split_once(&named).map_or(l, |(_, m)| m))
+        );
+        let peak = peak_memory_kib(&agent);
+        assert!(
+            peak < MEMORY_BOUND_KIB,
+            "{file}: the agent's peak memory reached {peak} KiB"
+        );
+        assert_eq!(
+            request_counts(&lab, WEB_VIP, 1).get("pod-a"),
+            Some(&1),
+            "{file}: the good Service stopped answering"
+        );
+        std::fs::remove_file(dir.join(&file)).unwrap();
+    }
+    assert!(agent.is_running());
+    eprintln!(
+        "hostile corpus done in {:?}; the agent's peak memory was {} KiB",
+        started.elapsed(),
+        peak_memory_kib(&agent)
+    );
 }

@@ -367,32 +367,35 @@ endpoints:
 
 #[test]
 fn too_many_endpoints_is_a_problem() {
-    // In two slices from two files: one file that big is over the manifest
+    // In slices from several files: one file that big is over the manifest
     // reader's limit on nodes.
-    let half = MAX_BACKENDS_PER_FRONTEND.div_ceil(2);
+    let files = 8;
+    let per_file = (MAX_BACKENDS_PER_FRONTEND + 1) / files;
     let slice = |index: usize| {
-        let endpoints = (index * half..(index + 1) * half).fold(String::new(), |mut yaml, i| {
-            let _ = writeln!(
-                yaml,
-                "- addresses: [10.{}.{}.{}]",
-                i >> 16,
-                (i >> 8) & 255,
-                i & 255
-            );
-            yaml
-        });
+        let endpoints =
+            (index * per_file..(index + 1) * per_file).fold(String::new(), |mut yaml, i| {
+                let _ = writeln!(
+                    yaml,
+                    "- addresses: [10.{}.{}.{}]",
+                    i >> 16,
+                    (i >> 8) & 255,
+                    i & 255
+                );
+                yaml
+            });
         format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: huge-{index}\n  \
              labels: {{kubernetes.io/service-name: huge}}\naddressType: IPv4\nports: [{{port: 80}}]\n\
              endpoints:\n{endpoints}"
         )
     };
-    let mut snapshot = snapshot(&format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: huge}}\n\
-         spec: {{clusterIP: 10.96.0.50, ports: [{{port: 80}}]}}\n---\n{}",
-        slice(0)
-    ));
-    snapshot.extend(self::snapshot(&slice(1)));
+    let mut snapshot = snapshot(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: huge}\n\
+         spec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}\n",
+    );
+    for index in 0..files {
+        snapshot.extend(self::snapshot(&slice(index)));
+    }
     let (state, problems) = desired_state(&snapshot);
     // The first endpoints are still served.
     assert_eq!(
