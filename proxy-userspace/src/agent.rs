@@ -152,8 +152,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     };
     let mut attached = false;
     let mut last_sync: Option<Instant> = None;
+    // A sync held back by --min-sync-period, and when it is due.
+    let mut deferred: Option<Instant> = None;
     loop {
-        let retry_at = state.retry_at.map(tokio::time::Instant::from_std);
+        let wake = [state.retry_at, deferred].into_iter().flatten().min();
         tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else {
@@ -162,8 +164,11 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
                 state.take(event);
                 drain(&mut events, &mut state);
             }
-            () = async { sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
-                state.retry_at = None;
+            () = async { sleep_until(wake.expect("guarded").into()).await }, if wake.is_some() => {
+                let now = Instant::now();
+                if state.retry_at.is_some_and(|at| at <= now) {
+                    state.retry_at = None;
+                }
             }
             _ = terminate.recv() => {
                 info!("SIGTERM: exiting; the pinned datapath keeps serving");
@@ -182,10 +187,11 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         if let Some(last) = last_sync {
             let due = last + config.min_sync_period;
             if Instant::now() < due {
-                tokio::time::sleep_until(due.into()).await;
-                drain(&mut events, &mut state);
+                deferred = Some(due);
+                continue;
             }
         }
+        deferred = None;
         if state.sync() {
             last_sync = Some(Instant::now());
         }

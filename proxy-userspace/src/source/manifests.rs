@@ -120,8 +120,8 @@ impl ManifestDir {
         Ok(stamps)
     }
 
-    /// Reads what changed and returns the changes for the agent; `None`
-    /// while nothing did. Also returns when a held-back empty file is due.
+    /// Reads the files whose stamps changed (and held-back empty files
+    /// whose grace is over) and returns the changes for the agent.
     fn refresh(&mut self, now: Instant) -> Result<Vec<Change>, SourceError> {
         let stamps = self.scan()?;
         let gone: Vec<PathBuf> = self
