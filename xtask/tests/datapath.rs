@@ -1059,3 +1059,74 @@ fn hostile_manifests_are_refused_by_name_while_the_agent_keeps_serving() {
         peak_memory_kib(&agent)
     );
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn min_sync_period_applies_changes_that_come_sooner_together() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    let service = |name: &str, vip: &str| {
+        let endpoints = [(pods[0].ip, true)];
+        manifests::documents(&[
+            manifests::service(name, vip, HTTP),
+            manifests::endpoint_slice(&format!("{name}-1"), name, HTTP_BACKEND, &endpoints),
+        ])
+    };
+    let agent = lab
+        .start_agent_with(&agent_binary(), &["--min-sync-period", "1s"])
+        .unwrap();
+    let applied = || agent.log().matches(" applied").count();
+    thread::sleep(Duration::from_millis(1200));
+    let before = applied();
+    lab.write_manifest("a.yaml", &service("a", "10.96.0.71"))
+        .unwrap();
+    wait_for_frontend(&agent, "10.96.0.71", Duration::from_secs(1));
+    let first = Instant::now();
+    thread::sleep(Duration::from_millis(100));
+    lab.write_manifest("b.yaml", &service("b", "10.96.0.72"))
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    lab.write_manifest("c.yaml", &service("c", "10.96.0.73"))
+        .unwrap();
+    wait_for_frontend(&agent, "10.96.0.73", Duration::from_secs(3));
+    assert!(
+        first.elapsed() >= Duration::from_millis(800),
+        "the second sync came {:?} after the first",
+        first.elapsed()
+    );
+    assert_eq!(
+        applied() - before,
+        2,
+        "b and c were not applied together:\n{}",
+        agent.log()
+    );
+    assert!(agent.services_json().unwrap().contains("10.96.0.72:80"));
+
+    // An object defined twice is taken from the first file, and said once.
+    lab.write_manifest("d.yaml", &service("a", "10.96.0.74"))
+        .unwrap();
+    lab.write_manifest("e.yaml", &service("e", "10.96.0.75"))
+        .unwrap();
+    wait_for_frontend(&agent, "10.96.0.75", Duration::from_secs(3));
+    thread::sleep(Duration::from_millis(300));
+    let log = agent.log();
+    assert_eq!(
+        log.matches("Service default/a is also defined in").count(),
+        1,
+        "{log}"
+    );
+    assert!(!agent.services_json().unwrap().contains("10.96.0.74"));
+}
+
+/// Polls the pinned maps until they hold a frontend for `vip`:80.
+fn wait_for_frontend(agent: &Agent, vip: &str, within: Duration) {
+    let started = Instant::now();
+    let frontend = format!("\"frontend\": \"{vip}:80\"");
+    while !agent.services_json().expect("services").contains(&frontend) {
+        assert!(
+            started.elapsed() < within,
+            "no frontend {vip}:80 within {within:?}; agent log:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}

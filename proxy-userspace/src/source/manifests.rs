@@ -185,13 +185,16 @@ impl ManifestDir {
         for (path, state) in &self.files {
             for (key, change) in &state.objects {
                 if let Some((first, _)) = now.get(key) {
-                    warn!(
-                        file = %path.display(),
-                        "{:?} {} is also defined in {}; that one is used",
-                        key.0,
-                        key.1,
-                        first.display()
-                    );
+                    // Said when either file is read, not on every edit.
+                    if read.contains(path) || read.contains(*first) {
+                        warn!(
+                            file = %path.display(),
+                            "{:?} {} is also defined in {}; that one is used",
+                            key.0,
+                            key.1,
+                            first.display()
+                        );
+                    }
                     continue;
                 }
                 now.insert(key.clone(), (path, change));
@@ -258,6 +261,7 @@ impl ManifestDir {
                     Vec::new()
                 }
             };
+            debug!(changes = changes.len(), "manifests read");
             if !self.report(sink, changes) {
                 return; // the agent is gone
             }
@@ -292,10 +296,15 @@ impl Source for ManifestDir {
             path: self.dir.display().to_string(),
             source,
         };
-        let mut watcher = notify::recommended_watcher(move |_event| {
-            let _ = tx.send(());
-        })
-        .map_err(watch_error)?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Reads, our own included (every scan opens the directory), are
+                // not changes; answering them would rescan in a loop.
+                if !event.is_ok_and(|e| matches!(e.kind, notify::EventKind::Access(_))) {
+                    let _ = tx.send(());
+                }
+            })
+            .map_err(watch_error)?;
         watcher
             .watch(&self.dir, notify::RecursiveMode::NonRecursive)
             .map_err(watch_error)?;

@@ -89,3 +89,24 @@ async fn a_file_that_suddenly_holds_nothing_is_believed_only_after_a_grace_perio
     );
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn an_object_defined_twice_is_taken_from_the_first_file() {
+    let dir = std::env::temp_dir().join(format!("manifests-dup-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let service =
+        |name: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n");
+    fs::write(dir.join("a.yaml"), service("a")).unwrap();
+    let (sink, mut events) = EventSink::channel();
+    Box::new(ManifestDir::new(&dir)).start(sink).unwrap();
+    assert_eq!(names(&next(&mut events).await), ["+a"]);
+    next(&mut events).await; // Synced
+    fs::write(dir.join("d.yaml"), service("a")).unwrap();
+    fs::write(dir.join("e.yaml"), service("e")).unwrap();
+    let mut seen = Vec::new();
+    while !seen.contains(&"+e".to_owned()) {
+        seen.extend(names(&next(&mut events).await));
+    }
+    assert!(!seen.contains(&"-a".to_owned()), "{seen:?}");
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -22,12 +22,13 @@ fn json(text: &str) -> Result<FileObjects, ManifestError> {
 }
 
 /// Parses and returns the limit hit, checking that the refusal was quick:
-/// what a limit is for.
+/// what a limit is for. The bound is loose (a loaded machine runs the unit
+/// tests of a debug build); the unlimited cases took minutes.
 fn limit_hit(format: Format, text: &str) -> Option<Limit> {
     let started = Instant::now();
     let result = parse_manifests(text.as_bytes(), format);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
     result.err().and_then(|e| e.limit())
 }
 
@@ -342,7 +343,7 @@ fn empty_and_null_documents_are_skipped() {
 
 /// The slowest a parse of a small input may take, even in a debug build
 /// on a busy machine.
-const PARSE_TIME: Duration = Duration::from_millis(500);
+const PARSE_TIME: Duration = Duration::from_secs(2);
 
 fn parses_in_time(bytes: &[u8]) {
     for format in [Format::Yaml, Format::Json] {
