@@ -1,6 +1,6 @@
 //! The system calls aya does not make for us: opening a pinned object,
-//! reading a map's definition from the kernel, swapping the program behind
-//! a link, and asking which file system a path is on.
+//! reading a map's definition and BTF from the kernel, swapping the program
+//! behind a link, and asking which file system a path is on.
 
 use std::{
     ffi::CString,
@@ -9,11 +9,12 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_cmd, bpf_map_info};
+use aya_obj::generated::{bpf_btf_info, bpf_cmd, bpf_map_info};
 
 const BPF_OBJ_GET: bpf_cmd = bpf_cmd::BPF_OBJ_GET;
 const BPF_LINK_UPDATE: bpf_cmd = bpf_cmd::BPF_LINK_UPDATE;
 const BPF_OBJ_GET_INFO_BY_FD: bpf_cmd = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD;
+const BPF_BTF_GET_FD_BY_ID: bpf_cmd = bpf_cmd::BPF_BTF_GET_FD_BY_ID;
 
 /// `union bpf_attr` for BPF_OBJ_GET.
 #[repr(C)]
@@ -43,6 +44,15 @@ struct InfoAttr {
     bpf_fd: u32,
     info_len: u32,
     info: u64,
+}
+
+/// `union bpf_attr` for BPF_BTF_GET_FD_BY_ID.
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
 }
 
 fn bpf<T>(cmd: bpf_cmd, attr: &T) -> io::Result<libc::c_long> {
@@ -98,6 +108,44 @@ pub fn map_info(fd: impl AsFd) -> io::Result<bpf_map_info> {
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
     Ok(info)
+}
+
+/// The raw BTF blob with id `btf_id` (a map's `btf_id`), as it was loaded.
+/// Needs CAP_SYS_ADMIN: the kernel hands out objects by id only to it.
+pub fn btf_by_id(btf_id: u32) -> io::Result<Vec<u8>> {
+    let attr = GetFdByIdAttr {
+        id: btf_id,
+        ..GetFdByIdAttr::default()
+    };
+    let fd = bpf(BPF_BTF_GET_FD_BY_ID, &attr)?;
+    let fd = i32::try_from(fd).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // SAFETY: BPF_BTF_GET_FD_BY_ID returned a new file descriptor that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The first call, with no buffer, tells the size; BTF never changes
+    // once loaded, so the second gets all of it.
+    let size = btf_info(&fd, &mut [])?;
+    let mut data = vec![0; size as usize];
+    let got = btf_info(&fd, &mut data)?;
+    data.truncate(got as usize);
+    Ok(data)
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a BTF object: copies at most `data.len()`
+/// bytes of it into `data` and returns its full size.
+fn btf_info(fd: &OwnedFd, data: &mut [u8]) -> io::Result<u32> {
+    // SAFETY: bpf_btf_info is plain integers, for which zero is valid.
+    let mut info: bpf_btf_info = unsafe { std::mem::zeroed() };
+    if !data.is_empty() {
+        info.btf = data.as_mut_ptr() as u64;
+        info.btf_size = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    }
+    let attr = InfoAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
+        info_len: u32::try_from(size_of::<bpf_btf_info>()).unwrap_or(u32::MAX),
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(info.btf_size)
 }
 
 /// Atomically points a link at another program: sockets see either the old

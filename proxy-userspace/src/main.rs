@@ -100,6 +100,8 @@ fn main() -> Result<()> {
             )?;
             // Held until the agent exits: one agent per pin directory.
             let _lock = config.pins.prepare()?;
+            // Reading a pinned map's BTF takes CAP_SYS_ADMIN (BPF_BTF_GET_FD_BY_ID).
+            datapath::check_pinned_maps(&config.pins)?;
             privileges::end_startup(&privileges::STARTUP_CAPABILITIES)?;
             // One thread: the loop is cheap, and one thread keeps the
             // agent's memory and its event order simple.

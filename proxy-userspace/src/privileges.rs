@@ -34,7 +34,8 @@ pub const AGENT_CAPABILITIES: [Capability; 4] = [
 ];
 
 /// Held only until the pin directory is ready: `CAP_SYS_ADMIN` for
-/// mount(2) of bpffs on a host that has not mounted it.
+/// mount(2) of bpffs on a host that has not mounted it, and for reading
+/// the BTF of the pinned maps (BPF_BTF_GET_FD_BY_ID) to check their layout.
 pub const STARTUP_CAPABILITIES: [Capability; 1] = [Capability::CAP_SYS_ADMIN];
 
 /// Without these the agent cannot start at all.

@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod btf_map;
 pub mod ebpf_build;
 pub mod lab;
 pub mod prerequisites;

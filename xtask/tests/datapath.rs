@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::lab::{Agent, Lab, Pod, agent_binary, manifests};
+use xtask::{
+    btf_map::{self, BtfBuilder, MAP_TYPE_HASH, MapSpec},
+    lab::{Agent, Lab, Pod, agent_binary, manifests},
+};
 
 const WEB_VIP: &str = "10.96.0.10";
 const HTTP: &[(&str, i64, &str)] = &[("http", 80, "TCP")];
@@ -601,6 +604,140 @@ fn a_pinned_map_of_another_layout_is_refused_naming_cleanup() {
     assert!(ok, "{stderr}");
     let _agent = lab.start_agent(&agent_binary()).unwrap();
     assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+}
+
+/// The pinned services map (whatever version its name carries), with its
+/// definition as `bpftool map show` reports it.
+fn pinned_services_map(bpffs: &Path) -> (PathBuf, serde_json::Value) {
+    let path = fs::read_dir(bpffs.join("maps"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("lb4_svc_")
+        })
+        .expect("a pinned services map");
+    let out = Command::new("bpftool")
+        .args(["--json", "map", "show", "pinned"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (path, serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pinned_map_of_the_right_sizes_but_another_btf_layout_is_refused() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    agent.kill();
+
+    // Replace the services map with one of the same type, sizes and flags
+    // whose key is an older layout: no backend slot, a u32 port.
+    let (path, def) = pinned_services_map(lab.bpffs());
+    let size = |field: &str| u32::try_from(def[field].as_u64().unwrap()).unwrap();
+    assert_eq!(def["type"], "hash");
+    let mut btf = BtfBuilder::new();
+    let u8_ = btf.int("u8", 1, false);
+    let u16_ = btf.int("u16", 2, false);
+    let u32_ = btf.int("u32", 4, false);
+    let pad = btf.array(u8_, u32_, 2);
+    let key = btf.structure(
+        "ServiceKey",
+        size("bytes_key"),
+        &[
+            ("addr_be", u32_, 0),
+            ("port_be", u32_, 32),
+            ("proto", u8_, 64),
+            ("scope", u8_, 72),
+            ("pad", pad, 80),
+        ],
+    );
+    let value = btf.structure(
+        "ServiceValue",
+        size("bytes_value"),
+        &[
+            ("backend_id", u32_, 0),
+            ("count", u16_, 32),
+            ("flags", u16_, 48),
+        ],
+    );
+    fs::remove_file(&path).unwrap();
+    let spec = MapSpec {
+        map_type: MAP_TYPE_HASH,
+        key_size: size("bytes_key"),
+        value_size: size("bytes_value"),
+        max_entries: 16,
+        flags: size("flags"),
+        key_type_id: key,
+        value_type_id: value,
+    };
+    btf_map::pin_map(&path, &btf.bytes(), spec).unwrap();
+
+    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+    assert!(!ok);
+    let name = path.file_name().unwrap().to_string_lossy();
+    assert!(
+        stderr.contains(&format!("is laid out otherwise than this agent's {name}"))
+            && stderr.contains("key member `port_be` at offset 4 is u32, expected u16")
+            && stderr.contains(&format!(
+                "proxy-userspace cleanup --bpffs {}",
+                lab.bpffs().display()
+            )),
+        "{stderr}"
+    );
+    // Refusing touched nothing: the last agent's programs still serve
+    // from the map they were loaded with.
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+
+    // The way out it names works.
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(ok, "{stderr}");
+    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pinned_map_without_btf_is_judged_by_its_sizes() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    agent.kill();
+    let (path, def) = pinned_services_map(lab.bpffs());
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(ok, "{stderr}");
+
+    // What bpftool makes has no BTF; with the programs' sizes and flags it
+    // is adopted, and the agent fills it.
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args(["type", "hash", "key"])
+        .arg(def["bytes_key"].to_string())
+        .arg("value")
+        .arg(def["bytes_value"].to_string())
+        .arg("entries")
+        .arg(def["max_entries"].to_string())
+        .arg("flags")
+        .arg(def["flags"].to_string())
+        .args(["name", "by_hand"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    let (_, def) = pinned_services_map(lab.bpffs());
+    assert_eq!(def["name"], "by_hand", "the map made by hand was adopted");
 }
 
 #[test]

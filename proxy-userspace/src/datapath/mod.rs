@@ -8,8 +8,9 @@
 //! upgrade never leaves a socket without a program.
 //!
 //! A pinned map is adopted only if the kernel's definition of it (type, key
-//! and value sizes, flags) is the one the programs were built for; anything
-//! else would make the programs misread it.
+//! and value sizes, flags, and the key and value types in its BTF when it
+//! has any) is the one the programs were built for; anything else would
+//! make the programs misread it.
 
 use std::{
     fs, io,
@@ -29,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::{bpf_sys, writer::Table};
 
+pub mod btf;
 pub mod pins;
 
 pub use pins::{Pins, PinsError};
@@ -63,6 +65,37 @@ pub enum DatapathError {
         found: MapLayout,
         expected: MapLayout,
     },
+    #[error(
+        "the pinned map {path} is laid out otherwise than this agent's {name}: {difference}. \
+         It was made by another program or version. Run `proxy-userspace cleanup --bpffs \
+         {root}` to remove the old datapath (its Services stop being balanced until the \
+         agent starts again), then start the agent"
+    )]
+    BtfLayout {
+        name: &'static str,
+        path: PathBuf,
+        root: PathBuf,
+        difference: String,
+    },
+    #[error(
+        "the BTF of the pinned map {path} is unreadable; it was not made by this agent. Run \
+         `proxy-userspace cleanup --bpffs {root}` to remove the old datapath, then start the \
+         agent"
+    )]
+    BadMapBtf {
+        path: PathBuf,
+        root: PathBuf,
+        #[source]
+        source: btf::BtfError,
+    },
+    #[error("cannot read the BTF of the pinned map {path}")]
+    MapBtf {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the eBPF object's BTF is unreadable")]
+    ObjectBtf(#[source] btf::BtfError),
     #[error("cannot read the pinned map {path}")]
     MapInfo {
         path: PathBuf,
@@ -269,11 +302,26 @@ impl std::fmt::Display for MapLayout {
     }
 }
 
+/// How much of a pinned map [`check_layouts`] compares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Type, sizes and flags: needs only CAP_BPF.
+    Definition,
+    /// And the key and value types of its BTF: needs CAP_SYS_ADMIN too.
+    WithBtf,
+}
+
 /// Refuses pinned maps the programs would misread: made by another
 /// program, by a build with another layout under the same versioned name,
-/// or by hand.
-fn check_layouts(pins: &Pins) -> Result<(), DatapathError> {
+/// or by hand. Reading a map's BTF needs CAP_SYS_ADMIN, which the agent
+/// holds only while it starts: call this then, before [`Datapath::load`].
+pub fn check_pinned_maps(pins: &Pins) -> Result<(), DatapathError> {
+    check_layouts(pins, Check::WithBtf)
+}
+
+fn check_layouts(pins: &Pins, check: Check) -> Result<(), DatapathError> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(DatapathError::Parse)?;
+    let mut object_btf = None;
     for name in MAPS {
         let path = pins.map(name);
         if !Pins::check_entry(&path)? {
@@ -313,6 +361,54 @@ fn check_layouts(pins: &Pins) -> Result<(), DatapathError> {
                 expected,
             });
         }
+        // A map made without BTF (by bpftool, say) can only be judged by
+        // the definition above.
+        let aya_obj::Map::Btf(ours) = def else {
+            continue;
+        };
+        if check == Check::Definition || info.btf_id == 0 {
+            continue;
+        }
+        if object_btf.is_none() {
+            let Some(btf) = &object.btf else { continue };
+            object_btf = Some(btf::Btf::parse(&btf.to_bytes()).map_err(DatapathError::ObjectBtf)?);
+        }
+        let Some(ours_btf) = &object_btf else {
+            continue;
+        };
+        let theirs = bpf_sys::btf_by_id(info.btf_id).map_err(|source| DatapathError::MapBtf {
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |source| DatapathError::BadMapBtf {
+            path: path.clone(),
+            root: pins.root().to_owned(),
+            source,
+        };
+        let theirs = btf::Btf::parse(&theirs).map_err(bad)?;
+        let mut differences = Vec::new();
+        for (what, found_id, expected_id) in [
+            ("key", info.btf_key_type_id, ours.def.btf_key_type_id),
+            ("value", info.btf_value_type_id, ours.def.btf_value_type_id),
+        ] {
+            // A side without a type id is described by its size alone.
+            if found_id == 0 || expected_id == 0 {
+                continue;
+            }
+            let expected = ours_btf
+                .layout(expected_id)
+                .map_err(DatapathError::ObjectBtf)?;
+            let found = theirs.layout(found_id).map_err(bad)?;
+            differences.extend(found.differences(&expected, what));
+        }
+        if !differences.is_empty() {
+            return Err(DatapathError::BtfLayout {
+                name,
+                path,
+                root: pins.root().to_owned(),
+                difference: differences.join("; "),
+            });
+        }
     }
     Ok(())
 }
@@ -342,9 +438,12 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs and maps, reusing every map that is already pinned
     /// and laid out as the programs expect. The directory must have been
-    /// prepared and locked with [`Pins::prepare`].
+    /// prepared and locked with [`Pins::prepare`], and its maps' BTF checked
+    /// with [`check_pinned_maps`] while the agent could still read it.
     pub fn load(pins: Pins, sizes: MapSizes) -> Result<Self, DatapathError> {
-        check_layouts(&pins)?;
+        // Again, as far as the agent's capabilities now allow: a map could
+        // have been pinned since by hand.
+        check_layouts(&pins, Check::Definition)?;
         let mut loader = EbpfLoader::new();
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
