@@ -190,7 +190,7 @@ pub fn cgroup_link_info(fd: impl AsFd) -> io::Result<CgroupLinkInfo> {
     use aya_obj::generated::{bpf_link_info, bpf_link_type};
     let fd = fd.as_fd();
     let kind = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    if kind.as_os_str() != "anon_inode:bpf_link" {
+    if kind.as_os_str() != "anon_inode:bpf-link" {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("not a link but {}", kind.display()),

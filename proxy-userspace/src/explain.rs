@@ -137,29 +137,48 @@ pub fn explain(
             notes.push(format!("skipped by the agent: {problem}"));
         }
     }
-    match (&maps, &desired_backends) {
+    notes.extend(drift(maps.as_ref(), desired_backends.as_ref(), pins));
+    let (verdict, summary) = verdict(frontend, maps.as_ref());
+    Explanation {
+        frontend: frontend.to_string(),
+        verdict,
+        summary,
+        service: desired.map(|d| d.service.clone()),
+        endpoints,
+        maps,
+        notes,
+    }
+}
+
+/// Where the maps and the source disagree on this frontend.
+fn drift(maps: Option<&Vec<String>>, desired: Option<&Vec<String>>, pins: &Pins) -> Option<String> {
+    match (maps, desired) {
         (Some(held), Some(wanted)) => {
             let mut sorted = held.clone();
             sorted.sort();
-            if &sorted != wanted {
-                notes.push(format!(
+            (&sorted != wanted).then(|| {
+                format!(
                     "drift: the maps hold [{}] but the source asks for [{}]; run `proxy-userspace doctor`",
                     held.join(", "),
                     wanted.join(", ")
-                ));
-            }
+                )
+            })
         }
-        (Some(_), None) => notes.push(
+        (Some(_), None) => Some(
             "drift: the maps hold this frontend but no Service asks for it; run `proxy-userspace doctor`"
                 .to_owned(),
         ),
-        (None, Some(_)) if pins.root().exists() => notes.push(
+        (None, Some(_)) if pins.root().exists() => Some(
             "drift: a Service asks for this frontend but the maps do not hold it; run `proxy-userspace doctor`"
                 .to_owned(),
         ),
-        _ => {}
+        _ => None,
     }
-    let (verdict, summary) = match &maps {
+}
+
+/// What the maps make of a connection to `frontend`.
+fn verdict(frontend: L4Addr, maps: Option<&Vec<String>>) -> (Verdict, String) {
+    match maps {
         Some(held) if held.is_empty() => (
             Verdict::Refused,
             format!(
@@ -178,15 +197,6 @@ pub fn explain(
             Verdict::Untouched,
             format!("{frontend} is not a Service frontend: connections to it pass untouched"),
         ),
-    };
-    Explanation {
-        frontend: frontend.to_string(),
-        verdict,
-        summary,
-        service: desired.map(|d| d.service.clone()),
-        endpoints,
-        maps,
-        notes,
     }
 }
 

@@ -377,6 +377,13 @@ async fn source(cx: &Context<'_>) -> (Check, Option<Snapshot>) {
             );
         }
     };
+    let check = source_verdict(&what, &snapshot);
+    (check, Some(snapshot))
+}
+
+/// The source check once the source was read.
+fn source_verdict(what: &str, snapshot: &Snapshot) -> Check {
+    const NAME: &str = "source";
     let frontends = snapshot.model.desired().frontends.len();
     let problems: Vec<String> = snapshot
         .model
@@ -384,7 +391,7 @@ async fn source(cx: &Context<'_>) -> (Check, Option<Snapshot>) {
         .iter()
         .map(ToString::to_string)
         .collect();
-    let check = if let Some(error) = &snapshot.error {
+    if let Some(error) = &snapshot.error {
         Check::problem(
             NAME,
             Status::Warn,
@@ -413,8 +420,7 @@ async fn source(cx: &Context<'_>) -> (Check, Option<Snapshot>) {
             "fix the objects named below; the rest is served",
         )
         .with_details(problems)
-    };
-    (check, Some(snapshot))
+    }
 }
 
 /// Whether the API server answers, and lets this client list what the

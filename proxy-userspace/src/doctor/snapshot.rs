@@ -46,19 +46,16 @@ pub enum Built {
 impl SourceArgs {
     /// The source these flags name (nothing is requested yet).
     pub async fn build(&self) -> Result<Built, SourceError> {
-        match &self.manifests {
-            Some(dir) => Ok(Built::Manifests(dir.clone(), ManifestDir::new(dir))),
-            None => {
-                let node = match &self.hostname_override {
-                    Some(name) => name.clone(),
-                    None => crate::config::host_name()
-                        .map_err(|e| SourceError::Kube(format!("{e:#}")))?,
-                };
-                Ok(Built::Kube(
-                    KubeSource::new(self.kubeconfig.as_deref(), &node).await?,
-                ))
-            }
+        if let Some(dir) = &self.manifests {
+            return Ok(Built::Manifests(dir.clone(), ManifestDir::new(dir)));
         }
+        let node = match &self.hostname_override {
+            Some(name) => name.clone(),
+            None => crate::config::host_name().map_err(|e| SourceError::Kube(format!("{e:#}")))?,
+        };
+        Ok(Built::Kube(
+            KubeSource::new(self.kubeconfig.as_deref(), &node).await?,
+        ))
     }
 
     /// The node name the Kubernetes source follows.
