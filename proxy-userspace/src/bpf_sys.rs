@@ -216,3 +216,124 @@ fn fs_magic(path: &Path) -> io::Result<libc::__fsword_t> {
     }
     Ok(stat.f_type)
 }
+
+/// Whether `path` is on a bpf file system, without mounting anything.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    Ok(fs_magic(path)? == libc::BPF_FS_MAGIC)
+}
+
+/// What the kernel says of a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the cgroup is gone: the link is defunct.
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// The link behind `fd`, if it is a cgroup link; an error if `fd` is not a
+/// link, or a link of another kind.
+pub fn cgroup_link_info(fd: impl AsFd) -> io::Result<CgroupLinkInfo> {
+    use aya_obj::generated::{bpf_link_info, bpf_link_type};
+    let fd = fd.as_fd();
+    let kind = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if kind.as_os_str() != "anon_inode:bpf-link" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a link but {}", kind.display()),
+        ));
+    }
+    // SAFETY: bpf_link_info is plain integers, for which zero is valid.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let attr = InfoAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
+        info_len: u32::try_from(size_of::<bpf_link_info>()).unwrap_or(u32::MAX),
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a link of type {}, not a cgroup link", info.type_),
+        ));
+    }
+    // SAFETY: the kernel filled the cgroup member, as the type says.
+    let cgroup = unsafe { info.__bindgen_anon_1.cgroup };
+    Ok(CgroupLinkInfo {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        cgroup_id: cgroup.cgroup_id,
+        attach_type: cgroup.attach_type,
+    })
+}
+
+/// `union bpf_attr` for BPF_PROG_QUERY, up to the program count.
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    pad: u32,
+}
+
+/// The ids of the programs attached to the cgroup `cgroup` (an open
+/// directory) for `attach_type`; with `effective`, those inherited from
+/// its ancestors too, which run on its sockets as well.
+pub fn cgroup_prog_ids(
+    cgroup: impl AsFd,
+    attach_type: u32,
+    effective: bool,
+) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: bpf_cmd = bpf_cmd::BPF_PROG_QUERY;
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut attr = QueryAttr {
+            target_fd: u32::try_from(cgroup.as_fd().as_raw_fd()).unwrap_or(u32::MAX),
+            attach_type,
+            query_flags: if effective {
+                aya_obj::generated::BPF_F_QUERY_EFFECTIVE
+            } else {
+                0
+            },
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+            ..QueryAttr::default()
+        };
+        // The kernel writes the count back into the attribute.
+        let result = bpf_mut(BPF_PROG_QUERY, &mut attr);
+        let count = attr.prog_cnt as usize;
+        match result {
+            Ok(_) => {
+                ids.truncate(count);
+                return Ok(ids);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count > ids.len() => {
+                ids.resize(count, 0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn bpf_mut<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a bpf_attr prefix of the size passed, valid and
+    // writable for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}

@@ -202,7 +202,7 @@ impl SourceSpec {
 }
 
 /// The host name, kube-proxy's default node name.
-fn host_name() -> Result<String> {
+pub fn host_name() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read the host name; pass --hostname-override")?;
     Ok(name.trim().to_lowercase())

@@ -138,6 +138,35 @@ pub fn remove_kube_proxy_leftovers() -> Result<(), CleanupError> {
     Ok(())
 }
 
+/// What a kube-proxy left (or keeps) in this network namespace, without
+/// changing anything: `backend: table/chain` for each chain (with the jumps
+/// to it counted), and `nft: family kube-proxy` for each nftables table, in
+/// a stable order. Back ends that are not installed are not looked at.
+pub fn find_kube_proxy_leftovers() -> Result<Vec<String>, CleanupError> {
+    let mut found = Vec::new();
+    for backend in BACKENDS {
+        let Some(save) = program(backend.save) else {
+            continue;
+        };
+        let script = removal_script(&run(&save, &[], None)?);
+        found.extend(
+            script
+                .chains
+                .iter()
+                .map(|chain| format!("{}: {chain}", backend.save)),
+        );
+    }
+    if let Some(nft) = program("nft") {
+        let tables = run(&nft, &["list", "tables"], None)?;
+        found.extend(
+            nft_kube_proxy_families(&tables)
+                .into_iter()
+                .map(|family| format!("nft: table {family} {NFT_TABLE}")),
+        );
+    }
+    Ok(found)
+}
+
 /// What an `iptables-restore --noflush` must do to remove kube-proxy's
 /// chains from a dump.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -11,7 +11,9 @@ mod agent;
 mod bpf_sys;
 mod config;
 mod datapath;
+mod doctor;
 mod encoding;
+mod explain;
 mod health;
 mod kube_proxy_cleanup;
 mod kube_proxy_config;
@@ -73,6 +75,35 @@ enum Command {
         #[arg(long)]
         kube_proxy: bool,
     },
+    /// Run the troubleshooting checklist: the agent, its source, the
+    /// kernel, the programs, drift between the source and the maps, other
+    /// proxies, map fill. Exits 1 on any FAIL.
+    Doctor {
+        #[command(flatten)]
+        args: Box<doctor::DoctorArgs>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Say what happens to a connection from this node to ADDR:PORT: which
+    /// Service, which backends and why, or that it passes untouched.
+    Explain {
+        /// The address a client connects to, such as 10.96.0.10:80.
+        address: std::net::SocketAddrV4,
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+        #[command(flatten)]
+        pins: PinDir,
+        #[command(flatten)]
+        source: doctor::snapshot::SourceArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,10 +170,57 @@ fn main() -> Result<()> {
         Command::Cleanup {
             kube_proxy: true, ..
         } => Ok(kube_proxy_cleanup::remove_kube_proxy_leftovers()?),
+        Command::Doctor { args, output } => {
+            let report = runtime()?.block_on(doctor::run(&args));
+            match output {
+                Output::Table => print!("{}", report.table()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            if report.failed() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Explain {
+            address,
+            proto,
+            pins,
+            source,
+            output,
+        } => {
+            let protocol = match proto {
+                Proto::Tcp => model::Protocol::Tcp,
+                Proto::Udp => model::Protocol::Udp,
+            };
+            let snapshot = runtime()?.block_on(async {
+                let config = model::ModelConfig {
+                    service_cidrs: source.service_cidr.clone(),
+                };
+                let built: Box<dyn source::Source> = match source.build().await? {
+                    doctor::snapshot::Built::Manifests(_, s) => Box::new(s),
+                    doctor::snapshot::Built::Kube(s) => Box::new(s),
+                };
+                doctor::snapshot::take(built, config).await
+            })?;
+            let explanation = explain::explain(address, protocol, &snapshot, &pins.pins());
+            match output {
+                Output::Table => print!("{}", explanation.text()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+            }
+            Ok(())
+        }
         Command::Cleanup { pins, force, .. } => {
             datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
             Ok(())
         }
     }
+}
+
+/// One thread is plenty for the commands that read the source once.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }

@@ -640,5 +640,7 @@ fn backends(slices: &[&CheckedSlice], port_name: &str, protocol: Protocol) -> Ve
     chosen.into_iter().collect()
 }
 
+pub mod candidates;
+
 #[cfg(test)]
 mod tests;

@@ -653,3 +653,28 @@ pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
     }
     Ok(())
 }
+
+/// The cgroup programs, by the names of their functions (and of their
+/// pinned links), for `doctor`.
+#[must_use]
+pub fn program_names() -> &'static [&'static str] {
+    &PROGRAMS
+}
+
+/// Loads every program into the kernel with tiny, unpinned maps and
+/// attaches nothing, then unloads them: the verifier's word on whether this
+/// kernel has the program types, attach types and helpers they need.
+pub fn probe_load() -> Result<(), DatapathError> {
+    let mut loader = EbpfLoader::new();
+    for name in MAPS {
+        // Small, but not below the CPU count that per-CPU maps want.
+        loader.map_max_entries(name, 1024);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+    for name in PROGRAMS {
+        program(&mut ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    Ok(())
+}

@@ -148,6 +148,13 @@ impl Pins {
         }
     }
 
+    /// The pid of the agent holding the directory's lock, without taking
+    /// it: `None` when nobody holds it (or the directory is missing).
+    #[must_use]
+    pub fn holder(&self) -> Option<u32> {
+        lock_holder(&open_dir(&self.root).ok()?)
+    }
+
     /// Refuses a pin that is not what it claims: a symlink would make the
     /// kernel open whatever it points at.
     pub(super) fn check_entry(path: &Path) -> Result<bool, PinsError> {

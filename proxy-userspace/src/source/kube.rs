@@ -87,6 +87,12 @@ impl KubeSource {
         self
     }
 
+    /// The client, for `doctor`'s own requests to the same API server.
+    #[must_use]
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     async fn run(self, sink: EventSink) {
         let config = watcher::Config::default().page_size(self.page_size);
         let node_config = config
