@@ -11,6 +11,7 @@ mod agent;
 mod bpf_sys;
 mod config;
 mod datapath;
+mod devices;
 mod encoding;
 mod health;
 mod kube_proxy_cleanup;
@@ -19,7 +20,9 @@ mod listing;
 mod metrics;
 mod model;
 mod privileges;
+mod reconcile;
 mod report;
+mod service_health;
 mod source;
 mod writer;
 
@@ -59,8 +62,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Detach the programs and remove everything pinned. Refused while an
-    /// agent runs on the directory.
+    /// Detach the programs, remove everything pinned and the masquerade
+    /// rules. Refused while an agent runs on the directory.
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
@@ -140,6 +143,7 @@ fn main() -> Result<()> {
         Command::Cleanup { pins, force, .. } => {
             datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
+            reconcile::iptables::cleanup()?;
             Ok(())
         }
     }
