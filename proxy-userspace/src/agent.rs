@@ -293,7 +293,7 @@ impl Loop {
                     .update(&interfaces, &self.model.external().node_addresses);
             }
             Err(error) => {
-                warn!(error = %crate::report::chain(&error), "cannot read the interfaces")
+                warn!(error = %crate::report::chain(&error), "cannot read the interfaces");
             }
         }
     }

@@ -330,27 +330,32 @@ impl Model {
                 }
             }
         }
-        if policy == TrafficPolicy::Local
-            && type_ == "LoadBalancer"
-            && let Some(port) = service.health_check_node_port.filter(|p| *p != 0)
-        {
-            match valid_port(port) {
-                Ok(port) => {
-                    external.health_check = Some((
-                        port,
-                        HealthCheck {
-                            service: service.name.clone(),
-                            local_endpoints: local_ready_endpoints(
-                                slices,
-                                self.config.node_name.as_deref(),
-                            ),
-                        },
-                    ));
-                }
-                Err(message) => problem(format!("healthCheckNodePort: {message}")),
+        if policy == TrafficPolicy::Local && type_ == "LoadBalancer" {
+            match self.health_check(service, slices) {
+                Ok(check) => external.health_check = check,
+                Err(message) => problem(message),
             }
         }
         (external, problems)
+    }
+
+    /// A policy-Local load balancer's healthCheckNodePort, if it has one.
+    fn health_check(
+        &self,
+        service: &ServiceObject,
+        slices: &[&CheckedSlice],
+    ) -> Result<Option<(u16, HealthCheck)>, String> {
+        let Some(port) = service.health_check_node_port.filter(|p| *p != 0) else {
+            return Ok(None);
+        };
+        let port = valid_port(port).map_err(|message| format!("healthCheckNodePort: {message}"))?;
+        Ok(Some((
+            port,
+            HealthCheck {
+                service: service.name.clone(),
+                local_endpoints: local_ready_endpoints(slices, self.config.node_name.as_deref()),
+            },
+        )))
     }
 
     /// A port's nodePort: `None` when it has none (not allocated yet, or

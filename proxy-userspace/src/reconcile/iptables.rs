@@ -16,7 +16,10 @@
 //! - No iptables at all: one warning naming the package, and everything else
 //!   keeps working.
 
-use std::{fmt, path::PathBuf};
+use std::{
+    fmt::{self, Write as _},
+    path::PathBuf,
+};
 
 use tracing::{debug, info, warn};
 
@@ -157,14 +160,13 @@ impl Masquerade {
     #[must_use]
     pub fn new(masquerade_bit: u8) -> Self {
         let backend = Backend::detect();
-        match &backend {
-            Some(backend) => {
-                info!(backend = %backend.mode, "iptables back end for the masquerade rules")
-            }
-            None => warn!(
+        if let Some(backend) = &backend {
+            info!(backend = %backend.mode, "iptables back end for the masquerade rules");
+        } else {
+            warn!(
                 "iptables is not installed: the masquerade fallback is off (install the \
                  iptables package, e.g. apt-get install iptables); ClusterIP Services keep working"
-            ),
+            );
         }
         Self {
             backend,
@@ -210,7 +212,7 @@ impl Masquerade {
             }
             return Ok(0);
         };
-        backend.restore(&script(&self.rules(), state.jumps))?;
+        backend.restore(&script(&self.rules(), &state.jumps))?;
         if self.installed {
             warn!(%reason, "the masquerade rules were changed by someone else; restored them");
         } else {
@@ -314,7 +316,7 @@ fn our_rules(dump: &str) -> Vec<String> {
 
 /// The restore input that makes our chains exactly `rules` and leaves one
 /// jump from POSTROUTING, touching nothing else.
-fn script(rules: &[String], jumps: Vec<String>) -> String {
+fn script(rules: &[String], jumps: &[String]) -> String {
     let mut text = format!("*nat\n:{MARK_CHAIN} - [0:0]\n:{POSTROUTING_CHAIN} - [0:0]\n");
     for rule in rules {
         text.push_str(rule);
@@ -323,12 +325,13 @@ fn script(rules: &[String], jumps: Vec<String>) -> String {
     if jumps.is_empty() {
         // First, as kube-proxy puts its own: a rule before it that accepts
         // would keep marked packets from being masqueraded.
-        text.push_str(&format!(
-            "-I POSTROUTING 1 -m comment --comment \"{JUMP_COMMENT}\" -j {POSTROUTING_CHAIN}\n"
-        ));
+        let _ = writeln!(
+            text,
+            "-I POSTROUTING 1 -m comment --comment \"{JUMP_COMMENT}\" -j {POSTROUTING_CHAIN}"
+        );
     }
     for extra in jumps.iter().skip(1) {
-        text.push_str(&format!("-D {extra}\n"));
+        let _ = writeln!(text, "-D {extra}");
     }
     text.push_str("COMMIT\n");
     text
@@ -427,7 +430,7 @@ mod tests {
     #[test]
     fn the_script_adds_one_jump_or_removes_extra_ones_and_flushes_only_ours() {
         let rules = masquerade().rules();
-        let text = script(&rules, Vec::new());
+        let text = script(&rules, &[]);
         assert!(
             text.starts_with(
                 "*nat\n:EBPF-PROXY-MARK-MASQ - [0:0]\n:EBPF-PROXY-POSTROUTING - [0:0]\n"
@@ -439,7 +442,7 @@ mod tests {
             "POSTROUTING is never flushed"
         );
         let jump = "POSTROUTING -m comment --comment \"ebpf-proxy postrouting rules\" -j EBPF-PROXY-POSTROUTING".to_owned();
-        let text = script(&rules, vec![jump.clone(), jump.clone(), jump]);
+        let text = script(&rules, &[jump.clone(), jump.clone(), jump]);
         assert_eq!(text.matches("-D POSTROUTING").count(), 2);
         assert!(!text.contains("-I POSTROUTING"));
     }
