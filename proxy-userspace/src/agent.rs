@@ -167,7 +167,13 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     };
     // The masquerade rules and the node's addresses are looked at now and
     // on this timer; a flushed rule set is repaired within one period.
-    let mut housekeeping = tokio::time::interval(config.iptables_sync_period);
+    // Before the first sync, so that it already has the node's addresses
+    // (a second sync just for them would be wasted).
+    state.housekeeping();
+    let mut housekeeping = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.iptables_sync_period,
+        config.iptables_sync_period,
+    );
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut attached = false;
     let mut last_sync: Option<Instant> = None;
