@@ -165,16 +165,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         devices: DeviceWatch::new(config.devices.clone()),
         service_health: ServiceHealthServers::new(health.clone()),
     };
-    // The masquerade rules and the node's addresses are looked at now and
-    // on this timer; a flushed rule set is repaired within one period.
     // Before the first sync, so that it already has the node's addresses
     // (a second sync just for them would be wasted).
     state.housekeeping();
-    let mut housekeeping = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.iptables_sync_period,
-        config.iptables_sync_period,
-    );
-    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut housekeeping = housekeeping_timer(config.iptables_sync_period);
     let mut attached = false;
     let mut last_sync: Option<Instant> = None;
     loop {
@@ -227,6 +221,14 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
             info!("datapath ready");
         }
     }
+}
+
+/// The masquerade rules and the node's addresses are looked at on this
+/// timer: a flushed rule set is repaired within one period.
+fn housekeeping_timer(period: Duration) -> tokio::time::Interval {
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
 }
 
 /// Takes every event already waiting, so a burst becomes one apply.
