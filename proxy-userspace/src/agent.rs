@@ -25,9 +25,12 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, DatapathError, MapSizes, Pins, SizedTable},
+    devices::{self, DeviceWatch},
     health::{Health, HealthEndpoints, SharedHealth},
     metrics::Metrics,
     model::{L4Addr, Model, ModelConfig, Problem},
+    reconcile::{Desired, Reconciler, Scope, iptables::Masquerade},
+    service_health::ServiceHealthServers,
     source::{Change, EventSink, Source, SourceError, SourceEvent},
     writer::MapWriter,
 };
@@ -47,6 +50,12 @@ pub struct AgentConfig {
     pub metrics_bind_address: SocketAddr,
     pub health_stale_after: Duration,
     pub model: ModelConfig,
+    /// `--iptables-masquerade-bit`.
+    pub masquerade_bit: u8,
+    /// How often the masquerade rules and the devices are looked at.
+    pub iptables_sync_period: Duration,
+    /// `--devices`.
+    pub devices: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +106,9 @@ struct Loop {
     sizes: MapSizes,
     /// When the EndpointSlice changes waiting to be applied were made.
     triggers: Vec<SystemTime>,
+    masquerade: Masquerade,
+    devices: DeviceWatch,
+    service_health: ServiceHealthServers,
 }
 
 /// Loads and attaches the datapath, then follows `source` until SIGTERM or
@@ -113,26 +125,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
 
     let health = Health::shared(config.health_stale_after);
     let metrics = Metrics::new(config.pins.clone());
-    for (what, address, responder) in [
-        (
-            "healthz",
-            config.healthz_bind_address,
-            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn crate::health::Responder>,
-        ),
-        (
-            "metrics",
-            config.metrics_bind_address,
-            Arc::new(metrics.clone()),
-        ),
-    ] {
-        crate::health::serve(what, address, responder)
-            .await
-            .map_err(|source| AgentError::Listen {
-                what,
-                address,
-                source,
-            })?;
-    }
+    serve_endpoints(&config, &health, &metrics).await?;
 
     let (sink, mut events) = EventSink::channel();
     source.start(sink)?;
@@ -149,7 +142,14 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         metrics,
         sizes: config.sizes,
         triggers: Vec::new(),
+        masquerade: Masquerade::new(config.masquerade_bit),
+        devices: DeviceWatch::new(config.devices.clone()),
+        service_health: ServiceHealthServers::new(health.clone()),
     };
+    // Before the first sync, so that it already has the node's addresses
+    // (a second sync just for them would be wasted).
+    state.housekeeping();
+    let mut housekeeping = housekeeping_timer(config.iptables_sync_period);
     let mut attached = false;
     let mut last_sync: Option<Instant> = None;
     // A sync held back by --min-sync-period, and when it is due.
@@ -170,6 +170,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
                     state.retry_at = None;
                 }
             }
+            _ = housekeeping.tick() => state.housekeeping(),
             _ = terminate.recv() => {
                 info!("SIGTERM: exiting; the pinned datapath keeps serving");
                 return Ok(());
@@ -207,6 +208,44 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
             info!("datapath ready");
         }
     }
+}
+
+/// Starts /healthz, /livez and /metrics.
+async fn serve_endpoints(
+    config: &AgentConfig,
+    health: &SharedHealth,
+    metrics: &Metrics,
+) -> Result<(), AgentError> {
+    for (what, address, responder) in [
+        (
+            "healthz",
+            config.healthz_bind_address,
+            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn crate::health::Responder>,
+        ),
+        (
+            "metrics",
+            config.metrics_bind_address,
+            Arc::new(metrics.clone()),
+        ),
+    ] {
+        crate::health::serve(what, address, responder)
+            .await
+            .map_err(|source| AgentError::Listen {
+                what,
+                address,
+                source,
+            })?;
+    }
+
+    Ok(())
+}
+
+/// The masquerade rules and the node's addresses are looked at on this
+/// timer: a flushed rule set is repaired within one period.
+fn housekeeping_timer(period: Duration) -> tokio::time::Interval {
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
 }
 
 /// Takes every event already waiting, so a burst becomes one apply.
@@ -261,6 +300,29 @@ impl Loop {
         }
     }
 
+    /// Checks the masquerade rules, and the node's interfaces and
+    /// addresses: NodePorts follow the addresses, the devices both.
+    fn housekeeping(&mut self) {
+        self.masquerade.apply(&Desired {
+            services: self.model.desired(),
+            external: self.model.external(),
+            scope: Scope::All { prune: false },
+        });
+        match devices::read() {
+            Ok(interfaces) => {
+                self.model
+                    .set_host_addresses(devices::host_addresses(&interfaces));
+                // Devices follow the NodePort addresses as last computed;
+                // an address change is seen one period later at worst.
+                self.devices
+                    .update(&interfaces, &self.model.external().node_addresses);
+            }
+            Err(error) => {
+                warn!(error = %crate::report::chain(&error), "cannot read the interfaces");
+            }
+        }
+    }
+
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
         self.health.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -276,7 +338,19 @@ impl Loop {
         let changed = self.model.recompute();
         self.log_problems();
         self.pending.extend(changed);
-        let stats = if full {
+        let external_changed = self.model.take_external_changes();
+        if !external_changed.is_empty() {
+            // The tc programs that will serve them are not there yet.
+            info!(
+                external = self.model.external().frontends.len(),
+                changed = external_changed.len(),
+                node_addresses = ?self.model.external().node_addresses,
+                "NodePort, externalIP and load-balancer frontends"
+            );
+        }
+        self.service_health
+            .update(&self.model.external().health_checks);
+        let scope = if full {
             // The first complete view (and each change of completeness)
             // reconciles everything the pins hold; later views only what
             // changed.
@@ -287,15 +361,20 @@ impl Loop {
                     "some input could not be read: frontends in the maps that no object claims are kept until it can"
                 );
             }
-            self.writer.apply_all(self.model.desired(), prune)
+            Scope::All { prune }
         } else {
-            self.writer
-                .apply_changed(self.model.desired(), &self.pending)
+            Scope::Changed(&self.pending)
         };
+        let desired = Desired {
+            services: self.model.desired(),
+            external: self.model.external(),
+            scope,
+        };
+        let stats = Reconciler::apply(&mut self.writer, &desired);
         info!(
             frontends = self.model.desired().frontends.len(),
             changed = self.pending.len(),
-            changes = stats.changes(),
+            changes = stats.changes,
             failures = stats.failures(),
             took_us = started.elapsed().as_micros(),
             "applied"

@@ -11,8 +11,8 @@ use tracing::{info, warn};
 use crate::{
     agent::AgentConfig,
     datapath::{MapSizes, Pins},
-    kube_proxy_config::{self, KubeProxyConfig},
-    model::{Cidr, ModelConfig},
+    kube_proxy_config::{self, KubeProxyConfig, NodePortAddress},
+    model::{Cidr, ModelConfig, PortRange},
     source::{Source, kube::KubeSource, manifests::ManifestDir},
 };
 
@@ -99,6 +99,30 @@ pub struct RunArgs {
     /// socket talking to a Service.
     #[arg(long, value_name = "N", default_value_t = MapSizes::default().sock_rev_nat)]
     pub sock_rev_nat_map_size: u32,
+    /// The ports nodePorts are allocated from (the API server's
+    /// --service-node-port-range); a nodePort outside is refused.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "30000-32767")]
+    pub nodeport_range: PortRange,
+    /// Which node addresses serve NodePorts (kube-proxy's
+    /// --nodeport-addresses): CIDRs, `primary` (the Node's addresses) or
+    /// `all`. Default: the config file's nodePortAddresses, else every
+    /// non-loopback address.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<NodePortAddress>,
+    /// The bit of the packet mark that asks for masquerading (kube-proxy's
+    /// --iptables-masquerade-bit) [default: iptables.masqueradeBit, else 14,
+    /// mark 0x4000]
+    #[arg(long, value_name = "0-31", value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub iptables_masquerade_bit: Option<u8>,
+    /// How often the masquerade rules are checked, and repaired if someone
+    /// removed them; the node's interfaces are looked at as often.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub iptables_sync_period: Duration,
+    /// The interfaces that NodePort and external traffic arrive on
+    /// (comma-separated). Default: those carrying the NodePort addresses.
+    /// One that does not exist yet is picked up when it appears.
+    #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
+    pub devices: Vec<String>,
 }
 
 impl RunArgs {
@@ -125,6 +149,10 @@ impl RunArgs {
             None => cgroup2_root()?,
         };
         crate::datapath::check_cgroup(&cgroup)?;
+        let node_name = self
+            .hostname_override
+            .clone()
+            .or_else(|| file.hostname_override.clone());
         let source = match self.manifests {
             Some(dir) => {
                 if !dir.is_dir() {
@@ -134,7 +162,7 @@ impl RunArgs {
             }
             None => SourceSpec::Kube {
                 kubeconfig: self.kubeconfig,
-                node_name: match self.hostname_override.or(file.hostname_override) {
+                node_name: match node_name.clone() {
                     Some(name) => name,
                     None => host_name()?,
                 },
@@ -165,7 +193,22 @@ impl RunArgs {
             health_stale_after: self.health_stale_after,
             model: ModelConfig {
                 service_cidrs: self.service_cidr,
+                // Manifest directories may do without one: then no endpoint
+                // is local.
+                node_name: node_name.or_else(|| host_name().ok()),
+                node_port_range: self.nodeport_range,
+                node_port_addresses: if self.nodeport_addresses.is_empty() {
+                    file.node_port_addresses
+                } else {
+                    self.nodeport_addresses
+                },
             },
+            masquerade_bit: self
+                .iptables_masquerade_bit
+                .or(file.masquerade_bit)
+                .unwrap_or(14),
+            iptables_sync_period: self.iptables_sync_period,
+            devices: self.devices,
         };
         Ok((config, source))
     }

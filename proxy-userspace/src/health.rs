@@ -92,6 +92,13 @@ impl Health {
         self.node_deleting = deleting;
     }
 
+    /// Whether `/healthz` answers 200; healthCheckNodePorts say it as
+    /// `serviceProxyHealthy`.
+    #[must_use]
+    pub fn is_healthy(&self) -> bool {
+        self.problem().is_none()
+    }
+
     /// Why the node should not get traffic, if it should not.
     fn problem(&self) -> Option<String> {
         if !self.attached {
@@ -175,6 +182,28 @@ pub async fn serve(
     let listener = TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
     info!(%bound, "{name} listening");
+    accept(name, listener, responder);
+    Ok(bound)
+}
+
+/// [`serve`] for listeners that come and go: binds at once (inside the
+/// runtime) and returns the task, to abort when the port is no longer
+/// served.
+pub fn serve_std(
+    name: &'static str,
+    address: SocketAddr,
+    responder: Arc<dyn Responder>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    Ok(accept(name, TcpListener::from_std(listener)?, responder))
+}
+
+fn accept(
+    name: &'static str,
+    listener: TcpListener,
+    responder: Arc<dyn Responder>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
@@ -187,8 +216,7 @@ pub async fn serve(
                 }
             });
         }
-    });
-    Ok(bound)
+    })
 }
 
 /// Reads one request (at most 8 KiB, within 5 s) and writes one answer.

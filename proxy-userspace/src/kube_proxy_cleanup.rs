@@ -113,7 +113,7 @@ pub fn remove_kube_proxy_leftovers() -> Result<(), CleanupError> {
             continue;
         };
         let dump = run(&save, &[], None)?;
-        let script = removal_script(&dump);
+        let script = removal_script(&dump, is_kube_proxy_chain);
         if script.chains.is_empty() && script.jumps == 0 {
             debug!(backend = backend.save, "no kube-proxy chains");
             continue;
@@ -148,7 +148,7 @@ pub fn find_kube_proxy_leftovers() -> Result<Vec<String>, CleanupError> {
         let Some(save) = program(backend.save) else {
             continue;
         };
-        let script = removal_script(&run(&save, &[], None)?);
+        let script = removal_script(&run(&save, &[], None)?, is_kube_proxy_chain);
         found.extend(
             script
                 .chains
@@ -167,21 +167,21 @@ pub fn find_kube_proxy_leftovers() -> Result<Vec<String>, CleanupError> {
     Ok(found)
 }
 
-/// What an `iptables-restore --noflush` must do to remove kube-proxy's
-/// chains from a dump.
+/// What an `iptables-restore --noflush` must do to remove someone's chains
+/// from a dump.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct RemovalScript {
-    text: String,
+pub(crate) struct RemovalScript {
+    pub text: String,
     /// `table/chain` of every chain removed.
-    chains: Vec<String>,
+    pub chains: Vec<String>,
     /// Rules in other chains that jumped to them.
-    jumps: usize,
+    pub jumps: usize,
 }
 
 /// Builds the restore input for an `iptables-save` dump: per table, delete
-/// the jumps from other chains, flush kube-proxy's chains (which drops
-/// their references to each other), then delete them.
-fn removal_script(dump: &str) -> RemovalScript {
+/// the jumps from other chains, flush the chains `owned` says are to go
+/// (which drops their references to each other), then delete them.
+pub(crate) fn removal_script(dump: &str, owned: fn(&str) -> bool) -> RemovalScript {
     let mut script = RemovalScript::default();
     for table in parse_dump(dump) {
         if !TABLES.contains(&table.name.as_str()) {
@@ -191,13 +191,13 @@ fn removal_script(dump: &str) -> RemovalScript {
             .chains
             .iter()
             .map(String::as_str)
-            .filter(|c| is_kube_proxy_chain(c))
+            .filter(|c| owned(c))
             .collect();
         let jumps: Vec<&Rule> = table
             .rules
             .iter()
-            .filter(|r| !is_kube_proxy_chain(&r.chain))
-            .filter(|r| r.target.as_deref().is_some_and(is_kube_proxy_chain))
+            .filter(|r| !owned(&r.chain))
+            .filter(|r| r.target.as_deref().is_some_and(owned))
             .collect();
         if chains.is_empty() && jumps.is_empty() {
             continue;
@@ -226,23 +226,23 @@ fn removal_script(dump: &str) -> RemovalScript {
 
 /// One table of an `iptables-save` dump.
 #[derive(Debug, Default)]
-struct Table {
-    name: String,
-    chains: Vec<String>,
-    rules: Vec<Rule>,
+pub(crate) struct Table {
+    pub name: String,
+    pub chains: Vec<String>,
+    pub rules: Vec<Rule>,
 }
 
 /// One `-A` line.
 #[derive(Debug)]
-struct Rule {
-    chain: String,
+pub(crate) struct Rule {
+    pub chain: String,
     /// Everything after `-A `.
-    spec: String,
+    pub spec: String,
     /// The `-j`/`-g` target.
-    target: Option<String>,
+    pub target: Option<String>,
 }
 
-fn parse_dump(dump: &str) -> Vec<Table> {
+pub(crate) fn parse_dump(dump: &str) -> Vec<Table> {
     let mut tables: Vec<Table> = Vec::new();
     for line in dump.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix('*') {
@@ -325,7 +325,7 @@ fn nft_kube_proxy_families(tables: &str) -> Vec<&'static str> {
 
 /// A command's path, on PATH or in the sbin directories a container's or
 /// a non-login shell's PATH may lack.
-fn program(name: &str) -> Option<PathBuf> {
+pub(crate) fn program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
@@ -334,7 +334,11 @@ fn program(name: &str) -> Option<PathBuf> {
 }
 
 /// Runs a command to completion and returns its stdout.
-fn run(program: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<String, CleanupError> {
+pub(crate) fn run(
+    program: &PathBuf,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, CleanupError> {
     let name = || format!("{} {}", program.display(), args.join(" "));
     let spawn_error = |source| CleanupError::Spawn {
         program: name(),
@@ -405,7 +409,7 @@ COMMIT
 
     #[test]
     fn the_script_removes_kube_proxy_chains_and_jumps_and_nothing_else() {
-        let script = removal_script(DUMP);
+        let script = removal_script(DUMP, is_kube_proxy_chain);
         assert_eq!(
             script.text,
             r#"*mangle
@@ -438,7 +442,10 @@ COMMIT
     fn a_dump_without_kube_proxy_needs_nothing() {
         let dump = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n\
                     -A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
-        assert_eq!(removal_script(dump), RemovalScript::default());
+        assert_eq!(
+            removal_script(dump, is_kube_proxy_chain),
+            RemovalScript::default()
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod agent;
 mod bpf_sys;
 mod config;
 mod datapath;
+mod devices;
 mod doctor;
 mod encoding;
 mod explain;
@@ -21,7 +22,9 @@ mod listing;
 mod metrics;
 mod model;
 mod privileges;
+mod reconcile;
 mod report;
+mod service_health;
 mod source;
 mod writer;
 
@@ -61,8 +64,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Detach the programs and remove everything pinned. Refused while an
-    /// agent runs on the directory.
+    /// Detach the programs, remove everything pinned and the masquerade
+    /// rules. Refused while an agent runs on the directory.
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
@@ -195,6 +198,7 @@ fn main() -> Result<()> {
             let snapshot = runtime()?.block_on(async {
                 let config = model::ModelConfig {
                     service_cidrs: source.service_cidr.clone(),
+                    ..model::ModelConfig::default()
                 };
                 let built: Box<dyn source::Source> = match source.build().await? {
                     doctor::snapshot::Built::Manifests(_, s) => Box::new(s),
@@ -212,6 +216,7 @@ fn main() -> Result<()> {
         Command::Cleanup { pins, force, .. } => {
             datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
+            reconcile::iptables::cleanup()?;
             Ok(())
         }
     }

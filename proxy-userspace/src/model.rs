@@ -16,10 +16,16 @@ use std::{
 
 use serde::Serialize;
 
-use crate::source::{
-    Change, NodeObject, ObjectName, ServiceObject, SliceObject, Sourced,
-    objects::{EndpointObject, ServicePortObject},
+pub use self::external::{ExternalState, HealthCheck, PortRange};
+use crate::{
+    kube_proxy_config::NodePortAddress,
+    source::{
+        Change, NodeObject, ObjectName, ServiceObject, SliceObject, Sourced,
+        objects::{EndpointObject, ServicePortObject},
+    },
 };
+
+mod external;
 
 /// The datapath keeps a Service's backend count in 16 bits.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
@@ -120,6 +126,14 @@ pub struct ModelConfig {
     /// ClusterIPs outside these ranges are refused; empty means any unicast
     /// address that is not loopback or unspecified.
     pub service_cidrs: Vec<Cidr>,
+    /// This node's name, as EndpointSlices' `nodeName` spell it: policy
+    /// Local serves only the endpoints on it.
+    pub node_name: Option<String>,
+    /// nodePorts outside this range are refused.
+    pub node_port_range: PortRange,
+    /// Which node addresses NodePorts are served on (kube-proxy's
+    /// `nodePortAddresses`); empty means every non-loopback address.
+    pub node_port_addresses: Vec<NodePortAddress>,
 }
 
 /// One frontend and the backends it balances over.
@@ -168,6 +182,7 @@ struct ServiceEntry {
 #[derive(Clone, Debug, Default)]
 struct ServiceOutput {
     frontends: BTreeMap<L4Addr, DesiredFrontend>,
+    external: external::ExternalOutput,
     problems: Vec<Problem>,
 }
 
@@ -178,6 +193,8 @@ struct CheckedSlice {
     /// Port name, protocol and port number.
     ports: Vec<(String, Protocol, u16)>,
     endpoints: Vec<(Ipv4Addr, Readiness)>,
+    /// The `nodeName` of each endpoint that has one.
+    nodes: BTreeMap<Ipv4Addr, String>,
     problems: Vec<Problem>,
 }
 
@@ -216,6 +233,7 @@ pub struct Model {
     desired: DesiredState,
     dirty: BTreeSet<ObjectName>,
     next_seen: u64,
+    external: external::ExternalModel,
 }
 
 impl Model {
@@ -238,6 +256,7 @@ impl Model {
                     self.node = node;
                     // Zones and node-local endpoints may change for all.
                     self.dirty.extend(self.services.keys().cloned());
+                    self.node_changed();
                 }
             }
         }
@@ -312,6 +331,7 @@ impl Model {
     /// frontends whose desired state changed (added, changed or removed).
     pub fn recompute(&mut self) -> BTreeSet<L4Addr> {
         let mut touched = BTreeSet::new();
+        let mut external_touched = external::ExternalTouched::default();
         for name in std::mem::take(&mut self.dirty) {
             let output = self
                 .services
@@ -319,6 +339,12 @@ impl Model {
                 .map(|entry| self.compute_service(&entry.service))
                 .unwrap_or_default();
             let old = self.outputs.remove(&name).unwrap_or_default();
+            self.reclaim_external(
+                &name,
+                &old.external,
+                &output.external,
+                &mut external_touched,
+            );
             for frontend in old.frontends.keys() {
                 if let Some(claimants) = self.claims.get_mut(frontend) {
                     claimants.remove(&name);
@@ -343,6 +369,7 @@ impl Model {
                 self.outputs.insert(name, output);
             }
         }
+        self.settle_external(external_touched);
         let mut changed = BTreeSet::new();
         for frontend in touched {
             if self.claims.get(&frontend).is_some_and(|c| c.len() > 1) {
@@ -392,7 +419,7 @@ impl Model {
     /// Whether changes are waiting for [`Model::recompute`].
     #[must_use]
     pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.dirty.is_empty() || self.external_is_dirty()
     }
 
     /// Every problem with the input, in a stable order.
@@ -425,6 +452,7 @@ impl Model {
                 });
             }
         }
+        self.external_problems(&mut problems);
         problems
     }
 
@@ -491,6 +519,9 @@ impl Model {
                 },
             );
         }
+        let (external, problems) = self.compute_external(sourced, &slices, cluster_ip, &output);
+        output.external = external;
+        output.problems.extend(problems);
         output
     }
 
@@ -581,12 +612,18 @@ fn check_slice(sourced: &Sourced<SliceObject>) -> CheckedSlice {
         }
     }
     let mut endpoints = Vec::new();
+    let mut nodes = BTreeMap::new();
     for endpoint in &slice.endpoints {
         let Some(address) = &endpoint.address else {
             continue;
         };
         match address.parse() {
-            Ok(ip) => endpoints.push((ip, readiness(endpoint))),
+            Ok(ip) => {
+                endpoints.push((ip, readiness(endpoint)));
+                if let Some(node) = &endpoint.node_name {
+                    nodes.insert(ip, node.clone());
+                }
+            }
             Err(_) => problem(format!(
                 "endpoint address {address:?} is not an IPv4 address"
             )),
@@ -594,6 +631,7 @@ fn check_slice(sourced: &Sourced<SliceObject>) -> CheckedSlice {
     }
     checked.ports = ports;
     checked.endpoints = endpoints;
+    checked.nodes = nodes;
     checked
 }
 

@@ -30,7 +30,6 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 const PREFIX: &str = "plab";
-const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 const FIRST_POD_HOST: u8 = 10;
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -46,6 +45,8 @@ pub struct Pod {
 
 pub struct Lab {
     name: String,
+    /// The third octet of the pods' 10.244.x.0/24.
+    subnet: u8,
     node_netns: String,
     pods: Vec<Pod>,
     cgroup: PathBuf,
@@ -59,13 +60,14 @@ pub struct Lab {
 impl Lab {
     /// Makes the node namespace, the lab's cgroup and its directories.
     pub fn new() -> Result<Self> {
+        Self::with_subnet(0)
+    }
+
+    /// A node whose pods are in 10.244.`subnet`.0/24.
+    fn with_subnet(subnet: u8) -> Result<Self> {
         ensure_bpffs()?;
         sweep_stale();
-        let name = format!(
-            "{PREFIX}-{}-{}",
-            std::process::id(),
-            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = lab_name();
         let cgroup = cgroup2_root()?.join(&name);
         fs::create_dir_all(&cgroup)
             .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
@@ -79,6 +81,7 @@ impl Lab {
         let lab = Self {
             bpffs: Path::new(BPFFS).join(&name),
             name,
+            subnet,
             node_netns,
             pods: Vec::new(),
             cgroup,
@@ -95,7 +98,7 @@ impl Lab {
             node,
             "addr",
             "add",
-            &format!("{BRIDGE_IP}/24"),
+            &format!("{}/24", lab.bridge_ip()),
             "dev",
             "br0",
         ])?;
@@ -103,12 +106,18 @@ impl Lab {
         Ok(lab)
     }
 
+    /// The node's address on its pods' bridge: the pods' gateway.
+    #[must_use]
+    pub fn bridge_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.subnet, 1)
+    }
+
     /// Adds a pod on the bridge; pods get 10.244.0.10, .11, ... in order.
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
         let index = u8::try_from(self.pods.len()).context("too many pods")?;
         let pod = Pod {
             name: name.to_owned(),
-            ip: Ipv4Addr::new(10, 244, 0, FIRST_POD_HOST + index),
+            ip: Ipv4Addr::new(10, 244, self.subnet, FIRST_POD_HOST + index),
             netns: format!("{}-{name}", self.name),
         };
         ip(&["netns", "add", &pod.netns])?;
@@ -137,7 +146,7 @@ impl Lab {
             "add",
             "default",
             "via",
-            &BRIDGE_IP.to_string(),
+            &self.bridge_ip().to_string(),
         ])?;
         Ok(pod)
     }
@@ -359,6 +368,56 @@ impl Lab {
         )
     }
 
+    /// A command run in the node namespace, outside the lab's cgroup: what
+    /// a process of the node itself (the agent, iptables) sees. nsenter,
+    /// not `ip netns exec`: that remounts /sys, which would hide bpffs and
+    /// the cgroup2 tree from the agent.
+    #[must_use]
+    pub fn in_node(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_netns))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs a command in the node namespace and returns its stdout; fails
+    /// when it fails.
+    pub fn node_output(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self
+            .in_node(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {program}"))?;
+        if !out.status.success() {
+            bail!(
+                "{program} {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts the agent inside the node namespace, as a DaemonSet pod with
+    /// hostNetwork runs on a node: its iptables rules, interfaces and
+    /// healthCheckNodePorts are the node's.
+    pub fn start_agent_in_node(&self, binary: &Path, flags: &[&str]) -> Result<Agent> {
+        let mut command = self.in_node(binary);
+        command
+            .arg("run")
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            .arg("--manifests")
+            .arg(self.manifests_dir());
+        self.spawn_agent(command, binary, flags)
+    }
+
     fn spawn_agent(&self, mut command: Command, binary: &Path, flags: &[&str]) -> Result<Agent> {
         let run = fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
@@ -431,6 +490,141 @@ fn teardown(namespaces: &[String], cgroup: &Path, bpffs: &Path, dir: &Path) {
             .status();
     }
     let _ = fs::remove_dir_all(dir);
+}
+
+fn lab_name() -> String {
+    format!(
+        "{PREFIX}-{}-{}",
+        std::process::id(),
+        NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The external segment's network: the client, then node `i` at `.10 + i`.
+const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+
+/// Two nodes and an external client, for traffic from outside the node:
+///
+/// ```text
+///   external netns: br0 192.168.100.1 (the client) ──┬── eth0 192.168.100.11 node 1 (pods 10.244.1.0/24)
+///                                                    └── eth0 192.168.100.12 node 2 (pods 10.244.2.0/24)
+/// ```
+///
+/// Each node is a [`Lab`] of its own (pods, bridge, cgroup, bpffs, its own
+/// agent) and forwards; each routes the other's pods through the other's
+/// address on the shared segment.
+pub struct TwoNodeLab {
+    nodes: [Lab; 2],
+    external_netns: String,
+}
+
+impl TwoNodeLab {
+    pub fn new() -> Result<Self> {
+        let nodes = [Lab::with_subnet(1)?, Lab::with_subnet(2)?];
+        let external_netns = format!("{}-ext", lab_name());
+        // From here on Drop cleans up whatever was made.
+        let lab = Self {
+            nodes,
+            external_netns,
+        };
+        let ext = lab.external_netns.as_str();
+        ip(&["netns", "add", ext])?;
+        ip(&["-n", ext, "link", "set", "lo", "up"])?;
+        ip(&["-n", ext, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            ext,
+            "addr",
+            "add",
+            &format!("{EXTERNAL_CLIENT}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", ext, "link", "set", "br0", "up"])?;
+        for (index, node) in lab.nodes.iter().enumerate() {
+            let number = u8::try_from(index + 1).unwrap_or(u8::MAX);
+            let veth = format!("node{number}");
+            let ns = node.node_netns.as_str();
+            ip(&[
+                "-n", ext, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+                ns,
+            ])?;
+            ip(&["-n", ext, "link", "set", &veth, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", lab.node_ip(number)),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            let other = 3 - number;
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                &format!("10.244.{other}.0/24"),
+                "via",
+                &lab.node_ip(other).to_string(),
+            ])?;
+            node.node_output("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        }
+        Ok(lab)
+    }
+
+    /// Node 1 or 2.
+    #[must_use]
+    pub fn node(&self, number: u8) -> &Lab {
+        &self.nodes[usize::from(number) - 1]
+    }
+
+    /// Node 1 or 2, to add pods to.
+    pub fn node_mut(&mut self, number: u8) -> &mut Lab {
+        &mut self.nodes[usize::from(number) - 1]
+    }
+
+    /// Node `number`'s address on the external segment.
+    #[must_use]
+    pub fn node_ip(&self, number: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 100, 10 + number)
+    }
+
+    /// The external client's address.
+    #[must_use]
+    pub fn client_ip(&self) -> Ipv4Addr {
+        EXTERNAL_CLIENT
+    }
+
+    /// A command run by the external client.
+    #[must_use]
+    pub fn external(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.external_netns, program]);
+        cmd
+    }
+
+    /// Writes the same manifest into both nodes' directories, as both
+    /// agents watch the same API server.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        for node in &self.nodes {
+            node.write_manifest(file, yaml)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TwoNodeLab {
+    fn drop(&mut self) {
+        kill_netns_processes(&self.external_netns);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.external_netns])
+            .stderr(Stdio::null())
+            .status();
+        // The nodes tear themselves down after this.
+    }
 }
 
 fn kill_netns_processes(ns: &str) {
@@ -727,6 +921,42 @@ pub mod manifests {
             );
         }
         yaml
+    }
+
+    /// An EndpointSlice whose endpoints (all ready) name their node.
+    #[must_use]
+    pub fn endpoint_slice_on_nodes(
+        name: &str,
+        service: &str,
+        ports: &[(&str, u16, &str)],
+        endpoints: &[(Ipv4Addr, &str)],
+    ) -> String {
+        let mut yaml = endpoint_slice(name, service, ports, &[]);
+        for (address, node) in endpoints {
+            let _ = writeln!(
+                yaml,
+                "- addresses: [\"{address}\"]\n  nodeName: {node}\n  conditions:\n    ready: true"
+            );
+        }
+        yaml
+    }
+
+    /// A Service of `type_` (NodePort, LoadBalancer) with one port and
+    /// its nodePort, and `extra` spec lines (indented two spaces).
+    #[must_use]
+    pub fn node_port_service(
+        name: &str,
+        type_: &str,
+        cluster_ip: &str,
+        port: (i64, i64),
+        extra: &str,
+    ) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
+             spec:\n  type: {type_}\n  clusterIP: {cluster_ip}\n{extra}  ports:\n  \
+             - name: http\n    port: {}\n    nodePort: {}\n",
+            port.0, port.1
+        )
     }
 
     /// Documents joined into one multi-document file.

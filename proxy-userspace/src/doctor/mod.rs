@@ -319,6 +319,7 @@ async fn source(cx: &Context<'_>) -> (Check, Option<Snapshot>) {
     let args = &cx.args.source;
     let model = ModelConfig {
         service_cidrs: args.service_cidr.clone(),
+        ..ModelConfig::default()
     };
     let built = match args.build().await {
         Ok(built) => built,

@@ -295,6 +295,7 @@ fn cluster_ips_that_would_capture_other_traffic_are_refused() {
     }
     let mut model = Model::new(ModelConfig {
         service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        ..ModelConfig::default()
     });
     for change in [
         service_at("inside", "10.96.0.1"),

@@ -1,0 +1,200 @@
+//! Which interfaces NodePort and external traffic arrive on, so the tc
+//! programs know where to attach: those named by `--devices`, or by
+//! default those carrying a NodePort address. Read from getifaddrs(3) on
+//! the loop's timer: a device named in `--devices` that does not exist yet
+//! is a warning, and is picked up when it appears.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
+use tracing::{info, warn};
+
+/// One network interface of the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub loopback: bool,
+    pub addresses: BTreeSet<Ipv4Addr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list the network interfaces")]
+pub struct DevicesError(#[source] nix::Error);
+
+/// The interfaces of the agent's network namespace, with their IPv4
+/// addresses (an interface without one is listed too).
+pub fn read() -> Result<Vec<Interface>, DevicesError> {
+    let mut interfaces: BTreeMap<String, Interface> = BTreeMap::new();
+    for entry in getifaddrs().map_err(DevicesError)? {
+        let interface = interfaces
+            .entry(entry.interface_name.clone())
+            .or_insert_with(|| Interface {
+                name: entry.interface_name.clone(),
+                ..Interface::default()
+            });
+        interface.loopback |= entry.flags.contains(InterfaceFlags::IFF_LOOPBACK);
+        if let Some(address) = entry.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            interface.addresses.insert(address.ip());
+        }
+    }
+    Ok(interfaces.into_values().collect())
+}
+
+/// Every IPv4 address of the node.
+#[must_use]
+pub fn host_addresses(interfaces: &[Interface]) -> BTreeSet<Ipv4Addr> {
+    interfaces
+        .iter()
+        .flat_map(|i| i.addresses.iter().copied())
+        .collect()
+}
+
+/// The devices to attach to, and those `--devices` names that are missing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Choice {
+    pub devices: BTreeSet<String>,
+    pub missing: BTreeSet<String>,
+}
+
+/// `--devices` when given (those that exist), else every interface but
+/// loopback that carries one of `node_addresses`.
+#[must_use]
+pub fn choose(
+    interfaces: &[Interface],
+    requested: &[String],
+    node_addresses: &BTreeSet<Ipv4Addr>,
+) -> Choice {
+    if requested.is_empty() {
+        return Choice {
+            devices: interfaces
+                .iter()
+                .filter(|i| !i.loopback && !i.addresses.is_disjoint(node_addresses))
+                .map(|i| i.name.clone())
+                .collect(),
+            missing: BTreeSet::new(),
+        };
+    }
+    let (devices, missing) = requested
+        .iter()
+        .cloned()
+        .partition(|name| interfaces.iter().any(|i| &i.name == name));
+    Choice { devices, missing }
+}
+
+/// The devices as last seen, so only changes are logged.
+#[derive(Debug, Default)]
+pub struct DeviceWatch {
+    requested: Vec<String>,
+    chosen: Option<Choice>,
+}
+
+impl DeviceWatch {
+    #[must_use]
+    pub fn new(requested: Vec<String>) -> Self {
+        Self {
+            requested,
+            chosen: None,
+        }
+    }
+
+    /// Chooses again; logs what changed and returns the devices when they
+    /// did.
+    pub fn update(
+        &mut self,
+        interfaces: &[Interface],
+        node_addresses: &BTreeSet<Ipv4Addr>,
+    ) -> Option<&BTreeSet<String>> {
+        let choice = choose(interfaces, &self.requested, node_addresses);
+        let old = self.chosen.take().unwrap_or_default();
+        for name in choice.missing.difference(&old.missing) {
+            warn!(
+                device = %name,
+                "--devices names an interface that does not exist; it is used when it appears"
+            );
+        }
+        for name in old.missing.intersection(&choice.devices) {
+            info!(device = %name, "an interface named in --devices appeared");
+        }
+        let changed = choice.devices != old.devices;
+        if changed {
+            let list: Vec<&str> = choice.devices.iter().map(String::as_str).collect();
+            info!(
+                devices = %list.join(","),
+                "devices for NodePort and external traffic"
+            );
+        }
+        let chosen = self.chosen.insert(choice);
+        changed.then_some(&chosen.devices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interface(name: &str, addresses: &[&str]) -> Interface {
+        Interface {
+            name: name.to_owned(),
+            loopback: name == "lo",
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    fn node() -> Vec<Interface> {
+        vec![
+            interface("lo", &["127.0.0.1"]),
+            interface("eth0", &["192.168.100.11"]),
+            interface("eth1", &["172.16.0.5"]),
+            interface("br0", &["10.244.1.1"]),
+            interface("dummy0", &[]),
+        ]
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn by_default_the_interfaces_with_node_addresses_are_chosen() {
+        let addresses = [
+            "192.168.100.11".parse().unwrap(),
+            "172.16.0.5".parse().unwrap(),
+        ]
+        .into_iter()
+        .collect();
+        let choice = choose(&node(), &[], &addresses);
+        assert_eq!(choice.devices, set(&["eth0", "eth1"]));
+        assert!(choice.missing.is_empty());
+        // Loopback never, even when its address is a NodePort address.
+        let loopback = ["127.0.0.1".parse().unwrap()].into_iter().collect();
+        assert!(choose(&node(), &[], &loopback).devices.is_empty());
+    }
+
+    #[test]
+    fn devices_named_are_used_and_missing_ones_are_reported() {
+        let requested = vec!["eth1".to_owned(), "bond0".to_owned()];
+        let choice = choose(&node(), &requested, &BTreeSet::new());
+        assert_eq!(choice.devices, set(&["eth1"]));
+        assert_eq!(choice.missing, set(&["bond0"]));
+    }
+
+    #[test]
+    fn a_named_device_that_appears_later_is_picked_up() {
+        let mut watch = DeviceWatch::new(vec!["bond0".to_owned()]);
+        let none = BTreeSet::new();
+        assert_eq!(watch.update(&node(), &none), None, "nothing to attach yet");
+        let mut later = node();
+        later.push(interface("bond0", &["192.168.100.11"]));
+        assert_eq!(watch.update(&later, &none), Some(&set(&["bond0"])));
+        assert_eq!(watch.update(&later, &none), None, "no change, no news");
+    }
+
+    #[test]
+    fn this_namespace_has_a_loopback_interface() {
+        let interfaces = read().unwrap();
+        assert!(interfaces.iter().any(|i| i.loopback), "{interfaces:?}");
+    }
+}

@@ -1,0 +1,675 @@
+//! Frontends reached from outside the node's sockets: NodePorts on the
+//! node's addresses, a Service's externalIPs, and its load-balancer IPs,
+//! each with its externalTrafficPolicy; and the healthCheckNodePorts that
+//! load balancers probe for Services of policy Local.
+//!
+//! Kept apart from [`super::DesiredState`], which holds the ClusterIP
+//! frontends the socket programs serve: the tc programs read these, and
+//! the two never share an entry. Same rules as ClusterIPs: the model is
+//! pure, each Service's claims are recomputed from its objects, and of two
+//! Services claiming one frontend (or one nodePort, on every address) the
+//! one that had it keeps it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use super::{CheckedSlice, L4Addr, Model, Problem, Protocol, Readiness, ServiceOutput, valid_port};
+use crate::{
+    kube_proxy_config::NodePortAddress,
+    source::{NodeObject, ObjectName, ServiceObject, Sourced, objects::ServicePortObject},
+};
+
+/// `--nodeport-range`: the ports the API server allocates nodePorts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Default for PortRange {
+    /// The API server's default `--service-node-port-range`.
+    fn default() -> Self {
+        Self {
+            first: 30000,
+            last: 32767,
+        }
+    }
+}
+
+impl PortRange {
+    fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    /// `30000-32767`, as the API server writes it (`30000+2768` too).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let error = || format!("{text:?} is not a port range such as 30000-32767");
+        let port = |p: &str| p.trim().parse::<u16>().map_err(|_| error());
+        let (first, last) = if let Some((first, last)) = text.split_once('-') {
+            (port(first)?, port(last)?)
+        } else if let Some((first, size)) = text.split_once('+') {
+            let first = port(first)?;
+            (first, first.checked_add(port(size)?).ok_or_else(error)?)
+        } else {
+            return Err(error());
+        };
+        if first == 0 || first > last {
+            return Err(error());
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// How an outside frontend is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    /// `nodeIP:nodePort`, on every node address.
+    NodePort,
+    /// An address in `spec.externalIPs`.
+    ExternalIp,
+    /// An address in `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NodePort => "NodePort",
+            Self::ExternalIp => "ExternalIP",
+            Self::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// `spec.externalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrafficPolicy {
+    /// Any ready endpoint; the client's address is masqueraded to the node.
+    #[default]
+    Cluster,
+    /// Only endpoints on this node, the client's address kept; with none,
+    /// the traffic is dropped.
+    Local,
+}
+
+/// One outside frontend and the backends it balances over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalFrontend {
+    /// kube-proxy's ServicePortName, as for ClusterIP frontends.
+    pub service: String,
+    pub kind: FrontendKind,
+    pub policy: TrafficPolicy,
+    /// Sorted. Empty under policy Local means "drop": no endpoint is on
+    /// this node.
+    pub backends: Vec<L4Addr>,
+}
+
+/// What a healthCheckNodePort answers: kube-proxy's count of the
+/// Service's ready endpoints on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ObjectName,
+    pub local_endpoints: usize,
+}
+
+/// Everything the tc programs and the health-check servers should serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalState {
+    pub frontends: BTreeMap<L4Addr, ExternalFrontend>,
+    /// By healthCheckNodePort.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// The addresses NodePorts are served on.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
+}
+
+/// What a Service claims: a nodePort is one claim for every node address,
+/// so that two Services never split one port between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum ExternalKey {
+    NodePort { port: u16, protocol: Protocol },
+    Address(L4Addr),
+}
+
+impl fmt::Display for ExternalKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NodePort { port, protocol } => write!(f, "nodePort {port}/{protocol}"),
+            Self::Address(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// One Service's outside frontends and health check, before claims are
+/// settled.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ExternalOutput {
+    frontends: BTreeMap<ExternalKey, ExternalFrontend>,
+    health_check: Option<(u16, HealthCheck)>,
+}
+
+/// Claims of one kind of key, and who owns each.
+#[derive(Debug)]
+struct Claims<K> {
+    claims: BTreeMap<K, BTreeSet<ObjectName>>,
+}
+
+impl<K> Default for Claims<K> {
+    fn default() -> Self {
+        Self {
+            claims: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Copy> Claims<K> {
+    fn release(&mut self, key: K, name: &ObjectName) {
+        if let Some(claimants) = self.claims.get_mut(&key) {
+            claimants.remove(name);
+            if claimants.is_empty() {
+                self.claims.remove(&key);
+            }
+        }
+    }
+
+    fn claim(&mut self, key: K, name: &ObjectName) {
+        self.claims.entry(key).or_default().insert(name.clone());
+    }
+}
+
+/// The model's part for outside frontends.
+#[derive(Debug, Default)]
+pub(super) struct ExternalModel {
+    /// Addresses of the node's interfaces, from the agent.
+    host_addresses: BTreeSet<Ipv4Addr>,
+    frontend_claims: Claims<ExternalKey>,
+    health_claims: Claims<u16>,
+    /// The owner's frontend of each claimed key.
+    owned: BTreeMap<ExternalKey, ExternalFrontend>,
+    state: ExternalState,
+    /// Frontends changed since [`Model::take_external_changes`].
+    changed: BTreeSet<L4Addr>,
+    /// The node's addresses may have changed: every NodePort is settled
+    /// again.
+    addresses_dirty: bool,
+}
+
+impl Model {
+    /// The outside frontends and health checks, as of the last
+    /// [`Model::recompute`].
+    #[must_use]
+    pub fn external(&self) -> &ExternalState {
+        &self.external.state
+    }
+
+    /// The outside frontends changed by recomputes since the last call.
+    pub fn take_external_changes(&mut self) -> BTreeSet<L4Addr> {
+        std::mem::take(&mut self.external.changed)
+    }
+
+    /// The IPv4 addresses on this node's interfaces, which NodePorts are
+    /// served on (as `--nodeport-addresses` selects).
+    pub fn set_host_addresses(&mut self, addresses: BTreeSet<Ipv4Addr>) {
+        if self.external.host_addresses != addresses {
+            self.external.host_addresses = addresses;
+            self.external.addresses_dirty = true;
+        }
+    }
+
+    /// The Node changed: its addresses may be the `primary` ones.
+    pub(super) fn node_changed(&mut self) {
+        self.external.addresses_dirty = true;
+    }
+
+    pub(super) fn external_is_dirty(&self) -> bool {
+        self.external.addresses_dirty
+    }
+
+    /// A Service's outside frontends, from its ClusterIP frontends' backends
+    /// (policy Cluster) or its endpoints on this node (policy Local).
+    pub(super) fn compute_external(
+        &self,
+        sourced: &Sourced<ServiceObject>,
+        slices: &[&CheckedSlice],
+        cluster_ip: Ipv4Addr,
+        output: &ServiceOutput,
+    ) -> (ExternalOutput, Vec<Problem>) {
+        let service = &sourced.object;
+        let mut external = ExternalOutput::default();
+        let mut problems = Vec::new();
+        let mut problem = |message: String| {
+            problems.push(Problem {
+                origin: sourced.origin.clone(),
+                object: format!("Service {}", service.name),
+                message,
+            });
+        };
+        let type_ = service.type_.as_deref().unwrap_or("ClusterIP");
+        let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+        let policy = match service.external_traffic_policy.as_deref() {
+            Some("Local") if node_ports || !service.external_ips.is_empty() => TrafficPolicy::Local,
+            _ => TrafficPolicy::Cluster,
+        };
+        let external_ips = addresses(&service.external_ips, "externalIP", &mut problem);
+        let lb_ips = if type_ == "LoadBalancer" {
+            addresses(&service.load_balancer_ips, "load-balancer IP", &mut problem)
+        } else {
+            Vec::new()
+        };
+        for port in &service.ports {
+            let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) else {
+                continue;
+            };
+            let Ok(number) = valid_port(port.port) else {
+                continue;
+            };
+            let cluster = L4Addr {
+                ip: cluster_ip,
+                port: number,
+                protocol,
+            };
+            // The ClusterIP side already reported whatever kept it out.
+            let Some(frontend) = output.frontends.get(&cluster) else {
+                continue;
+            };
+            let backends = match policy {
+                TrafficPolicy::Cluster => frontend.backends.clone(),
+                TrafficPolicy::Local => local_backends(
+                    slices,
+                    &port.name,
+                    protocol,
+                    self.config.node_name.as_deref(),
+                ),
+            };
+            let entry = |kind| ExternalFrontend {
+                service: frontend.service.clone(),
+                kind,
+                policy,
+                backends: backends.clone(),
+            };
+            if node_ports {
+                match self.node_port(port) {
+                    Ok(Some(node_port)) => {
+                        external.frontends.insert(
+                            ExternalKey::NodePort {
+                                port: node_port,
+                                protocol,
+                            },
+                            entry(FrontendKind::NodePort),
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(message) => problem(format!("port {:?}: {message}", port.name)),
+                }
+            }
+            for (ips, kind) in [
+                (&external_ips, FrontendKind::ExternalIp),
+                (&lb_ips, FrontendKind::LoadBalancer),
+            ] {
+                for &ip in ips {
+                    external.frontends.insert(
+                        ExternalKey::Address(L4Addr {
+                            ip,
+                            port: number,
+                            protocol,
+                        }),
+                        entry(kind),
+                    );
+                }
+            }
+        }
+        if policy == TrafficPolicy::Local && type_ == "LoadBalancer" {
+            match self.health_check(service, slices) {
+                Ok(check) => external.health_check = check,
+                Err(message) => problem(message),
+            }
+        }
+        (external, problems)
+    }
+
+    /// A policy-Local load balancer's healthCheckNodePort, if it has one.
+    fn health_check(
+        &self,
+        service: &ServiceObject,
+        slices: &[&CheckedSlice],
+    ) -> Result<Option<(u16, HealthCheck)>, String> {
+        let Some(port) = service.health_check_node_port.filter(|p| *p != 0) else {
+            return Ok(None);
+        };
+        let port = valid_port(port).map_err(|message| format!("healthCheckNodePort: {message}"))?;
+        Ok(Some((
+            port,
+            HealthCheck {
+                service: service.name.clone(),
+                local_endpoints: local_ready_endpoints(slices, self.config.node_name.as_deref()),
+            },
+        )))
+    }
+
+    /// A port's nodePort: `None` when it has none (not allocated yet, or
+    /// `allocateLoadBalancerNodePorts: false`).
+    fn node_port(&self, port: &ServicePortObject) -> Result<Option<u16>, String> {
+        let Some(node_port) = port.node_port.filter(|p| *p != 0) else {
+            return Ok(None);
+        };
+        let range = self.config.node_port_range;
+        match u16::try_from(node_port) {
+            Ok(p) if range.contains(p) => Ok(Some(p)),
+            _ => Err(format!(
+                "nodePort {node_port} is outside --nodeport-range {range}"
+            )),
+        }
+    }
+
+    /// Moves a recomputed Service's claims from `old` to `new`, noting the
+    /// keys and health-check ports whose owner or value may change.
+    pub(super) fn reclaim_external(
+        &mut self,
+        name: &ObjectName,
+        old: &ExternalOutput,
+        new: &ExternalOutput,
+        touched: &mut ExternalTouched,
+    ) {
+        let external = &mut self.external;
+        for key in old.frontends.keys() {
+            external.frontend_claims.release(*key, name);
+            touched.keys.insert(*key);
+        }
+        for key in new.frontends.keys() {
+            external.frontend_claims.claim(*key, name);
+            touched.keys.insert(*key);
+        }
+        if let Some((port, _)) = &old.health_check {
+            external.health_claims.release(*port, name);
+            touched.health_ports.insert(*port);
+        }
+        if let Some((port, _)) = &new.health_check {
+            external.health_claims.claim(*port, name);
+            touched.health_ports.insert(*port);
+        }
+    }
+
+    /// Settles ownership of the touched keys and updates the outside
+    /// frontends they expand to.
+    pub(super) fn settle_external(&mut self, mut touched: ExternalTouched) {
+        let mut addrs: BTreeSet<L4Addr> = BTreeSet::new();
+        if std::mem::take(&mut self.external.addresses_dirty) {
+            let addresses = node_addresses(
+                &self.config.node_port_addresses,
+                self.node.as_ref(),
+                &self.external.host_addresses,
+            );
+            if addresses != self.external.state.node_addresses {
+                // Every NodePort, on the old addresses and the new.
+                addrs.extend(
+                    self.external
+                        .state
+                        .frontends
+                        .iter()
+                        .filter(|(_, f)| f.kind == FrontendKind::NodePort)
+                        .map(|(addr, _)| *addr),
+                );
+                self.external.state.node_addresses = addresses;
+                touched.keys.extend(
+                    self.external
+                        .owned
+                        .keys()
+                        .filter(|k| matches!(k, ExternalKey::NodePort { .. })),
+                );
+            }
+        }
+        for key in touched.keys {
+            let wanted = self
+                .external_owner(&self.external.frontend_claims, &key)
+                .and_then(|owner| self.outputs.get(&owner))
+                .and_then(|output| output.external.frontends.get(&key))
+                .cloned();
+            match wanted {
+                Some(frontend) => self.external.owned.insert(key, frontend),
+                None => self.external.owned.remove(&key),
+            };
+            match key {
+                ExternalKey::Address(addr) => {
+                    addrs.insert(addr);
+                }
+                ExternalKey::NodePort { port, protocol } => {
+                    addrs.extend(self.external.state.node_addresses.iter().map(|&ip| L4Addr {
+                        ip,
+                        port,
+                        protocol,
+                    }));
+                }
+            }
+        }
+        for addr in addrs {
+            let external = &mut self.external;
+            // An externalIP or load-balancer IP on a node address wins over
+            // a nodePort there, as kube-proxy's KUBE-SERVICES rules come
+            // before its KUBE-NODEPORTS jump.
+            let wanted = external
+                .owned
+                .get(&ExternalKey::Address(addr))
+                .or_else(|| {
+                    external
+                        .state
+                        .node_addresses
+                        .contains(&addr.ip)
+                        .then(|| {
+                            external.owned.get(&ExternalKey::NodePort {
+                                port: addr.port,
+                                protocol: addr.protocol,
+                            })
+                        })
+                        .flatten()
+                })
+                .cloned();
+            if external.state.frontends.get(&addr) != wanted.as_ref() {
+                match wanted {
+                    Some(wanted) => external.state.frontends.insert(addr, wanted),
+                    None => external.state.frontends.remove(&addr),
+                };
+                external.changed.insert(addr);
+            }
+        }
+        for port in touched.health_ports {
+            let wanted = self
+                .external_owner(&self.external.health_claims, &port)
+                .and_then(|owner| self.outputs.get(&owner))
+                .and_then(|output| output.external.health_check.as_ref())
+                .map(|(_, check)| check.clone());
+            let checks = &mut self.external.state.health_checks;
+            match wanted {
+                Some(check) => checks.insert(port, check),
+                None => checks.remove(&port),
+            };
+        }
+    }
+
+    fn external_owner<K: Ord>(&self, claims: &Claims<K>, key: &K) -> Option<ObjectName> {
+        claims
+            .claims
+            .get(key)?
+            .iter()
+            .min_by_key(|name| self.seniority(name))
+            .cloned()
+    }
+
+    /// Services that lost a claim to an older one.
+    pub(super) fn external_problems(&self, problems: &mut BTreeSet<Problem>) {
+        let lost = |what: String, claimants: &BTreeSet<ObjectName>, owner: &ObjectName| {
+            claimants
+                .iter()
+                .filter(|name| *name != owner)
+                .map(|name| Problem {
+                    origin: self.services[name].service.origin.clone(),
+                    object: format!("Service {name}"),
+                    message: format!("{what} is already used by Service {owner}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        for (key, claimants) in &self.external.frontend_claims.claims {
+            if claimants.len() > 1
+                && let Some(owner) = self.external_owner(&self.external.frontend_claims, key)
+            {
+                problems.extend(lost(key.to_string(), claimants, &owner));
+            }
+        }
+        for (port, claimants) in &self.external.health_claims.claims {
+            if claimants.len() > 1
+                && let Some(owner) = self.external_owner(&self.external.health_claims, port)
+            {
+                problems.extend(lost(
+                    format!("healthCheckNodePort {port}"),
+                    claimants,
+                    &owner,
+                ));
+            }
+        }
+    }
+}
+
+/// Keys and health-check ports a recompute touched.
+#[derive(Debug, Default)]
+pub(super) struct ExternalTouched {
+    keys: BTreeSet<ExternalKey>,
+    health_ports: BTreeSet<u16>,
+}
+
+/// The IPv4 addresses of a list; IPv6 ones are skipped (the datapath is
+/// IPv4), bad ones are problems.
+fn addresses(list: &[String], what: &str, problem: &mut impl FnMut(String)) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for text in list {
+        match text.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip))
+                if ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_broadcast()
+                    || ip.is_multicast() =>
+            {
+                problem(format!(
+                    "{what} {ip} is not a unicast address (loopback, unspecified, broadcast and multicast are refused)"
+                ));
+            }
+            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => problem(format!("invalid {what} {text:?}")),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The node addresses NodePorts are served on. Unset, every address of the
+/// node's interfaces but loopback (kube-proxy's iptables mode serves them
+/// all; localhost NodePorts stay off by default, CVE-2020-8558). `primary`
+/// is the Node object's addresses; a CIDR selects the interface addresses
+/// inside it (127.0.0.0/8 turns localhost NodePorts on).
+#[must_use]
+pub fn node_addresses(
+    config: &[NodePortAddress],
+    node: Option<&NodeObject>,
+    host: &BTreeSet<Ipv4Addr>,
+) -> BTreeSet<Ipv4Addr> {
+    let not_loopback = || host.iter().copied().filter(|ip| !ip.is_loopback());
+    if config.is_empty() {
+        return not_loopback().collect();
+    }
+    let mut out = BTreeSet::new();
+    for entry in config {
+        match entry {
+            NodePortAddress::All => out.extend(not_loopback()),
+            NodePortAddress::Localhost => {
+                out.extend(host.iter().copied().filter(Ipv4Addr::is_loopback));
+            }
+            NodePortAddress::Primary => out.extend(
+                node.into_iter()
+                    .flat_map(|n| &n.addresses)
+                    .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
+            ),
+            NodePortAddress::Cidr(cidr) => {
+                if let std::net::IpAddr::V4(base) = cidr.address {
+                    let cidr = super::Cidr {
+                        addr: base,
+                        prefix: cidr.prefix_len,
+                    };
+                    out.extend(host.iter().copied().filter(|ip| cidr.contains(*ip)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The endpoints of one Service port on this node, chosen as
+/// [`super::backends`] chooses among all: ready ones, else the ones still
+/// serving while they terminate.
+fn local_backends(
+    slices: &[&CheckedSlice],
+    port_name: &str,
+    protocol: Protocol,
+    node: Option<&str>,
+) -> Vec<L4Addr> {
+    let Some(node) = node else {
+        return Vec::new();
+    };
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        let Some(&(_, _, port)) = slice
+            .ports
+            .iter()
+            .find(|(name, p, _)| name == port_name && *p == protocol)
+        else {
+            continue;
+        };
+        for &(ip, readiness) in &slice.endpoints {
+            if slice.nodes.get(&ip).map(String::as_str) != Some(node) {
+                continue;
+            }
+            let addr = L4Addr { ip, port, protocol };
+            match readiness {
+                Readiness::Ready => ready.insert(addr),
+                Readiness::Terminating => terminating.insert(addr),
+                Readiness::Unusable => false,
+            };
+        }
+    }
+    let chosen = if ready.is_empty() { terminating } else { ready };
+    chosen.into_iter().collect()
+}
+
+/// kube-proxy's `localEndpoints`: ready endpoints on this node (each
+/// address once).
+fn local_ready_endpoints(slices: &[&CheckedSlice], node: Option<&str>) -> usize {
+    let Some(node) = node else {
+        return 0;
+    };
+    slices
+        .iter()
+        .flat_map(|slice| {
+            slice.endpoints.iter().filter(|(ip, readiness)| {
+                matches!(readiness, Readiness::Ready)
+                    && slice.nodes.get(ip).map(String::as_str) == Some(node)
+            })
+        })
+        .map(|(ip, _)| *ip)
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::{
+    model::{Model, ModelConfig},
+    source::{Change, manifests::changes_of},
+};
+
+fn changes(yaml: &str) -> Vec<Change> {
+    changes_of("test.yaml", yaml).expect("valid test manifest")
+}
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        node_name: Some("node-1".to_owned()),
+        ..ModelConfig::default()
+    }
+}
+
+fn host() -> BTreeSet<Ipv4Addr> {
+    ["127.0.0.1", "192.168.100.11", "10.244.1.1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect()
+}
+
+fn model_of(config: ModelConfig, yaml: &str) -> Model {
+    let mut model = Model::new(config);
+    model.set_host_addresses(host());
+    for change in changes(yaml) {
+        model.apply(change);
+    }
+    model.recompute();
+    model
+}
+
+fn at(ip: &str, port: u16, protocol: Protocol) -> L4Addr {
+    L4Addr {
+        ip: ip.parse().unwrap(),
+        port,
+        protocol,
+    }
+}
+
+fn service(name: &str, cluster_ip: &str, extra: &str, port: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  clusterIP: {cluster_ip}\n{extra}  ports:\n  - {{{port}}}\n---\n"
+    )
+}
+
+/// Two endpoints on node-1 (one not ready), one on node-2.
+fn slice(service: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-a\n  \
+         namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\n\
+         ports:\n- {{name: http, port: 8080}}\nendpoints:\n\
+         - {{addresses: [10.244.1.10], nodeName: node-1}}\n\
+         - {{addresses: [10.244.1.11], nodeName: node-1, conditions: {{ready: false}}}}\n\
+         - {{addresses: [10.244.2.10], nodeName: node-2}}\n---\n"
+    )
+}
+
+const LB: &str = concat!(
+    "  type: LoadBalancer\n",
+    "  externalIPs: [203.0.113.7, \"fd00::1\"]\n",
+    "  healthCheckNodePort: 31999\n",
+);
+
+#[test]
+fn a_load_balancer_service_gets_every_kind_of_frontend() {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        &format!("{LB}  externalTrafficPolicy: Cluster\n"),
+        "name: http, port: 80, nodePort: 30080",
+    )
+    .replace(
+        "---\n",
+        "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {hostname: lb.example}]}}\n---\n",
+    ) + &slice("web");
+    let model = model_of(config(), &yaml);
+    let state = model.external();
+    assert_eq!(model.problems().len(), 0, "{:?}", model.problems());
+    // Loopback is not a NodePort address unless asked for.
+    assert_eq!(
+        state.node_addresses,
+        ["10.244.1.1", "192.168.100.11"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect()
+    );
+    let kinds: Vec<(L4Addr, FrontendKind)> =
+        state.frontends.iter().map(|(a, f)| (*a, f.kind)).collect();
+    assert!(kinds.contains(&(
+        at("192.168.100.11", 30080, Protocol::Tcp),
+        FrontendKind::NodePort
+    )));
+    assert!(kinds.contains(&(
+        at("10.244.1.1", 30080, Protocol::Tcp),
+        FrontendKind::NodePort
+    )));
+    assert!(kinds.contains(&(
+        at("203.0.113.7", 80, Protocol::Tcp),
+        FrontendKind::ExternalIp
+    )));
+    assert!(kinds.contains(&(
+        at("198.51.100.1", 80, Protocol::Tcp),
+        FrontendKind::LoadBalancer
+    )));
+    assert_eq!(kinds.len(), 4, "{kinds:?}");
+    let nodeport = &state.frontends[&at("192.168.100.11", 30080, Protocol::Tcp)];
+    assert_eq!(nodeport.policy, TrafficPolicy::Cluster);
+    assert_eq!(nodeport.backends.len(), 2, "both ready endpoints, any node");
+    assert_eq!(nodeport.service, "default/web:http");
+    assert!(state.health_checks.is_empty(), "only policy Local has one");
+}
+
+#[test]
+fn policy_local_keeps_this_nodes_endpoints_and_counts_them() {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        &format!("{LB}  externalTrafficPolicy: Local\n"),
+        "name: http, port: 80, nodePort: 30080",
+    ) + &slice("web");
+    let model = model_of(config(), &yaml);
+    let frontend = &model.external().frontends[&at("192.168.100.11", 30080, Protocol::Tcp)];
+    assert_eq!(frontend.policy, TrafficPolicy::Local);
+    assert_eq!(frontend.backends, [at("10.244.1.10", 8080, Protocol::Tcp)]);
+    assert_eq!(
+        model.external().health_checks[&31999],
+        HealthCheck {
+            service: ObjectName::new("default", "web"),
+            local_endpoints: 1,
+        }
+    );
+    // On another node: nothing local, so drop, and the check says 0.
+    let other = model_of(
+        ModelConfig {
+            node_name: Some("node-3".to_owned()),
+            ..ModelConfig::default()
+        },
+        &yaml,
+    );
+    let frontend = &other.external().frontends[&at("192.168.100.11", 30080, Protocol::Tcp)];
+    assert!(frontend.backends.is_empty());
+    assert_eq!(other.external().health_checks[&31999].local_endpoints, 0);
+    // The ClusterIP frontend is not affected by the external policy.
+    assert_eq!(
+        other.desired().frontends[&at("10.96.0.20", 80, Protocol::Tcp)]
+            .backends
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn a_node_port_outside_the_range_is_a_problem_and_the_rest_is_kept() {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        "  type: NodePort\n",
+        "name: http, port: 80, nodePort: 8080",
+    ) + &service(
+        "api",
+        "10.96.0.21",
+        "  type: NodePort\n",
+        "name: http, port: 80, nodePort: 30081",
+    );
+    let model = model_of(config(), &yaml);
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        [
+            "test.yaml: Service default/web: port \"http\": nodePort 8080 is outside --nodeport-range 30000-32767"
+        ]
+    );
+    assert!(
+        model
+            .desired()
+            .frontends
+            .contains_key(&at("10.96.0.20", 80, Protocol::Tcp))
+    );
+    let ports: BTreeSet<u16> = model.external().frontends.keys().map(|a| a.port).collect();
+    assert_eq!(ports, [30081].into_iter().collect());
+    // A wider range takes it.
+    let model = model_of(
+        ModelConfig {
+            node_port_range: "8000-32767".parse().unwrap(),
+            ..config()
+        },
+        &yaml,
+    );
+    assert!(model.problems().is_empty());
+}
+
+#[test]
+fn a_node_port_claimed_twice_stays_with_the_service_that_had_it() {
+    let first = service(
+        "a",
+        "10.96.0.20",
+        "  type: NodePort\n",
+        "port: 80, nodePort: 30080",
+    );
+    let second = service(
+        "b",
+        "10.96.0.21",
+        "  type: NodePort\n",
+        "port: 81, nodePort: 30080",
+    );
+    let mut model = Model::new(config());
+    model.set_host_addresses(host());
+    for change in changes(&first) {
+        model.apply(change);
+    }
+    model.recompute();
+    for change in changes(&second) {
+        model.apply(change);
+    }
+    model.recompute();
+    let owner = |model: &Model| {
+        model.external().frontends[&at("192.168.100.11", 30080, Protocol::Tcp)]
+            .service
+            .clone()
+    };
+    assert_eq!(owner(&model), "default/a");
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        ["test.yaml: Service default/b: nodePort 30080/TCP is already used by Service default/a"]
+    );
+    // When the owner goes, the other gets it.
+    model.apply(Change::Service(ObjectName::new("default", "a"), None));
+    model.recompute();
+    assert_eq!(owner(&model), "default/b");
+    assert!(model.problems().is_empty());
+}
+
+#[test]
+fn node_port_addresses_select_the_nodes_addresses() {
+    let node = NodeObject {
+        name: "node-1".to_owned(),
+        addresses: vec!["192.168.100.11".to_owned(), "fd00::11".to_owned()],
+        ..NodeObject::default()
+    };
+    let parse = |list: &[&str]| -> Vec<NodePortAddress> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    };
+    let ips =
+        |list: &[&str]| -> BTreeSet<Ipv4Addr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+    assert_eq!(
+        node_addresses(&[], Some(&node), &host()),
+        ips(&["10.244.1.1", "192.168.100.11"])
+    );
+    assert_eq!(
+        node_addresses(&parse(&["192.168.0.0/16"]), None, &host()),
+        ips(&["192.168.100.11"])
+    );
+    assert_eq!(
+        node_addresses(&parse(&["primary"]), Some(&node), &host()),
+        ips(&["192.168.100.11"])
+    );
+    assert_eq!(
+        node_addresses(&parse(&["127.0.0.0/8"]), None, &host()),
+        ips(&["127.0.0.1"]),
+        "localhost NodePorts only when asked for"
+    );
+}
+
+#[test]
+fn node_ports_follow_the_node_addresses() {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        "  type: NodePort\n",
+        "port: 80, nodePort: 30080",
+    );
+    let mut model = model_of(config(), &yaml);
+    model.take_external_changes();
+    model.set_host_addresses(["192.168.100.12".parse().unwrap()].into_iter().collect());
+    assert!(model.is_dirty());
+    model.recompute();
+    let addrs: Vec<L4Addr> = model.external().frontends.keys().copied().collect();
+    assert_eq!(addrs, [at("192.168.100.12", 30080, Protocol::Tcp)]);
+    // Gone from both old addresses, there on the new one.
+    assert_eq!(model.take_external_changes().len(), 3);
+}
+
+#[test]
+fn bad_external_ips_are_problems_and_the_good_ones_are_served() {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        "  externalIPs: [127.0.0.1, nonsense, 203.0.113.8]\n",
+        "port: 80",
+    );
+    let model = model_of(config(), &yaml);
+    assert_eq!(model.problems().len(), 2, "{:?}", model.problems());
+    let addrs: Vec<L4Addr> = model.external().frontends.keys().copied().collect();
+    assert_eq!(addrs, [at("203.0.113.8", 80, Protocol::Tcp)]);
+}
+
+#[test]
+fn incremental_changes_end_as_if_computed_from_scratch() {
+    let a = service(
+        "a",
+        "10.96.0.20",
+        &format!("{LB}  externalTrafficPolicy: Local\n"),
+        "name: http, port: 80, nodePort: 30080",
+    ) + &slice("a");
+    let b = service(
+        "b",
+        "10.96.0.21",
+        "  type: NodePort\n",
+        "port: 80, nodePort: 30080",
+    );
+    let steps = [
+        a.clone(),
+        b.clone(),
+        a.replace("Local", "Cluster"),
+        b.replace("30080", "30090"),
+    ];
+    let mut incremental = Model::new(config());
+    incremental.set_host_addresses(host());
+    for step in &steps {
+        for change in changes(step) {
+            incremental.apply(change);
+        }
+        incremental.recompute();
+    }
+    let scratch = model_of(config(), &(steps[2].clone() + &steps[3]));
+    assert_eq!(incremental.external(), scratch.external());
+}
+
+#[test]
+fn port_ranges_parse_as_the_api_server_writes_them() {
+    assert_eq!("30000-32767".parse::<PortRange>(), Ok(PortRange::default()));
+    assert_eq!("30000+2767".parse::<PortRange>(), Ok(PortRange::default()));
+    assert!("32767-30000".parse::<PortRange>().is_err());
+    assert!("0-10".parse::<PortRange>().is_err());
+    assert!("30000".parse::<PortRange>().is_err());
+}
