@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub model: ModelConfig,
     /// `--iptables-masquerade-bit`.
     pub masquerade_bit: u8,
+    /// Whether the masquerade fallback is kept.
+    pub install_iptables_rules: bool,
     /// How often the masquerade rules and the devices are looked at.
     pub iptables_sync_period: Duration,
     /// `--devices`.
@@ -106,7 +108,8 @@ struct Loop {
     sizes: MapSizes,
     /// When the EndpointSlice changes waiting to be applied were made.
     triggers: Vec<SystemTime>,
-    masquerade: Masquerade,
+    /// `None` with `--install-iptables-rules=false`.
+    masquerade: Option<Masquerade>,
     devices: DeviceWatch,
     service_health: ServiceHealthServers,
 }
@@ -142,7 +145,9 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         metrics,
         sizes: config.sizes,
         triggers: Vec::new(),
-        masquerade: Masquerade::new(config.masquerade_bit),
+        masquerade: config
+            .install_iptables_rules
+            .then(|| Masquerade::new(config.masquerade_bit)),
         devices: DeviceWatch::new(config.devices.clone()),
         service_health: ServiceHealthServers::new(health.clone()),
     };
@@ -303,11 +308,13 @@ impl Loop {
     /// Checks the masquerade rules, and the node's interfaces and
     /// addresses: NodePorts follow the addresses, the devices both.
     fn housekeeping(&mut self) {
-        self.masquerade.apply(&Desired {
-            services: self.model.desired(),
-            external: self.model.external(),
-            scope: Scope::All { prune: false },
-        });
+        if let Some(masquerade) = &mut self.masquerade {
+            masquerade.apply(&Desired {
+                services: self.model.desired(),
+                external: self.model.external(),
+                scope: Scope::All { prune: false },
+            });
+        }
         match devices::read() {
             Ok(interfaces) => {
                 self.model

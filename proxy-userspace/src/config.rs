@@ -114,6 +114,11 @@ pub struct RunArgs {
     /// mark 0x4000]
     #[arg(long, value_name = "0-31", value_parser = clap::value_parser!(u8).range(0..=31))]
     pub iptables_masquerade_bit: Option<u8>,
+    /// Keep the iptables masquerade fallback (as Cilium's
+    /// install-iptables-rules). Turn it off where something else
+    /// masquerades the node's outside traffic.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub install_iptables_rules: bool,
     /// How often the masquerade rules are checked, and repaired if someone
     /// removed them; the node's interfaces are looked at as often.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
@@ -208,6 +213,7 @@ impl RunArgs {
                 .or(file.masquerade_bit)
                 .unwrap_or(14),
             iptables_sync_period: self.iptables_sync_period,
+            install_iptables_rules: self.install_iptables_rules,
             devices: self.devices,
         };
         Ok((config, source))

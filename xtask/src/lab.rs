@@ -338,7 +338,10 @@ impl Lab {
             // Labs run side by side on the host: each agent takes free
             // ports, found again in its log.
             .args(["--healthz-bind-address", "127.0.0.1:0"])
-            .args(["--metrics-bind-address", "127.0.0.1:0"]);
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            // This agent runs in the host's network namespace: it must not
+            // write the host's iptables (start_agent_in_node's may).
+            .arg("--install-iptables-rules=false");
         cmd
     }
 

@@ -278,7 +278,10 @@ fn service_without_endpoints_refuses_at_once() {
             .unwrap_or_else(|| panic!("not refused: {line}"))
             .parse()
             .unwrap();
-        assert!(millis < 10.0, "refused only after {millis} ms");
+        // A refusal by the hook takes microseconds; a SYN that went out
+        // unanswered would take a second or more. The margin is for a
+        // loaded machine.
+        assert!(millis < 100.0, "refused only after {millis} ms");
     }
     assert!(
         agent.stats_json().unwrap().contains(r#""refused":20"#),
