@@ -4,5 +4,5 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    crate::lb::forward(&ctx)
+    crate::lb::forward(&ctx, crate::lb::Call::Connect)
 }

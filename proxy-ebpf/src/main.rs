@@ -14,7 +14,8 @@ mod maps;
 mod recvmsg4;
 mod sendmsg4;
 
-/// The socket-cookie and set-retval helpers need a GPL-compatible license.
+/// The socket-storage and set-retval helpers need a GPL-compatible license;
+/// Cargo.toml declares the crate's license to match.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -5,5 +5,5 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    crate::lb::forward(&ctx)
+    crate::lb::forward(&ctx, crate::lb::Call::Sendmsg)
 }

@@ -162,7 +162,7 @@ fn getpeername_shows_the_vip_and_other_addresses_are_untouched() {
     // too), nothing refused or raced.
     let stats = agent.stats_json().unwrap();
     assert!(
-        stats.starts_with(r#"{"forwarded":1,"refused":0,"lost_race":0,"reversed":"#)
+        stats.starts_with(r#"{"forwarded":1,"refused":0,"no_backend_slot":0,"no_backend":0,"reversed":"#)
             && !stats.contains(r#""reversed":0"#),
         "{stats}"
     );
@@ -476,7 +476,7 @@ fn a_service_too_big_for_the_map_is_logged_and_the_rest_keeps_working() {
     assert!(
         lines[0].contains("cannot write the frontend")
             && lines[0]
-                .contains("the map lb4_svc_v1 is full (8 entries); raise --services-map-size"),
+                .contains("the map lb4_svc_v2 is full (8 entries); raise --services-map-size"),
         "{}",
         lines[0]
     );
@@ -575,7 +575,7 @@ fn a_pinned_map_of_another_layout_is_refused_naming_cleanup() {
     // The right name, the wrong key: 8 bytes where the programs read 12.
     let status = Command::new("bpftool")
         .args(["map", "create"])
-        .arg(maps.join("lb4_svc_v1"))
+        .arg(maps.join("lb4_svc_v2"))
         .args([
             "type", "hash", "key", "8", "value", "8", "entries", "16", "name", "x",
         ])
@@ -586,7 +586,7 @@ fn a_pinned_map_of_another_layout_is_refused_naming_cleanup() {
     let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
     assert!(!ok);
     assert!(
-        stderr.contains("lb4_svc_v1")
+        stderr.contains("lb4_svc_v2")
             && stderr.contains("8-byte keys")
             && stderr.contains(&format!(
                 "proxy-userspace cleanup --bpffs {}",
@@ -822,7 +822,7 @@ fn healthz_and_metrics_report_the_datapath_as_kube_proxy_does() {
         "ebpf_proxy_frontends_programmed 1",
         "ebpf_proxy_backends_programmed 2",
         "ebpf_proxy_datapath_events_total{event=\"forwarded\"} 10",
-        "ebpf_proxy_map_fill_ratio{map=\"lb4_be_v1\"}",
+        "ebpf_proxy_map_fill_ratio{map=\"lb4_be_v2\"}",
         "ebpf_proxy_sync_duration_seconds_count 1",
     ] {
         assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
