@@ -266,6 +266,10 @@ impl Datapath {
     /// prepared and locked with [`Pins::prepare`].
     pub fn load(pins: Pins, sizes: MapSizes) -> Result<Self, DatapathError> {
         check_layouts(&pins)?;
+        for path in stale_maps(&pins) {
+            // Left for a rollback to adopt; a full sync rewrites it anyway.
+            warn!(map = %path.display(), "a map of an older layout is pinned but unused; `cleanup` removes it");
+        }
         let mut loader = EbpfLoader::new();
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
@@ -394,6 +398,25 @@ fn program<'a>(
         .map_err(|source| DatapathError::Program { name, source })
 }
 
+/// Pinned maps of ours that this build does not use: other layout versions
+/// of its maps (`lb4_svc_v1` after an upgrade to `lb4_svc_v2`).
+fn stale_maps(pins: &Pins) -> Vec<PathBuf> {
+    let Ok(dir) = fs::read_dir(pins.maps_dir()) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<PathBuf> = dir
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("lb4_") && !MAPS.contains(&name.as_ref())
+        })
+        .map(|entry| entry.path())
+        .collect();
+    stale.sort();
+    stale
+}
+
 /// Detaches the programs (by dropping their pinned links) and removes the
 /// pinned maps and the directory. Safe to run twice. Refused while an agent
 /// holds the directory's lock (it would go on writing maps no program
@@ -422,6 +445,10 @@ pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
     }
     for name in MAPS {
         remove(pins.map(name))?;
+    }
+    // Maps of an older layout version, left by the agent this one upgraded.
+    for path in stale_maps(pins) {
+        remove(path)?;
     }
     for dir in [pins.links_dir(), pins.maps_dir(), pins.root().to_owned()] {
         match fs::remove_dir(&dir) {
