@@ -56,6 +56,10 @@ pub static SOCK_REV_NAT: SkStorage<SockRevNat> = SkStorage::new();
 pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
 
 /// Counts one event on this CPU.
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
 #[inline(always)]
 pub fn record(event: Event) {
     if let Some(counter) = EVENTS.get_ptr_mut(event as u32) {

@@ -150,7 +150,7 @@ pub fn map_update_batch(
     }
     // The kernel reads count * key_size bytes from `keys`: refuse slices
     // that do not hold that many, whatever the map's sizes.
-    if keys.len() % count != 0 || values.len() % count != 0 {
+    if !keys.len().is_multiple_of(count) || !values.len().is_multiple_of(count) {
         return (
             0,
             Err(io::Error::new(

@@ -494,7 +494,7 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
         .contains("\"frontend\": \"10.100.39.16:53\"")
     {
         assert!(
-            started.elapsed() < Duration::from_secs(120),
+            started.elapsed() < Duration::from_mins(2),
             "{}",
             agent.log()
         );
