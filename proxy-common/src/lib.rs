@@ -1,73 +1,112 @@
-//! Map keys and values shared by the eBPF programs and the agent.
+//! Map keys and values shared by the eBPF programs and the agent, and the
+//! names both sides use for maps, programs and events.
 //!
-//! Every type is `#[repr(C)]` with explicit padding, so the kernel and user
-//! side agree on the bytes and BTF shows every field. Addresses and ports stay
-//! in network byte order (the `_be` fields): the programs compare them with
-//! socket addresses as they are, and the agent converts at its edge.
+//! Every type is `#[repr(C)]` with explicit padding and derives bytemuck's
+//! `Pod`: the derive refuses to compile a type with implicit padding, so the
+//! kernel and user side agree on every byte and BTF shows every field.
+//! Addresses and ports stay in network byte order (the `_be` fields): the
+//! programs compare them with socket addresses as they are, and the agent
+//! converts at its edge.
 //!
 //! The layout follows Cilium's `lb4_*` maps: a Service frontend owns slots
 //! `0..=count` in [`SERVICES_MAP`]; slot 0 holds the count, slots `1..=count`
-//! hold backend ids, and backends live once in [`BACKENDS_MAP`], shared by id.
-//! A backend is then picked with one random number and two lookups.
+//! a backend. Unlike Cilium, a slot carries the backend's address and port
+//! as well as its id, so `connect()` picks a backend with one random number
+//! and two lookups, not three; [`BACKENDS_MAP`] stays for the agent (ids are
+//! shared by every slot naming the same endpoint) and for readers.
 #![no_std]
+#![deny(unsafe_code)]
+
+use bytemuck::{Pod, Zeroable};
 
 /// Map names carry a version. Bump it whenever a key or value layout changes,
 /// so that a new agent never reads an old pinned map with the wrong layout.
-pub const SERVICES_MAP: &str = "lb4_svc_v1";
+pub const SERVICES_MAP: &str = "lb4_svc_v2";
 /// See [`SERVICES_MAP`].
-pub const BACKENDS_MAP: &str = "lb4_be_v1";
+pub const BACKENDS_MAP: &str = "lb4_be_v2";
+/// Socket-local storage: the reverse translations of one socket live and die
+/// with it. See [`SERVICES_MAP`].
+pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v2";
 /// See [`SERVICES_MAP`].
-pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v1";
+pub const EVENTS_MAP: &str = "lb4_events_v2";
 
-/// See [`SERVICES_MAP`].
-pub const EVENTS_MAP: &str = "lb4_events_v1";
+/// Every map of the object; all are pinned.
+pub const MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, SOCK_REV_NAT_MAP, EVENTS_MAP];
+
+/// The cgroup socket-address programs, by the names of their functions.
+pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
 /// Default capacities: room for 30k Services with 4 endpoints each, and
 /// headroom for churn.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// See [`SERVICES_MAX_ENTRIES`].
 pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
-/// Reverse translations live as long as their socket; the LRU map forgets
-/// the sockets that are long gone.
-pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262_144;
 
-/// What the socket hooks count, per CPU, in [`EVENTS_MAP`]: the variant is
-/// the array index. One list for every hook, as Cilium keeps its drop
-/// reasons, so a new outcome is counted everywhere or nowhere.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// A Service address was rewritten to a backend (connect, sendmsg).
-    Forwarded = 0,
-    /// A Service without endpoints refused a connect or sendmsg.
-    Refused = 1,
-    /// A slot or backend vanished between two lookups while the agent shrank
-    /// a Service; the socket was left alone.
-    LostRace = 2,
-    /// A backend address was shown as its Service (recvmsg, getpeername).
-    Reversed = 3,
-}
+/// `ECONNREFUSED`, which the programs cannot take from libc (no_std, no OS):
+/// the agent's tests check it against `libc::ECONNREFUSED`.
+pub const ECONNREFUSED: i32 = 111;
 
-impl Event {
-    /// Every event, in index order.
-    pub const ALL: [Self; 4] = [
-        Self::Forwarded,
-        Self::Refused,
-        Self::LostRace,
-        Self::Reversed,
-    ];
-
-    /// The name the agent prints.
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Forwarded => "forwarded",
-            Self::Refused => "refused",
-            Self::LostRace => "lost_race",
-            Self::Reversed => "reversed",
+/// Declares [`Event`] together with [`Event::ALL`] and [`Event::name`], so a
+/// new event cannot be left out of the list the agent reads and prints.
+macro_rules! events {
+    ($($(#[$doc:meta])* $variant:ident = $index:literal => $name:literal,)*) => {
+        /// What the socket hooks count, per CPU, in [`EVENTS_MAP`]: the
+        /// variant is the array index. One list for every hook, as Cilium
+        /// keeps its drop reasons, so a new outcome is counted everywhere or
+        /// nowhere.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Event {
+            $($(#[$doc])* $variant = $index,)*
         }
-    }
+
+        impl Event {
+            /// Every event, in index order.
+            pub const ALL: [Self; [$($index),*].len()] = [$(Self::$variant),*];
+
+            /// The name the agent prints.
+            #[must_use]
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+        }
+    };
 }
+
+events! {
+    /// A Service address was rewritten to a backend (connect, sendmsg).
+    Forwarded = 0 => "forwarded",
+    /// A Service without endpoints refused a connect or sendmsg.
+    Refused = 1 => "refused",
+    /// The chosen slot was missing: the agent shrank the Service between
+    /// the two lookups. The socket was left alone.
+    NoBackendSlot = 2 => "no_backend_slot",
+    /// The chosen slot named no backend address. The socket was left alone.
+    NoBackend = 3 => "no_backend",
+    /// A backend address was shown as its Service (recvmsg, getpeername).
+    Reversed = 4 => "reversed",
+    /// The socket's storage for reverse translations could not be made (no
+    /// memory). A UDP datagram is then sent to the Service address untouched,
+    /// since its reply could not be shown as the Service's; a TCP connection
+    /// goes on, showing the backend as its peer.
+    RevNatNotStored = 5 => "rev_nat_not_stored",
+    /// An unconnected UDP socket talked to more backends than its storage
+    /// holds ([`SOCK_REV_NAT_SLOTS`]); the oldest translation was replaced,
+    /// and a late reply from that backend shows the backend's address.
+    RevNatEvicted = 6 => "rev_nat_evicted",
+}
+
+// The events map is indexed by the variant: the list must be dense and in
+// order, or a counter would land in another event's slot.
+const _: () = {
+    let mut i = 0;
+    while i < Event::ALL.len() {
+        assert!(Event::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// IANA protocol numbers, as the socket hooks see them in `protocol`.
 pub const PROTO_TCP: u8 = 6;
@@ -76,7 +115,7 @@ pub const PROTO_UDP: u8 = 17;
 
 /// One slot of a Service frontend.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ServiceKey {
     /// The frontend address (ClusterIP), network byte order.
     pub addr_be: u32,
@@ -119,15 +158,22 @@ impl ServiceKey {
 /// The value of a [`ServiceKey`]. Which fields mean something depends on the
 /// slot, as in Cilium's `lb4_service`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ServiceValue {
     /// Slots `1..=count`: the backend id in [`BACKENDS_MAP`]. Slot 0: 0.
     pub backend_id: u32,
+    /// Slots `1..=count`: the backend's address, network byte order, copied
+    /// from [`BACKENDS_MAP`] so the programs need not look it up. Slot 0: 0.
+    pub addr_be: u32,
+    /// Slots `1..=count`: the backend's port, network byte order. Slot 0: 0.
+    pub port_be: u16,
     /// Slot 0: how many backend slots follow. 0 means the Service has no
     /// ready endpoints, and connections are refused.
     pub count: u16,
     /// Reserved for per-Service flags (session affinity, ...); 0 for now.
     pub flags: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
 }
 
 impl ServiceValue {
@@ -136,25 +182,31 @@ impl ServiceValue {
     pub const fn frontend(count: u16) -> Self {
         Self {
             backend_id: 0,
+            addr_be: 0,
+            port_be: 0,
             count,
             flags: 0,
+            pad: 0,
         }
     }
 
     /// A backend slot's value.
     #[must_use]
-    pub const fn backend(backend_id: u32) -> Self {
+    pub const fn backend(backend_id: u32, backend: &Backend) -> Self {
         Self {
             backend_id,
+            addr_be: backend.addr_be,
+            port_be: backend.port_be,
             count: 0,
             flags: 0,
+            pad: 0,
         }
     }
 }
 
 /// Where a backend listens. Keyed by a `u32` backend id.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Backend {
     /// The endpoint address, network byte order.
     pub addr_be: u32,
@@ -166,51 +218,67 @@ pub struct Backend {
     pub flags: u8,
 }
 
-/// A socket that was sent to a backend, keyed by the socket cookie and that
-/// backend. The backend is part of the key because an unconnected UDP socket
-/// can talk to several Services (or several backends) at once.
+/// How many (backend, frontend) pairs one socket remembers. A connected
+/// socket needs one; an unconnected UDP socket needs one per backend it is
+/// talking to at once (a resolver asking a few nameservers).
+pub const SOCK_REV_NAT_SLOTS: usize = 4;
+
+/// One reverse translation: replies from `backend` show as `frontend`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNatKey {
-    /// `bpf_get_socket_cookie()`: unique for the life of the host.
-    pub cookie: u64,
-    /// The backend address, network byte order.
-    pub addr_be: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RevNatPair {
+    /// The backend address, network byte order; 0 marks a free pair.
+    pub backend_addr_be: u32,
+    /// The frontend address, network byte order.
+    pub frontend_addr_be: u32,
     /// The backend port, network byte order.
-    pub port_be: u16,
-    /// Explicit padding, always zero.
-    pub pad: u16,
+    pub backend_port_be: u16,
+    /// The frontend port, network byte order.
+    pub frontend_port_be: u16,
 }
 
-/// The frontend a socket asked for, restored on `recvmsg` and `getpeername`.
+/// A socket's reverse translations, in its socket-local storage
+/// ([`SOCK_REV_NAT_MAP`]): made on the first translated `connect` or
+/// `sendmsg`, freed by the kernel with the socket.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNatValue {
-    /// The frontend address, network byte order.
-    pub addr_be: u32,
-    /// The frontend port, network byte order.
-    pub port_be: u16,
-    /// Explicit padding, always zero.
-    pub pad: u16,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNat {
+    /// Pairs in no particular order; free ones have a zero backend address.
+    pub pairs: [RevNatPair; SOCK_REV_NAT_SLOTS],
+    /// The pair to replace when all are taken (round robin).
+    pub next: u32,
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers,
-    // and have no implicit padding (checked by the size assertions below).
-    unsafe impl aya::Pod for super::ServiceKey {}
-    unsafe impl aya::Pod for super::ServiceValue {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::SockRevNatKey {}
-    unsafe impl aya::Pod for super::SockRevNatValue {}
+    /// aya's own marker for map keys and values; sound for exactly the types
+    /// that are bytemuck `Pod`, which this macro demands at compile time.
+    macro_rules! aya_pod {
+        ($($ty:ty),*) => {$(
+            const _: fn() = || {
+                fn is_bytemuck_pod<T: bytemuck::Pod>() {}
+                is_bytemuck_pod::<$ty>();
+            };
+            // SAFETY: bytemuck::Pod (checked above) guarantees what
+            // aya::Pod asks: Copy, no padding, every bit pattern valid.
+            #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+            unsafe impl aya::Pod for $ty {}
+        )*};
+    }
+    aya_pod!(
+        super::ServiceKey,
+        super::ServiceValue,
+        super::Backend,
+        super::SockRevNat
+    );
 }
 
 // The kernel sees these sizes; a change here is a layout change (see
 // SERVICES_MAP) and must fail the build until the map names are bumped.
 const _: () = {
     assert!(size_of::<ServiceKey>() == 12);
-    assert!(size_of::<ServiceValue>() == 8);
+    assert!(size_of::<ServiceValue>() == 16);
     assert!(size_of::<Backend>() == 8);
-    assert!(size_of::<SockRevNatKey>() == 16);
-    assert!(size_of::<SockRevNatValue>() == 8);
+    assert!(size_of::<RevNatPair>() == 12);
+    assert!(size_of::<SockRevNat>() == 52);
 };

@@ -4,6 +4,10 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 #[cgroup_sock_addr(getpeername4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro hands the context over by value"
+)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
     crate::lb::reverse(&ctx)
 }

@@ -1,28 +1,50 @@
 //! The translation shared by the hooks: frontend to a random backend on the
 //! way out, backend back to the frontend on the way in.
+//!
+//! Costs, since every socket on the node pays them: a non-Service address
+//! costs one hash lookup on the way out; a socket never translated costs one
+//! failed socket-storage lookup (a pointer test in the kernel) on the way in.
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_prandom_u32, bpf_set_retval},
     programs::SockAddrContext,
 };
-use proxy_common::{Event, ServiceKey, SockRevNatKey, SockRevNatValue};
+use proxy_common::{
+    ECONNREFUSED, Event, PROTO_UDP, RevNatPair, SOCK_REV_NAT_SLOTS, ServiceKey, SockRevNat,
+};
 
-use crate::maps::{BACKENDS, SERVICES, SOCK_REV_NAT, record};
+use crate::maps::{SERVICES, SOCK_REV_NAT, record};
 
 /// Let the system call go on.
 pub const ALLOW: i32 = 1;
 /// Fail the system call with the errno set by `bpf_set_retval`.
 pub const REJECT: i32 = 0;
 
-const ECONNREFUSED: i32 = 111;
+/// Which system call a translation is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// `connect()`: the socket has this one peer from now on.
+    Connect,
+    /// `sendmsg()` with an address: one datagram; the socket may talk to
+    /// other peers too.
+    Sendmsg,
+}
+
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "user_port holds a 16-bit port in a 32-bit field"
+)]
+const fn user_port(addr: &bpf_sock_addr) -> u16 {
+    addr.user_port as u16
+}
 
 /// Rewrites a socket address that names a Service frontend to one of its
-/// backends, chosen uniformly at random, and remembers the frontend for the
-/// reverse direction. A Service without ready endpoints refuses the
-/// connection at once, as kube-proxy's REJECT rule does.
-pub fn forward(ctx: &SockAddrContext) -> i32 {
+/// backends, chosen uniformly at random, and remembers the frontend in the
+/// socket's storage for the reverse direction. A Service without ready
+/// endpoints refuses the connection at once, as kube-proxy's REJECT rule
+/// does.
+pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
     // The protocol is a u32 in the context; anything but TCP or UDP (SCTP,
@@ -30,11 +52,7 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     let Ok(proto) = u8::try_from(addr.protocol) else {
         return ALLOW;
     };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "user_port holds a 16-bit port in a 32-bit field"
-    )]
-    let frontend = ServiceKey::frontend(addr.user_ip4, addr.user_port as u16, proto);
+    let frontend = ServiceKey::frontend(addr.user_ip4, user_port(addr), proto);
     // SAFETY: map values are read once and copied; nothing keeps a reference.
     let Some(count) = (unsafe { SERVICES.get(frontend) }).map(|v| v.count) else {
         return ALLOW;
@@ -53,66 +71,104 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
     // A slot can vanish between the two lookups while the agent shrinks the
     // Service; leaving the socket alone then is the same as a lost race.
-    let Some(backend_id) = (unsafe { SERVICES.get(frontend.slot(slot)) }).map(|v| v.backend_id)
-    else {
-        record(Event::LostRace);
+    // SAFETY: as above.
+    let Some(backend) = (unsafe { SERVICES.get(frontend.slot(slot)) }).copied() else {
+        record(Event::NoBackendSlot);
         return ALLOW;
     };
-    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
-        record(Event::LostRace);
+    if backend.addr_be == 0 {
+        record(Event::NoBackend);
         return ALLOW;
+    }
+    let pair = RevNatPair {
+        backend_addr_be: backend.addr_be,
+        frontend_addr_be: addr.user_ip4,
+        backend_port_be: backend.port_be,
+        frontend_port_be: user_port(addr),
     };
-    remember_frontend(ctx, addr, backend.addr_be, backend.port_be);
+    if !remember(ctx, call, pair) {
+        record(Event::RevNatNotStored);
+        // A datagram whose reply would show the backend's address is
+        // dropped by any careful client (dig, glibc's resolver), so it goes
+        // to the Service address untouched and fails as visibly.
+        if proto == PROTO_UDP {
+            return ALLOW;
+        }
+    }
     addr.user_ip4 = backend.addr_be;
     addr.user_port = u32::from(backend.port_be);
     record(Event::Forwarded);
     ALLOW
 }
 
-fn remember_frontend(ctx: &SockAddrContext, addr: &bpf_sock_addr, addr_be: u32, port_be: u16) {
-    // SAFETY: sock_addr programs may ask for the socket cookie.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey {
-        cookie,
-        addr_be,
-        port_be,
-        pad: 0,
+/// Stores `pair` in the socket's storage, making it on first use; false
+/// when the kernel could not make it.
+fn remember(ctx: &SockAddrContext, call: Call, pair: RevNatPair) -> bool {
+    // SAFETY: the helper reads the context's socket, which the kernel keeps
+    // alive for the program's run.
+    let storage = unsafe { SOCK_REV_NAT.get_or_insert_ptr_mut(ctx, None) };
+    // SAFETY: the kernel returns null or this socket's zero-initialised
+    // value, which only this socket's programs touch.
+    let Some(storage) = (unsafe { storage.as_mut() }) else {
+        return false;
     };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "user_port holds a 16-bit port in a 32-bit field"
-    )]
-    let value = SockRevNatValue {
-        addr_be: addr.user_ip4,
-        port_be: addr.user_port as u16,
-        pad: 0,
-    };
-    // If the LRU map is full it evicts; an insert error can only mean the
-    // reply shows the backend address, which is no reason to fail the call.
-    let _ = SOCK_REV_NAT.insert(key, value, 0);
+    if call == Call::Connect {
+        // A connected socket has one peer; whatever it sent before is over.
+        *storage = SockRevNat {
+            pairs: [
+                pair,
+                RevNatPair::default(),
+                RevNatPair::default(),
+                RevNatPair::default(),
+            ],
+            next: 0,
+        };
+        return true;
+    }
+    let mut free = None;
+    for (i, held) in storage.pairs.iter_mut().enumerate() {
+        if held.backend_addr_be == pair.backend_addr_be
+            && held.backend_port_be == pair.backend_port_be
+        {
+            *held = pair;
+            return true;
+        }
+        if free.is_none() && held.backend_addr_be == 0 {
+            free = Some(i);
+        }
+    }
+    let i = free.unwrap_or_else(|| {
+        record(Event::RevNatEvicted);
+        let i = storage.next as usize % SOCK_REV_NAT_SLOTS;
+        storage.next = storage.next.wrapping_add(1);
+        i
+    });
+    if let Some(held) = storage.pairs.get_mut(i) {
+        *held = pair;
+    }
+    true
 }
 
 /// Rewrites a backend address seen by a socket back to the frontend that
 /// socket asked for, so replies and `getpeername` show the Service.
 pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as in `remember`, without making storage: a socket that was
+    // never translated has none, and that is the common case.
+    let storage = unsafe { SOCK_REV_NAT.get_ptr_mut(ctx) };
+    // SAFETY: null or this socket's value.
+    let Some(storage) = (unsafe { storage.as_ref() }) else {
+        return ALLOW;
+    };
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "user_port holds a 16-bit port in a 32-bit field"
-    )]
-    let key = SockRevNatKey {
-        // SAFETY: sock_addr programs may ask for the socket cookie.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr_be: addr.user_ip4,
-        port_be: addr.user_port as u16,
-        pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    if let Some(frontend) = unsafe { SOCK_REV_NAT.get(key) }.copied() {
-        addr.user_ip4 = frontend.addr_be;
-        addr.user_port = u32::from(frontend.port_be);
-        record(Event::Reversed);
+    let port = user_port(addr);
+    for held in &storage.pairs {
+        if held.backend_addr_be == addr.user_ip4 && held.backend_port_be == port {
+            addr.user_ip4 = held.frontend_addr_be;
+            addr.user_port = u32::from(held.frontend_port_be);
+            record(Event::Reversed);
+            break;
+        }
     }
     // recvmsg and getpeername hooks must always return 1.
     ALLOW

@@ -1,37 +1,65 @@
-//! The pinned maps. Names must match `proxy_common::*_MAP`, which the agent
-//! uses to pin and open them; they carry a layout version.
+//! The pinned maps. Names come from `proxy_common`, which the agent uses to
+//! pin and open them; they carry a layout version.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use proxy_common::{
-    BACKENDS_MAX_ENTRIES, Backend, Event, SERVICES_MAX_ENTRIES, SOCK_REV_NAT_MAX_ENTRIES,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    BACKENDS_MAX_ENTRIES, Backend, Event, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
+    SockRevNat,
 };
 
-/// Frontend slots: slot 0 is the frontend, slots `1..=count` backend ids.
-#[btf_map(name = "lb4_svc_v1")]
+// The macro takes a literal; these keep it equal to the shared names.
+const _: () = {
+    assert!(eq(proxy_common::SERVICES_MAP, "lb4_svc_v2"));
+    assert!(eq(proxy_common::BACKENDS_MAP, "lb4_be_v2"));
+    assert!(eq(proxy_common::SOCK_REV_NAT_MAP, "lb4_sk_rnat_v2"));
+    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v2"));
+};
+
+const fn eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Frontend slots: slot 0 is the frontend, slots `1..=count` its backends.
+/// Preallocated (the default for hash maps): an update at connect rate
+/// never waits on the allocator, and the agent's writes cannot fail for
+/// memory once the map exists.
+#[btf_map(name = "lb4_svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX_ENTRIES as usize }> =
     HashMap::new();
 
-/// Backend id to address.
-#[btf_map(name = "lb4_be_v1")]
+/// Backend id to address. The programs do not read it (slots carry the
+/// address); the agent shares ids through it and readers list it.
+#[btf_map(name = "lb4_be_v2")]
 pub static BACKENDS: HashMap<u32, Backend, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
 
-/// Socket cookie and backend to the frontend the socket asked for.
-#[btf_map(name = "lb4_sk_rnat_v1")]
-pub static SOCK_REV_NAT: LruHashMap<
-    SockRevNatKey,
-    SockRevNatValue,
-    { SOCK_REV_NAT_MAX_ENTRIES as usize },
-> = LruHashMap::new();
+/// Each translated socket's (backend, frontend) pairs, in the socket's own
+/// storage: no size to outgrow, nothing evicted while the socket lives.
+#[btf_map(name = "lb4_sk_rnat_v2")]
+pub static SOCK_REV_NAT: SkStorage<SockRevNat> = SkStorage::new();
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
-#[btf_map(name = "lb4_events_v1")]
+#[btf_map(name = "lb4_events_v2")]
 pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
 
 /// Counts one event on this CPU.
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
 #[inline(always)]
 pub fn record(event: Event) {
     if let Some(counter) = EVENTS.get_ptr_mut(event as u32) {

@@ -1,6 +1,7 @@
 //! The system calls aya does not make for us: opening a pinned object,
-//! reading a map's definition and BTF from the kernel, swapping the program
-//! behind a link, and asking which file system a path is on.
+//! reading a map's definition and BTF from the kernel, writing many map
+//! entries in one call, swapping the program behind a link, and asking
+//! which file system a path is on.
 
 use std::{
     ffi::CString,
@@ -15,6 +16,22 @@ const BPF_OBJ_GET: bpf_cmd = bpf_cmd::BPF_OBJ_GET;
 const BPF_LINK_UPDATE: bpf_cmd = bpf_cmd::BPF_LINK_UPDATE;
 const BPF_OBJ_GET_INFO_BY_FD: bpf_cmd = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD;
 const BPF_BTF_GET_FD_BY_ID: bpf_cmd = bpf_cmd::BPF_BTF_GET_FD_BY_ID;
+const BPF_MAP_UPDATE_BATCH: bpf_cmd = bpf_cmd::BPF_MAP_UPDATE_BATCH;
+
+/// `union bpf_attr` for the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    /// In: how many entries; out: how many were processed.
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
 
 /// `union bpf_attr` for BPF_OBJ_GET.
 #[repr(C)]
@@ -56,12 +73,31 @@ struct GetFdByIdAttr {
 }
 
 fn bpf<T>(cmd: bpf_cmd, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a bpf_attr prefix of the size passed, valid for the call.
+    // SAFETY: attr is a bpf_attr prefix of the size passed, valid for the
+    // call; commands that write back into it go through `bpf_mut`.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd as libc::c_long,
             std::ptr::from_ref(attr),
+            size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// [`bpf`] for commands that write results back into the attribute.
+fn bpf_mut<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: as in `bpf`; the kernel writes only within the size passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
             size_of::<T>(),
         )
     };
@@ -146,6 +182,57 @@ fn btf_info(fd: &OwnedFd, data: &mut [u8]) -> io::Result<u32> {
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
     Ok(info.btf_size)
+}
+
+/// Writes `count` entries (keys and values laid end to end) in one call, in
+/// order, as if by one `bpf_map_update_elem` each; returns how many were
+/// written before any error.
+pub fn map_update_batch(
+    map: impl AsFd,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> (usize, io::Result<()>) {
+    if count == 0 {
+        return (0, Ok(()));
+    }
+    // The kernel reads count * key_size bytes from `keys`: refuse slices
+    // that do not hold that many, whatever the map's sizes.
+    if !keys.len().is_multiple_of(count) || !values.len().is_multiple_of(count) {
+        return (
+            0,
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "keys or values do not divide into entries",
+            )),
+        );
+    }
+    let Ok(wanted) = u32::try_from(count) else {
+        return (
+            0,
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many entries",
+            )),
+        );
+    };
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: wanted,
+        map_fd: u32::try_from(map.as_fd().as_raw_fd()).unwrap_or(u32::MAX),
+        ..BatchAttr::default()
+    };
+    let result = bpf_mut(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop);
+    (attr.count.min(wanted) as usize, result)
+}
+
+/// Whether an error may mean the kernel lacks the call (EINVAL for an
+/// unknown command), so that writing one entry at a time is worth a try: it
+/// reports any real error again, entry by entry.
+#[must_use]
+pub fn is_unsupported(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
 }
 
 /// Atomically points a link at another program: sockets see either the old
@@ -317,23 +404,5 @@ pub fn cgroup_prog_ids(
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-fn bpf_mut<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a bpf_attr prefix of the size passed, valid and
-    // writable for the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            std::ptr::from_mut(attr),
-            size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
     }
 }

@@ -95,10 +95,10 @@ pub struct RunArgs {
     /// Entries of the backends map: one per distinct endpoint address and port.
     #[arg(long, value_name = "N", default_value_t = MapSizes::default().backends)]
     pub backends_map_size: u32,
-    /// Entries of the reverse-translation LRU map: about one per live
-    /// socket talking to a Service.
-    #[arg(long, value_name = "N", default_value_t = MapSizes::default().sock_rev_nat)]
-    pub sock_rev_nat_map_size: u32,
+    /// Ignored: reverse translations now live in each socket's own storage,
+    /// which has no size. Still accepted so that old command lines start.
+    #[arg(long, value_name = "N", hide = true)]
+    pub sock_rev_nat_map_size: Option<u32>,
     /// The ports nodePorts are allocated from (the API server's
     /// --service-node-port-range); a nodePort outside is refused.
     #[arg(long, value_name = "FIRST-LAST", default_value = "30000-32767")]
@@ -176,8 +176,12 @@ impl RunArgs {
         let sizes = MapSizes {
             services: self.services_map_size,
             backends: self.backends_map_size,
-            sock_rev_nat: self.sock_rev_nat_map_size,
         };
+        if self.sock_rev_nat_map_size.is_some() {
+            warn!(
+                "--sock-rev-nat-map-size is ignored: reverse translations live in socket-local storage, which has no size"
+            );
+        }
         sizes.check()?;
         let config = AgentConfig {
             cgroup,

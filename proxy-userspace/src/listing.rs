@@ -9,9 +9,8 @@ use proxy_common::Event;
 use serde::Serialize;
 
 use crate::{
-    datapath::ServiceMaps,
+    maps::{ServiceMaps, Table as _, read_frontends},
     model::L4Addr,
-    writer::{Table, read_frontends},
 };
 
 /// One frontend as the maps hold it.
@@ -49,14 +48,22 @@ pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
         };
         let backends = (1..=count)
             .map(|slot| {
-                let id = frontend_slots.slots.get(&slot).copied().unwrap_or(0);
-                let address = backends
-                    .get(&id)
-                    .and_then(|b| L4Addr::from_backend(*b))
-                    .map_or_else(
-                        || "<missing>".to_owned(),
-                        |b| format!("{}:{}", b.ip, b.port),
-                    );
+                let value = frontend_slots.slots.get(&slot).copied();
+                let id = value.map_or(0, |v| v.backend_id);
+                // The programs use the slot's own copy of the address; a
+                // slot that disagrees with its backend shows both.
+                let address = match (value, backends.get(&id)) {
+                    (None, _) | (_, None) => "<missing>".to_owned(),
+                    (Some(v), Some(b)) => {
+                        let shown = L4Addr::from_backend(*b)
+                            .map_or_else(|| format!("{b:?}"), |b| format!("{}:{}", b.ip, b.port));
+                        if v.addr_be == b.addr_be && v.port_be == b.port_be {
+                            shown
+                        } else {
+                            format!("{shown} (slot holds {:?})", (v.addr_be, v.port_be))
+                        }
+                    }
+                };
                 ListedBackend { slot, id, address }
             })
             .collect();

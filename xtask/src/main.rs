@@ -147,7 +147,7 @@ fn demo() -> Result<()> {
     }
     println!("300 more, counted by the pod that answered: {counts:?}");
     let bpffs = lab.bpffs().display().to_string();
-    let map = format!("{bpffs}/maps/lb4_svc_v1");
+    let map = format!("{bpffs}/maps/{}", proxy_common::SERVICES_MAP);
     let agent_path = agent_binary.display().to_string();
     for (name, program, args) in [
         (

@@ -19,34 +19,24 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
+    maps::{Map, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use proxy_common::{
-    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, Backend, EVENTS_MAP, SERVICES_MAP, SERVICES_MAX_ENTRIES,
-    SOCK_REV_NAT_MAP, SOCK_REV_NAT_MAX_ENTRIES, ServiceKey, ServiceValue,
+    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, Backend, MAPS, PROGRAMS, SERVICES_MAP,
+    SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
 };
 use tracing::{info, warn};
 
-use crate::{bpf_sys, writer::Table};
+pub use crate::maps::{Pins, PinsError, SizedTable, open_pinned, open_pinned_events};
+use crate::{bpf_sys, maps::table::typed_map};
 
 pub mod btf;
-pub mod pins;
 
-pub use pins::{Pins, PinsError};
-
-/// The object built from proxy-ebpf by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJECT"));
-
-/// The cgroup socket-address programs, by the names of their functions.
-const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
-
-/// Every map is pinned: a restarted agent's programs carry on with the same
-/// services, reverse translations and counters.
-const MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, SOCK_REV_NAT_MAP, EVENTS_MAP];
-
-pub type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
-pub type BackendsMap = BpfHashMap<MapData, u32, Backend>;
+/// The object built from proxy-ebpf by build.rs. Every map of
+/// [`proxy_common::MAPS`] is pinned: a restarted agent's programs carry on
+/// with the same services, reverse translations and counters.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJECT"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -167,12 +157,12 @@ pub enum DatapathError {
 }
 
 /// How many entries each map holds. Sizes apply when a map is created; a
-/// pinned map keeps the size it was made with.
+/// pinned map keeps the size it was made with. The reverse translations
+/// live in socket-local storage, which has no size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
-    pub sock_rev_nat: u32,
 }
 
 impl Default for MapSizes {
@@ -180,7 +170,6 @@ impl Default for MapSizes {
         Self {
             services: SERVICES_MAX_ENTRIES,
             backends: BACKENDS_MAX_ENTRIES,
-            sock_rev_nat: SOCK_REV_NAT_MAX_ENTRIES,
         }
     }
 }
@@ -191,7 +180,6 @@ impl MapSizes {
         for (flag, size) in [
             ("--services-map-size", self.services),
             ("--backends-map-size", self.backends),
-            ("--sock-rev-nat-map-size", self.sock_rev_nat),
         ] {
             if size == 0 {
                 return Err(DatapathError::ZeroSize { flag });
@@ -200,19 +188,9 @@ impl MapSizes {
         Ok(())
     }
 
-    fn by_name(self) -> [(&'static str, u32); 3] {
-        [
-            (SERVICES_MAP, self.services),
-            (BACKENDS_MAP, self.backends),
-            (SOCK_REV_NAT_MAP, self.sock_rev_nat),
-        ]
+    fn by_name(self) -> [(&'static str, u32); 2] {
+        [(SERVICES_MAP, self.services), (BACKENDS_MAP, self.backends)]
     }
-}
-
-/// The service maps, typed.
-pub struct ServiceMaps {
-    pub services: ServicesMap,
-    pub backends: BackendsMap,
 }
 
 /// The service maps as the writer gets them: a full map says which flag
@@ -220,62 +198,6 @@ pub struct ServiceMaps {
 pub struct WritableMaps {
     pub services: SizedTable<ServiceKey, ServiceValue>,
     pub backends: SizedTable<u32, Backend>,
-}
-
-/// A pinned hash map that knows its name and the flag that sizes it, so a
-/// write to a full map (E2BIG from the kernel, "Argument list too long")
-/// says what to do about it.
-pub struct SizedTable<K, V> {
-    map: BpfHashMap<MapData, K, V>,
-    name: &'static str,
-    flag: &'static str,
-    max_entries: Option<u32>,
-}
-
-impl<K: aya::Pod, V: aya::Pod> SizedTable<K, V> {
-    fn new(map: BpfHashMap<MapData, K, V>, name: &'static str, flag: &'static str) -> Self {
-        use aya::maps::IterableMap as _;
-        let max_entries = map.map().info().ok().map(|info| info.max_entries());
-        Self {
-            map,
-            name,
-            flag,
-            max_entries,
-        }
-    }
-}
-
-impl<K: aya::Pod, V: aya::Pod> Table<K, V> for SizedTable<K, V> {
-    fn put(&mut self, key: &K, value: &V) -> Result<(), aya::maps::MapError> {
-        self.map.put(key, value).map_err(|error| match error {
-            aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error })
-                if io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                let size = self
-                    .max_entries
-                    .map_or_else(String::new, |n| format!(" ({n} entries)"));
-                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call,
-                    io_error: io::Error::new(
-                        io::ErrorKind::StorageFull,
-                        format!(
-                            "the map {} is full{size}; raise {} (then run cleanup and restart)",
-                            self.name, self.flag
-                        ),
-                    ),
-                })
-            }
-            other => other,
-        })
-    }
-
-    fn delete(&mut self, key: &K) -> Result<(), aya::maps::MapError> {
-        self.map.delete(key)
-    }
-
-    fn entries(&self) -> Result<Vec<(K, V)>, aya::maps::MapError> {
-        self.map.entries()
-    }
 }
 
 /// What the programs assume of a map: the parts of its definition that
@@ -444,6 +366,10 @@ impl Datapath {
         // Again, as far as the agent's capabilities now allow: a map could
         // have been pinned since by hand.
         check_layouts(&pins, Check::Definition)?;
+        for path in stale_maps(&pins) {
+            // Left for a rollback to adopt; a full sync rewrites it anyway.
+            warn!(map = %path.display(), "a map of an older layout is pinned but unused; `cleanup` removes it");
+        }
         let mut loader = EbpfLoader::new();
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
@@ -572,43 +498,23 @@ fn program<'a>(
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-fn typed_map<K: aya::Pod, V: aya::Pod>(
-    map: Map,
-    name: &'static str,
-) -> Result<BpfHashMap<MapData, K, V>, DatapathError> {
-    BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
-}
-
-/// Opens the pinned service maps without loading anything: for reading the
-/// datapath while the agent runs, or after it is gone.
-pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
-    Ok(ServiceMaps {
-        services: typed_map(open_pin(pins, SERVICES_MAP, Map::HashMap)?, SERVICES_MAP)?,
-        backends: typed_map(open_pin(pins, BACKENDS_MAP, Map::HashMap)?, BACKENDS_MAP)?,
-    })
-}
-
-/// Opens the pinned per-CPU event counters, indexed by [`proxy_common::Event`].
-pub fn open_pinned_events(pins: &Pins) -> Result<PerCpuArray<MapData, u64>, DatapathError> {
-    let map = open_pin(pins, EVENTS_MAP, Map::PerCpuArray)?;
-    PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
-        name: EVENTS_MAP,
-        source,
-    })
-}
-
-fn open_pin(
-    pins: &Pins,
-    name: &'static str,
-    kind: fn(MapData) -> Map,
-) -> Result<Map, DatapathError> {
-    let path = pins.map(name);
-    if !path.exists() {
-        return Err(DatapathError::MissingMap { name, path });
-    }
-    MapData::from_pin(&path)
-        .map(kind)
-        .map_err(|source| DatapathError::Map { name, source })
+/// Pinned maps of ours that this build does not use: other layout versions
+/// of its maps (`lb4_svc_v1` after an upgrade to `lb4_svc_v2`).
+fn stale_maps(pins: &Pins) -> Vec<PathBuf> {
+    let Ok(dir) = fs::read_dir(pins.maps_dir()) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<PathBuf> = dir
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("lb4_") && !MAPS.contains(&name.as_ref())
+        })
+        .map(|entry| entry.path())
+        .collect();
+    stale.sort();
+    stale
 }
 
 /// Detaches the programs (by dropping their pinned links) and removes the
@@ -639,6 +545,10 @@ pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
     }
     for name in MAPS {
         remove(pins.map(name))?;
+    }
+    // Maps of an older layout version, left by the agent this one upgraded.
+    for path in stale_maps(pins) {
+        remove(path)?;
     }
     for dir in [pins.links_dir(), pins.maps_dir(), pins.root().to_owned()] {
         match fs::remove_dir(&dir) {
@@ -677,4 +587,43 @@ pub fn probe_load() -> Result<(), DatapathError> {
             .map_err(|source| DatapathError::Program { name, source })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proxy_common::{EVENTS_MAP, Event, SOCK_REV_NAT_MAP, SockRevNat};
+
+    use super::*;
+
+    /// The names and sizes the agent (and xtask, and the listing) take from
+    /// proxy_common are the ones the programs were built with.
+    #[test]
+    fn the_object_has_exactly_the_shared_maps_programs_and_events() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        let maps: BTreeSet<&str> = object.maps.keys().map(String::as_str).collect();
+        assert_eq!(maps, MAPS.into_iter().collect());
+        let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        assert_eq!(programs, PROGRAMS.into_iter().collect());
+
+        let events = &object.maps[EVENTS_MAP];
+        assert_eq!(events.max_entries() as usize, Event::ALL.len());
+        let sizes = |name: &str| {
+            let map = &object.maps[name];
+            (map.key_size() as usize, map.value_size() as usize)
+        };
+        assert_eq!(
+            sizes(SERVICES_MAP),
+            (size_of::<ServiceKey>(), size_of::<ServiceValue>())
+        );
+        assert_eq!(
+            sizes(BACKENDS_MAP),
+            (size_of::<u32>(), size_of::<Backend>())
+        );
+        assert_eq!(
+            sizes(SOCK_REV_NAT_MAP),
+            (size_of::<i32>(), size_of::<SockRevNat>())
+        );
+    }
 }

@@ -971,7 +971,7 @@ fn maps(cx: &Context) -> Check {
             return Check::problem(NAME, Status::Fail, chain(&error), cx.restart.clone());
         }
     };
-    let services = crate::writer::read_frontends(&maps.services).map(|frontends| {
+    let services = crate::maps::table::read_frontends(&maps.services).map(|frontends| {
         frontends
             .values()
             .map(|f| f.slots.len() + usize::from(f.count.is_some()))
@@ -1042,7 +1042,7 @@ fn counters(cx: &Context) -> Check {
         .map(|(event, count)| format!("{} {count}", event.name()))
         .collect::<Vec<_>>()
         .join(", ");
-    let lost = get(proxy_common::Event::LostRace);
+    let lost = get(proxy_common::Event::NoBackendSlot) + get(proxy_common::Event::NoBackend);
     let forwarded = get(proxy_common::Event::Forwarded);
     // A lost race now and then is a socket made while its Service shrank;
     // many mean the maps change under heavy traffic all the time.

@@ -3,7 +3,7 @@
 use proxy_common::{Backend, ServiceKey, ServiceValue};
 
 use super::{Desired, Reconciler, Report, Scope};
-use crate::writer::{MapWriter, Table};
+use crate::{maps::table::Table, writer::MapWriter};
 
 impl<S, B> Reconciler for MapWriter<S, B>
 where

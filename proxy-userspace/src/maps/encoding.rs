@@ -76,16 +76,10 @@ impl L4Addr {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use bytemuck::bytes_of;
+    use proxy_common::{ServiceValue, SockRevNat};
 
-    #[expect(unsafe_code, reason = "reads the bytes the kernel will see")]
-    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
-        // SAFETY: the map types are plain integers without padding.
-        unsafe {
-            std::slice::from_raw_parts(std::ptr::from_ref::<T>(value).cast::<u8>(), size_of::<T>())
-        }
-        .to_vec()
-    }
+    use super::*;
 
     #[test]
     fn service_key_is_in_network_byte_order_as_the_kernel_sees_it() {
@@ -117,6 +111,32 @@ mod tests {
             L4Addr::from_service_key(&backend.service_key()),
             Some(backend)
         );
+    }
+
+    #[test]
+    fn a_slot_carries_its_backend_as_the_programs_read_it() {
+        let backend = L4Addr {
+            ip: Ipv4Addr::new(10, 244, 1, 7),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }
+        .backend();
+        assert_eq!(
+            bytes_of(&ServiceValue::backend(0x0102_0304, &backend)),
+            [4, 3, 2, 1, 10, 244, 1, 7, 0x1f, 0x90, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            bytes_of(&ServiceValue::frontend(3)),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0]
+        );
+        // A socket's storage starts zeroed, which must read as "no pairs".
+        let fresh: SockRevNat = bytemuck::pod_read_unaligned(&[0; size_of::<SockRevNat>()]);
+        assert!(fresh.pairs.iter().all(|p| p.backend_addr_be == 0));
+    }
+
+    #[test]
+    fn the_programs_errno_is_the_kernels() {
+        assert_eq!(proxy_common::ECONNREFUSED, libc::ECONNREFUSED);
     }
 
     #[test]

@@ -76,11 +76,11 @@ impl Pins {
         &self.root
     }
 
-    pub(super) fn maps_dir(&self) -> PathBuf {
+    pub(crate) fn maps_dir(&self) -> PathBuf {
         self.root.join("maps")
     }
 
-    pub(super) fn links_dir(&self) -> PathBuf {
+    pub(crate) fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
 
@@ -157,7 +157,7 @@ impl Pins {
 
     /// Refuses a pin that is not what it claims: a symlink would make the
     /// kernel open whatever it points at.
-    pub(super) fn check_entry(path: &Path) -> Result<bool, PinsError> {
+    pub(crate) fn check_entry(path: &Path) -> Result<bool, PinsError> {
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_symlink() => Err(PinsError::Unsafe {
                 path: path.to_owned(),

@@ -1,0 +1,15 @@
+//! The map format, in one place for everyone who reads or writes the pinned
+//! maps: where they are pinned ([`pins`]), how model types become their keys
+//! and values ([`encoding`]), and how they are opened and read as tables
+//! ([`table`]). The writer and the listing both use this module; neither
+//! depends on the other.
+
+pub mod encoding;
+pub mod pins;
+pub mod table;
+
+pub use pins::{Pins, PinsError};
+pub use table::{
+    BatchError, FrontendSlots, ServiceMaps, SizedTable, Table, open_pinned, open_pinned_events,
+    read_frontends,
+};
