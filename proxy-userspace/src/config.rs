@@ -125,6 +125,12 @@ impl RunArgs {
             None => cgroup2_root()?,
         };
         crate::datapath::check_cgroup(&cgroup)?;
+        // The manifest source needs it too: endpoints' nodeName says which
+        // are local, for internalTrafficPolicy Local.
+        let node_name = match self.hostname_override.or(file.hostname_override) {
+            Some(name) => name,
+            None => host_name()?,
+        };
         let source = match self.manifests {
             Some(dir) => {
                 if !dir.is_dir() {
@@ -134,10 +140,7 @@ impl RunArgs {
             }
             None => SourceSpec::Kube {
                 kubeconfig: self.kubeconfig,
-                node_name: match self.hostname_override.or(file.hostname_override) {
-                    Some(name) => name,
-                    None => host_name()?,
-                },
+                node_name: node_name.clone(),
             },
         };
         let sizes = MapSizes {
@@ -165,6 +168,7 @@ impl RunArgs {
             health_stale_after: self.health_stale_after,
             model: ModelConfig {
                 service_cidrs: self.service_cidr,
+                node_name,
             },
         };
         Ok((config, source))
