@@ -258,70 +258,23 @@ impl ApiServer {
     /// creationTimestamp are kept from the stored object, else taken from
     /// the input, else made up.
     pub fn apply(&self, object: Value) -> Result<u64> {
-        let Value::Object(mut object) = object else {
-            bail!("not a JSON object: {object}");
-        };
-        let field = |name: &str| object.get(name).and_then(Value::as_str).unwrap_or("");
-        let (api_version, kind) = (field("apiVersion").to_owned(), field("kind").to_owned());
-        let Some(resource) = Resource::of(&api_version, &kind) else {
-            bail!("this server keeps no {api_version} {kind}");
-        };
-        let metadata = object
-            .entry("metadata")
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .context("metadata is not an object")?;
-        let name = metadata
-            .get("name")
-            .and_then(Value::as_str)
-            .filter(|n| !n.is_empty())
-            .context("the object has no metadata.name")?
-            .to_owned();
-        let namespace = if resource.namespaced() {
-            let namespace = metadata
-                .get("namespace")
-                .and_then(Value::as_str)
-                .unwrap_or("default")
-                .to_owned();
-            metadata.insert("namespace".into(), namespace.clone().into());
-            namespace
-        } else {
-            metadata.remove("namespace");
-            String::new()
-        };
-        let key = (resource, namespace, name);
-
         let mut state = self.shared.lock();
-        let previous = state.objects.get(&key).cloned();
-        let kept = |field: &str| {
-            previous
-                .as_ref()
-                .and_then(|p| p.pointer(&format!("/metadata/{field}")))
-                .cloned()
-        };
-        for field in ["uid", "creationTimestamp"] {
-            if let Some(value) = kept(field) {
-                metadata.insert(field.into(), value);
-            }
+        let revision = state.apply(object)?;
+        drop(state);
+        self.shared.changed.notify_all();
+        Ok(revision)
+    }
+
+    /// [`apply`](Self::apply) for many objects under one lock, with one
+    /// wake-up of the watches: how a benchmark loads 30,000 Services
+    /// without paying a lock round and a watch wake-up per object. Watches
+    /// see the objects as separate events, as they would after a burst.
+    pub fn apply_all(&self, objects: impl IntoIterator<Item = Value>) -> Result<u64> {
+        let mut state = self.shared.lock();
+        let mut revision = state.revision;
+        for object in objects {
+            revision = state.apply(object)?;
         }
-        if !metadata.contains_key("uid") {
-            let uid = format!("00000000-0000-4000-8000-{:012x}", state.next_uid);
-            state.next_uid += 1;
-            metadata.insert("uid".into(), uid.into());
-        }
-        if !metadata.contains_key("creationTimestamp") {
-            metadata.insert("creationTimestamp".into(), now_rfc3339().into());
-        }
-        let revision = state.revision + 1;
-        metadata.insert("resourceVersion".into(), revision.to_string().into());
-        let type_ = if previous.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        let object = Arc::new(Value::Object(object));
-        state.objects.insert(key, Arc::clone(&object));
-        state.record(resource, type_, object);
         drop(state);
         self.shared.changed.notify_all();
         Ok(revision)
@@ -482,6 +435,75 @@ impl Drop for ApiServer {
 }
 
 impl State {
+    /// [`ApiServer::apply`], with the lock held; the caller wakes the
+    /// watches.
+    fn apply(&mut self, object: Value) -> Result<u64> {
+        let Value::Object(mut object) = object else {
+            bail!("not a JSON object: {object}");
+        };
+        let field = |name: &str| object.get(name).and_then(Value::as_str).unwrap_or("");
+        let (api_version, kind) = (field("apiVersion").to_owned(), field("kind").to_owned());
+        let Some(resource) = Resource::of(&api_version, &kind) else {
+            bail!("this server keeps no {api_version} {kind}");
+        };
+        let metadata = object
+            .entry("metadata")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .context("metadata is not an object")?;
+        let name = metadata
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .context("the object has no metadata.name")?
+            .to_owned();
+        let namespace = if resource.namespaced() {
+            let namespace = metadata
+                .get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("default")
+                .to_owned();
+            metadata.insert("namespace".into(), namespace.clone().into());
+            namespace
+        } else {
+            metadata.remove("namespace");
+            String::new()
+        };
+        let key = (resource, namespace, name);
+
+        let previous = self.objects.get(&key).cloned();
+        let kept = |field: &str| {
+            previous
+                .as_ref()
+                .and_then(|p| p.pointer(&format!("/metadata/{field}")))
+                .cloned()
+        };
+        for field in ["uid", "creationTimestamp"] {
+            if let Some(value) = kept(field) {
+                metadata.insert(field.into(), value);
+            }
+        }
+        if !metadata.contains_key("uid") {
+            let uid = format!("00000000-0000-4000-8000-{:012x}", self.next_uid);
+            self.next_uid += 1;
+            metadata.insert("uid".into(), uid.into());
+        }
+        if !metadata.contains_key("creationTimestamp") {
+            metadata.insert("creationTimestamp".into(), now_rfc3339().into());
+        }
+        let revision = self.revision + 1;
+        metadata.insert("resourceVersion".into(), revision.to_string().into());
+        let type_ = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let object = Arc::new(Value::Object(object));
+        self.objects.insert(key, Arc::clone(&object));
+        self.record(resource, type_, object);
+        Ok(revision)
+    }
+
     fn record(&mut self, resource: Resource, type_: &'static str, object: Arc<Value>) {
         self.revision += 1;
         self.history.push_back(Record {

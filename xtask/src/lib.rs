@@ -8,6 +8,7 @@ pub mod bench;
 pub mod ebpf_build;
 pub mod lab;
 pub mod prerequisites;
+pub mod scale;
 
 use std::{
     path::{Path, PathBuf},

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use xtask::{
     bench, cargo,
     lab::{self, Lab, manifests},
-    prerequisites, run_checked,
+    prerequisites, run_checked, scale,
 };
 
 #[derive(Parser)]
@@ -41,6 +41,21 @@ enum Task {
         /// Concurrent connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
+        /// Instead, measure the agent itself fed by the test API server at
+        /// these numbers of Services (comma-separated, e.g. 1000,10000,30000):
+        /// full sync, endpoint change latency, a burst, peak memory.
+        #[arg(long, value_name = "N,...", value_delimiter = ',')]
+        api_scale: Vec<usize>,
+        /// With --api-scale: endpoint changes measured one at a time.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// With --api-scale: endpoint changes in the burst.
+        #[arg(long, default_value_t = 1000)]
+        burst: usize,
+        /// With --api-scale: measure the debug build of the agent (quick to
+        /// build, for smoke runs; its numbers are not the agent's).
+        #[arg(long)]
+        debug_agent: bool,
     },
 }
 
@@ -54,9 +69,33 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Test { filter } => test(filter.as_deref()),
         Task::Bench {
+            api_scale,
+            changes,
+            burst,
+            debug_agent,
+            ..
+        } if !api_scale.is_empty() => {
+            require_root()?;
+            prerequisites::ensure_tools()?;
+            let agent = if debug_agent {
+                prerequisites::build_agent()?
+            } else {
+                prerequisites::build_agent_release()?
+            };
+            scale::run(
+                &agent,
+                &scale::ScaleOptions {
+                    sizes: api_scale,
+                    changes,
+                    burst,
+                },
+            )
+        }
+        Task::Bench {
             services,
             seconds,
             connections,
+            ..
         } => {
             require_root()?;
             prerequisites::ensure_tools()?;
