@@ -114,6 +114,16 @@ pub fn measure(
         loading.elapsed()
     );
 
+    // What the server alone takes to serve the lists the agent will ask
+    // for, so that the full sync below can be read as server plus agent.
+    let listing = Instant::now();
+    let listed = list_all(&api, "/api/v1/services")?
+        + list_all(&api, "/apis/discovery.k8s.io/v1/endpointslices")?;
+    eprintln!(
+        "  the API server alone serves the {listed} objects in pages of 500 in {:?}",
+        listing.elapsed()
+    );
+
     let mut prober = Prober::start(&lab)?;
     // The prober tries before the agent runs: connections to the VIP fail
     // at once (no route) until the programs are attached.
@@ -127,7 +137,16 @@ pub fn measure(
     let full_sync = at
         .duration_since(started)
         .context("the prober's clock went back")?;
-    eprintln!("  full sync: {full_sync:?}");
+    eprintln!("  full sync: {full_sync:?}; the agent's start, as it logged it:");
+    for line in agent
+        .log()
+        .lines()
+        .take_while(|l| !l.contains("datapath ready"))
+    {
+        if !line.contains("attached program") {
+            eprintln!("    {line}");
+        }
+    }
 
     let applied_before = applied_lines(&agent).len();
     let mut latencies = Vec::new();
@@ -205,6 +224,44 @@ pub fn table(results: &[ScaleResult], options: &ScaleOptions) -> String {
         );
     }
     text
+}
+
+/// Lists `path` page by page as a client would, and counts the items.
+fn list_all(api: &ApiServer, path: &str) -> Result<usize> {
+    use std::io::Read as _;
+    let mut items = 0;
+    let mut token = String::new();
+    loop {
+        let mut stream = std::net::TcpStream::connect(api.addr())?;
+        write!(
+            stream,
+            "GET {path}?limit=500&continue={token} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = Vec::new();
+        stream.shutdown(std::net::Shutdown::Write)?;
+        // The server keeps the connection for the next request: read the
+        // body by its length.
+        let mut reader = BufReader::new(stream);
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse()?;
+            }
+        }
+        response.resize(length, 0);
+        reader.read_exact(&mut response)?;
+        let list: Value = serde_json::from_slice(&response)?;
+        items += list["items"].as_array().map_or(0, Vec::len);
+        match list["metadata"]["continue"].as_str() {
+            Some(next) if !next.is_empty() => token = next.replace('/', "%2F"),
+            _ => return Ok(items),
+        }
+    }
 }
 
 fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
