@@ -43,8 +43,9 @@ const PROBE_VIP: &str = "10.96.0.10";
 const BACKEND_PORT: u16 = 8080;
 const ENDPOINTS_PER_SERVICE: u32 = 4;
 const NODE: &str = "node-1";
-/// Pause between two measured changes, so that each is applied alone.
-const CHANGE_GAP: Duration = Duration::from_millis(20);
+/// Pause between two measured changes, so that each is applied alone
+/// (longer than the agent's 20 ms burst window).
+const CHANGE_GAP: Duration = Duration::from_millis(50);
 
 pub struct ScaleOptions {
     /// Services per run, one run per size.
