@@ -39,6 +39,8 @@ use crate::{
 /// each time, up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Syncs closer together than this are a burst, and are coalesced.
+const BURST_WINDOW: Duration = Duration::from_millis(20);
 
 /// Everything `run` needs, from the flags (and later the config file).
 pub struct AgentConfig {
@@ -189,9 +191,13 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
             continue;
         }
         // kube-proxy's minSyncPeriod: changes that come sooner wait, and
-        // are applied together.
+        // are applied together. Even at 0, a change that comes within
+        // BURST_WINDOW of the last sync is part of a burst (a rollout, a
+        // relist) and waits for the window to end, so 1,000 changes make a
+        // few applies, while a change after a quiet moment is applied at
+        // once.
         if let Some(last) = last_sync {
-            let due = last + config.min_sync_period;
+            let due = last + config.min_sync_period.max(BURST_WINDOW);
             if Instant::now() < due {
                 deferred = Some(due);
                 continue;

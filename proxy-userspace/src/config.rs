@@ -154,10 +154,12 @@ impl RunArgs {
             None => cgroup2_root()?,
         };
         crate::datapath::check_cgroup(&cgroup)?;
-        let node_name = self
-            .hostname_override
-            .clone()
-            .or_else(|| file.hostname_override.clone());
+        // The manifest source needs it too: endpoints' nodeName says which
+        // are local, for internalTrafficPolicy Local.
+        let node_name = match self.hostname_override.or(file.hostname_override) {
+            Some(name) => name,
+            None => host_name()?,
+        };
         let source = match self.manifests {
             Some(dir) => {
                 if !dir.is_dir() {
@@ -167,10 +169,7 @@ impl RunArgs {
             }
             None => SourceSpec::Kube {
                 kubeconfig: self.kubeconfig,
-                node_name: match node_name.clone() {
-                    Some(name) => name,
-                    None => host_name()?,
-                },
+                node_name: node_name.clone(),
             },
         };
         let sizes = MapSizes {
@@ -202,9 +201,7 @@ impl RunArgs {
             health_stale_after: self.health_stale_after,
             model: ModelConfig {
                 service_cidrs: self.service_cidr,
-                // Manifest directories may do without one: then no endpoint
-                // is local.
-                node_name: node_name.or_else(|| host_name().ok()),
+                node_name,
                 node_port_range: self.nodeport_range,
                 node_port_addresses: if self.nodeport_addresses.is_empty() {
                     file.node_port_addresses

@@ -126,9 +126,9 @@ pub struct ModelConfig {
     /// ClusterIPs outside these ranges are refused; empty means any unicast
     /// address that is not loopback or unspecified.
     pub service_cidrs: Vec<Cidr>,
-    /// This node's name, as EndpointSlices' `nodeName` spell it: policy
-    /// Local serves only the endpoints on it.
-    pub node_name: Option<String>,
+    /// This node's name, as endpoints' `nodeName` spells it: internalTrafficPolicy
+    /// Local serves only the endpoints that carry it.
+    pub node_name: String,
     /// nodePorts outside this range are refused.
     pub node_port_range: PortRange,
     /// Which node addresses NodePorts are served on (kube-proxy's
@@ -192,10 +192,29 @@ struct ServiceOutput {
 struct CheckedSlice {
     /// Port name, protocol and port number.
     ports: Vec<(String, Protocol, u16)>,
-    endpoints: Vec<(Ipv4Addr, Readiness)>,
-    /// The `nodeName` of each endpoint that has one.
-    nodes: BTreeMap<Ipv4Addr, String>,
+    endpoints: Vec<CheckedEndpoint>,
     problems: Vec<Problem>,
+}
+
+/// What endpoint selection reads of one endpoint.
+#[derive(Clone, Debug)]
+struct CheckedEndpoint {
+    ip: Ipv4Addr,
+    readiness: Readiness,
+    /// On this node (its `nodeName` is ours), for internalTrafficPolicy Local.
+    local: bool,
+    /// `hints.forZones`: the zones the EndpointSlice controller wants this
+    /// endpoint used from. Almost always empty, and then it takes no heap.
+    zone_hints: Box<[String]>,
+}
+
+/// How one Service picks its endpoints on this node.
+#[derive(Clone, Copy, Debug)]
+struct Selection<'a> {
+    /// internalTrafficPolicy Local: this node's endpoints or none at all.
+    local_only: bool,
+    /// This node's zone, for topology hints.
+    zone: Option<&'a str>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -314,7 +333,7 @@ impl Model {
         if slice.object.address_type != "IPv4" {
             return;
         }
-        let checked = check_slice(&slice);
+        let checked = check_slice(&slice, &self.config.node_name);
         if !checked.problems.is_empty() {
             self.troubled_slices.insert(name.clone());
         }
@@ -488,6 +507,10 @@ impl Model {
             .flatten()
             .filter_map(|name| self.slices.get(name))
             .collect();
+        let selection = Selection {
+            local_only: service.internal_traffic_policy.as_deref() == Some("Local"),
+            zone: self.node.as_ref().and_then(|node| node.zone.as_deref()),
+        };
         for port in &service.ports {
             let frontend = match frontend(cluster_ip, port) {
                 Ok(frontend) => frontend,
@@ -496,7 +519,7 @@ impl Model {
                     continue;
                 }
             };
-            let mut backends = backends(&slices, &port.name, frontend.protocol);
+            let mut backends = backends(&slices, &port.name, frontend.protocol, selection);
             if backends.len() > MAX_BACKENDS_PER_FRONTEND {
                 // Serving the first endpoints beats dropping the Service.
                 problem(format!(
@@ -589,7 +612,7 @@ fn valid_port(port: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("port {port} is out of range 1-65535"))
 }
 
-fn check_slice(sourced: &Sourced<SliceObject>) -> CheckedSlice {
+fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice {
     let slice = &sourced.object;
     let mut checked = CheckedSlice::default();
     let mut problem = |message: String| {
@@ -612,18 +635,17 @@ fn check_slice(sourced: &Sourced<SliceObject>) -> CheckedSlice {
         }
     }
     let mut endpoints = Vec::new();
-    let mut nodes = BTreeMap::new();
     for endpoint in &slice.endpoints {
         let Some(address) = &endpoint.address else {
             continue;
         };
         match address.parse() {
-            Ok(ip) => {
-                endpoints.push((ip, readiness(endpoint)));
-                if let Some(node) = &endpoint.node_name {
-                    nodes.insert(ip, node.clone());
-                }
-            }
+            Ok(ip) => endpoints.push(CheckedEndpoint {
+                ip,
+                readiness: readiness(endpoint),
+                local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
+                zone_hints: endpoint.zone_hints.clone().into_boxed_slice(),
+            }),
             Err(_) => problem(format!(
                 "endpoint address {address:?} is not an IPv4 address"
             )),
@@ -631,7 +653,6 @@ fn check_slice(sourced: &Sourced<SliceObject>) -> CheckedSlice {
     }
     checked.ports = ports;
     checked.endpoints = endpoints;
-    checked.nodes = nodes;
     checked
 }
 
@@ -649,36 +670,82 @@ fn readiness(endpoint: &EndpointObject) -> Readiness {
 }
 
 /// The endpoints of one Service port, merged over its slices (an endpoint
-/// listed by two slices counts once): ready ones, or, when none is ready,
-/// the ones still serving while they terminate (kube-proxy does the same,
-/// so a rolling update never refuses connections it could have served).
-fn backends(slices: &[&CheckedSlice], port_name: &str, protocol: Protocol) -> Vec<L4Addr> {
+/// listed by two slices counts once), chosen as kube-proxy's
+/// `CategorizeEndpoints` does:
+/// - internalTrafficPolicy Local: this node's ready endpoints, else its
+///   serving terminating ones, else none (connections are refused, as
+///   kube-proxy drops them);
+/// - otherwise the ready endpoints, narrowed to those hinted for this node's
+///   zone when every ready endpoint has zone hints and one names the zone
+///   (how trafficDistribution PreferClose reaches a proxy: the EndpointSlice
+///   controller writes the hints); when nothing is ready, the ones still
+///   serving while they terminate, whatever their zone (kube-proxy does the
+///   same, so a rolling update never refuses connections it could have
+///   served).
+fn backends(
+    slices: &[&CheckedSlice],
+    port_name: &str,
+    protocol: Protocol,
+    selection: Selection<'_>,
+) -> Vec<L4Addr> {
+    // Named target ports resolve per slice: each slice says which number
+    // its port name has.
+    let endpoints = || {
+        slices.iter().flat_map(move |slice| {
+            slice
+                .ports
+                .iter()
+                .find(|(name, p, _)| name == port_name && *p == protocol)
+                .map(|&(_, _, port)| (port, slice.endpoints.as_slice()))
+                .into_iter()
+                .flat_map(|(port, endpoints)| endpoints.iter().map(move |e| (port, e)))
+                .filter(move |(_, e)| !selection.local_only || e.local)
+        })
+    };
+    let zone = selection
+        .zone
+        .filter(|zone| !selection.local_only && prefers_zone(endpoints().map(|(_, e)| e), zone));
+    let in_zone =
+        |e: &CheckedEndpoint| zone.is_none_or(|zone| e.zone_hints.iter().any(|z| z == zone));
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
-    for slice in slices {
-        // Named target ports resolve per slice: each slice says which
-        // number its port name has.
-        let Some(&(_, _, port)) = slice
-            .ports
-            .iter()
-            .find(|(name, p, _)| name == port_name && *p == protocol)
-        else {
-            continue;
+    for (port, endpoint) in endpoints() {
+        let addr = L4Addr {
+            ip: endpoint.ip,
+            port,
+            protocol,
         };
-        for &(ip, readiness) in &slice.endpoints {
-            let addr = L4Addr { ip, port, protocol };
-            match readiness {
-                Readiness::Ready => ready.insert(addr),
-                Readiness::Terminating => terminating.insert(addr),
-                Readiness::Unusable => false,
-            };
-        }
+        match endpoint.readiness {
+            Readiness::Ready if in_zone(endpoint) => ready.insert(addr),
+            Readiness::Terminating => terminating.insert(addr),
+            Readiness::Ready | Readiness::Unusable => false,
+        };
     }
     let chosen = if ready.is_empty() { terminating } else { ready };
     chosen.into_iter().collect()
 }
 
 pub mod candidates;
+
+/// kube-proxy's `topologyModeFromHints` for zones: hints count only when
+/// every ready endpoint has some and at least one names `zone`; otherwise
+/// the hints are incomplete or not meant for this zone, and all endpoints
+/// are used.
+fn prefers_zone<'a>(endpoints: impl Iterator<Item = &'a CheckedEndpoint>, zone: &str) -> bool {
+    let mut any_ready = false;
+    let mut for_zone = false;
+    for endpoint in endpoints {
+        if !matches!(endpoint.readiness, Readiness::Ready) {
+            continue;
+        }
+        any_ready = true;
+        if endpoint.zone_hints.is_empty() {
+            return false;
+        }
+        for_zone |= endpoint.zone_hints.iter().any(|z| z == zone);
+    }
+    any_ready && for_zone
+}
 
 #[cfg(test)]
 mod tests;

@@ -363,12 +363,21 @@ impl Lab {
         kubeconfig: &Path,
         node: &str,
     ) -> Result<Agent> {
+        self.start_agent_on_api_with(binary, kubeconfig, node, &[])
+    }
+
+    /// [`Lab::start_agent_on_api`] with more `run` flags.
+    pub fn start_agent_on_api_with(
+        &self,
+        binary: &Path,
+        kubeconfig: &Path,
+        node: &str,
+        flags: &[&str],
+    ) -> Result<Agent> {
         let kubeconfig = kubeconfig.display().to_string();
-        self.spawn_agent(
-            self.agent_command_without_source(binary),
-            binary,
-            &["--kubeconfig", &kubeconfig, "--hostname-override", node],
-        )
+        let mut all = vec!["--kubeconfig", &kubeconfig, "--hostname-override", node];
+        all.extend(flags);
+        self.spawn_agent(self.agent_command_without_source(binary), binary, &all)
     }
 
     /// A command run in the node namespace, outside the lab's cgroup: what

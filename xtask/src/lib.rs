@@ -9,6 +9,7 @@ pub mod btf_map;
 pub mod ebpf_build;
 pub mod lab;
 pub mod prerequisites;
+pub mod scale;
 
 use std::{
     path::{Path, PathBuf},

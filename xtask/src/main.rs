@@ -5,9 +5,10 @@ use std::{process::Command, time::Duration};
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use xtask::{
+    apiserver::ApiServer,
     bench, cargo,
     lab::{self, Lab, manifests},
-    prerequisites, run_checked,
+    prerequisites, run_checked, scale,
 };
 
 #[derive(Parser)]
@@ -22,7 +23,13 @@ enum Task {
     BuildEbpf,
     /// Set up the machine, then show the agent balancing real traffic in a
     /// netns lab: pods, a ClusterIP, the maps. Needs root.
-    Demo,
+    Demo {
+        /// Feed the agent from a test Kubernetes API server instead of a
+        /// manifest directory, and change the endpoints there to show the
+        /// traffic follow.
+        #[arg(long)]
+        api: bool,
+    },
     /// Set up the machine, then run the unit tests and the privileged
     /// tests (datapath, kube-proxy cleanup). Needs root.
     Test {
@@ -41,6 +48,21 @@ enum Task {
         /// Concurrent connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
+        /// Instead, measure the agent itself fed by the test API server at
+        /// these numbers of Services (comma-separated, e.g. 1000,10000,30000):
+        /// full sync, endpoint change latency, a burst, peak memory.
+        #[arg(long, value_name = "N,...", value_delimiter = ',')]
+        api_scale: Vec<usize>,
+        /// With --api-scale: endpoint changes measured one at a time.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// With --api-scale: endpoint changes in the burst.
+        #[arg(long, default_value_t = 1000)]
+        burst: usize,
+        /// With --api-scale: measure the debug build of the agent (quick to
+        /// build, for smoke runs; its numbers are not the agent's).
+        #[arg(long)]
+        debug_agent: bool,
     },
 }
 
@@ -51,12 +73,36 @@ fn main() -> Result<()> {
             println!("{}", object.display());
             Ok(())
         }
-        Task::Demo => demo(),
+        Task::Demo { api } => demo(api),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Bench {
+            api_scale,
+            changes,
+            burst,
+            debug_agent,
+            ..
+        } if !api_scale.is_empty() => {
+            require_root()?;
+            prerequisites::ensure_tools()?;
+            let agent = if debug_agent {
+                prerequisites::build_agent()?
+            } else {
+                prerequisites::build_agent_release()?
+            };
+            scale::run(
+                &agent,
+                &scale::ScaleOptions {
+                    sizes: api_scale,
+                    changes,
+                    burst,
+                },
+            )
+        }
         Task::Bench {
             services,
             seconds,
             connections,
+            ..
         } => {
             require_root()?;
             prerequisites::ensure_tools()?;
@@ -105,7 +151,79 @@ fn demo_manifest(pods: &[lab::Pod]) -> String {
     ])
 }
 
-fn demo() -> Result<()> {
+/// The Node the agent of `demo --api` runs as.
+const DEMO_NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n";
+
+/// Who answers `count` requests to the demo's ClusterIP ("refused" for a
+/// request that got no answer).
+fn tally(lab: &Lab, count: usize) -> Result<std::collections::BTreeMap<String, usize>> {
+    let url = format!("http://10.96.0.10/[1-{count}]");
+    let out = lab.run_client("curl", &["-s", "--max-time", "30", &url])?;
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for pod in String::from_utf8_lossy(&out.stdout).lines() {
+        *counts.entry(pod.to_owned()).or_default() += 1;
+    }
+    let answered: usize = counts.values().sum();
+    if answered < count {
+        counts.insert("refused".to_owned(), count - answered);
+    }
+    Ok(counts)
+}
+
+/// `demo --api`: endpoint changes in the API server, and the traffic
+/// following them.
+fn follow_the_api(lab: &Lab, server: &ApiServer, pods: &[lab::Pod]) -> Result<()> {
+    let slice = |endpoints: &[(std::net::Ipv4Addr, bool)]| {
+        manifests::endpoint_slice("web-1", "web", &[("http", 8080, "TCP")], endpoints)
+    };
+    let steps = [
+        (
+            "the EndpointSlice now lists only pod-c, as the EndpointSlice controller \
+             would after a scale-down",
+            slice(&[(pods[2].ip, true)]),
+            Some("pod-c"),
+        ),
+        (
+            "pod-a comes back, and pod-c is no longer ready",
+            slice(&[(pods[0].ip, true), (pods[2].ip, false)]),
+            Some("pod-a"),
+        ),
+    ];
+    for (what, yaml, moved_to) in steps {
+        println!("\n# {what}\n{yaml}");
+        let applied = std::time::Instant::now();
+        server.apply_yaml(&yaml)?;
+        if let Some(pod) = moved_to {
+            wait_for_answer(lab, pod)?;
+            println!(
+                "traffic moved to {pod} {:?} after the API server had the change",
+                applied.elapsed()
+            );
+        }
+        println!(
+            "30 requests, counted by the pod that answered: {:?}",
+            tally(lab, 30)?
+        );
+    }
+    Ok(())
+}
+
+/// Asks the ClusterIP until `pod` answers.
+fn wait_for_answer(lab: &Lab, pod: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let out = lab.run_client("curl", &["-s", "--max-time", "1", "http://10.96.0.10/"])?;
+        if String::from_utf8_lossy(&out.stdout).trim() == pod {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("{pod} did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn demo(api: bool) -> Result<()> {
     require_root()?;
     prerequisites::ensure_tools()?;
     let agent_binary = prerequisites::build_agent()?;
@@ -121,9 +239,23 @@ fn demo() -> Result<()> {
         pods.push(pod);
     }
     let manifest = demo_manifest(&pods);
-    lab.write_manifest("web.yaml", &manifest)?;
-    println!("\n# manifests/web.yaml\n{manifest}");
-    let agent = lab.start_agent(&agent_binary)?;
+    let mut api_server = None;
+    let agent = if api {
+        let server = ApiServer::start()?;
+        server.apply_yaml(&format!("{DEMO_NODE}---\n{manifest}"))?;
+        println!(
+            "\n# applied to a test API server at {} (kubeconfig {})\n{DEMO_NODE}---\n{manifest}",
+            server.url(),
+            server.kubeconfig().display()
+        );
+        let agent = lab.start_agent_on_api(&agent_binary, server.kubeconfig(), "node-1")?;
+        api_server = Some(server);
+        agent
+    } else {
+        lab.write_manifest("web.yaml", &manifest)?;
+        println!("\n# manifests/web.yaml\n{manifest}");
+        lab.start_agent(&agent_binary)?
+    };
     println!(
         "agent running: programs attached to {}",
         lab.cgroup().display()
@@ -146,6 +278,9 @@ fn demo() -> Result<()> {
         *counts.entry(pod.to_owned()).or_default() += 1;
     }
     println!("300 more, counted by the pod that answered: {counts:?}");
+    if let Some(server) = &api_server {
+        follow_the_api(&lab, server, &pods)?;
+    }
     let bpffs = lab.bpffs().display().to_string();
     let map = format!("{bpffs}/maps/{}", proxy_common::SERVICES_MAP);
     let agent_path = agent_binary.display().to_string();

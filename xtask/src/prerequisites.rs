@@ -163,6 +163,14 @@ pub fn build_agent() -> Result<PathBuf> {
     Ok(crate::workspace_root().join("target/debug/proxy-userspace"))
 }
 
+/// The agent as it ships: measurements of its speed and memory need the
+/// optimised build.
+pub fn build_agent_release() -> Result<PathBuf> {
+    ensure_ebpf_toolchain()?;
+    run_checked(crate::cargo().args(["build", "--release", "--package", "proxy-userspace"]))?;
+    Ok(crate::workspace_root().join("target/release/proxy-userspace"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1427,6 +1427,168 @@ fn the_agent_follows_the_kubernetes_api_and_a_restarted_server_flushes_nothing()
     wait_for_backends(&agent, WEB_VIP, &[], Duration::from_secs(5));
 }
 
+/// A lab of two nginx pods and a test API server holding the web Service
+/// over both and Node node-1 (`node_extra` is added to its metadata).
+fn api_lab(node_extra: &str) -> (Lab, Vec<Pod>, xtask::apiserver::ApiServer) {
+    let (lab, pods) = web_lab(&["pod-a", "pod-b"]);
+    let api = xtask::apiserver::ApiServer::start().expect("test API server");
+    api.apply_yaml(&web_manifest(&pods.iter().collect::<Vec<_>>()))
+        .unwrap();
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node-1{node_extra}}}\n"
+    ))
+    .unwrap();
+    (lab, pods, api)
+}
+
+/// Polls `/healthz` until it answers `status`; returns the body.
+fn wait_for_healthz(agent: &Agent, status: u16, within: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        let (got, body) = agent.http_get("healthz", "/healthz").expect("healthz");
+        if got == status {
+            return body;
+        }
+        assert!(
+            started.elapsed() < within,
+            "/healthz stayed {got} ({body}) for {within:?}, not {status}; agent log:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_stopped_api_server_keeps_traffic_and_healthz_turns_503_until_it_is_back() {
+    let (lab, pods, mut api) = api_lab("");
+    let agent = lab
+        .start_agent_on_api_with(
+            &agent_binary(),
+            api.kubeconfig(),
+            "node-1",
+            &["--health-stale-after", "2s"],
+        )
+        .unwrap();
+    wait_for_backends(
+        &agent,
+        WEB_VIP,
+        &[pods[0].ip, pods[1].ip],
+        Duration::from_secs(2),
+    );
+    wait_for_healthz(&agent, 200, Duration::from_secs(2));
+
+    api.stop();
+    let stopped = Instant::now();
+    // The last state keeps serving while the API server is away.
+    let counts = request_counts(&lab, WEB_VIP, 50);
+    assert_eq!(counts.get(""), None, "{counts:?}");
+    let body = wait_for_healthz(&agent, 503, Duration::from_secs(15));
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(2),
+        "503 before --health-stale-after: {body}"
+    );
+    let counts = request_counts(&lab, WEB_VIP, 50);
+    assert_eq!(counts.get(""), None, "{counts:?}");
+
+    api.resume().unwrap();
+    wait_for_healthz(&agent, 200, Duration::from_secs(15));
+    // And it follows the API again.
+    api.apply_yaml(&web_manifest(&[&pods[1]])).unwrap();
+    wait_for_backends(&agent, WEB_VIP, &[pods[1].ip], Duration::from_secs(5));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_node_being_deleted_is_not_eligible_and_keeps_serving() {
+    let (lab, pods, api) = api_lab("");
+    let agent = lab
+        .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
+        .unwrap();
+    wait_for_backends(
+        &agent,
+        WEB_VIP,
+        &[pods[0].ip, pods[1].ip],
+        Duration::from_secs(2),
+    );
+    let body = wait_for_healthz(&agent, 200, Duration::from_secs(2));
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-1, \
+         deletionTimestamp: \"2026-01-01T00:00:00Z\", finalizers: [example.com/hold]}\n",
+    )
+    .unwrap();
+    let body = wait_for_healthz(&agent, 503, Duration::from_secs(2));
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    // Load balancers drain the node, but its own pods keep their Services.
+    let counts = request_counts(&lab, WEB_VIP, 20);
+    assert_eq!(counts.get(""), None, "{counts:?}");
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_service_of_another_proxy_is_not_served() {
+    let (lab, pods, api) = api_lab("");
+    let other = |proxy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: other\n  namespace: default\n  \
+             labels: {{service.kubernetes.io/service-proxy-name: {proxy}}}\n\
+             spec:\n  clusterIP: 10.96.0.11\n  ports: [{{name: http, port: 80}}]\n---\n{}",
+            manifests::endpoint_slice("other-1", "other", HTTP_BACKEND, &[(pods[0].ip, true)])
+        )
+    };
+    api.apply_yaml(&other("other")).unwrap();
+    let agent = lab
+        .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
+        .unwrap();
+    // The web Service is served: the view is complete, yet no frontend for
+    // the other proxy's Service.
+    wait_for_backends(
+        &agent,
+        WEB_VIP,
+        &[pods[0].ip, pods[1].ip],
+        Duration::from_secs(2),
+    );
+    let json = agent.services_json().unwrap();
+    assert!(!json.contains("10.96.0.11"), "{json}");
+    let counts = request_counts(&lab, "10.96.0.11", 3);
+    assert_eq!(counts.get(""), Some(&3), "{counts:?}");
+
+    // Naming this proxy, the Service is ours.
+    api.apply_yaml(&other("ebpf-proxy")).unwrap();
+    let started = Instant::now();
+    while !agent.services_json().unwrap().contains("10.96.0.11:80") {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let counts = request_counts(&lab, "10.96.0.11", 3);
+    assert_eq!(counts.get("pod-a"), Some(&3), "{counts:?}");
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_scale_bench_runs_and_coalesces_a_burst() {
+    use xtask::scale::{ScaleOptions, measure};
+    let options = ScaleOptions {
+        sizes: vec![200],
+        changes: 10,
+        burst: 200,
+    };
+    let result = measure(&agent_binary(), 200, &options).expect("api-scale at 200 Services");
+    eprintln!("{result:?}");
+    assert!(result.full_sync < Duration::from_secs(20), "{result:?}");
+    assert!(result.change_p99 < Duration::from_secs(1), "{result:?}");
+    // A burst is applied in a few syncs, not one per change.
+    assert!(result.burst_applies >= 1, "{result:?}");
+    assert!(result.burst_applies <= 20, "{result:?}");
+    assert!(result.peak_rss_kib > 0, "{result:?}");
+}
+
 /// The agent's peak resident memory (VmHWM), in KiB.
 fn peak_memory_kib(agent: &Agent) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();

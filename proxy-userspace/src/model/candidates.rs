@@ -131,16 +131,16 @@ impl Model {
             else {
                 continue;
             };
-            for &(ip, readiness) in &slice.endpoints {
+            for endpoint in &slice.endpoints {
                 let backend = L4Addr {
-                    ip,
+                    ip: endpoint.ip,
                     port,
                     protocol: frontend.protocol,
                 };
                 candidates.push(Candidate {
                     slice: slice_name.clone(),
                     backend,
-                    condition: match readiness {
+                    condition: match endpoint.readiness {
                         Readiness::Ready => Condition::Ready,
                         Readiness::Terminating => Condition::Terminating,
                         Readiness::Unusable => Condition::NotReady,

@@ -16,7 +16,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use super::{CheckedSlice, L4Addr, Model, Problem, Protocol, Readiness, ServiceOutput, valid_port};
+use super::{
+    CheckedSlice, L4Addr, Model, Problem, Protocol, Readiness, Selection, ServiceOutput, backends,
+    valid_port,
+};
 use crate::{
     kube_proxy_config::NodePortAddress,
     source::{NodeObject, ObjectName, ServiceObject, Sourced, objects::ServicePortObject},
@@ -286,11 +289,16 @@ impl Model {
             };
             let backends = match policy {
                 TrafficPolicy::Cluster => frontend.backends.clone(),
-                TrafficPolicy::Local => local_backends(
+                // externalTrafficPolicy Local: this node's endpoints, chosen
+                // as for all (ready, else serving while terminating).
+                TrafficPolicy::Local => backends(
                     slices,
                     &port.name,
                     protocol,
-                    self.config.node_name.as_deref(),
+                    Selection {
+                        local_only: true,
+                        zone: None,
+                    },
                 ),
             };
             let entry = |kind| ExternalFrontend {
@@ -331,31 +339,12 @@ impl Model {
             }
         }
         if policy == TrafficPolicy::Local && type_ == "LoadBalancer" {
-            match self.health_check(service, slices) {
+            match health_check(service, slices) {
                 Ok(check) => external.health_check = check,
                 Err(message) => problem(message),
             }
         }
         (external, problems)
-    }
-
-    /// A policy-Local load balancer's healthCheckNodePort, if it has one.
-    fn health_check(
-        &self,
-        service: &ServiceObject,
-        slices: &[&CheckedSlice],
-    ) -> Result<Option<(u16, HealthCheck)>, String> {
-        let Some(port) = service.health_check_node_port.filter(|p| *p != 0) else {
-            return Ok(None);
-        };
-        let port = valid_port(port).map_err(|message| format!("healthCheckNodePort: {message}"))?;
-        Ok(Some((
-            port,
-            HealthCheck {
-                service: service.name.clone(),
-                local_endpoints: local_ready_endpoints(slices, self.config.node_name.as_deref()),
-            },
-        )))
     }
 
     /// A port's nodePort: `None` when it has none (not allocated yet, or
@@ -614,59 +603,32 @@ pub fn node_addresses(
     out
 }
 
-/// The endpoints of one Service port on this node, chosen as
-/// [`super::backends`] chooses among all: ready ones, else the ones still
-/// serving while they terminate.
-fn local_backends(
+/// A policy-Local load balancer's healthCheckNodePort, if it has one.
+fn health_check(
+    service: &ServiceObject,
     slices: &[&CheckedSlice],
-    port_name: &str,
-    protocol: Protocol,
-    node: Option<&str>,
-) -> Vec<L4Addr> {
-    let Some(node) = node else {
-        return Vec::new();
+) -> Result<Option<(u16, HealthCheck)>, String> {
+    let Some(port) = service.health_check_node_port.filter(|p| *p != 0) else {
+        return Ok(None);
     };
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
-    for slice in slices {
-        let Some(&(_, _, port)) = slice
-            .ports
-            .iter()
-            .find(|(name, p, _)| name == port_name && *p == protocol)
-        else {
-            continue;
-        };
-        for &(ip, readiness) in &slice.endpoints {
-            if slice.nodes.get(&ip).map(String::as_str) != Some(node) {
-                continue;
-            }
-            let addr = L4Addr { ip, port, protocol };
-            match readiness {
-                Readiness::Ready => ready.insert(addr),
-                Readiness::Terminating => terminating.insert(addr),
-                Readiness::Unusable => false,
-            };
-        }
-    }
-    let chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.into_iter().collect()
+    let port = valid_port(port).map_err(|message| format!("healthCheckNodePort: {message}"))?;
+    Ok(Some((
+        port,
+        HealthCheck {
+            service: service.name.clone(),
+            local_endpoints: local_ready_endpoints(slices),
+        },
+    )))
 }
 
 /// kube-proxy's `localEndpoints`: ready endpoints on this node (each
 /// address once).
-fn local_ready_endpoints(slices: &[&CheckedSlice], node: Option<&str>) -> usize {
-    let Some(node) = node else {
-        return 0;
-    };
+fn local_ready_endpoints(slices: &[&CheckedSlice]) -> usize {
     slices
         .iter()
-        .flat_map(|slice| {
-            slice.endpoints.iter().filter(|(ip, readiness)| {
-                matches!(readiness, Readiness::Ready)
-                    && slice.nodes.get(ip).map(String::as_str) == Some(node)
-            })
-        })
-        .map(|(ip, _)| *ip)
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|e| e.local && matches!(e.readiness, Readiness::Ready))
+        .map(|e| e.ip)
         .collect::<BTreeSet<_>>()
         .len()
 }

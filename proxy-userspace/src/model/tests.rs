@@ -7,9 +7,19 @@ fn snapshot(yaml: &str) -> Vec<Change> {
     changes_of("test.yaml", yaml).expect("valid test manifest")
 }
 
+/// The node the tests' model runs on.
+const NODE: &str = "node-1";
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        node_name: NODE.to_owned(),
+        ..ModelConfig::default()
+    }
+}
+
 /// The desired state and problems of a model fed `changes` at once.
 fn desired_state(changes: &[Change]) -> (DesiredState, Vec<Problem>) {
-    let mut model = Model::new(ModelConfig::default());
+    let mut model = Model::new(config());
     for change in changes {
         model.apply(change.clone());
     }
@@ -295,7 +305,7 @@ fn cluster_ips_that_would_capture_other_traffic_are_refused() {
     }
     let mut model = Model::new(ModelConfig {
         service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
-        ..ModelConfig::default()
+        ..config()
     });
     for change in [
         service_at("inside", "10.96.0.1"),
@@ -435,11 +445,21 @@ impl XorShift {
     }
 }
 
+const ZONES: [Option<&str>; 3] = [Some("zone-a"), Some("zone-b"), None];
+
 fn random_change(rng: &mut XorShift) -> Change {
     let sourced = |object| Sourced {
         origin: "random".to_owned(),
         object,
     };
+    // The Node's zone moves every Service's choice of endpoints.
+    if rng.below(12) == 0 {
+        return Change::Node((rng.below(4) != 0).then(|| NodeObject {
+            name: NODE.to_owned(),
+            zone: ZONES[usize::from(rng.pick(3))].map(str::to_owned),
+            ..NodeObject::default()
+        }));
+    }
     if rng.below(2) == 0 {
         let service = rng.pick(5);
         let name = ObjectName::new("default", &format!("svc-{service}"));
@@ -460,6 +480,7 @@ fn random_change(rng: &mut XorShift) -> Change {
                 name,
                 cluster_ips: vec![format!("10.96.0.{}", service + 1)],
                 ports,
+                internal_traffic_policy: (rng.below(3) == 0).then(|| "Local".to_owned()),
                 ..ServiceObject::default()
             })),
         )
@@ -475,6 +496,10 @@ fn random_change(rng: &mut XorShift) -> Change {
                 ready: Some(rng.below(4) != 0),
                 serving: Some(rng.below(2) == 0),
                 terminating: Some(rng.below(3) == 0),
+                node_name: Some(format!("node-{}", rng.pick(2) + 1)),
+                zone_hints: (0..rng.below(3))
+                    .filter_map(|_| ZONES[usize::from(rng.pick(3))].map(str::to_owned))
+                    .collect(),
                 ..EndpointObject::default()
             })
             .collect();
@@ -505,7 +530,7 @@ fn random_change(rng: &mut XorShift) -> Change {
 #[test]
 fn any_sequence_of_changes_ends_as_if_computed_from_scratch() {
     let mut rng = XorShift(0x0dd5_eed5);
-    let mut model = Model::new(ModelConfig::default());
+    let mut model = Model::new(config());
     let mut objects: BTreeMap<String, Change> = BTreeMap::new();
     let mut previous = DesiredState::default();
     for round in 0..500 {
@@ -540,4 +565,183 @@ fn any_sequence_of_changes_ends_as_if_computed_from_scratch() {
         assert_eq!(changed, differ, "round {round}");
         previous = scratch;
     }
+}
+
+/// A Service whose endpoints (`address`, `nodeName`, `hints.forZones`,
+/// `ready`) sit in one slice; `spec` is added to the Service's spec.
+fn spread_service(spec: &str, endpoints: &[(&str, &str, &[&str], bool)]) -> Vec<Change> {
+    let mut yaml = format!(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec: {{clusterIP: 10.96.0.20, ports: [{{port: 80}}]{spec}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+"
+    );
+    for (address, node, zones, ready) in endpoints {
+        let hints: Vec<String> = zones.iter().map(|z| format!("{{name: {z}}}")).collect();
+        let hints = if zones.is_empty() {
+            String::new()
+        } else {
+            format!("\n  hints: {{forZones: [{}]}}", hints.join(", "))
+        };
+        let _ = write!(
+            yaml,
+            "- addresses: [{address}]\n  nodeName: {node}\n  conditions: {{ready: {ready}}}{hints}\n"
+        );
+    }
+    snapshot(&yaml)
+}
+
+fn node_in(zone: Option<&str>) -> Change {
+    Change::Node(Some(NodeObject {
+        name: NODE.to_owned(),
+        zone: zone.map(str::to_owned),
+        ..NodeObject::default()
+    }))
+}
+
+/// The backend addresses of 10.96.0.20:80 after `changes`.
+fn web_backends(changes: &[Change]) -> Vec<String> {
+    let (state, problems) = desired_state(changes);
+    assert_eq!(problems, []);
+    state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)]
+        .backends
+        .iter()
+        .map(|b| b.ip.to_string())
+        .collect()
+}
+
+#[test]
+fn zone_hints_keep_traffic_in_the_nodes_zone() {
+    // What the EndpointSlice controller writes for PreferClose: every
+    // endpoint hinted for its own zone.
+    let hinted: &[(&str, &str, &[&str], bool)] = &[
+        ("10.244.0.2", "node-1", &["zone-a"], true),
+        ("10.244.0.3", "node-2", &["zone-a"], true),
+        ("10.244.0.4", "node-3", &["zone-b"], true),
+    ];
+    let prefer_close = ", trafficDistribution: PreferClose";
+    let with_node = |zone, endpoints| {
+        let mut changes = spread_service(prefer_close, endpoints);
+        changes.push(node_in(zone));
+        web_backends(&changes)
+    };
+    assert_eq!(
+        with_node(Some("zone-a"), hinted),
+        ["10.244.0.2", "10.244.0.3"]
+    );
+    assert_eq!(with_node(Some("zone-b"), hinted), ["10.244.0.4"]);
+    // No endpoint is hinted for the node's zone, the node has no zone, or
+    // the Node is not known: all endpoints, as kube-proxy falls back.
+    let all = ["10.244.0.2", "10.244.0.3", "10.244.0.4"];
+    assert_eq!(with_node(Some("zone-c"), hinted), all);
+    assert_eq!(with_node(None, hinted), all);
+    assert_eq!(web_backends(&spread_service(prefer_close, hinted)), all);
+    // One ready endpoint without hints makes the hints incomplete.
+    let partial: &[(&str, &str, &[&str], bool)] = &[
+        ("10.244.0.2", "node-1", &["zone-a"], true),
+        ("10.244.0.3", "node-2", &[], true),
+        ("10.244.0.4", "node-3", &["zone-b"], true),
+    ];
+    assert_eq!(with_node(Some("zone-a"), partial), all);
+    // ...but a not-ready one does not count either way.
+    let unready: &[(&str, &str, &[&str], bool)] = &[
+        ("10.244.0.2", "node-1", &["zone-a"], true),
+        ("10.244.0.3", "node-2", &[], false),
+        ("10.244.0.4", "node-3", &["zone-b"], true),
+    ];
+    assert_eq!(with_node(Some("zone-a"), unready), ["10.244.0.2"]);
+}
+
+#[test]
+fn a_zone_change_of_the_node_moves_its_traffic() {
+    let hinted: &[(&str, &str, &[&str], bool)] = &[
+        ("10.244.0.2", "node-1", &["zone-a"], true),
+        ("10.244.0.3", "node-2", &["zone-b"], true),
+    ];
+    let mut model = Model::new(config());
+    for change in spread_service("", hinted) {
+        model.apply(change);
+    }
+    model.apply(node_in(Some("zone-a")));
+    model.recompute();
+    let frontend = addr("10.96.0.20", 80, Protocol::Tcp);
+    let backends = |model: &Model| model.desired().frontends[&frontend].backends.clone();
+    assert_eq!(backends(&model), [addr("10.244.0.2", 8080, Protocol::Tcp)]);
+    model.apply(node_in(Some("zone-b")));
+    assert_eq!(model.recompute(), BTreeSet::from([frontend]));
+    assert_eq!(backends(&model), [addr("10.244.0.3", 8080, Protocol::Tcp)]);
+}
+
+#[test]
+fn internal_traffic_policy_local_serves_only_this_nodes_endpoints() {
+    let local = ", internalTrafficPolicy: Local";
+    let endpoints: &[(&str, &str, &[&str], bool)] = &[
+        ("10.244.0.2", "node-1", &[], true),
+        ("10.244.0.3", "node-2", &[], true),
+        ("10.244.0.4", NODE, &[], false),
+    ];
+    assert_eq!(
+        web_backends(&spread_service(local, endpoints)),
+        ["10.244.0.2"]
+    );
+    // Cluster (the default) uses every ready endpoint.
+    assert_eq!(
+        web_backends(&spread_service(
+            ", internalTrafficPolicy: Cluster",
+            endpoints
+        )),
+        ["10.244.0.2", "10.244.0.3"]
+    );
+    // No local endpoint: the frontend exists and refuses, though other
+    // nodes have ready endpoints.
+    let remote: &[(&str, &str, &[&str], bool)] = &[("10.244.0.3", "node-2", &[], true)];
+    assert_eq!(
+        web_backends(&spread_service(local, remote)),
+        Vec::<String>::new()
+    );
+    // Zone hints do not widen or narrow Local.
+    let hinted: &[(&str, &str, &[&str], bool)] = &[
+        ("10.244.0.2", "node-1", &["zone-b"], true),
+        ("10.244.0.3", "node-2", &["zone-a"], true),
+    ];
+    let mut changes = spread_service(local, hinted);
+    changes.push(node_in(Some("zone-a")));
+    assert_eq!(web_backends(&changes), ["10.244.0.2"]);
+}
+
+#[test]
+fn internal_traffic_policy_local_falls_back_to_local_terminating_endpoints() {
+    let yaml = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}], internalTrafficPolicy: Local}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.0.2]
+  nodeName: node-1
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.244.0.3]
+  nodeName: node-2
+  conditions: {ready: true}
+";
+    assert_eq!(web_backends(&snapshot(yaml)), ["10.244.0.2"]);
 }

@@ -4,8 +4,9 @@
 //! resourceVersion; relist after `410 Gone`), each with the default backoff,
 //! feed one task that keeps the slim objects it has sent and reports only
 //! differences:
-//! - a listing (the first, or a relist) is sent as one batch when it is
-//!   done, with deletions for objects it had before and did not list again;
+//! - a listing (the first, or a relist) is sent in batches of up to 500
+//!   objects, and with its last batch the deletions for objects it had
+//!   before and did not list again;
 //!   objects that did not change are not sent, so a relist after a restarted
 //!   API server costs what actually changed while it was away;
 //! - `Synced { complete: true }` waits for the first listing of all three
@@ -20,7 +21,8 @@
 //! is held at a time.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
+    hash::{Hash, Hasher as _},
     path::Path,
     pin::pin,
     time::Duration,
@@ -51,6 +53,8 @@ use super::{
 pub const ORIGIN: &str = "api-server";
 /// client-go's page size.
 const DEFAULT_PAGE_SIZE: u32 = 500;
+/// Objects a listing holds before sending them on.
+const SEND_WHILE_LISTING: usize = 500;
 /// How often a failing watcher's API is probed for recovery.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -351,25 +355,30 @@ struct Outcome {
 }
 
 /// One watcher's objects, as sent to the agent.
+///
+/// The agent keeps the objects; the source keeps only a fingerprint of each
+/// (64 bits of SipHash of the slim object), enough to tell a change from a
+/// repeat when a relist sends every object again. A second copy of 30,000
+/// Services and their slices would double the agent's memory.
 struct Follower<T> {
-    known: HashMap<ObjectName, T>,
+    known: HashMap<ObjectName, u64>,
     /// Names listed so far, while a listing is under way.
     listed: Option<HashSet<ObjectName>>,
-    /// Changed in `known` but not sent yet. Kept across a listing that
+    /// Changed but not sent yet (`None`: gone). Kept across a listing that
     /// failed half-way, so its changes are sent by the next one.
-    dirty: BTreeSet<ObjectName>,
+    dirty: BTreeMap<ObjectName, Option<T>>,
     change: fn(ObjectName, Option<T>) -> Change,
     /// A listing has completed.
     synced: bool,
     error: Option<String>,
 }
 
-impl<T: Clone + PartialEq> Follower<T> {
+impl<T: Hash> Follower<T> {
     fn new(change: fn(ObjectName, Option<T>) -> Change) -> Self {
         Self {
             known: HashMap::new(),
             listed: None,
-            dirty: BTreeSet::new(),
+            dirty: BTreeMap::new(),
             change,
             synced: false,
             error: None,
@@ -402,7 +411,7 @@ impl<T: Clone + PartialEq> Follower<T> {
                     .collect();
                 for name in gone {
                     self.known.remove(&name);
-                    self.dirty.insert(name);
+                    self.dirty.insert(name, None);
                 }
                 self.synced = true;
             }
@@ -413,12 +422,16 @@ impl<T: Clone + PartialEq> Follower<T> {
             watcher::Event::Delete(object) => {
                 let (name, _) = slim(&object);
                 if self.known.remove(&name).is_some() {
-                    self.dirty.insert(name);
+                    self.dirty.insert(name, None);
                 }
             }
         }
-        // A listing is sent whole, when it is done.
-        let changes = if self.listed.is_some() {
+        // A listing goes out a page's worth at a time, not whole at its
+        // end: holding 30,000 slim objects here until then would add their
+        // size to the agent's peak memory. That is safe: nothing is written
+        // before `Synced`, only upserts come before `InitDone`, and
+        // deletions of what was not listed again only at `InitDone`.
+        let changes = if self.listed.is_some() && self.dirty.len() < SEND_WHILE_LISTING {
             Vec::new()
         } else {
             self.flush()
@@ -427,21 +440,27 @@ impl<T: Clone + PartialEq> Follower<T> {
     }
 
     fn upsert(&mut self, name: ObjectName, object: T) {
-        if self.known.get(&name) != Some(&object) {
-            self.known.insert(name.clone(), object);
-            self.dirty.insert(name);
+        let fingerprint = fingerprint(&object);
+        if self.known.get(&name) != Some(&fingerprint) {
+            self.known.insert(name.clone(), fingerprint);
+            self.dirty.insert(name, Some(object));
         }
     }
 
     fn flush(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.dirty)
             .into_iter()
-            .map(|name| {
-                let object = self.known.get(&name).cloned();
-                (self.change)(name, object)
-            })
+            .map(|(name, object)| (self.change)(name, object))
             .collect()
     }
+}
+
+/// SipHash with fixed keys: the same object always has the same
+/// fingerprint, and two versions of one object collide with odds of 2^-64.
+fn fingerprint(object: &impl Hash) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    object.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// An error and its causes as one line, for logs and `Status`.

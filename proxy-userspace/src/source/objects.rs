@@ -59,7 +59,7 @@ impl std::fmt::Display for ObjectName {
 }
 
 /// One port of a Service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServicePortObject {
     /// Empty for the single unnamed port.
     pub name: String,
@@ -70,7 +70,7 @@ pub struct ServicePortObject {
 }
 
 /// What the model reads of a Service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceObject {
     pub name: ObjectName,
     /// Seconds since the epoch; the older of two Services claiming one
@@ -96,7 +96,7 @@ pub struct ServiceObject {
 }
 
 /// One port of an EndpointSlice.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SlicePortObject {
     /// Empty for the unnamed port.
     pub name: String,
@@ -105,7 +105,7 @@ pub struct SlicePortObject {
 }
 
 /// One endpoint of an EndpointSlice.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EndpointObject {
     /// The first address: consumers use only that one (EndpointSlice API).
     pub address: Option<String>,
@@ -119,7 +119,7 @@ pub struct EndpointObject {
 }
 
 /// What the model reads of an EndpointSlice.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SliceObject {
     /// The slice's own name.
     pub name: ObjectName,
@@ -144,7 +144,7 @@ impl SliceObject {
 }
 
 /// What the agent reads of its own Node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NodeObject {
     pub name: String,
     /// The `topology.kubernetes.io/zone` label.

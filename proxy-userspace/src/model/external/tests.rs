@@ -12,7 +12,7 @@ fn changes(yaml: &str) -> Vec<Change> {
 
 fn config() -> ModelConfig {
     ModelConfig {
-        node_name: Some("node-1".to_owned()),
+        node_name: "node-1".to_owned(),
         ..ModelConfig::default()
     }
 }
@@ -138,7 +138,7 @@ fn policy_local_keeps_this_nodes_endpoints_and_counts_them() {
     // On another node: nothing local, so drop, and the check says 0.
     let other = model_of(
         ModelConfig {
-            node_name: Some("node-3".to_owned()),
+            node_name: "node-3".to_owned(),
             ..ModelConfig::default()
         },
         &yaml,
