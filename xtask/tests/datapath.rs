@@ -1884,7 +1884,7 @@ fn doctor_is_all_ok_on_a_healthy_lab_and_names_a_map_entry_deleted_behind_the_ag
     assert_check(&checks, "sync", "OK", "last sync");
 
     // Slot 0 of 10.96.0.10:80/TCP, as the kernel stores the key.
-    let map = lab.bpffs().join("maps/lb4_svc_v1");
+    let map = lab.bpffs().join("maps").join(proxy_common::SERVICES_MAP);
     let status = Command::new("bpftool")
         .args(["map", "delete", "pinned"])
         .arg(&map)

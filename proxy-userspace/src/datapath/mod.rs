@@ -576,8 +576,9 @@ pub fn program_names() -> &'static [&'static str] {
 /// kernel has the program types, attach types and helpers they need.
 pub fn probe_load() -> Result<(), DatapathError> {
     let mut loader = EbpfLoader::new();
-    for name in MAPS {
-        // Small, but not below the CPU count that per-CPU maps want.
+    // The sized maps made small (socket storage has no size, and the
+    // events array keeps its own); nothing is pinned.
+    for (name, _) in MapSizes::default().by_name() {
         loader.map_max_entries(name, 1024);
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
