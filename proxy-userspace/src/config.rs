@@ -13,7 +13,7 @@ use crate::{
     datapath::{MapSizes, Pins},
     kube_proxy_config::{self, KubeProxyConfig, NodePortAddress},
     model::{Cidr, ModelConfig, PortRange},
-    source::{Source, kube::KubeSource, manifests::ManifestDir},
+    source::{Source, SourceError, kube::KubeSource, manifests::ManifestDir},
 };
 
 /// The default pin directory.
@@ -43,21 +43,14 @@ impl PinDir {
 /// `proxy-userspace run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// Read Service and EndpointSlice manifests (multi-document YAML)
-    /// from this directory, and follow edits, instead of watching the
-    /// Kubernetes API.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// The cgroup (v2) whose sockets are load-balanced. Default: the
     /// cgroup2 root, from /proc/mounts.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
     #[command(flatten)]
     pub pins: PinDir,
-    /// ClusterIPs outside these ranges are refused (comma-separated
-    /// CIDRs); by default any unicast address is accepted.
-    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
-    pub service_cidr: Vec<Cidr>,
     /// At most one sync per this period; changes that come sooner are
     /// applied together (kube-proxy's --min-sync-period), e.g. 1s, 500ms.
     /// [default: 0s]
@@ -76,14 +69,6 @@ pub struct RunArgs {
     /// working; flags of the same meaning override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// A kubeconfig for the API server. Default: the pod's service account,
-    /// then $KUBECONFIG or ~/.kube/config.
-    #[arg(long, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The name of this node's Node object [default: $NODE_NAME, else the
-    /// host name].
-    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
-    pub hostname_override: Option<String>,
     /// /healthz turns 503 when the source has failed, or changes have
     /// waited for the maps, this long.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
@@ -133,7 +118,7 @@ pub struct RunArgs {
 impl RunArgs {
     /// The agent's configuration and its source, or an error that says
     /// which flag is wrong. Touches nothing on the system.
-    pub fn resolve(self) -> Result<(AgentConfig, SourceSpec)> {
+    pub fn resolve(self) -> Result<(AgentConfig, SourceArgs)> {
         let file = match &self.config {
             Some(path) => {
                 let file = kube_proxy_config::load(path)
@@ -156,22 +141,17 @@ impl RunArgs {
         crate::datapath::check_cgroup(&cgroup)?;
         // The manifest source needs it too: endpoints' nodeName says which
         // are local, for internalTrafficPolicy Local.
-        let node_name = match self.hostname_override.or(file.hostname_override) {
+        let mut source = self.source;
+        let node_name = match source.hostname_override.take().or(file.hostname_override) {
             Some(name) => name,
             None => host_name()?,
         };
-        let source = match self.manifests {
-            Some(dir) => {
-                if !dir.is_dir() {
-                    bail!("--manifests {}: not a directory", dir.display());
-                }
-                SourceSpec::Manifests(dir)
-            }
-            None => SourceSpec::Kube {
-                kubeconfig: self.kubeconfig,
-                node_name: node_name.clone(),
-            },
-        };
+        source.hostname_override = Some(node_name.clone());
+        if let Some(dir) = &source.manifests
+            && !dir.is_dir()
+        {
+            bail!("--manifests {}: not a directory", dir.display());
+        }
         let sizes = MapSizes {
             services: self.services_map_size,
             backends: self.backends_map_size,
@@ -200,7 +180,7 @@ impl RunArgs {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 10249))),
             health_stale_after: self.health_stale_after,
             model: ModelConfig {
-                service_cidrs: self.service_cidr,
+                service_cidrs: source.service_cidr.clone(),
                 node_name,
                 node_port_range: self.nodeport_range,
                 node_port_addresses: if self.nodeport_addresses.is_empty() {
@@ -221,33 +201,77 @@ impl RunArgs {
     }
 }
 
-/// Where Services and EndpointSlices come from.
-pub enum SourceSpec {
-    Manifests(PathBuf),
-    Kube {
-        kubeconfig: Option<PathBuf>,
-        node_name: String,
-    },
+/// Where Services and EndpointSlices come from: flags shared by `run`,
+/// `doctor` and `explain`, so that they read the same source the same way.
+#[derive(Args, Clone, Debug)]
+pub struct SourceArgs {
+    /// Read Service and EndpointSlice manifests (multi-document YAML) from
+    /// this directory, and follow edits, instead of watching the Kubernetes
+    /// API.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// A kubeconfig for the API server. Default: the pod's service account,
+    /// then $KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The name of this node's Node object [default: $NODE_NAME, else the
+    /// host name].
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub hostname_override: Option<String>,
+    /// ClusterIPs outside these ranges are refused (comma-separated
+    /// CIDRs); by default any unicast address is accepted.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub service_cidr: Vec<Cidr>,
 }
 
-impl SourceSpec {
-    /// The source, made inside the agent's runtime (kube reads its
-    /// configuration asynchronously).
-    pub async fn build(self) -> Result<Box<dyn Source>> {
-        Ok(match self {
-            Self::Manifests(dir) => Box::new(ManifestDir::new(dir)),
-            Self::Kube {
-                kubeconfig,
-                node_name,
-            } => {
-                info!(node = %node_name, "watching the Kubernetes API");
-                Box::new(
-                    KubeSource::new(kubeconfig.as_deref(), &node_name)
-                        .await
-                        .context("cannot set up the Kubernetes source")?,
-                )
-            }
-        })
+/// The source the flags name, made but not started.
+pub enum Built {
+    Manifests(PathBuf, ManifestDir),
+    Kube(KubeSource),
+}
+
+impl Built {
+    #[must_use]
+    pub fn into_source(self) -> Box<dyn Source> {
+        match self {
+            Self::Manifests(_, source) => Box::new(source),
+            Self::Kube(source) => Box::new(source),
+        }
+    }
+}
+
+impl SourceArgs {
+    /// The source these flags name, made inside the runtime (kube reads
+    /// its configuration asynchronously); nothing is requested yet.
+    pub async fn build(&self) -> Result<Built, SourceError> {
+        if let Some(dir) = &self.manifests {
+            return Ok(Built::Manifests(dir.clone(), ManifestDir::new(dir)));
+        }
+        let node = match &self.hostname_override {
+            Some(name) => name.clone(),
+            None => host_name().map_err(|e| SourceError::Kube(format!("{e:#}")))?,
+        };
+        info!(node = %node, "watching the Kubernetes API");
+        Ok(Built::Kube(
+            KubeSource::new(self.kubeconfig.as_deref(), &node).await?,
+        ))
+    }
+
+    /// The node name the Kubernetes source follows.
+    #[must_use]
+    pub fn node_name(&self) -> Option<String> {
+        self.hostname_override.clone().or_else(|| host_name().ok())
+    }
+
+    /// The model's view of these flags, for `doctor` and `explain` (`run`
+    /// adds the NodePort settings).
+    #[must_use]
+    pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            service_cidrs: self.service_cidr.clone(),
+            node_name: self.node_name().unwrap_or_default(),
+            ..ModelConfig::default()
+        }
     }
 }
 

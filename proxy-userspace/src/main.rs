@@ -97,7 +97,7 @@ enum Command {
         #[command(flatten)]
         pins: PinDir,
         #[command(flatten)]
-        source: doctor::snapshot::SourceArgs,
+        source: config::SourceArgs,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -144,7 +144,7 @@ fn main() -> Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(async {
-                let source = source.build().await?;
+                let source = source.build().await?.into_source();
                 agent::run(config, source)
                     .await
                     .map_err(anyhow::Error::from)
@@ -196,14 +196,8 @@ fn main() -> Result<()> {
                 Proto::Udp => model::Protocol::Udp,
             };
             let snapshot = runtime()?.block_on(async {
-                let config = model::ModelConfig {
-                    service_cidrs: source.service_cidr.clone(),
-                    ..model::ModelConfig::default()
-                };
-                let built: Box<dyn source::Source> = match source.build().await? {
-                    doctor::snapshot::Built::Manifests(_, s) => Box::new(s),
-                    doctor::snapshot::Built::Kube(s) => Box::new(s),
-                };
+                let config = source.model_config();
+                let built = source.build().await?.into_source();
                 doctor::snapshot::take(built, config).await
             })?;
             let explanation = explain::explain(address, protocol, &snapshot, &pins.pins());

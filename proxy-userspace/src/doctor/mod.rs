@@ -28,7 +28,6 @@ use crate::{
     config::PinDir,
     datapath::{self, Pins},
     listing::{self, ListedService},
-    model::ModelConfig,
     report::chain,
 };
 
@@ -317,10 +316,7 @@ fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 async fn source(cx: &Context<'_>) -> (Check, Option<Snapshot>) {
     const NAME: &str = "source";
     let args = &cx.args.source;
-    let model = ModelConfig {
-        service_cidrs: args.service_cidr.clone(),
-        ..ModelConfig::default()
-    };
+    let model = args.model_config();
     let built = match args.build().await {
         Ok(built) => built,
         Err(error) => {
