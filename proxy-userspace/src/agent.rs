@@ -42,7 +42,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Syncs closer together than this are a burst, and are coalesced.
 const BURST_WINDOW: Duration = Duration::from_millis(20);
 
-/// Everything `run` needs, from the flags (and later the config file).
+/// Everything `run` needs, from its flags and kube-proxy's config file.
 pub struct AgentConfig {
     pub cgroup: PathBuf,
     pub pins: Pins,
