@@ -26,6 +26,8 @@ mod reconcile;
 mod report;
 mod service_health;
 mod source;
+#[cfg(test)]
+mod testing;
 mod writer;
 
 use anyhow::{Context as _, Result};

@@ -2,6 +2,7 @@ use std::fmt::Write as _;
 
 use super::*;
 use crate::source::manifests::changes_of;
+use crate::testing::XorShift;
 
 fn snapshot(yaml: &str) -> Vec<Change> {
     changes_of("test.yaml", yaml).expect("valid test manifest")
@@ -427,22 +428,6 @@ fn the_result_does_not_depend_on_the_order_of_objects() {
     let (expected, _) = desired_state(&changes);
     changes.reverse();
     assert_eq!(desired_state(&changes).0, expected);
-}
-
-/// A tiny deterministic generator, so failures replay.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-
-    fn pick(&mut self, n: u64) -> u8 {
-        u8::try_from(self.below(n)).unwrap()
-    }
 }
 
 const ZONES: [Option<&str>; 3] = [Some("zone-a"), Some("zone-b"), None];

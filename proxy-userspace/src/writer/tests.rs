@@ -2,6 +2,7 @@ use std::{cell::RefCell, net::Ipv4Addr, rc::Rc};
 
 use super::*;
 use crate::model::{DesiredFrontend, L4Addr, Protocol};
+use crate::testing::XorShift;
 
 /// Both maps as the kernel holds them, shared by the two tables so every
 /// single write can be checked against what a concurrent reader would see.
@@ -228,18 +229,6 @@ fn a_frontend_that_does_not_fit_leaves_no_slots_behind_and_the_others_are_writte
     kernel.borrow_mut().services_capacity = None;
     assert_eq!(writer.apply_all(&desired, true).failures(), 0);
     assert_eq!(kernel.borrow().view(), view_of(&desired));
-}
-
-/// A tiny deterministic generator, so failures replay.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 #[test]
