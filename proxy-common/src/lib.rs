@@ -27,14 +27,51 @@ pub const BACKENDS_MAP: &str = "lb4_be_v2";
 /// Socket-local storage: the reverse translations of one socket live and die
 /// with it. See [`SERVICES_MAP`].
 pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v2";
-/// See [`SERVICES_MAP`].
-pub const EVENTS_MAP: &str = "lb4_events_v2";
+/// See [`SERVICES_MAP`]. v3: the tc programs' events joined the list.
+pub const EVENTS_MAP: &str = "lb4_events_v3";
+/// The frontends the tc programs serve (NodePort, externalIP and
+/// load-balancer IP), laid out as [`SERVICES_MAP`]: kept apart because
+/// their backends follow externalTrafficPolicy, and slot 0 carries
+/// [`FRONTEND_MASQUERADE`].
+pub const EXT_SERVICES_MAP: &str = "lb4_ext_svc_v1";
+/// The backends of [`EXT_SERVICES_MAP`], as [`BACKENDS_MAP`] is to
+/// [`SERVICES_MAP`]; the ingress program checks that a UDP flow's backend
+/// is still here.
+pub const EXT_BACKENDS_MAP: &str = "lb4_ext_be_v1";
+/// The tc programs' connection table (an LRU hash): each translated flow's
+/// backend, and each reply direction's frontend.
+pub const FLOWS_MAP: &str = "lb4_flows_v1";
 
 /// Every map of the object; all are pinned.
-pub const MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, SOCK_REV_NAT_MAP, EVENTS_MAP];
+pub const MAPS: [&str; 7] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    SOCK_REV_NAT_MAP,
+    EVENTS_MAP,
+    EXT_SERVICES_MAP,
+    EXT_BACKENDS_MAP,
+    FLOWS_MAP,
+];
 
 /// The cgroup socket-address programs, by the names of their functions.
 pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// The tc programs, attached to every device NodePort traffic arrives on;
+/// their links are pinned as `<program>@<device>`.
+pub const TC_PROGRAMS: [&str; 2] = ["tc_ingress", "tc_egress"];
+
+/// Default sizes of the tc programs' maps: room for 16k outside frontends
+/// of 4 endpoints, and 256k flows in both directions.
+pub const EXT_SERVICES_MAX_ENTRIES: u32 = 65_536;
+/// See [`EXT_SERVICES_MAX_ENTRIES`].
+pub const EXT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
+/// See [`EXT_SERVICES_MAX_ENTRIES`].
+pub const FLOWS_MAX_ENTRIES: u32 = 262_144;
+
+/// Slot 0 flag of an outside frontend: packets it translates are marked for
+/// the masquerade fallback (externalTrafficPolicy Cluster), so replies come
+/// back through this node.
+pub const FRONTEND_MASQUERADE: u16 = 1;
 
 /// Default capacities: room for 30k Services with 4 endpoints each, and
 /// headroom for churn.
@@ -96,6 +133,16 @@ events! {
     /// holds ([`SOCK_REV_NAT_SLOTS`]); the oldest translation was replaced,
     /// and a late reply from that backend shows the backend's address.
     RevNatEvicted = 6 => "rev_nat_evicted",
+    /// A packet to a NodePort, externalIP or load-balancer IP was sent to a
+    /// backend (tc ingress).
+    ExtForwarded = 7 => "ext_forwarded",
+    /// A packet to an outside frontend without backends was dropped
+    /// (externalTrafficPolicy Local on a node without local endpoints, or
+    /// no ready endpoint at all).
+    ExtDropped = 8 => "ext_dropped",
+    /// A reply of a translated flow was given its frontend's address back
+    /// (tc egress).
+    ExtReversed = 9 => "ext_reversed",
 }
 
 // The events map is indexed by the variant: the list must be dense and in
@@ -170,7 +217,7 @@ pub struct ServiceValue {
     /// Slot 0: how many backend slots follow. 0 means the Service has no
     /// ready endpoints, and connections are refused.
     pub count: u16,
-    /// Reserved for per-Service flags (session affinity, ...); 0 for now.
+    /// Slot 0: per-frontend flags ([`FRONTEND_MASQUERADE`]). Slots: 0.
     pub flags: u16,
     /// Explicit padding, always zero.
     pub pad: u16,
@@ -179,13 +226,13 @@ pub struct ServiceValue {
 impl ServiceValue {
     /// The slot-0 value.
     #[must_use]
-    pub const fn frontend(count: u16) -> Self {
+    pub const fn frontend(count: u16, flags: u16) -> Self {
         Self {
             backend_id: 0,
             addr_be: 0,
             port_be: 0,
             count,
-            flags: 0,
+            flags,
             pad: 0,
         }
     }
@@ -249,6 +296,43 @@ pub struct SockRevNat {
     pub next: u32,
 }
 
+/// Which way a [`FlowKey`] looks at a flow.
+pub const FLOW_FORWARD: u8 = 0;
+/// See [`FLOW_FORWARD`].
+pub const FLOW_REPLY: u8 = 1;
+
+/// One direction of a flow the tc programs translated, as its packets carry
+/// it: forward (client to frontend, as it arrives) or reply (backend to
+/// client, as it leaves).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FLOW_FORWARD`] or [`FLOW_REPLY`].
+    pub direction: u8,
+    /// Explicit padding, always zero.
+    pub pad: [u8; 2],
+}
+
+/// What a [`FlowKey`] is translated to: the backend (forward) or the
+/// frontend (reply).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowNat {
+    pub addr_be: u32,
+    pub port_be: u16,
+    /// Forward: the frontend's flags when the flow began
+    /// ([`FRONTEND_MASQUERADE`]). Reply: 0.
+    pub flags: u16,
+    /// Forward: the backend's id in [`EXT_BACKENDS_MAP`]. Reply: 0.
+    pub backend_id: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     /// aya's own marker for map keys and values; sound for exactly the types
@@ -269,7 +353,9 @@ mod user {
         super::ServiceKey,
         super::ServiceValue,
         super::Backend,
-        super::SockRevNat
+        super::SockRevNat,
+        super::FlowKey,
+        super::FlowNat
     );
 }
 
@@ -281,4 +367,6 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<RevNatPair>() == 12);
     assert!(size_of::<SockRevNat>() == 52);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowNat>() == 12);
 };

@@ -7,11 +7,13 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
+    btf_maps::HashMap,
     helpers::{bpf_get_prandom_u32, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
-    ECONNREFUSED, Event, PROTO_UDP, RevNatPair, SOCK_REV_NAT_SLOTS, ServiceKey, SockRevNat,
+    ECONNREFUSED, Event, PROTO_UDP, RevNatPair, SOCK_REV_NAT_SLOTS, ServiceKey, ServiceValue,
+    SockRevNat,
 };
 
 use crate::maps::{SERVICES, SOCK_REV_NAT, record};
@@ -20,6 +22,57 @@ use crate::maps::{SERVICES, SOCK_REV_NAT, record};
 pub const ALLOW: i32 = 1;
 /// Fail the system call with the errno set by `bpf_set_retval`.
 pub const REJECT: i32 = 0;
+
+/// What a frontend lookup found.
+pub enum Pick {
+    /// The address is not a frontend: leave it alone.
+    NotService,
+    /// A frontend without backends.
+    NoBackends,
+    /// A slot went missing while the agent shrank the frontend; the event
+    /// says which lookup lost.
+    Lost(Event),
+    /// The chosen backend slot, and the frontend's slot-0 flags.
+    Backend { backend: ServiceValue, flags: u16 },
+}
+
+/// Looks a frontend up and picks one of its backends uniformly at random:
+/// one random number and two lookups, whatever the hook. The socket and tc
+/// programs all call this, on their own maps of one layout.
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+pub fn pick<const N: usize>(
+    services: &HashMap<ServiceKey, ServiceValue, N>,
+    frontend: ServiceKey,
+) -> Pick {
+    // SAFETY: map values are read once and copied; nothing keeps a reference.
+    let Some(slot0) = (unsafe { services.get(frontend) }).copied() else {
+        return Pick::NotService;
+    };
+    if slot0.count == 0 {
+        return Pick::NoBackends;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the remainder is below count, a u16"
+    )]
+    // SAFETY: a plain helper call.
+    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(slot0.count)) as u16 + 1;
+    // SAFETY: as above.
+    let Some(backend) = (unsafe { services.get(frontend.slot(slot)) }).copied() else {
+        return Pick::Lost(Event::NoBackendSlot);
+    };
+    if backend.addr_be == 0 {
+        return Pick::Lost(Event::NoBackend);
+    }
+    Pick::Backend {
+        backend,
+        flags: slot0.flags,
+    }
+}
 
 /// Which system call a translation is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -53,33 +106,22 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
         return ALLOW;
     };
     let frontend = ServiceKey::frontend(addr.user_ip4, user_port(addr), proto);
-    // SAFETY: map values are read once and copied; nothing keeps a reference.
-    let Some(count) = (unsafe { SERVICES.get(frontend) }).map(|v| v.count) else {
-        return ALLOW;
+    let backend = match pick(&SERVICES, frontend) {
+        Pick::NotService => return ALLOW,
+        Pick::NoBackends => {
+            // SAFETY: a plain helper call; connect and sendmsg hooks may set it.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            record(Event::Refused);
+            return REJECT;
+        }
+        // The Service shrank under us: the socket is left alone, as after
+        // a lost race.
+        Pick::Lost(event) => {
+            record(event);
+            return ALLOW;
+        }
+        Pick::Backend { backend, .. } => backend,
     };
-    if count == 0 {
-        // SAFETY: a plain helper call; connect and sendmsg hooks may set it.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        record(Event::Refused);
-        return REJECT;
-    }
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the remainder is below count, a u16"
-    )]
-    // SAFETY: a plain helper call.
-    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
-    // A slot can vanish between the two lookups while the agent shrinks the
-    // Service; leaving the socket alone then is the same as a lost race.
-    // SAFETY: as above.
-    let Some(backend) = (unsafe { SERVICES.get(frontend.slot(slot)) }).copied() else {
-        record(Event::NoBackendSlot);
-        return ALLOW;
-    };
-    if backend.addr_be == 0 {
-        record(Event::NoBackend);
-        return ALLOW;
-    }
     let pair = RevNatPair {
         backend_addr_be: backend.addr_be,
         frontend_addr_be: addr.user_ip4,

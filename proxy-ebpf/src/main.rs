@@ -1,8 +1,10 @@
 //! The datapath: cgroup socket-address hooks that load-balance ClusterIP
-//! Services where the socket is made, before any packet exists.
+//! Services where the socket is made, before any packet exists; and tc
+//! hooks on the node's devices that translate NodePort, externalIP and
+//! load-balancer traffic from outside, packet by packet.
 //!
-//! One file per hook; the shared translation lives in `lb`, the maps in
-//! `maps`. Every hook fails open: an address that is not a Service is left
+//! One file per hook; the backend choice they share lives in `lb`, the
+//! packet rewrites in `packet`, the maps in `maps`. Every hook fails open: an address that is not a Service is left
 //! alone.
 #![no_std]
 #![no_main]
@@ -11,8 +13,11 @@ mod connect4;
 mod getpeername4;
 mod lb;
 mod maps;
+mod packet;
 mod recvmsg4;
 mod sendmsg4;
+mod tc_egress;
+mod tc_ingress;
 
 /// The socket-storage and set-retval helpers need a GPL-compatible license;
 /// Cargo.toml declares the crate's license to match.

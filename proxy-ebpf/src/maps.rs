@@ -2,11 +2,12 @@
 //! pin and open them; they carry a layout version.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, PerCpuArray, SkStorage},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use proxy_common::{
-    BACKENDS_MAX_ENTRIES, Backend, Event, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
+    BACKENDS_MAX_ENTRIES, Backend, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event,
+    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
     SockRevNat,
 };
 
@@ -15,7 +16,10 @@ const _: () = {
     assert!(eq(proxy_common::SERVICES_MAP, "lb4_svc_v2"));
     assert!(eq(proxy_common::BACKENDS_MAP, "lb4_be_v2"));
     assert!(eq(proxy_common::SOCK_REV_NAT_MAP, "lb4_sk_rnat_v2"));
-    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v2"));
+    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v3"));
+    assert!(eq(proxy_common::EXT_SERVICES_MAP, "lb4_ext_svc_v1"));
+    assert!(eq(proxy_common::EXT_BACKENDS_MAP, "lb4_ext_be_v1"));
+    assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
 };
 
 const fn eq(a: &str, b: &str) -> bool {
@@ -51,8 +55,27 @@ pub static BACKENDS: HashMap<u32, Backend, { BACKENDS_MAX_ENTRIES as usize }> = 
 #[btf_map(name = "lb4_sk_rnat_v2")]
 pub static SOCK_REV_NAT: SkStorage<SockRevNat> = SkStorage::new();
 
+/// The tc programs' frontends: NodePorts on the node's addresses,
+/// externalIPs and load-balancer IPs, with the backends their
+/// externalTrafficPolicy allows.
+#[btf_map(name = "lb4_ext_svc_v1")]
+pub static EXT_SERVICES: HashMap<ServiceKey, ServiceValue, { EXT_SERVICES_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+/// Backend id to address for [`EXT_SERVICES`]. The ingress program asks it
+/// whether a UDP flow's backend is still serving.
+#[btf_map(name = "lb4_ext_be_v1")]
+pub static EXT_BACKENDS: HashMap<u32, Backend, { EXT_BACKENDS_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+/// Translated flows, both directions. An LRU, as conntrack is: a flow that
+/// goes quiet for long enough under pressure is forgotten, never a map
+/// that stops taking new ones.
+#[btf_map(name = "lb4_flows_v1")]
+pub static FLOWS: LruHashMap<FlowKey, FlowNat, { FLOWS_MAX_ENTRIES as usize }> = LruHashMap::new();
+
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
-#[btf_map(name = "lb4_events_v2")]
+#[btf_map(name = "lb4_events_v3")]
 pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
 
 /// Counts one event on this CPU.

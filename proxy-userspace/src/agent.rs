@@ -28,7 +28,7 @@ use crate::{
     devices::{self, DeviceWatch},
     health::{Health, HealthEndpoints, SharedHealth},
     metrics::Metrics,
-    model::{L4Addr, Model, ModelConfig, Problem},
+    model::{DesiredState, L4Addr, Model, ModelConfig, Problem},
     reconcile::{Desired, Reconciler, Scope, iptables::Masquerade},
     service_health::ServiceHealthServers,
     source::{Change, EventSink, Source, SourceError, SourceEvent},
@@ -94,9 +94,24 @@ enum View {
     Complete,
 }
 
+type Writer = MapWriter<SizedTable<ServiceKey, ServiceValue>, SizedTable<u32, Backend>>;
+
 struct Loop {
     model: Model,
-    writer: MapWriter<SizedTable<ServiceKey, ServiceValue>, SizedTable<u32, Backend>>,
+    writer: Writer,
+    /// The tc programs' frontends, written by a writer of their own.
+    external_writer: Writer,
+    /// The model's outside frontends as the tc maps hold them, kept up to
+    /// date with the model's changes (not rebuilt each sync).
+    external_desired: DesiredState,
+    /// Outside frontends changed since the last apply, or whose write
+    /// failed.
+    external_pending: BTreeSet<L4Addr>,
+    datapath: Datapath,
+    /// Whether the programs are attached yet; devices wait for that.
+    attached: bool,
+    /// Devices chosen but not yet attached to.
+    devices_wanted: Option<BTreeSet<String>>,
     view: View,
     /// The view that the maps were last fully reconciled against.
     reconciled: Option<View>,
@@ -122,11 +137,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
-    let mut datapath = Datapath::load(config.pins.clone(), config.sizes)?;
-    let maps = datapath.take_service_maps()?;
-    let writer = MapWriter::adopt(maps.services, maps.backends).map_err(AgentError::Adopt)?;
-    let (frontends, backends) = writer.sizes();
-    info!(frontends, backends, "adopted the pinned maps");
+    let (datapath, writer, external_writer) = load(&config)?;
 
     let health = Health::shared(config.health_stale_after);
     let metrics = Metrics::new(config.pins.clone());
@@ -137,6 +148,12 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut state = Loop {
         model: Model::new(config.model.clone()),
         writer,
+        external_writer,
+        external_desired: DesiredState::default(),
+        external_pending: BTreeSet::new(),
+        datapath,
+        attached: false,
+        devices_wanted: None,
         view: View::Partial,
         reconciled: None,
         pending: BTreeSet::new(),
@@ -157,7 +174,6 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     // (a second sync just for them would be wasted).
     state.housekeeping();
     let mut housekeeping = housekeeping_timer(config.iptables_sync_period);
-    let mut attached = false;
     let mut last_sync: Option<Instant> = None;
     // A sync held back by --min-sync-period, and when it is due.
     let mut deferred: Option<Instant> = None;
@@ -209,9 +225,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         }
         // Attach only once the maps hold the services, so no socket ever
         // sees a half-filled datapath.
-        if !attached {
-            datapath.attach(&config.cgroup)?;
-            attached = true;
+        if !state.attached {
+            state.datapath.attach(&config.cgroup)?;
+            state.attached = true;
+            state.attach_devices();
             health
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -219,6 +236,25 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
             info!("datapath ready");
         }
     }
+}
+
+/// Loads the datapath and adopts its pinned maps: the socket programs'
+/// frontends and the tc programs', each with a writer of its own.
+fn load(config: &AgentConfig) -> Result<(Datapath, Writer, Writer), AgentError> {
+    let mut datapath = Datapath::load(
+        config.pins.clone(),
+        config.sizes,
+        1 << config.masquerade_bit,
+    )?;
+    let maps = datapath.take_service_maps()?;
+    let writer = MapWriter::adopt(maps.services, maps.backends).map_err(AgentError::Adopt)?;
+    let maps = datapath.take_external_maps()?;
+    let external_writer =
+        MapWriter::adopt(maps.services, maps.backends).map_err(AgentError::Adopt)?;
+    let (frontends, backends) = writer.sizes();
+    let (external, _) = external_writer.sizes();
+    info!(frontends, backends, external, "adopted the pinned maps");
+    Ok((datapath, writer, external_writer))
 }
 
 /// Starts /healthz, /livez and /metrics.
@@ -327,12 +363,27 @@ impl Loop {
                     .set_host_addresses(devices::host_addresses(&interfaces));
                 // Devices follow the NodePort addresses as last computed;
                 // an address change is seen one period later at worst.
-                self.devices
-                    .update(&interfaces, &self.model.external().node_addresses);
+                if let Some(devices) = self
+                    .devices
+                    .update(&interfaces, &self.model.external().node_addresses)
+                {
+                    self.devices_wanted = Some(devices.clone());
+                }
+                self.attach_devices();
             }
             Err(error) => {
                 warn!(error = %crate::report::chain(&error), "cannot read the interfaces");
             }
+        }
+    }
+
+    /// Attaches the tc programs to the devices last chosen, once the maps
+    /// are filled and the cgroup programs attached.
+    fn attach_devices(&mut self) {
+        if self.attached
+            && let Some(devices) = self.devices_wanted.take()
+        {
+            self.datapath.attach_devices(&devices);
         }
     }
 
@@ -342,7 +393,8 @@ impl Loop {
 
     /// Brings the maps up to date; `false` when there was nothing to do.
     fn sync(&mut self) -> bool {
-        let retrying = self.retry_at.is_none() && !self.pending.is_empty();
+        let retrying = self.retry_at.is_none()
+            && !(self.pending.is_empty() && self.external_pending.is_empty());
         let full = self.reconciled != Some(self.view);
         if !self.model.is_dirty() && !full && !retrying {
             return false;
@@ -351,15 +403,15 @@ impl Loop {
         let changed = self.model.recompute();
         self.log_problems();
         self.pending.extend(changed);
-        let external_changed = self.model.take_external_changes();
-        if !external_changed.is_empty() {
-            // The tc programs that will serve them are not there yet.
-            info!(
-                external = self.model.external().frontends.len(),
-                changed = external_changed.len(),
-                node_addresses = ?self.model.external().node_addresses,
-                "NodePort, externalIP and load-balancer frontends"
-            );
+        for addr in self.model.take_external_changes() {
+            match self.model.external().frontends.get(&addr) {
+                Some(frontend) => self
+                    .external_desired
+                    .frontends
+                    .insert(addr, frontend.desired()),
+                None => self.external_desired.frontends.remove(&addr),
+            };
+            self.external_pending.insert(addr);
         }
         self.service_health
             .update(&self.model.external().health_checks);
@@ -383,12 +435,28 @@ impl Loop {
             external: self.model.external(),
             scope,
         };
-        let stats = Reconciler::apply(&mut self.writer, &desired);
+        let mut stats = Reconciler::apply(&mut self.writer, &desired);
+        let external_scope = match desired.scope {
+            Scope::All { prune } => Scope::All { prune },
+            Scope::Changed(_) => Scope::Changed(&self.external_pending),
+        };
+        let external_stats = Reconciler::apply(
+            &mut self.external_writer,
+            &Desired {
+                services: &self.external_desired,
+                external: self.model.external(),
+                scope: external_scope,
+            },
+        );
+        stats.changes += external_stats.changes;
+        stats.other_failures += external_stats.other_failures;
+        let external_failed = external_stats.failed;
         info!(
             frontends = self.model.desired().frontends.len(),
+            external = self.external_desired.frontends.len(),
             changed = self.pending.len(),
             changes = stats.changes,
-            failures = stats.failures(),
+            failures = stats.failures() + external_failed.len(),
             took_us = started.elapsed().as_micros(),
             "applied"
         );
@@ -402,7 +470,7 @@ impl Loop {
         );
         self.metrics
             .map_fill(proxy_common::BACKENDS_MAP, backends, self.sizes.backends);
-        if stats.failures() == 0 {
+        if stats.failures() == 0 && external_failed.is_empty() {
             let now = SystemTime::now();
             for trigger in self.triggers.drain(..) {
                 if let Ok(latency) = now.duration_since(trigger) {
@@ -423,6 +491,7 @@ impl Loop {
             self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
         }
         self.pending = stats.failed;
+        self.external_pending = external_failed;
         // Failures that are not tied to a frontend are retried by a full
         // pass.
         if stats.other_failures > 0 {

@@ -109,7 +109,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub iptables_sync_period: Duration,
     /// The interfaces that NodePort and external traffic arrive on
-    /// (comma-separated). Default: those carrying the NodePort addresses.
+    /// (comma-separated; `none` for no device). Default: those carrying
+    /// the NodePort addresses.
     /// One that does not exist yet is picked up when it appears.
     #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
     pub devices: Vec<String>,

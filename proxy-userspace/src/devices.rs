@@ -12,6 +12,9 @@ use std::{
 use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
 use tracing::{info, warn};
 
+/// `--devices none`: attach the tc programs nowhere.
+pub const NO_DEVICES: &str = "none";
+
 /// One network interface of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Interface {
@@ -59,14 +62,18 @@ pub struct Choice {
     pub missing: BTreeSet<String>,
 }
 
-/// `--devices` when given (those that exist), else every interface but
-/// loopback that carries one of `node_addresses`.
+/// `--devices` when given (those that exist; `none` for no device at all,
+/// where NodePorts are served to local sockets only), else every interface
+/// but loopback that carries one of `node_addresses`.
 #[must_use]
 pub fn choose(
     interfaces: &[Interface],
     requested: &[String],
     node_addresses: &BTreeSet<Ipv4Addr>,
 ) -> Choice {
+    if requested == [NO_DEVICES] {
+        return Choice::default();
+    }
     if requested.is_empty() {
         return Choice {
             devices: interfaces
@@ -179,6 +186,13 @@ mod tests {
         let choice = choose(&node(), &requested, &BTreeSet::new());
         assert_eq!(choice.devices, set(&["eth1"]));
         assert_eq!(choice.missing, set(&["bond0"]));
+    }
+
+    #[test]
+    fn devices_none_chooses_nothing() {
+        let everything = host_addresses(&node());
+        let choice = choose(&node(), &[NO_DEVICES.to_owned()], &everything);
+        assert_eq!(choice, Choice::default());
     }
 
     #[test]

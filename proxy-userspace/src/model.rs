@@ -145,6 +145,9 @@ pub struct DesiredFrontend {
     /// Sorted and without duplicates, so equal states compare equal. Empty
     /// means "refuse connections".
     pub backends: Vec<L4Addr>,
+    /// Slot 0's flags in the maps: 0 for ClusterIPs; outside frontends
+    /// carry `proxy_common::FRONTEND_MASQUERADE` under policy Cluster.
+    pub flags: u16,
 }
 
 /// Everything the maps should hold.
@@ -539,6 +542,7 @@ impl Model {
                 DesiredFrontend {
                     service: name,
                     backends,
+                    flags: 0,
                 },
             );
         }

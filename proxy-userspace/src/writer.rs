@@ -180,7 +180,7 @@ where
                 };
                 entries.push((key.slot(slot), ServiceValue::backend(id, &backend)));
             }
-            entries.push((key, ServiceValue::frontend(count)));
+            entries.push((key, ServiceValue::frontend(count, entry.flags)));
         }
         if entries.is_empty() {
             return 0;
@@ -206,6 +206,7 @@ where
             let current = self.frontends.entry(key.slot(0)).or_default();
             if key.backend_slot == 0 {
                 current.count = Some(value.count);
+                current.flags = value.flags;
             } else {
                 current.slots.insert(key.backend_slot, *value);
                 *self.refs.entry(value.backend_id).or_default() += 1;
@@ -288,7 +289,7 @@ where
                 }
             }
         }
-        if let Err(error) = self.write_frontend(key, &ids, released, stats) {
+        if let Err(error) = self.write_frontend(key, &ids, entry.flags, released, stats) {
             released.extend(ids.iter().copied());
             // Slots written past the count are out of the programs' reach;
             // free them, or a Service too big for a full map would keep
@@ -327,6 +328,7 @@ where
         &mut self,
         key: ServiceKey,
         ids: &[u32],
+        flags: u16,
         released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
     ) -> Result<(), MapError> {
@@ -344,9 +346,11 @@ where
                 stats.writes += 1;
             }
         }
-        if current.count != Some(count) {
-            self.services.put(&key, &ServiceValue::frontend(count))?;
+        if current.count != Some(count) || current.flags != flags {
+            self.services
+                .put(&key, &ServiceValue::frontend(count, flags))?;
             current.count = Some(count);
+            current.flags = flags;
             stats.writes += 1;
         }
         self.delete_slots_after(key, count, released, stats)

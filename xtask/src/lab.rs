@@ -159,7 +159,7 @@ impl Lab {
     }
 
     /// Runs nginx in the pod, answering every request on `port` with the
-    /// pod's name, and closing every connection so each request is a new
+    /// pod's name (and `/peer` with the client address it sees), and closing every connection so each request is a new
     /// connection (and a new load-balancing decision).
     pub fn serve_http(&mut self, pod: &Pod, port: u16) -> Result<()> {
         let dir = self.dir.join(format!("nginx-{}-{port}", pod.name));
@@ -181,6 +181,7 @@ impl Lab {
                server {{\n\
                  listen {ip}:{port} backlog=4096;\n\
                  location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n\
+                 location = /peer {{ default_type text/plain; return 200 \"$remote_addr\\n\"; }}\n\
                }}\n\
              }}\n",
             ip = pod.ip,
@@ -340,8 +341,10 @@ impl Lab {
             .args(["--healthz-bind-address", "127.0.0.1:0"])
             .args(["--metrics-bind-address", "127.0.0.1:0"])
             // This agent runs in the host's network namespace: it must not
-            // write the host's iptables (start_agent_in_node's may).
-            .arg("--install-iptables-rules=false");
+            // write the host's iptables nor attach to the host's devices
+            // (start_agent_in_node's may).
+            .arg("--install-iptables-rules=false")
+            .args(["--devices", "none"]);
         cmd
     }
 

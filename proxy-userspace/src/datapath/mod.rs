@@ -2,7 +2,9 @@
 //!
 //! Everything lives under one bpffs directory:
 //! `maps/<name>` for the maps (versioned names, see `proxy_common`) and
-//! `links/<program>` for the cgroup links. Pinned links keep the programs
+//! `links/<program>` for the cgroup links and `links/<program>@<device>`
+//! for the tc links (TCX; where the kernel has no TCX, clsact filters,
+//! which stay attached without a pin). Pinned links keep the programs
 //! attached while no agent runs; a starting agent reuses the pinned maps and
 //! swaps its programs into the pinned links atomically, so a restart or an
 //! upgrade never leaves a socket without a program.
@@ -13,6 +15,7 @@
 //! make the programs misread it.
 
 use std::{
+    collections::BTreeSet,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -20,11 +23,15 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        links::FdLink,
+        tc::{self, TcAttachOptions},
+    },
 };
 use proxy_common::{
-    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, Backend, MAPS, PROGRAMS, SERVICES_MAP,
-    SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
+    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, Backend, EXT_BACKENDS_MAP, EXT_SERVICES_MAP, MAPS,
+    PROGRAMS, SERVICES_MAP, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, TC_PROGRAMS,
 };
 use tracing::{info, warn};
 
@@ -200,6 +207,15 @@ pub struct WritableMaps {
     pub backends: SizedTable<u32, Backend>,
 }
 
+/// The tc programs' frontend maps, for their own writer.
+pub struct ExternalMaps {
+    pub services: SizedTable<ServiceKey, ServiceValue>,
+    pub backends: SizedTable<u32, Backend>,
+}
+
+/// The global in the tc ingress program that holds the masquerade mark.
+const MASQUERADE_MARK_GLOBAL: &str = "MASQUERADE_MARK";
+
 /// What the programs assume of a map: the parts of its definition that
 /// decide how its bytes are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,7 +378,7 @@ impl Datapath {
     /// and laid out as the programs expect. The directory must have been
     /// prepared and locked with [`Pins::prepare`], and its maps' BTF checked
     /// with [`check_pinned_maps`] while the agent could still read it.
-    pub fn load(pins: Pins, sizes: MapSizes) -> Result<Self, DatapathError> {
+    pub fn load(pins: Pins, sizes: MapSizes, masquerade_mark: u32) -> Result<Self, DatapathError> {
         // Again, as far as the agent's capabilities now allow: a map could
         // have been pinned since by hand.
         check_layouts(&pins, Check::Definition)?;
@@ -371,6 +387,7 @@ impl Datapath {
             warn!(map = %path.display(), "a map of an older layout is pinned but unused; `cleanup` removes it");
         }
         let mut loader = EbpfLoader::new();
+        loader.override_global(MASQUERADE_MARK_GLOBAL, &masquerade_mark, true);
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
             loader.map_pin_path(name, pins.map(name));
@@ -396,12 +413,111 @@ impl Datapath {
                 );
             }
         }
-        for name in PROGRAMS {
-            program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
+        load_programs(&mut ebpf)?;
         Ok(Self { ebpf, pins })
+    }
+
+    /// Hands out the tc programs' frontend maps, for their writer.
+    pub fn take_external_maps(&mut self) -> Result<ExternalMaps, DatapathError> {
+        Ok(ExternalMaps {
+            services: SizedTable::new(
+                typed_map(self.take_map(EXT_SERVICES_MAP)?, EXT_SERVICES_MAP)?,
+                EXT_SERVICES_MAP,
+                "(fixed size)",
+            ),
+            backends: SizedTable::new(
+                typed_map(self.take_map(EXT_BACKENDS_MAP)?, EXT_BACKENDS_MAP)?,
+                EXT_BACKENDS_MAP,
+                "(fixed size)",
+            ),
+        })
+    }
+
+    /// Attaches the tc programs to exactly `devices`: a device's pinned
+    /// links get the new programs swapped in, a new device gets links of
+    /// its own (TCX, pinned; clsact where the kernel has no TCX), and the
+    /// links of devices no longer chosen are unpinned, which detaches them.
+    /// A device that fails is logged and skipped; the others still go on.
+    pub fn attach_devices(&mut self, devices: &BTreeSet<String>) {
+        for device in devices {
+            for (name, attach_type) in [
+                ("tc_ingress", TcAttachType::Ingress),
+                ("tc_egress", TcAttachType::Egress),
+            ] {
+                if let Err(error) = self.attach_device(name, device, attach_type) {
+                    warn!(program = name, device, error = %crate::report::chain(&error), "cannot attach to the device");
+                }
+            }
+        }
+        for (path, device) in tc_links(&self.pins) {
+            if !devices.contains(&device) {
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        info!(device, link = %path.display(), "detached from a device no longer used");
+                    }
+                    Err(error) => {
+                        warn!(device, link = %path.display(), %error, "cannot unpin a tc link");
+                    }
+                }
+            }
+        }
+    }
+
+    fn attach_device(
+        &mut self,
+        name: &'static str,
+        device: &str,
+        attach_type: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let link_path = self.pins.link(&format!("{name}@{device}"));
+        let program = classifier(&mut self.ebpf, name)?;
+        if swap_pinned(
+            name,
+            &link_path,
+            program
+                .fd()
+                .map_err(|source| DatapathError::Program { name, source })?,
+        )? {
+            return Ok(());
+        }
+        let tcx = program.attach_with_options(
+            device,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        );
+        let link_id = match tcx {
+            Ok(link_id) => link_id,
+            Err(error) => {
+                // Kernels before 6.6: a clsact filter, which has no link to
+                // pin but stays attached when the agent exits.
+                warn!(program = name, device, error = %crate::report::chain(&error), "TCX is unavailable; using clsact");
+                if let Err(error) = tc::qdisc_add_clsact(device) {
+                    tracing::debug!(device, %error, "clsact qdisc not added (it may exist)");
+                }
+                let link_id = program
+                    .attach(device, attach_type)
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                let link = program
+                    .take_link(link_id)
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                // Dropping the link would detach the filter.
+                std::mem::forget(link);
+                info!(program = name, device, "attached (clsact)");
+                return Ok(());
+            }
+        };
+        let link = program
+            .take_link(link_id)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
+        link.pin(&link_path)
+            .map_err(|source| DatapathError::PinLink {
+                name,
+                path: link_path.clone(),
+                source,
+            })?;
+        info!(program = name, device, link = %link_path.display(), "attached (TCX)");
+        Ok(())
     }
 
     /// Hands out the service maps, for the writer.
@@ -440,31 +556,11 @@ impl Datapath {
         for name in PROGRAMS {
             let link_path = self.pins.link(name);
             let program = program(&mut self.ebpf, name)?;
-            if let Ok(link) = bpf_sys::obj_get(&link_path) {
-                let program_fd = program
-                    .fd()
-                    .map_err(|source| DatapathError::Program { name, source })?;
-                match bpf_sys::link_update(&link, program_fd) {
-                    Ok(()) => {
-                        info!(program = name, link = %link_path.display(), "swapped the program behind the pinned link");
-                        continue;
-                    }
-                    // The link's cgroup is gone: the pin is all that is left
-                    // of it, so it is replaced by a new link below.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
-                        warn!(program = name, link = %link_path.display(), "the pinned link is defunct; attaching anew");
-                        fs::remove_file(&link_path).map_err(|source| DatapathError::Remove {
-                            path: link_path.clone(),
-                            source,
-                        })?;
-                    }
-                    Err(source) => {
-                        return Err(DatapathError::UpdateLink {
-                            path: link_path,
-                            source,
-                        });
-                    }
-                }
+            let program_fd = program
+                .fd()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            if swap_pinned(name, &link_path, program_fd)? {
+                continue;
             }
             // A bpf_link takes no attach flags (the kernel rejects any with
             // EINVAL) and always shares the hook with other programs.
@@ -486,6 +582,81 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// Swaps `program` into the link pinned at `link_path`, atomically; false
+/// when there is no pinned link to swap into (none, or a defunct one whose
+/// cgroup or device is gone, which is unpinned here to be replaced).
+fn swap_pinned(
+    name: &'static str,
+    link_path: &Path,
+    program: &aya::programs::ProgramFd,
+) -> Result<bool, DatapathError> {
+    let Ok(link) = bpf_sys::obj_get(link_path) else {
+        return Ok(false);
+    };
+    match bpf_sys::link_update(&link, program) {
+        Ok(()) => {
+            info!(program = name, link = %link_path.display(), "swapped the program behind the pinned link");
+            Ok(true)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+            warn!(program = name, link = %link_path.display(), "the pinned link is defunct; attaching anew");
+            fs::remove_file(link_path).map_err(|source| DatapathError::Remove {
+                path: link_path.to_owned(),
+                source,
+            })?;
+            Ok(false)
+        }
+        Err(source) => Err(DatapathError::UpdateLink {
+            path: link_path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The pinned tc links and the device each is on.
+fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
+    let Ok(dir) = fs::read_dir(pins.links_dir()) else {
+        return Vec::new();
+    };
+    let mut links: Vec<(PathBuf, String)> = dir
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let (program, device) = name.split_once('@')?;
+            TC_PROGRAMS
+                .contains(&program)
+                .then(|| (entry.path(), device.to_owned()))
+        })
+        .collect();
+    links.sort();
+    links
+}
+
+/// Loads every program of the object into the kernel.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    for name in PROGRAMS {
+        program(ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    for name in TC_PROGRAMS {
+        classifier(ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    Ok(())
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn program<'a>(
@@ -543,6 +714,9 @@ pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
     for name in PROGRAMS {
         remove(pins.link(name))?;
     }
+    for (path, _) in tc_links(pins) {
+        remove(path)?;
+    }
     for name in MAPS {
         remove(pins.map(name))?;
     }
@@ -578,16 +752,17 @@ pub fn probe_load() -> Result<(), DatapathError> {
     let mut loader = EbpfLoader::new();
     // The sized maps made small (socket storage has no size, and the
     // events array keeps its own); nothing is pinned.
-    for (name, _) in MapSizes::default().by_name() {
+    let tc_maps = [EXT_SERVICES_MAP, EXT_BACKENDS_MAP, proxy_common::FLOWS_MAP];
+    for name in MapSizes::default()
+        .by_name()
+        .map(|(name, _)| name)
+        .into_iter()
+        .chain(tc_maps)
+    {
         loader.map_max_entries(name, 1024);
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
-    for name in PROGRAMS {
-        program(&mut ebpf, name)?
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
-    }
-    Ok(())
+    load_programs(&mut ebpf)
 }
 
 #[cfg(test)]
@@ -603,10 +778,17 @@ mod tests {
     #[test]
     fn the_object_has_exactly_the_shared_maps_programs_and_events() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
-        let maps: BTreeSet<&str> = object.maps.keys().map(String::as_str).collect();
+        // `.rodata` holds the tc programs' globals; it is made anew at
+        // every load and never pinned.
+        let maps: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !name.starts_with('.'))
+            .collect();
         assert_eq!(maps, MAPS.into_iter().collect());
         let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
-        assert_eq!(programs, PROGRAMS.into_iter().collect());
+        assert_eq!(programs, PROGRAMS.into_iter().chain(TC_PROGRAMS).collect());
 
         let events = &object.maps[EVENTS_MAP];
         assert_eq!(events.max_entries() as usize, Event::ALL.len());

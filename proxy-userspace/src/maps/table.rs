@@ -109,6 +109,8 @@ fn is_missing_key(result: &Result<(), MapError>) -> bool {
 pub struct FrontendSlots {
     /// Slot 0's count; `None` when slot 0 is missing.
     pub count: Option<u16>,
+    /// Slot 0's flags.
+    pub flags: u16,
     /// Slots 1.. and their values.
     pub slots: BTreeMap<u16, ServiceValue>,
 }
@@ -123,6 +125,7 @@ pub fn read_frontends(
         let slots = frontends.entry(key.slot(0)).or_default();
         if key.backend_slot == 0 {
             slots.count = Some(value.count);
+            slots.flags = value.flags;
         } else {
             slots.slots.insert(key.backend_slot, value);
         }

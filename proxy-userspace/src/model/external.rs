@@ -120,6 +120,22 @@ pub struct ExternalFrontend {
     pub backends: Vec<L4Addr>,
 }
 
+impl ExternalFrontend {
+    /// The frontend as the tc programs' maps hold it: policy Cluster
+    /// masquerades, so that replies come back through this node.
+    #[must_use]
+    pub fn desired(&self) -> super::DesiredFrontend {
+        super::DesiredFrontend {
+            service: self.service.clone(),
+            backends: self.backends.clone(),
+            flags: match self.policy {
+                TrafficPolicy::Cluster => proxy_common::FRONTEND_MASQUERADE,
+                TrafficPolicy::Local => 0,
+            },
+        }
+    }
+}
+
 /// What a healthCheckNodePort answers: kube-proxy's count of the
 /// Service's ready endpoints on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]

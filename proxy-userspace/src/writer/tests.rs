@@ -139,6 +139,7 @@ fn state(frontends: &[(L4Addr, &[L4Addr])]) -> DesiredState {
                 let entry = DesiredFrontend {
                     service: format!("test/{frontend}"),
                     backends: backends.to_vec(),
+                    flags: 0,
                 };
                 (*frontend, entry)
             })
