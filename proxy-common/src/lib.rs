@@ -72,6 +72,16 @@ pub const FLOWS_MAX_ENTRIES: u32 = 262_144;
 /// the masquerade fallback (externalTrafficPolicy Cluster), so replies come
 /// back through this node.
 pub const FRONTEND_MASQUERADE: u16 = 1;
+/// Slot 0 bits of an outside frontend that say how it is reached, for
+/// readers (the programs do not look): one of [`FRONTEND_NODE_PORT`],
+/// [`FRONTEND_EXTERNAL_IP`], [`FRONTEND_LOAD_BALANCER`].
+pub const FRONTEND_KIND: u16 = 0x0300;
+/// See [`FRONTEND_KIND`].
+pub const FRONTEND_NODE_PORT: u16 = 0x0100;
+/// See [`FRONTEND_KIND`].
+pub const FRONTEND_EXTERNAL_IP: u16 = 0x0200;
+/// See [`FRONTEND_KIND`].
+pub const FRONTEND_LOAD_BALANCER: u16 = 0x0300;
 
 /// Default capacities: room for 30k Services with 4 endpoints each, and
 /// headroom for churn.

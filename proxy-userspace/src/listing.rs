@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     maps::{ServiceMaps, Table as _, read_frontends},
-    model::L4Addr,
+    model::{FrontendKind, L4Addr},
 };
 
 /// One frontend as the maps hold it.
@@ -18,6 +18,9 @@ use crate::{
 pub struct ListedService {
     pub frontend: String,
     pub protocol: String,
+    /// `ClusterIP` (the socket programs'), or `NodePort`, `ExternalIP` or
+    /// `LoadBalancer` with the traffic policy (the tc programs').
+    pub kind: String,
     /// Backend addresses in slot order; a slot whose id or backend is missing
     /// shows as such, since that is exactly what a reader needs to see.
     pub backends: Vec<ListedBackend>,
@@ -30,7 +33,29 @@ pub struct ListedBackend {
     pub address: String,
 }
 
+/// The socket programs' frontends.
 pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
+    list_with(maps, |_| "ClusterIP".to_owned())
+}
+
+/// The tc programs' frontends, each with its kind and traffic policy.
+pub fn list_external(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
+    list_with(maps, |flags| {
+        let kind =
+            FrontendKind::from_flags(flags).map_or_else(|| "?".to_owned(), |k| k.to_string());
+        let policy = if flags & proxy_common::FRONTEND_MASQUERADE == 0 {
+            "Local"
+        } else {
+            "Cluster"
+        };
+        format!("{kind}/{policy}")
+    })
+}
+
+fn list_with(
+    maps: &ServiceMaps,
+    kind: impl Fn(u16) -> String,
+) -> Result<Vec<ListedService>, MapError> {
     let backends: BTreeMap<u32, proxy_common::Backend> =
         maps.backends.entries()?.into_iter().collect();
     let mut listed = Vec::new();
@@ -70,6 +95,7 @@ pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
         listed.push(ListedService {
             frontend,
             protocol,
+            kind: kind(frontend_slots.flags),
             backends,
         });
     }
@@ -79,17 +105,24 @@ pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
 /// A table, one backend per line, like `cilium-dbg service list`.
 #[must_use]
 pub fn table(services: &[ListedService]) -> String {
-    let mut out = format!("{:<22} {:<6} {}\n", "FRONTEND", "PROTO", "BACKENDS");
+    let mut out = format!(
+        "{:<22} {:<6} {:<21} {}\n",
+        "FRONTEND", "PROTO", "KIND", "BACKENDS"
+    );
     for service in services {
         let mut first = true;
         let mut line = |backend: &str| {
-            let (frontend, protocol) = if first {
-                (service.frontend.as_str(), service.protocol.as_str())
+            let (frontend, protocol, kind) = if first {
+                (
+                    service.frontend.as_str(),
+                    service.protocol.as_str(),
+                    service.kind.as_str(),
+                )
             } else {
-                ("", "")
+                ("", "", "")
             };
             first = false;
-            let _ = writeln!(out, "{frontend:<22} {protocol:<6} {backend}");
+            let _ = writeln!(out, "{frontend:<22} {protocol:<6} {kind:<21} {backend}");
         };
         if service.backends.is_empty() {
             line("(no ready endpoints: connections are refused)");

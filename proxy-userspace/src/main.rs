@@ -155,7 +155,11 @@ fn main() -> Result<()> {
         }
         Command::Services { pins, output } => {
             let maps = datapath::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
-            let services = listing::list(&maps)?;
+            let mut services = listing::list(&maps)?;
+            // Pins of an agent from before the tc programs have no such maps.
+            if let Ok(external) = datapath::open_pinned_external(&pins.pins()) {
+                services.extend(listing::list_external(&external)?);
+            }
             match output {
                 Output::Table => print!("{}", listing::table(&services)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),

@@ -2301,7 +2301,8 @@ fn external_answers(lab: &TwoNodeLab, url: &str, count: usize) -> (BTreeMap<Stri
 
 /// Two nodes with an nginx pod each, a NodePort Service `web` (30080,
 /// policy Cluster) over both pods and `local` (30081, policy Local) over
-/// node 1's, and an agent on each node with its tc programs attached.
+/// node 1's, a UDP NodePort `dns` (30053) over a dnsmasq pod on node 2,
+/// and an agent on each node with its tc programs attached.
 fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let mut pods = Vec::new();
@@ -2311,6 +2312,12 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
         node.serve_http(&pod, 8080).expect("nginx");
         pods.push((pod, format!("node-{number}")));
     }
+    let dns = {
+        let node = lab.node_mut(2);
+        let pod = node.add_pod("dns-2a").expect("pod");
+        node.serve_dns(&pod, 5353).expect("dnsmasq");
+        pod
+    };
     let endpoints: Vec<(Ipv4Addr, &str)> = pods.iter().map(|(p, n)| (p.ip, n.as_str())).collect();
     lab.write_manifest(
         "web.yaml",
@@ -2325,6 +2332,16 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
                 "  externalTrafficPolicy: Local\n",
             ),
             manifests::endpoint_slice_on_nodes("local-1", "local", HTTP_BACKEND, &endpoints[..1]),
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\n\
+             spec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - name: dns\n    \
+             port: 53\n    protocol: UDP\n    nodePort: 30053\n"
+                .to_owned(),
+            manifests::endpoint_slice_on_nodes(
+                "dns-1",
+                "dns",
+                &[("dns", 5353, "UDP")],
+                &[(dns.ip, "node-2")],
+            ),
         ]),
     )
     .expect("manifest");
@@ -2397,6 +2414,53 @@ fn nodeport_from_outside_cluster_and_local_policies() {
     assert_eq!(peers, [(client.clone(), 3)].into());
     let (answers, failed) = external_answers(&lab, &format!("http://{node2}:30081/"), 2);
     assert_eq!((answers.len(), failed), (0, 2), "{answers:?}");
+
+    // UDP: dig from outside through node 1 to node 2's dnsmasq; dig drops
+    // a reply that does not come from the address it asked.
+    let dig = lab
+        .external("dig")
+        .args([
+            &format!("@{node1}"),
+            "-p",
+            "30053",
+            "whoami.lab",
+            "TXT",
+            "+short",
+        ])
+        .args(["+tries=2", "+timeout=2"])
+        .output()
+        .expect("dig");
+    assert_eq!(
+        String::from_utf8_lossy(&dig.stdout).trim(),
+        "\"dns-2a\"",
+        "dig: {}",
+        String::from_utf8_lossy(&dig.stderr)
+    );
+
+    // `services` lists the outside frontends with their kind and policy.
+    let listed = agents[0].services_json().unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let kind_of = |frontend: &str| {
+        listed
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["frontend"] == frontend))
+            .map(|s| s["kind"].clone())
+    };
+    assert_eq!(
+        kind_of(&format!("{node1}:30080")),
+        Some("NodePort/Cluster".into()),
+        "{listed}"
+    );
+    assert_eq!(
+        kind_of(&format!("{node1}:30081")),
+        Some("NodePort/Local".into()),
+        "{listed}"
+    );
+    assert_eq!(
+        kind_of("10.96.0.40:80"),
+        Some("ClusterIP".into()),
+        "{listed}"
+    );
 
     // The tc programs counted what they did.
     let stats = agents[0].stats_json().unwrap();

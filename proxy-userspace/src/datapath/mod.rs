@@ -35,7 +35,9 @@ use proxy_common::{
 };
 use tracing::{info, warn};
 
-pub use crate::maps::{Pins, PinsError, SizedTable, open_pinned, open_pinned_events};
+pub use crate::maps::{
+    Pins, PinsError, SizedTable, open_pinned, open_pinned_events, open_pinned_external,
+};
 use crate::{bpf_sys, maps::table::typed_map};
 
 pub mod btf;

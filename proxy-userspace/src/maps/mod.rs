@@ -11,5 +11,5 @@ pub mod table;
 pub use pins::{Pins, PinsError};
 pub use table::{
     BatchError, FrontendSlots, ServiceMaps, SizedTable, Table, open_pinned, open_pinned_events,
-    read_frontends,
+    open_pinned_external, read_frontends,
 };

@@ -8,7 +8,10 @@
 use std::{collections::BTreeMap, io};
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
-use proxy_common::{BACKENDS_MAP, Backend, EVENTS_MAP, SERVICES_MAP, ServiceKey, ServiceValue};
+use proxy_common::{
+    BACKENDS_MAP, Backend, EVENTS_MAP, EXT_BACKENDS_MAP, EXT_SERVICES_MAP, SERVICES_MAP,
+    ServiceKey, ServiceValue,
+};
 
 use super::pins::Pins;
 use crate::{bpf_sys, datapath::DatapathError};
@@ -220,6 +223,21 @@ pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
     Ok(ServiceMaps {
         services: typed_map(open_pin(pins, SERVICES_MAP, Map::HashMap)?, SERVICES_MAP)?,
         backends: typed_map(open_pin(pins, BACKENDS_MAP, Map::HashMap)?, BACKENDS_MAP)?,
+    })
+}
+
+/// Opens the tc programs' pinned frontend maps, as [`open_pinned`] does
+/// the socket programs'.
+pub fn open_pinned_external(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
+    Ok(ServiceMaps {
+        services: typed_map(
+            open_pin(pins, EXT_SERVICES_MAP, Map::HashMap)?,
+            EXT_SERVICES_MAP,
+        )?,
+        backends: typed_map(
+            open_pin(pins, EXT_BACKENDS_MAP, Map::HashMap)?,
+            EXT_BACKENDS_MAP,
+        )?,
     })
 }
 

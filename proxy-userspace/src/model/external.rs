@@ -87,6 +87,29 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
+impl FrontendKind {
+    /// The slot-0 bits that tell readers of the maps the kind.
+    #[must_use]
+    pub const fn flag(self) -> u16 {
+        match self {
+            Self::NodePort => proxy_common::FRONTEND_NODE_PORT,
+            Self::ExternalIp => proxy_common::FRONTEND_EXTERNAL_IP,
+            Self::LoadBalancer => proxy_common::FRONTEND_LOAD_BALANCER,
+        }
+    }
+
+    /// The kind a frontend's slot-0 flags name.
+    #[must_use]
+    pub const fn from_flags(flags: u16) -> Option<Self> {
+        match flags & proxy_common::FRONTEND_KIND {
+            proxy_common::FRONTEND_NODE_PORT => Some(Self::NodePort),
+            proxy_common::FRONTEND_EXTERNAL_IP => Some(Self::ExternalIp),
+            proxy_common::FRONTEND_LOAD_BALANCER => Some(Self::LoadBalancer),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for FrontendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -128,10 +151,11 @@ impl ExternalFrontend {
         super::DesiredFrontend {
             service: self.service.clone(),
             backends: self.backends.clone(),
-            flags: match self.policy {
-                TrafficPolicy::Cluster => proxy_common::FRONTEND_MASQUERADE,
-                TrafficPolicy::Local => 0,
-            },
+            flags: self.kind.flag()
+                | match self.policy {
+                    TrafficPolicy::Cluster => proxy_common::FRONTEND_MASQUERADE,
+                    TrafficPolicy::Local => 0,
+                },
         }
     }
 }
