@@ -18,8 +18,10 @@ use crate::{
 pub struct ListedService {
     pub frontend: String,
     pub protocol: String,
-    /// `ClusterIP` (the socket programs'), or `NodePort`, `ExternalIP` or
-    /// `LoadBalancer` with the traffic policy (the tc programs').
+    /// `ClusterIP` or `NodePort/sockets` (and `ExternalIP/...`,
+    /// `LoadBalancer/...`: the socket programs'), or `NodePort/Cluster`,
+    /// `NodePort/Local` and so on (the tc programs', with the traffic
+    /// policy).
     pub kind: String,
     /// Backend addresses in slot order; a slot whose id or backend is missing
     /// shows as such, since that is exactly what a reader needs to see.
@@ -33,9 +35,13 @@ pub struct ListedBackend {
     pub address: String,
 }
 
-/// The socket programs' frontends.
+/// The socket programs' frontends: ClusterIPs, and the outside frontends
+/// as the node's own sockets reach them.
 pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
-    list_with(maps, |_| "ClusterIP".to_owned())
+    list_with(maps, |flags| {
+        FrontendKind::from_flags(flags)
+            .map_or_else(|| "ClusterIP".to_owned(), |k| format!("{k}/sockets"))
+    })
 }
 
 /// The tc programs' frontends, each with its kind and traffic policy.

@@ -391,7 +391,9 @@ impl Model {
                 self.outputs.insert(name, output);
             }
         }
-        self.settle_external(external_touched);
+        // Outside frontends are served to the node's own sockets too; a
+        // ClusterIP on the same address and port wins.
+        touched.extend(self.settle_external(external_touched));
         let mut changed = BTreeSet::new();
         for frontend in touched {
             if self.claims.get(&frontend).is_some_and(|c| c.len() > 1) {
@@ -402,7 +404,8 @@ impl Model {
             let wanted = self
                 .owner(frontend)
                 .and_then(|owner| self.outputs[&owner].frontends.get(&frontend))
-                .cloned();
+                .cloned()
+                .or_else(|| self.local_view(frontend));
             if self.desired.frontends.get(&frontend) != wanted.as_ref() {
                 match wanted {
                     Some(wanted) => self.desired.frontends.insert(frontend, wanted),

@@ -2376,7 +2376,8 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
 /// (masqueraded) and the reply comes from nodeIP:nodePort (curl connects
 /// to nothing else); one of policy Local answers only from the node's own
 /// pod and keeps the client's address; a node without a local endpoint
-/// drops; the agent's death does not stop a running load; and `cleanup` detaches
+/// drops, while the node's own sockets still reach every endpoint; the
+/// agent's death does not stop a running load; and `cleanup` detaches
 /// the programs from the devices.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
@@ -2415,6 +2416,24 @@ fn nodeport_from_outside_cluster_and_local_policies() {
     let (answers, failed) = external_answers(&lab, &format!("http://{node2}:30081/"), 2);
     assert_eq!((answers.len(), failed), (0, 2), "{answers:?}");
 
+    // The node's own sockets reach a NodePort on its address through the
+    // socket programs, over every endpoint whatever the policy (as
+    // kube-proxy sends traffic that starts on the node): node 2 has no
+    // endpoint of `local`, and its own curl still gets node 1's pod.
+    let out = lab
+        .node(2)
+        .run_client(
+            "curl",
+            &["-s", "--max-time", "5", &format!("http://{node2}:30081/")],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "web-1a",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // UDP: dig from outside through node 1 to node 2's dnsmasq; dig drops
     // a reply that does not come from the address it asked.
     let dig = lab
@@ -2440,27 +2459,28 @@ fn nodeport_from_outside_cluster_and_local_policies() {
     // `services` lists the outside frontends with their kind and policy.
     let listed = agents[0].services_json().unwrap();
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    let kind_of = |frontend: &str| {
-        listed
+    let kinds_of = |frontend: &str| {
+        let mut kinds: Vec<String> = listed
             .as_array()
-            .and_then(|all| all.iter().find(|s| s["frontend"] == frontend))
-            .map(|s| s["kind"].clone())
+            .into_iter()
+            .flatten()
+            .filter(|s| s["frontend"] == frontend)
+            .filter_map(|s| s["kind"].as_str().map(str::to_owned))
+            .collect();
+        kinds.sort();
+        kinds
     };
     assert_eq!(
-        kind_of(&format!("{node1}:30080")),
-        Some("NodePort/Cluster".into()),
+        kinds_of(&format!("{node1}:30080")),
+        ["NodePort/Cluster", "NodePort/sockets"],
         "{listed}"
     );
     assert_eq!(
-        kind_of(&format!("{node1}:30081")),
-        Some("NodePort/Local".into()),
+        kinds_of(&format!("{node1}:30081")),
+        ["NodePort/Local", "NodePort/sockets"],
         "{listed}"
     );
-    assert_eq!(
-        kind_of("10.96.0.40:80"),
-        Some("ClusterIP".into()),
-        "{listed}"
-    );
+    assert_eq!(kinds_of("10.96.0.40:80"), ["ClusterIP"], "{listed}");
 
     // The tc programs counted what they did.
     let stats = agents[0].stats_json().unwrap();

@@ -43,6 +43,11 @@ pub async fn take(source: Box<dyn Source>, config: ModelConfig) -> Result<Snapsh
     let (sink, mut events) = EventSink::channel();
     source.start(sink)?;
     let mut model = Model::new(config);
+    // NodePorts reach the maps on the node's addresses, as in the agent,
+    // which runs in this same network namespace.
+    if let Ok(interfaces) = crate::devices::read() {
+        model.set_host_addresses(crate::devices::host_addresses(&interfaces));
+    }
     let mut error = None;
     let deadline = Instant::now() + SYNC_TIMEOUT;
     loop {

@@ -141,6 +141,11 @@ pub struct ExternalFrontend {
     /// Sorted. Empty under policy Local means "drop": no endpoint is on
     /// this node.
     pub backends: Vec<L4Addr>,
+    /// The ClusterIP's backends, for the node's own sockets: kube-proxy
+    /// sends traffic that starts on the node to every endpoint, whatever
+    /// the policy (its KUBE-EXT chains jump to KUBE-SVC for
+    /// `--src-type LOCAL`).
+    pub cluster_backends: Vec<L4Addr>,
 }
 
 impl ExternalFrontend {
@@ -346,6 +351,7 @@ impl Model {
                 kind,
                 policy,
                 backends: backends.clone(),
+                cluster_backends: frontend.backends.clone(),
             };
             if node_ports {
                 match self.node_port(port) {
@@ -431,8 +437,9 @@ impl Model {
     }
 
     /// Settles ownership of the touched keys and updates the outside
-    /// frontends they expand to.
-    pub(super) fn settle_external(&mut self, mut touched: ExternalTouched) {
+    /// frontends they expand to; returns the frontends that changed.
+    pub(super) fn settle_external(&mut self, mut touched: ExternalTouched) -> BTreeSet<L4Addr> {
+        let mut changed = BTreeSet::new();
         let mut addrs: BTreeSet<L4Addr> = BTreeSet::new();
         if std::mem::take(&mut self.external.addresses_dirty) {
             let addresses = node_addresses(
@@ -510,6 +517,7 @@ impl Model {
                     None => external.state.frontends.remove(&addr),
                 };
                 external.changed.insert(addr);
+                changed.insert(addr);
             }
         }
         for port in touched.health_ports {
@@ -524,6 +532,20 @@ impl Model {
                 None => checks.remove(&port),
             };
         }
+        changed
+    }
+
+    /// An outside frontend as the node's own sockets reach it: a connect()
+    /// to a NodePort on a node address, an externalIP or a load-balancer IP
+    /// is balanced at the socket like a ClusterIP, over every endpoint.
+    pub(super) fn local_view(&self, addr: L4Addr) -> Option<super::DesiredFrontend> {
+        let frontend = self.external.state.frontends.get(&addr)?;
+        Some(super::DesiredFrontend {
+            service: frontend.service.clone(),
+            backends: frontend.cluster_backends.clone(),
+            // For readers of the maps; the socket programs ignore flags.
+            flags: frontend.kind.flag(),
+        })
     }
 
     fn external_owner<K: Ord>(&self, claims: &Claims<K>, key: &K) -> Option<ObjectName> {

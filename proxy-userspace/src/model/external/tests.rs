@@ -341,3 +341,36 @@ fn port_ranges_parse_as_the_api_server_writes_them() {
     assert!("0-10".parse::<PortRange>().is_err());
     assert!("30000".parse::<PortRange>().is_err());
 }
+
+/// The node's own sockets reach an outside frontend over every endpoint,
+/// as kube-proxy sends traffic that starts on the node; the tc programs'
+/// view follows the policy. A ClusterIP on the same address and port wins.
+#[test]
+fn the_nodes_own_sockets_reach_outside_frontends_over_every_endpoint() {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        "  type: NodePort\n  externalTrafficPolicy: Local\n",
+        "name: http, port: 80, nodePort: 30080",
+    ) + &slice("web");
+    let model = model_of(config(), &yaml);
+    let node_port = at("192.168.100.11", 30080, Protocol::Tcp);
+    let all = vec![
+        at("10.244.1.10", 8080, Protocol::Tcp),
+        at("10.244.2.10", 8080, Protocol::Tcp),
+    ];
+    let socket = &model.desired().frontends[&node_port];
+    assert_eq!(socket.backends, all);
+    assert_eq!(socket.flags, proxy_common::FRONTEND_NODE_PORT);
+    let outside = model.external().frontends[&node_port].desired();
+    assert_eq!(outside.backends, all[..1]);
+    assert_eq!(outside.flags, proxy_common::FRONTEND_NODE_PORT);
+
+    // A Service whose ClusterIP is that node address and port keeps it.
+    let squatter = service("squat", "192.168.100.11", "", "name: http, port: 30080");
+    let model = model_of(config(), &(yaml + &squatter));
+    assert_eq!(
+        model.desired().frontends[&node_port].service,
+        "default/squat:http"
+    );
+}
