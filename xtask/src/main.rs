@@ -1,13 +1,13 @@
 //! `cargo xtask`: building the eBPF object, the demo and the tests.
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use xtask::{
     apiserver::ApiServer,
     bench, cargo,
-    lab::{self, Lab, manifests},
+    lab::{self, Lab, TwoNodeLab, manifests},
     prerequisites, run_checked, scale,
 };
 
@@ -22,7 +22,8 @@ enum Task {
     /// Build the eBPF object (installing rust-src and bpf-linker if needed).
     BuildEbpf,
     /// Set up the machine, then show the agent balancing real traffic in a
-    /// netns lab: pods, a ClusterIP, the maps. Needs root.
+    /// netns lab: pods, a ClusterIP, the maps; then a NodePort on two nodes
+    /// reached from an external client. Needs root.
     Demo {
         /// Feed the agent from a test Kubernetes API server instead of a
         /// manifest directory, and change the endpoints there to show the
@@ -283,24 +284,10 @@ fn demo(api: bool) -> Result<()> {
     }
     let bpffs = lab.bpffs().display().to_string();
     let map = format!("{bpffs}/maps/{}", proxy_common::SERVICES_MAP);
-    let agent_path = agent_binary.display().to_string();
-    for (name, program, args) in [
-        (
-            "proxy-userspace",
-            agent_path.as_str(),
-            ["services", "--bpffs", &bpffs].as_slice(),
-        ),
-        (
-            "proxy-userspace",
-            &agent_path,
-            &["stats", "--bpffs", &bpffs],
-        ),
-        ("bpftool", "bpftool", &["map", "dump", "pinned", &map]),
-    ] {
-        println!("\n# {name} {}", args.join(" "));
-        let out = Command::new(program).args(args).output()?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-    }
+    let proxy = agent_binary.display().to_string();
+    show_command("proxy-userspace", &proxy, &["services", "--bpffs", &bpffs])?;
+    show_command("proxy-userspace", &proxy, &["stats", "--bpffs", &bpffs])?;
+    show_command("bpftool", "bpftool", &["map", "dump", "pinned", &map])?;
 
     println!("\n# the agent is SIGKILLed; the pinned datapath keeps serving");
     drop(agent);
@@ -311,5 +298,83 @@ fn demo(api: bool) -> Result<()> {
         String::from_utf8_lossy(&out.stdout).trim()
     );
     println!("\ncleaning up the lab");
+    // Torn down before the second part, so that only its agents run.
+    drop(api_server);
+    drop(lab);
+    node_port_demo(&agent_binary)
+}
+
+/// Prints `# name args`, then runs `program` with `args` and prints what
+/// it wrote.
+fn show_command(name: &str, program: &str, args: &[&str]) -> Result<()> {
+    println!("\n# {name} {}", args.join(" "));
+    let out = Command::new(program).args(args).output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+/// The demo's second part: a NodePort reached by a client outside the
+/// cluster, on two nodes with a pod each and an agent each, as a DaemonSet
+/// would run them; the tc programs on node 1's eth0 answer from both pods.
+fn node_port_demo(agent_binary: &Path) -> Result<()> {
+    println!(
+        "\n## a NodePort from outside the cluster: two nodes on 192.168.100.0/24 \
+         and an external client at 192.168.100.1"
+    );
+    let mut lab = TwoNodeLab::new()?;
+    let mut endpoints = Vec::new();
+    for number in [1, 2] {
+        let node = lab.node_mut(number);
+        let name = format!("node-{number}-pod");
+        let pod = node.add_pod(&name)?;
+        node.serve_http(&pod, 8080)?;
+        println!("started {name} at {}:8080 on node-{number}", pod.ip);
+        endpoints.push((pod.ip, format!("node-{number}")));
+    }
+    let endpoints: Vec<_> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    let manifest = manifests::documents(&[
+        manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), ""),
+        manifests::endpoint_slice_on_nodes("web-1", "web", &[("http", 8080, "TCP")], &endpoints),
+    ]);
+    // Both agents read the same Services, as they would from one API server.
+    lab.write_manifest("web.yaml", &manifest)?;
+    println!("\n# manifests/web.yaml on both nodes\n{manifest}");
+    let mut agents = Vec::new();
+    for number in [1, 2] {
+        let hostname = format!("node-{number}");
+        // Inside the node's namespace the agent sees the node's devices and
+        // attaches its tc programs to them; the flag picks the addresses
+        // the NodePort answers on.
+        let agent = lab.node(number).start_agent_in_node(
+            agent_binary,
+            &[
+                "--hostname-override",
+                &hostname,
+                "--nodeport-addresses",
+                "192.168.100.0/24",
+            ],
+        )?;
+        agent.wait_for_log("attached (TCX)", Duration::from_secs(10))?;
+        agents.push(agent);
+    }
+    println!("agents running on node-1 and node-2: tc programs attached to their devices");
+
+    let url = format!("http://{}:30080/", lab.node_ip(1));
+    println!("\n# 10 requests from the external client to node 1's NodePort");
+    for _ in 0..10 {
+        let out = lab
+            .external("curl")
+            .args(["-s", "--max-time", "2", &url])
+            .output()?;
+        println!(
+            "curl {url} -> {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    let bpffs = lab.node(1).bpffs().display().to_string();
+    let proxy = agent_binary.display().to_string();
+    show_command("proxy-userspace", &proxy, &["stats", "--bpffs", &bpffs])?;
+    println!("\ncleaning up the lab");
+    drop(agents);
     Ok(())
 }
