@@ -2456,31 +2456,7 @@ fn nodeport_from_outside_cluster_and_local_policies() {
         String::from_utf8_lossy(&dig.stderr)
     );
 
-    // `services` lists the outside frontends with their kind and policy.
-    let listed = agents[0].services_json().unwrap();
-    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    let kinds_of = |frontend: &str| {
-        let mut kinds: Vec<String> = listed
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["frontend"] == frontend)
-            .filter_map(|s| s["kind"].as_str().map(str::to_owned))
-            .collect();
-        kinds.sort();
-        kinds
-    };
-    assert_eq!(
-        kinds_of(&format!("{node1}:30080")),
-        ["NodePort/Cluster", "NodePort/sockets"],
-        "{listed}"
-    );
-    assert_eq!(
-        kinds_of(&format!("{node1}:30081")),
-        ["NodePort/Local", "NodePort/sockets"],
-        "{listed}"
-    );
-    assert_eq!(kinds_of("10.96.0.40:80"), ["ClusterIP"], "{listed}");
+    assert_listed_kinds(&agents[0], node1);
 
     // The tc programs counted what they did.
     let stats = agents[0].stats_json().unwrap();
@@ -2531,4 +2507,33 @@ fn assert_load_survives_agent_kill(lab: &TwoNodeLab, agent: &mut Agent, url: &st
     assert!(text.contains("requests in"), "{text}");
     assert!(!text.contains("Socket errors"), "wrk saw errors: {text}");
     assert!(!text.contains("Non-2xx"), "wrk saw errors: {text}");
+}
+
+/// `services` lists node 1's outside frontends with their kind and policy,
+/// once for the tc programs and once for the node's own sockets.
+fn assert_listed_kinds(agent: &Agent, node1: Ipv4Addr) {
+    let listed = agent.services_json().unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let kinds_of = |frontend: &str| {
+        let mut kinds: Vec<String> = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["frontend"] == frontend)
+            .filter_map(|s| s["kind"].as_str().map(str::to_owned))
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    assert_eq!(
+        kinds_of(&format!("{node1}:30080")),
+        ["NodePort/Cluster", "NodePort/sockets"],
+        "{listed}"
+    );
+    assert_eq!(
+        kinds_of(&format!("{node1}:30081")),
+        ["NodePort/Local", "NodePort/sockets"],
+        "{listed}"
+    );
+    assert_eq!(kinds_of("10.96.0.40:80"), ["ClusterIP"], "{listed}");
 }
