@@ -106,6 +106,12 @@ impl Lab {
         Ok(lab)
     }
 
+    /// The pods added so far, in order.
+    #[must_use]
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
     /// The node's address on its pods' bridge: the pods' gateway.
     #[must_use]
     pub fn bridge_ip(&self) -> Ipv4Addr {
@@ -256,8 +262,19 @@ impl Lab {
     /// where the agent's programs are attached.
     #[must_use]
     pub fn client(&self, program: &str) -> Command {
+        self.client_in(&self.node_netns, program)
+    }
+
+    /// A client run inside `pod`, in the lab's cgroup as a pod's processes
+    /// are in the node's: a pod reaching a Service, itself perhaps.
+    #[must_use]
+    pub fn pod_client(&self, pod: &Pod, program: &str) -> Command {
+        self.client_in(&pod.netns, program)
+    }
+
+    fn client_in(&self, netns: &str, program: &str) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.node_netns, program]);
+        cmd.args(["netns", "exec", netns, program]);
         let procs = self.cgroup_procs.as_raw_fd();
         // SAFETY: only async-signal-safe calls between fork and exec. Writing
         // "0" to cgroup.procs moves the writing process itself.

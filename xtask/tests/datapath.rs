@@ -2376,7 +2376,8 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
 /// (masqueraded) and the reply comes from nodeIP:nodePort (curl connects
 /// to nothing else); one of policy Local answers only from the node's own
 /// pod and keeps the client's address; a node without a local endpoint
-/// drops, while the node's own sockets still reach every endpoint; the
+/// drops, while the node's own sockets still reach every endpoint; a pod
+/// reaches itself through its Service (hairpin); the
 /// agent's death does not stop a running load; and `cleanup` detaches
 /// the programs from the devices.
 #[test]
@@ -2433,6 +2434,23 @@ fn nodeport_from_outside_cluster_and_local_policies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Hairpin: node 1's pod reaches its own Service, the only endpoint of
+    // `local`, through the ClusterIP and through the NodePort.
+    let pod = &lab.node(1).pods()[0];
+    for url in ["http://10.96.0.41/", &format!("http://{node1}:30081/")] {
+        let out = lab
+            .node(1)
+            .pod_client(pod, "curl")
+            .args(["-s", "--max-time", "5", url])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "web-1a",
+            "{url}"
+        );
+    }
 
     // UDP: dig from outside through node 1 to node 2's dnsmasq; dig drops
     // a reply that does not come from the address it asked.
