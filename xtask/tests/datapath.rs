@@ -2483,6 +2483,8 @@ fn nodeport_from_outside_cluster_and_local_policies() {
     assert!(stats["ext_reversed"].as_u64().unwrap_or(0) > 0, "{stats}");
     assert!(stats["ext_dropped"].as_u64().unwrap_or(0) == 0, "{stats}");
 
+    assert_doctor_checks_the_masquerade(&lab, &agents[0]);
+
     // The agent SIGKILLed under a load: the pinned programs go on.
     assert_load_survives_agent_kill(&lab, &mut agents[0], &format!("http://{node1}:30080/"));
 
@@ -2554,4 +2556,25 @@ fn assert_listed_kinds(agent: &Agent, node1: Ipv4Addr) {
         "{listed}"
     );
     assert_eq!(kinds_of("10.96.0.40:80"), ["ClusterIP"], "{listed}");
+}
+
+/// doctor, run in node 1 as its agent runs there, finds the tc programs
+/// and the masquerade chains, and names a flushed chain; the agent then
+/// repairs it.
+fn assert_doctor_checks_the_masquerade(lab: &TwoNodeLab, agent: &Agent) {
+    let node = lab.node(1);
+    let healthz = agent.address("healthz").unwrap();
+    let doctor_here = || {
+        let mut command = node.in_node(agent_binary());
+        command.stdin(Stdio::null());
+        doctor_in(command, node, &healthz).1
+    };
+    assert_check(&doctor_here(), "masquerade", "OK", "tc programs on eth0");
+    node.node_output("iptables", &["-t", "nat", "-F", "EBPF-PROXY-POSTROUTING"])
+        .unwrap();
+    assert_check(&doctor_here(), "masquerade", "FAIL", "their rules differ");
+    // The agent repairs them; the load below needs them.
+    agent
+        .wait_for_log("restored them", Duration::from_secs(10))
+        .unwrap();
 }

@@ -618,7 +618,7 @@ fn swap_pinned(
 }
 
 /// The pinned tc links and the device each is on.
-fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
+pub fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
     let Ok(dir) = fs::read_dir(pins.links_dir()) else {
         return Vec::new();
     };

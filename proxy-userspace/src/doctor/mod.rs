@@ -55,6 +55,9 @@ pub struct DoctorArgs {
     /// Where the agent serves /healthz (its --healthz-bind-address).
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10256")]
     pub healthz_address: SocketAddr,
+    /// The mark bit the agent masquerades (its --iptables-masquerade-bit).
+    #[arg(long, value_name = "0-31", default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
+    pub iptables_masquerade_bit: u8,
     #[command(flatten)]
     pub source: SourceArgs,
 }
@@ -196,7 +199,7 @@ pub async fn run(args: &DoctorArgs) -> Report {
         source_check,
         kernel(&cx),
         programs(&cx),
-        masquerade(),
+        masquerade(&cx),
     ];
     checks.push(drift(&cx, snapshot.as_ref()));
     checks.push(kube_proxy());
@@ -706,14 +709,43 @@ fn programs(cx: &Context) -> Check {
     }
 }
 
-/// The masquerade chains belong to the NodePort path: until it exists
-/// there is nothing to check. Once it does, this looks for the agent's mark
-/// and POSTROUTING chains and the jump to them.
-fn masquerade() -> Check {
-    Check::ok(
-        "masquerade",
-        "not applicable yet: only ClusterIP is served, and it needs no masquerade",
-    )
+/// The tc programs on the devices, and the masquerade chains their
+/// policy-Cluster flows depend on: the agent's mark and POSTROUTING chains,
+/// and the one jump to them.
+fn masquerade(cx: &Context) -> Check {
+    const NAME: &str = "masquerade";
+    let links = datapath::tc_links(&cx.pins);
+    if links.is_empty() {
+        return Check::ok(
+            NAME,
+            "no device has the tc programs (--devices none, or no NodePort address): nothing to masquerade",
+        );
+    }
+    let mut devices: Vec<&str> = links.iter().map(|(_, device)| device.as_str()).collect();
+    devices.dedup();
+    let on = format!("tc programs on {}", devices.join(", "));
+    match crate::reconcile::iptables::check(cx.args.iptables_masquerade_bit) {
+        Ok(None) => Check::ok(
+            NAME,
+            format!("{on}; the masquerade chains are in place and POSTROUTING jumps to them once"),
+        ),
+        Ok(Some(problem)) => Check::problem(
+            NAME,
+            Status::Fail,
+            format!("{on}, but the masquerade rules are not right: {problem}"),
+            format!(
+                "{}: the agent restores them within --iptables-sync-period (unless \
+                 --install-iptables-rules=false)",
+                cx.restart
+            ),
+        ),
+        Err(error) => Check::problem(
+            NAME,
+            Status::Warn,
+            format!("{on}, but the masquerade rules cannot be read: {error}"),
+            "install iptables (apt-get install iptables), or masquerade marked packets otherwise",
+        ),
+    }
 }
 
 /// A frontend as both sides are compared: its address and its backends.

@@ -236,6 +236,26 @@ impl Masquerade {
     }
 }
 
+/// What is wrong with the masquerade rules of bit `masquerade_bit` on this
+/// node's iptables back end, for `doctor`; `Ok(None)` when they are in
+/// place, an error when iptables is missing or cannot be read.
+pub fn check(masquerade_bit: u8) -> Result<Option<String>, String> {
+    let masquerade = Masquerade {
+        backend: Backend::detect(),
+        mark: 1 << masquerade_bit,
+        canonical: None,
+        installed: false,
+    };
+    let backend = masquerade
+        .backend
+        .as_ref()
+        .ok_or("iptables is not installed")?;
+    let dump = backend
+        .save()
+        .map_err(|error| crate::report::chain(&error))?;
+    Ok(inspect(&dump, &masquerade.rules()).problem())
+}
+
 impl Reconciler for Masquerade {
     /// The rules do not depend on the Services: every pass only checks, and
     /// repairs.
