@@ -638,6 +638,25 @@ impl TwoNodeLab {
         cmd
     }
 
+    /// Starts an agent in each node's namespace, as `node-1` and `node-2`,
+    /// serving NodePorts on the shared segment's addresses, with `flags`.
+    pub fn start_agents(&self, binary: &Path, flags: &[&str]) -> Result<Vec<Agent>> {
+        [1, 2]
+            .into_iter()
+            .map(|number| {
+                let name = format!("node-{number}");
+                let mut all = vec![
+                    "--hostname-override",
+                    &name,
+                    "--nodeport-addresses",
+                    "192.168.100.0/24",
+                ];
+                all.extend(flags);
+                self.node(number).start_agent_in_node(binary, &all)
+            })
+            .collect()
+    }
+
     /// Writes the same manifest into both nodes' directories, as both
     /// agents watch the same API server.
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {

@@ -339,23 +339,11 @@ fn node_port_demo(agent_binary: &Path) -> Result<()> {
     // Both agents read the same Services, as they would from one API server.
     lab.write_manifest("web.yaml", &manifest)?;
     println!("\n# manifests/web.yaml on both nodes\n{manifest}");
-    let mut agents = Vec::new();
-    for number in [1, 2] {
-        let hostname = format!("node-{number}");
-        // Inside the node's namespace the agent sees the node's devices and
-        // attaches its tc programs to them; the flag picks the addresses
-        // the NodePort answers on.
-        let agent = lab.node(number).start_agent_in_node(
-            agent_binary,
-            &[
-                "--hostname-override",
-                &hostname,
-                "--nodeport-addresses",
-                "192.168.100.0/24",
-            ],
-        )?;
+    // Inside its node's namespace each agent sees the node's devices and
+    // attaches its tc programs to them.
+    let agents = lab.start_agents(agent_binary, &[])?;
+    for agent in &agents {
         agent.wait_for_log("attached (TCX)", Duration::from_secs(10))?;
-        agents.push(agent);
     }
     println!("agents running on node-1 and node-2: tc programs attached to their devices");
 

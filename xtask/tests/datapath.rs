@@ -2191,25 +2191,9 @@ fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, String) {
         ]),
     )
     .expect("manifest");
-    let binary = agent_binary();
-    let agents: Vec<Agent> = [1, 2]
-        .into_iter()
-        .map(|number| {
-            lab.node(number)
-                .start_agent_in_node(
-                    &binary,
-                    &[
-                        "--hostname-override",
-                        &format!("node-{number}"),
-                        "--nodeport-addresses",
-                        "192.168.100.0/24",
-                        "--iptables-sync-period",
-                        "1s",
-                    ],
-                )
-                .expect("agent")
-        })
-        .collect();
+    let agents = lab
+        .start_agents(&agent_binary(), &["--iptables-sync-period", "1s"])
+        .expect("agents");
 
     (lab, agents, before)
 }
@@ -2345,23 +2329,7 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
         ]),
     )
     .expect("manifest");
-    let binary = agent_binary();
-    let agents: Vec<Agent> = [1, 2]
-        .into_iter()
-        .map(|number| {
-            lab.node(number)
-                .start_agent_in_node(
-                    &binary,
-                    &[
-                        "--hostname-override",
-                        &format!("node-{number}"),
-                        "--nodeport-addresses",
-                        "192.168.100.0/24",
-                    ],
-                )
-                .expect("agent")
-        })
-        .collect();
+    let agents = lab.start_agents(&agent_binary(), &[]).expect("agents");
     for agent in &agents {
         agent
             .wait_for_log("attached (TCX)", Duration::from_secs(10))

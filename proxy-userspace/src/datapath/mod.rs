@@ -202,15 +202,9 @@ impl MapSizes {
     }
 }
 
-/// The service maps as the writer gets them: a full map says which flag
-/// sizes it.
+/// The service maps as a writer gets them (the socket programs', or the
+/// tc programs'): a full map says which flag sizes it.
 pub struct WritableMaps {
-    pub services: SizedTable<ServiceKey, ServiceValue>,
-    pub backends: SizedTable<u32, Backend>,
-}
-
-/// The tc programs' frontend maps, for their own writer.
-pub struct ExternalMaps {
     pub services: SizedTable<ServiceKey, ServiceValue>,
     pub backends: SizedTable<u32, Backend>,
 }
@@ -420,18 +414,10 @@ impl Datapath {
     }
 
     /// Hands out the tc programs' frontend maps, for their writer.
-    pub fn take_external_maps(&mut self) -> Result<ExternalMaps, DatapathError> {
-        Ok(ExternalMaps {
-            services: SizedTable::new(
-                typed_map(self.take_map(EXT_SERVICES_MAP)?, EXT_SERVICES_MAP)?,
-                EXT_SERVICES_MAP,
-                "(fixed size)",
-            ),
-            backends: SizedTable::new(
-                typed_map(self.take_map(EXT_BACKENDS_MAP)?, EXT_BACKENDS_MAP)?,
-                EXT_BACKENDS_MAP,
-                "(fixed size)",
-            ),
+    pub fn take_external_maps(&mut self) -> Result<WritableMaps, DatapathError> {
+        Ok(WritableMaps {
+            services: self.take_table(EXT_SERVICES_MAP, "(fixed size)")?,
+            backends: self.take_table(EXT_BACKENDS_MAP, "(fixed size)")?,
         })
     }
 
@@ -525,17 +511,22 @@ impl Datapath {
     /// Hands out the service maps, for the writer.
     pub fn take_service_maps(&mut self) -> Result<WritableMaps, DatapathError> {
         Ok(WritableMaps {
-            services: SizedTable::new(
-                typed_map(self.take_map(SERVICES_MAP)?, SERVICES_MAP)?,
-                SERVICES_MAP,
-                "--services-map-size",
-            ),
-            backends: SizedTable::new(
-                typed_map(self.take_map(BACKENDS_MAP)?, BACKENDS_MAP)?,
-                BACKENDS_MAP,
-                "--backends-map-size",
-            ),
+            services: self.take_table(SERVICES_MAP, "--services-map-size")?,
+            backends: self.take_table(BACKENDS_MAP, "--backends-map-size")?,
         })
+    }
+
+    /// One hash map, typed, with the flag that sizes it.
+    fn take_table<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        flag: &'static str,
+    ) -> Result<SizedTable<K, V>, DatapathError> {
+        Ok(SizedTable::new(
+            typed_map(self.take_map(name)?, name)?,
+            name,
+            flag,
+        ))
     }
 
     fn take_map(&mut self, name: &'static str) -> Result<Map, DatapathError> {
