@@ -135,7 +135,8 @@ events! {
     /// A backend address was shown as its Service (recvmsg, getpeername).
     Reversed = 4 => "reversed",
     /// The socket's storage for reverse translations could not be made (no
-    /// memory). A UDP datagram is then sent to the Service address untouched,
+    /// memory); or, in tc ingress, a flow could not be stored in the flow
+    /// table, and the packet passed untranslated. A UDP datagram is then sent to the Service address untouched,
     /// since its reply could not be shown as the Service's; a TCP connection
     /// goes on, showing the backend as its peer.
     RevNatNotStored = 5 => "rev_nat_not_stored",

@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{PROTO_TCP, PROTO_UDP};
+use proxy_common::{FlowKey, PROTO_TCP, PROTO_UDP};
 
 /// `TC_ACT_OK`: let the packet go on. Spelt out here because the bindings
 /// give it another integer type on each target.
@@ -92,6 +92,21 @@ impl Packet {
             starts_tcp,
             l4,
         })
+    }
+
+    /// The flow table's key for this packet as it is on the wire, looked
+    /// at in `direction` (`FLOW_FORWARD` on the way in, `FLOW_REPLY` on the
+    /// way out).
+    pub const fn flow_key(&self, direction: u8) -> FlowKey {
+        FlowKey {
+            saddr_be: self.saddr_be,
+            daddr_be: self.daddr_be,
+            sport_be: self.sport_be,
+            dport_be: self.dport_be,
+            proto: self.proto,
+            direction,
+            pad: [0; 2],
+        }
     }
 
     /// Rewrites one side's address and port, updating the IP checksum and

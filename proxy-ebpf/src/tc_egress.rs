@@ -5,7 +5,7 @@
 //! lookup for every other packet.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use proxy_common::{Event, FLOW_REPLY, FlowKey};
+use proxy_common::{Event, FLOW_REPLY};
 
 use crate::{
     maps::{FLOWS, record},
@@ -21,15 +21,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     let Some(packet) = Packet::parse(&ctx) else {
         return PASS;
     };
-    let reply = FlowKey {
-        saddr_be: packet.saddr_be,
-        daddr_be: packet.daddr_be,
-        sport_be: packet.sport_be,
-        dport_be: packet.dport_be,
-        proto: packet.proto,
-        direction: FLOW_REPLY,
-        pad: [0; 2],
-    };
+    let reply = packet.flow_key(FLOW_REPLY);
     // SAFETY: the value is copied out at once.
     let Some(frontend) = (unsafe { FLOWS.get(reply) }).copied() else {
         return PASS;

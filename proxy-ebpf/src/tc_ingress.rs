@@ -34,15 +34,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     let Some(packet) = Packet::parse(&ctx) else {
         return PASS;
     };
-    let forward = FlowKey {
-        saddr_be: packet.saddr_be,
-        daddr_be: packet.daddr_be,
-        sport_be: packet.sport_be,
-        dport_be: packet.dport_be,
-        proto: packet.proto,
-        direction: FLOW_FORWARD,
-        pad: [0; 2],
-    };
+    let forward = packet.flow_key(FLOW_FORWARD);
     // A TCP SYN always chooses afresh (a reused client port must not stick
     // to a backend that has gone); every other packet follows its flow.
     if !packet.starts_tcp {

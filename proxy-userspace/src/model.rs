@@ -16,7 +16,7 @@ use std::{
 
 use serde::Serialize;
 
-pub use self::external::{ExternalState, FrontendKind, HealthCheck, PortRange};
+pub use self::external::{FrontendKind, HealthCheck, PortRange};
 use crate::{
     kube_proxy_config::NodePortAddress,
     source::{

@@ -1,26 +1,22 @@
 //! Everything that changes the node to match the desired state, behind one
 //! trait: the service maps ([`ebpf`]) and the iptables masquerade fallback
 //! ([`iptables`]). The agent's loop hands each the same [`Desired`] and
-//! reads the same [`Report`], so a new one (the tc programs' maps) slots in
-//! beside them.
+//! reads the same [`Report`]. The tc programs' maps are a second map
+//! writer, handed the outside frontends as its `services`.
 
 use std::collections::BTreeSet;
 
-use crate::model::{DesiredState, ExternalState, L4Addr};
+use crate::model::{DesiredState, L4Addr};
 
 pub mod ebpf;
 pub mod iptables;
 
 /// What the node should look like, and how much of it to look at.
 pub struct Desired<'a> {
-    /// ClusterIP frontends.
+    /// The frontends a map writer serves: the socket programs' (ClusterIPs,
+    /// and outside frontends for the node's own sockets), or the tc
+    /// programs'.
     pub services: &'a DesiredState,
-    /// NodePort, externalIP and load-balancer frontends.
-    #[expect(
-        dead_code,
-        reason = "read by the tc programs' map writer, which comes next"
-    )]
-    pub external: &'a ExternalState,
     pub scope: Scope<'a>,
 }
 
