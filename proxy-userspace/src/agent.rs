@@ -228,7 +228,9 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         if !state.attached {
             state.datapath.attach(&config.cgroup)?;
             state.attached = true;
-            state.attach_devices();
+            // The devices follow the NodePort addresses, which the first
+            // sync has just computed: choose them now, not a period later.
+            state.housekeeping();
             health
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -353,7 +355,6 @@ impl Loop {
         if let Some(masquerade) = &mut self.masquerade {
             masquerade.apply(&Desired {
                 services: self.model.desired(),
-                external: self.model.external(),
                 scope: Scope::All { prune: false },
             });
         }
@@ -432,7 +433,6 @@ impl Loop {
         };
         let desired = Desired {
             services: self.model.desired(),
-            external: self.model.external(),
             scope,
         };
         let mut stats = Reconciler::apply(&mut self.writer, &desired);
@@ -444,7 +444,6 @@ impl Loop {
             &mut self.external_writer,
             &Desired {
                 services: &self.external_desired,
-                external: self.model.external(),
                 scope: external_scope,
             },
         );

@@ -2255,17 +2255,7 @@ fn nodeport_groundwork_masquerade_rules_health_check_and_node_port_range() {
 
     // cleanup leaves iptables exactly as it was.
     drop(agents);
-    let out = node1
-        .in_node(agent_binary())
-        .args(["cleanup", "--bpffs"])
-        .arg(node1.bpffs())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cleanup_in_node(node1);
     assert_eq!(iptables_rules(node1), before);
 }
 
@@ -2345,8 +2335,9 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
 /// to nothing else); one of policy Local answers only from the node's own
 /// pod and keeps the client's address; a node without a local endpoint
 /// drops, while the node's own sockets still reach every endpoint; a pod
-/// reaches itself through its Service (hairpin); the
-/// agent's death does not stop a running load; and `cleanup` detaches
+/// reaches itself through its Service (hairpin); the agent's death does
+/// not stop a running load, and a restarted agent swaps its programs into
+/// the pinned tc links; and `cleanup` detaches
 /// the programs from the devices.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
@@ -2456,19 +2447,11 @@ fn nodeport_from_outside_cluster_and_local_policies() {
     // The agent SIGKILLed under a load: the pinned programs go on.
     assert_load_survives_agent_kill(&lab, &mut agents[0], &format!("http://{node1}:30080/"));
 
+    assert_restart_swaps_tc_links(&lab);
+
     // cleanup unpins the tc links: the NodePort is gone from the devices.
     let node = lab.node(1);
-    let out = node
-        .in_node(agent_binary())
-        .args(["cleanup", "--bpffs"])
-        .arg(node.bpffs())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cleanup_in_node(node);
     let filters = node
         .node_output("bpftool", &["net", "show", "dev", "eth0"])
         .unwrap();
@@ -2545,4 +2528,53 @@ fn assert_doctor_checks_the_masquerade(lab: &TwoNodeLab, agent: &Agent) {
     agent
         .wait_for_log("restored them", Duration::from_secs(10))
         .unwrap();
+}
+
+/// `proxy-userspace cleanup` in the node's namespace, as its agent ran.
+fn cleanup_in_node(node: &Lab) {
+    let out = node
+        .in_node(agent_binary())
+        .args(["cleanup", "--bpffs"])
+        .arg(node.bpffs())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Node 1's agent, started again as `TwoNodeLab::start_agents` starts it,
+/// swaps its programs into the pinned tc links rather than attaching anew,
+/// and the NodePort answers.
+fn assert_restart_swaps_tc_links(lab: &TwoNodeLab) {
+    let restarted = lab
+        .node(1)
+        .start_agent_in_node(
+            &agent_binary(),
+            &[
+                "--hostname-override",
+                "node-1",
+                "--nodeport-addresses",
+                "192.168.100.0/24",
+            ],
+        )
+        .expect("agent");
+    restarted
+        .wait_for_log("tc_ingress@eth0", Duration::from_secs(10))
+        .unwrap();
+    let log = restarted.log();
+    assert!(
+        log.contains("swapped the program behind the pinned link program=\"tc_ingress\""),
+        "{log}"
+    );
+    assert!(!log.contains("attached (TCX)"), "{log}");
+    let url = format!("http://{}:30080/", lab.node_ip(1));
+    let (answers, failed) = external_answers(lab, &url, 4);
+    assert_eq!(
+        (answers.values().sum::<usize>(), failed),
+        (4, 0),
+        "{answers:?}"
+    );
 }
