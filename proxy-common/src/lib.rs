@@ -27,8 +27,9 @@ pub const BACKENDS_MAP: &str = "lb4_be_v2";
 /// Socket-local storage: the reverse translations of one socket live and die
 /// with it. See [`SERVICES_MAP`].
 pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v2";
-/// See [`SERVICES_MAP`]. v3: the tc programs' events joined the list.
-pub const EVENTS_MAP: &str = "lb4_events_v3";
+/// See [`SERVICES_MAP`]. v3: the tc programs' events joined the list; v4:
+/// `icmp_translated`.
+pub const EVENTS_MAP: &str = "lb4_events_v4";
 /// The frontends the tc programs serve (NodePort, externalIP and
 /// load-balancer IP), laid out as [`SERVICES_MAP`]: kept apart because
 /// their backends follow externalTrafficPolicy, and slot 0 carries
@@ -154,6 +155,11 @@ events! {
     /// A reply of a translated flow was given its frontend's address back
     /// (tc egress).
     ExtReversed = 9 => "ext_reversed",
+    /// An ICMP error about a translated flow (fragmentation needed, port
+    /// unreachable, time exceeded) was translated as the flow's packets
+    /// are, so that path MTU discovery and refusals reach the socket that
+    /// sent the packet (tc ingress and egress).
+    IcmpTranslated = 10 => "icmp_translated",
 }
 
 // The events map is indexed by the variant: the list must be dense and in
@@ -170,6 +176,9 @@ const _: () = {
 pub const PROTO_TCP: u8 = 6;
 /// See [`PROTO_TCP`].
 pub const PROTO_UDP: u8 = 17;
+/// See [`PROTO_TCP`]. The tc programs translate ICMP errors about the
+/// flows they translated.
+pub const PROTO_ICMP: u8 = 1;
 
 /// One slot of a Service frontend.
 #[repr(C)]
@@ -338,11 +347,17 @@ pub struct FlowNat {
     pub addr_be: u32,
     pub port_be: u16,
     /// Forward: the frontend's flags when the flow began
-    /// ([`FRONTEND_MASQUERADE`]). Reply: 0.
+    /// ([`FRONTEND_MASQUERADE`], [`FLOW_CLUSTER_IP`]). Reply: 0.
     pub flags: u16,
-    /// Forward: the backend's id in [`EXT_BACKENDS_MAP`]. Reply: 0.
+    /// Forward: the backend's id in [`EXT_BACKENDS_MAP`], or in
+    /// [`BACKENDS_MAP`] for a [`FLOW_CLUSTER_IP`] flow. Reply: 0.
     pub backend_id: u32,
 }
+
+/// [`FlowNat`] flag of a flow to a ClusterIP that arrived from outside the
+/// node (a router sending the Service CIDR to nodes): its frontend came
+/// from [`SERVICES_MAP`], so its backend id is one of [`BACKENDS_MAP`]'s.
+pub const FLOW_CLUSTER_IP: u16 = 0x8000;
 
 #[cfg(feature = "user")]
 mod user {

@@ -16,7 +16,7 @@ const _: () = {
     assert!(eq(proxy_common::SERVICES_MAP, "lb4_svc_v2"));
     assert!(eq(proxy_common::BACKENDS_MAP, "lb4_be_v2"));
     assert!(eq(proxy_common::SOCK_REV_NAT_MAP, "lb4_sk_rnat_v2"));
-    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v3"));
+    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v4"));
     assert!(eq(proxy_common::EXT_SERVICES_MAP, "lb4_ext_svc_v1"));
     assert!(eq(proxy_common::EXT_BACKENDS_MAP, "lb4_ext_be_v1"));
     assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
@@ -75,7 +75,7 @@ pub static EXT_BACKENDS: HashMap<u32, Backend, { EXT_BACKENDS_MAX_ENTRIES as usi
 pub static FLOWS: LruHashMap<FlowKey, FlowNat, { FLOWS_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
-#[btf_map(name = "lb4_events_v3")]
+#[btf_map(name = "lb4_events_v4")]
 pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
 
 /// Counts one event on this CPU.

@@ -1,15 +1,17 @@
 //! Packets leaving the node's devices: a reply of a flow that
 //! `tc_ingress` translated gets its frontend's address back, so the client
 //! sees the address it asked for (after netfilter has undone any
-//! masquerade, since tc egress runs after POSTROUTING). One flow-table
-//! lookup for every other packet.
+//! masquerade, since tc egress runs after POSTROUTING); and an ICMP error
+//! about one of its packets (a backend's port unreachable) names the
+//! frontend the client sent it to. One flow-table lookup for every other
+//! packet.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use proxy_common::{Event, FLOW_REPLY};
 
 use crate::{
     maps::{FLOWS, record},
-    packet::{DROP, PASS, Packet, Side},
+    packet::{DROP, PASS, Parsed, Side, parse},
 };
 
 #[classifier]
@@ -18,17 +20,33 @@ use crate::{
     reason = "the program macro hands the context over by value"
 )]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    let Some(packet) = Packet::parse(&ctx) else {
+    let Some(parsed) = parse(&ctx) else {
         return PASS;
     };
-    let reply = packet.flow_key(FLOW_REPLY);
+    let (reply, translated) = match &parsed {
+        Parsed::Flow(packet) => (packet.flow_key(FLOW_REPLY), Event::ExtReversed),
+        // The error quotes a packet the backend got: its flow's reply
+        // entry holds the frontend.
+        Parsed::IcmpError(error) => (
+            error.quoted.answered_flow_key(FLOW_REPLY),
+            Event::IcmpTranslated,
+        ),
+    };
     // SAFETY: the value is copied out at once.
     let Some(frontend) = (unsafe { FLOWS.get(reply) }).copied() else {
         return PASS;
     };
-    if !packet.rewrite(&ctx, Side::Source, frontend.addr_be, frontend.port_be) {
+    let rewritten = match &parsed {
+        Parsed::Flow(packet) => {
+            packet.rewrite(&ctx, Side::Source, frontend.addr_be, frontend.port_be)
+        }
+        Parsed::IcmpError(error) => {
+            error.rewrite(&ctx, Side::Destination, frontend.addr_be, frontend.port_be)
+        }
+    };
+    if !rewritten {
         return DROP;
     }
-    record(Event::ExtReversed);
+    record(translated);
     PASS
 }

@@ -1,29 +1,45 @@
 //! Packets arriving on the node's devices: a NodePort, externalIP or
 //! load-balancer IP is translated to a backend, as kube-proxy's
 //! KUBE-NODEPORTS and KUBE-EXT-* DNAT rules do, before netfilter sees the
-//! packet. The flow table keeps every later packet of the flow on the
-//! backend its first packet chose, whatever happens to the Service.
+//! packet; so is a ClusterIP, for routers that send the Service CIDR to
+//! nodes (kube-proxy's KUBE-SERVICES in PREROUTING). The flow table keeps
+//! every later packet of the flow on the backend its first packet chose,
+//! whatever happens to the Service, and an ICMP error about a reply (a
+//! router's "fragmentation needed") goes on to the backend that sent it.
 //!
 //! Flows of externalTrafficPolicy Cluster (and hairpin flows, a pod
-//! reaching itself) are marked for the masquerade fallback, so the
-//! backend answers through this node. Anything that is not an outside
-//! frontend passes untouched.
+//! reaching itself; and ClusterIP flows from outside `--cluster-cidr`, or
+//! all of them with `--masquerade-all`) are marked for the masquerade
+//! fallback, so the backend answers through this node. Anything that is
+//! not a frontend passes untouched.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use proxy_common::{
-    Event, FLOW_FORWARD, FLOW_REPLY, FRONTEND_MASQUERADE, FlowKey, FlowNat, PROTO_UDP, ServiceKey,
+    Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_REPLY, FRONTEND_KIND, FRONTEND_MASQUERADE, FlowKey,
+    FlowNat, PROTO_UDP, ServiceKey, ServiceValue,
 };
 
 use crate::{
     lb::{Pick, pick},
-    maps::{EXT_BACKENDS, EXT_SERVICES, FLOWS, record},
-    packet::{DROP, PASS, Packet, Side},
+    maps::{BACKENDS, EXT_BACKENDS, EXT_SERVICES, FLOWS, SERVICES, record},
+    packet::{DROP, IcmpError, PASS, Packet, Parsed, Side, parse},
 };
 
 /// The masquerade mark (kube-proxy's `--iptables-masquerade-bit`), set by
 /// the agent when it loads the programs.
 #[unsafe(no_mangle)]
 static MASQUERADE_MARK: u32 = 0x4000;
+/// `--cluster-cidr` (address and netmask, network byte order): ClusterIP
+/// traffic from outside it is masqueraded. A zero mask: no cluster CIDR,
+/// and no such masquerade (as kube-proxy, which cannot tell without one).
+#[unsafe(no_mangle)]
+static CLUSTER_CIDR_ADDR: u32 = 0;
+/// See [`CLUSTER_CIDR_ADDR`].
+#[unsafe(no_mangle)]
+static CLUSTER_CIDR_MASK: u32 = 0;
+/// `--masquerade-all`: every ClusterIP flow from outside is masqueraded.
+#[unsafe(no_mangle)]
+static MASQUERADE_ALL: u32 = 0;
 
 #[classifier]
 #[expect(
@@ -31,18 +47,23 @@ static MASQUERADE_MARK: u32 = 0x4000;
     reason = "the program macro hands the context over by value"
 )]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    let Some(packet) = Packet::parse(&ctx) else {
-        return PASS;
-    };
+    match parse(&ctx) {
+        Some(Parsed::Flow(packet)) => flow(&ctx, &packet),
+        Some(Parsed::IcmpError(error)) => icmp_error(&ctx, &error),
+        None => PASS,
+    }
+}
+
+fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
     let forward = packet.flow_key(FLOW_FORWARD);
     // A TCP SYN always chooses afresh (a reused client port must not stick
     // to a backend that has gone); every other packet follows its flow.
     if !packet.starts_tcp {
         // SAFETY: the value is copied out at once.
         if let Some(flow) = unsafe { FLOWS.get(forward) }.copied()
-            && still_serving(&packet, &flow)
+            && still_serving(packet, &flow)
         {
-            return translate(&ctx, &packet, &flow);
+            return translate(ctx, packet, &flow);
         }
         // A TCP packet of no known flow is not ours to start one: it may
         // be the reply of a flow masqueraded to a node address.
@@ -50,20 +71,9 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
             return PASS;
         }
     }
-    let frontend = ServiceKey::frontend(packet.daddr_be, packet.dport_be, packet.proto);
-    let (backend, flags) = match pick(&EXT_SERVICES, frontend) {
-        Pick::NotService => return PASS,
-        Pick::NoBackends => {
-            // kube-proxy drops these too (policy Local without a local
-            // endpoint), and a load balancer's health check moves on.
-            record(Event::ExtDropped);
-            return DROP;
-        }
-        Pick::Lost(event) => {
-            record(event);
-            return PASS;
-        }
-        Pick::Backend { backend, flags } => (backend, flags),
+    let (backend, flags) = match choose(packet) {
+        Ok(chosen) => chosen,
+        Err(verdict) => return verdict,
     };
     // A pod reaching itself through its Service must not see its own
     // address as the source: masquerade it, as kube-proxy's KUBE-SEP rule
@@ -99,14 +109,69 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         record(Event::RevNatNotStored);
         return PASS;
     }
-    translate(&ctx, &packet, &flow)
+    translate(ctx, packet, &flow)
+}
+
+/// The backend for a new flow and the flow's flags, or the verdict for a
+/// packet that starts none. The outside frontends first; then the
+/// ClusterIPs, from the socket programs' own map.
+fn choose(packet: &Packet) -> Result<(ServiceValue, u16), i32> {
+    let frontend = ServiceKey::frontend(packet.daddr_be, packet.dport_be, packet.proto);
+    let (picked, cluster_ip) = match pick(&EXT_SERVICES, frontend) {
+        Pick::NotService => (pick(&SERVICES, frontend), true),
+        picked => (picked, false),
+    };
+    match picked {
+        Pick::NotService => Err(PASS),
+        Pick::NoBackends => {
+            // kube-proxy drops these too (policy Local without a local
+            // endpoint), and a load balancer's health check moves on.
+            record(Event::ExtDropped);
+            Err(DROP)
+        }
+        Pick::Lost(event) => {
+            record(event);
+            Err(PASS)
+        }
+        Pick::Backend { backend, flags } if !cluster_ip => Ok((backend, flags)),
+        // That map also holds the outside frontends as the node's own
+        // sockets reach them, over other backends: not for packets.
+        Pick::Backend { flags, .. } if flags & FRONTEND_KIND != 0 => Err(PASS),
+        Pick::Backend { backend, .. } => {
+            let masquerade = if masquerades_cluster_ip(packet.saddr_be) {
+                FRONTEND_MASQUERADE
+            } else {
+                0
+            };
+            Ok((backend, FLOW_CLUSTER_IP | masquerade))
+        }
+    }
+}
+
+/// kube-proxy's masquerade rules for ClusterIPs: everything with
+/// `--masquerade-all`, else what comes from outside `--cluster-cidr`.
+fn masquerades_cluster_ip(saddr_be: u32) -> bool {
+    // SAFETY: globals the loader fills in; read as they are in the object.
+    let (all, addr, mask) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const MASQUERADE_ALL),
+            core::ptr::read_volatile(&raw const CLUSTER_CIDR_ADDR),
+            core::ptr::read_volatile(&raw const CLUSTER_CIDR_MASK),
+        )
+    };
+    all != 0 || (mask != 0 && saddr_be & mask != addr)
 }
 
 /// A UDP flow whose backend left its Service is chosen afresh, as
 /// kube-proxy flushes conntrack for UDP endpoints that go; TCP flows keep
 /// their backend, as conntrack keeps established connections.
 fn still_serving(packet: &Packet, flow: &FlowNat) -> bool {
-    packet.proto != PROTO_UDP || EXT_BACKENDS.get_ptr(flow.backend_id).is_some()
+    packet.proto != PROTO_UDP
+        || if flow.flags & FLOW_CLUSTER_IP != 0 {
+            BACKENDS.get_ptr(flow.backend_id).is_some()
+        } else {
+            EXT_BACKENDS.get_ptr(flow.backend_id).is_some()
+        }
 }
 
 fn translate(ctx: &TcContext, packet: &Packet, flow: &FlowNat) -> i32 {
@@ -121,5 +186,22 @@ fn translate(ctx: &TcContext, packet: &Packet, flow: &FlowNat) -> i32 {
         ctx.set_mark(current | mark);
     }
     record(Event::ExtForwarded);
+    PASS
+}
+
+/// An ICMP error about a reply of a translated flow, sent back to the
+/// frontend the reply came from: it goes on to the backend, quoting the
+/// reply as the backend sent it, and conntrack relates it to the flow
+/// (undoing the masquerade, for policy Cluster).
+fn icmp_error(ctx: &TcContext, error: &IcmpError) -> i32 {
+    // SAFETY: the value is copied out at once.
+    let Some(flow) = (unsafe { FLOWS.get(error.quoted.answered_flow_key(FLOW_FORWARD)) }).copied()
+    else {
+        return PASS;
+    };
+    if !error.rewrite(ctx, Side::Source, flow.addr_be, flow.port_be) {
+        return DROP;
+    }
+    record(Event::IcmpTranslated);
     PASS
 }

@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, DatapathError, MapSizes, Pins, SizedTable},
+    datapath::{Datapath, DatapathError, MapSizes, Pins, SizedTable, TcSettings},
     devices::{self, DeviceWatch},
     health::{Health, HealthEndpoints, SharedHealth},
     metrics::Metrics,
@@ -54,6 +54,10 @@ pub struct AgentConfig {
     pub model: ModelConfig,
     /// `--iptables-masquerade-bit`.
     pub masquerade_bit: u8,
+    /// `--cluster-cidr`, its IPv4 range.
+    pub cluster_cidr: Option<crate::model::Cidr>,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
     /// Whether the masquerade fallback is kept.
     pub install_iptables_rules: bool,
     /// How often the masquerade rules and the devices are looked at.
@@ -246,7 +250,11 @@ fn load(config: &AgentConfig) -> Result<(Datapath, Writer, Writer), AgentError> 
     let mut datapath = Datapath::load(
         config.pins.clone(),
         config.sizes,
-        1 << config.masquerade_bit,
+        TcSettings {
+            masquerade_mark: 1 << config.masquerade_bit,
+            cluster_cidr: config.cluster_cidr,
+            masquerade_all: config.masquerade_all,
+        },
     )?;
     let maps = datapath.take_service_maps()?;
     let writer = MapWriter::adopt(maps.services, maps.backends).map_err(AgentError::Adopt)?;

@@ -80,6 +80,18 @@ pub struct RunArgs {
     /// Entries of the backends map: one per distinct endpoint address and port.
     #[arg(long, value_name = "N", default_value_t = MapSizes::default().backends)]
     pub backends_map_size: u32,
+    /// Entries of the tc programs' frontend map (NodePorts on each node
+    /// address, externalIPs, load-balancer IPs): one per frontend and one
+    /// per backend of each.
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().external_services)]
+    pub external_services_map_size: u32,
+    /// Entries of the tc programs' backend map.
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().external_backends)]
+    pub external_backends_map_size: u32,
+    /// Entries of the tc programs' connection table (an LRU: two per flow,
+    /// the least recently used forgotten when it is full).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().flows)]
+    pub flow_table_size: u32,
     /// Ignored: reverse translations now live in each socket's own storage,
     /// which has no size. Still accepted so that old command lines start.
     #[arg(long, value_name = "N", hide = true)]
@@ -99,6 +111,15 @@ pub struct RunArgs {
     /// mark 0x4000]
     #[arg(long, value_name = "0-31", value_parser = clap::value_parser!(u8).range(0..=31))]
     pub iptables_masquerade_bit: Option<u8>,
+    /// The pods' addresses (kube-proxy's --cluster-cidr): ClusterIP traffic
+    /// that arrives from outside them is masqueraded. Default: the config
+    /// file's clusterCIDR, else none (such traffic keeps its source).
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub cluster_cidr: Vec<kube_proxy_config::Cidr>,
+    /// Masquerade all ClusterIP traffic that arrives from outside the node
+    /// (kube-proxy's --masquerade-all) [default: iptables.masqueradeAll]
+    #[arg(long)]
+    pub masquerade_all: bool,
     /// Keep the iptables masquerade fallback (as Cilium's
     /// install-iptables-rules). Turn it off where something else
     /// masquerades the node's outside traffic.
@@ -156,6 +177,14 @@ impl RunArgs {
         let sizes = MapSizes {
             services: self.services_map_size,
             backends: self.backends_map_size,
+            external_services: self.external_services_map_size,
+            external_backends: self.external_backends_map_size,
+            flows: self.flow_table_size,
+        };
+        let cluster_cidrs = if self.cluster_cidr.is_empty() {
+            file.cluster_cidrs
+        } else {
+            self.cluster_cidr
         };
         if self.sock_rev_nat_map_size.is_some() {
             warn!(
@@ -194,12 +223,31 @@ impl RunArgs {
                 .iptables_masquerade_bit
                 .or(file.masquerade_bit)
                 .unwrap_or(14),
+            cluster_cidr: ipv4_cluster_cidr(&cluster_cidrs)?,
+            masquerade_all: self.masquerade_all || file.masquerade_all,
             iptables_sync_period: self.iptables_sync_period,
             install_iptables_rules: self.install_iptables_rules,
             devices: self.devices,
         };
         Ok((config, source))
     }
+}
+
+/// The IPv4 one of `--cluster-cidr` (dual-stack clusters give one of each
+/// family; the datapath is IPv4).
+fn ipv4_cluster_cidr(cidrs: &[kube_proxy_config::Cidr]) -> Result<Option<Cidr>> {
+    let mut ipv4 = cidrs.iter().filter_map(|cidr| match cidr.address {
+        std::net::IpAddr::V4(addr) => Some(Cidr {
+            addr,
+            prefix: cidr.prefix_len,
+        }),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let first = ipv4.next();
+    if let Some(second) = ipv4.next() {
+        bail!("--cluster-cidr: one IPv4 range, not several ({second} too)");
+    }
+    Ok(first)
 }
 
 /// Where Services and EndpointSlices come from: flags shared by `run`,

@@ -30,15 +30,16 @@ use aya::{
     },
 };
 use proxy_common::{
-    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, Backend, EXT_BACKENDS_MAP, EXT_SERVICES_MAP, MAPS,
-    PROGRAMS, SERVICES_MAP, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, TC_PROGRAMS,
+    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, Backend, EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES,
+    EXT_SERVICES_MAP, EXT_SERVICES_MAX_ENTRIES, FLOWS_MAP, FLOWS_MAX_ENTRIES, MAPS, PROGRAMS,
+    SERVICES_MAP, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, TC_PROGRAMS,
 };
 use tracing::{info, warn};
 
 pub use crate::maps::{
     Pins, PinsError, SizedTable, open_pinned, open_pinned_events, open_pinned_external,
 };
-use crate::{bpf_sys, maps::table::typed_map};
+use crate::{bpf_sys, maps::table::typed_map, model::Cidr};
 
 pub mod btf;
 
@@ -172,6 +173,10 @@ pub enum DatapathError {
 pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
+    pub external_services: u32,
+    pub external_backends: u32,
+    /// Flows of the tc programs, each counted once per direction.
+    pub flows: u32,
 }
 
 impl Default for MapSizes {
@@ -179,6 +184,9 @@ impl Default for MapSizes {
         Self {
             services: SERVICES_MAX_ENTRIES,
             backends: BACKENDS_MAX_ENTRIES,
+            external_services: EXT_SERVICES_MAX_ENTRIES,
+            external_backends: EXT_BACKENDS_MAX_ENTRIES,
+            flows: FLOWS_MAX_ENTRIES,
         }
     }
 }
@@ -186,19 +194,66 @@ impl Default for MapSizes {
 impl MapSizes {
     /// A map of no entries cannot be created; say so before anything is.
     pub fn check(self) -> Result<(), DatapathError> {
-        for (flag, size) in [
-            ("--services-map-size", self.services),
-            ("--backends-map-size", self.backends),
-        ] {
+        for (name, size) in self.by_name() {
             if size == 0 {
-                return Err(DatapathError::ZeroSize { flag });
+                return Err(DatapathError::ZeroSize {
+                    flag: size_flag(name),
+                });
             }
         }
         Ok(())
     }
 
-    fn by_name(self) -> [(&'static str, u32); 2] {
-        [(SERVICES_MAP, self.services), (BACKENDS_MAP, self.backends)]
+    fn by_name(self) -> [(&'static str, u32); 5] {
+        [
+            (SERVICES_MAP, self.services),
+            (BACKENDS_MAP, self.backends),
+            (EXT_SERVICES_MAP, self.external_services),
+            (EXT_BACKENDS_MAP, self.external_backends),
+            (FLOWS_MAP, self.flows),
+        ]
+    }
+}
+
+/// The `run` flag that sizes a map.
+#[must_use]
+pub fn size_flag(map: &str) -> &'static str {
+    match map {
+        SERVICES_MAP => "--services-map-size",
+        BACKENDS_MAP => "--backends-map-size",
+        EXT_SERVICES_MAP => "--external-services-map-size",
+        EXT_BACKENDS_MAP => "--external-backends-map-size",
+        FLOWS_MAP => "--flow-table-size",
+        _ => "(fixed size)",
+    }
+}
+
+/// What the tc programs are told when they load, as globals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcSettings {
+    /// `1 << --iptables-masquerade-bit`.
+    pub masquerade_mark: u32,
+    /// `--cluster-cidr`: ClusterIP traffic from outside it is masqueraded.
+    pub cluster_cidr: Option<Cidr>,
+    /// `--masquerade-all`: all ClusterIP traffic from outside is.
+    pub masquerade_all: bool,
+}
+
+impl TcSettings {
+    /// The tc ingress program's globals and their values.
+    fn globals(&self) -> [(&'static str, u32); 4] {
+        let (addr, mask) = self.cluster_cidr.map_or((0, 0), |cidr| {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(cidr.prefix))
+                .unwrap_or(0);
+            ((u32::from(cidr.addr) & mask).to_be(), mask.to_be())
+        });
+        [
+            ("MASQUERADE_MARK", self.masquerade_mark),
+            ("CLUSTER_CIDR_ADDR", addr),
+            ("CLUSTER_CIDR_MASK", mask),
+            ("MASQUERADE_ALL", u32::from(self.masquerade_all)),
+        ]
     }
 }
 
@@ -208,9 +263,6 @@ pub struct WritableMaps {
     pub services: SizedTable<ServiceKey, ServiceValue>,
     pub backends: SizedTable<u32, Backend>,
 }
-
-/// The global in the tc ingress program that holds the masquerade mark.
-const MASQUERADE_MARK_GLOBAL: &str = "MASQUERADE_MARK";
 
 /// What the programs assume of a map: the parts of its definition that
 /// decide how its bytes are read.
@@ -374,7 +426,7 @@ impl Datapath {
     /// and laid out as the programs expect. The directory must have been
     /// prepared and locked with [`Pins::prepare`], and its maps' BTF checked
     /// with [`check_pinned_maps`] while the agent could still read it.
-    pub fn load(pins: Pins, sizes: MapSizes, masquerade_mark: u32) -> Result<Self, DatapathError> {
+    pub fn load(pins: Pins, sizes: MapSizes, tc: TcSettings) -> Result<Self, DatapathError> {
         // Again, as far as the agent's capabilities now allow: a map could
         // have been pinned since by hand.
         check_layouts(&pins, Check::Definition)?;
@@ -383,7 +435,10 @@ impl Datapath {
             warn!(map = %path.display(), "a map of an older layout is pinned but unused; `cleanup` removes it");
         }
         let mut loader = EbpfLoader::new();
-        loader.override_global(MASQUERADE_MARK_GLOBAL, &masquerade_mark, true);
+        let globals = tc.globals();
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
             loader.map_pin_path(name, pins.map(name));
@@ -416,8 +471,8 @@ impl Datapath {
     /// Hands out the tc programs' frontend maps, for their writer.
     pub fn take_external_maps(&mut self) -> Result<WritableMaps, DatapathError> {
         Ok(WritableMaps {
-            services: self.take_table(EXT_SERVICES_MAP, "(fixed size)")?,
-            backends: self.take_table(EXT_BACKENDS_MAP, "(fixed size)")?,
+            services: self.take_table(EXT_SERVICES_MAP)?,
+            backends: self.take_table(EXT_BACKENDS_MAP)?,
         })
     }
 
@@ -511,8 +566,8 @@ impl Datapath {
     /// Hands out the service maps, for the writer.
     pub fn take_service_maps(&mut self) -> Result<WritableMaps, DatapathError> {
         Ok(WritableMaps {
-            services: self.take_table(SERVICES_MAP, "--services-map-size")?,
-            backends: self.take_table(BACKENDS_MAP, "--backends-map-size")?,
+            services: self.take_table(SERVICES_MAP)?,
+            backends: self.take_table(BACKENDS_MAP)?,
         })
     }
 
@@ -520,12 +575,11 @@ impl Datapath {
     fn take_table<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,
-        flag: &'static str,
     ) -> Result<SizedTable<K, V>, DatapathError> {
         Ok(SizedTable::new(
             typed_map(self.take_map(name)?, name)?,
             name,
-            flag,
+            size_flag(name),
         ))
     }
 
