@@ -165,11 +165,14 @@ impl Lab {
     }
 
     /// Runs nginx in the pod, answering every request on `port` with the
-    /// pod's name (and `/peer` with the client address it sees), and closing every connection so each request is a new
-    /// connection (and a new load-balancing decision).
+    /// pod's name (`/peer` with the client address it sees, `/big` with
+    /// [`BIG_BODY`] bytes), and closing every connection so each request is
+    /// a new connection (and a new load-balancing decision); except
+    /// `/held`, which keeps its connection open for the next request.
     pub fn serve_http(&mut self, pod: &Pod, port: u16) -> Result<()> {
         let dir = self.dir.join(format!("nginx-{}-{port}", pod.name));
         fs::create_dir_all(&dir)?;
+        fs::write(dir.join("big"), vec![b'x'; BIG_BODY])?;
         let d = dir.display();
         let config = format!(
             "worker_processes 1;\n\
@@ -188,6 +191,8 @@ impl Lab {
                  listen {ip}:{port} backlog=4096;\n\
                  location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n\
                  location = /peer {{ default_type text/plain; return 200 \"$remote_addr\\n\"; }}\n\
+                 location = /held {{ default_type text/plain; keepalive_timeout 60s; return 200 \"{name}\\n\"; }}\n\
+                 location = /big {{ default_type text/plain; alias {d}/big; }}\n\
                }}\n\
              }}\n",
             ip = pod.ip,
@@ -532,8 +537,14 @@ fn lab_name() -> String {
     )
 }
 
+/// The size of nginx's `/big`: many full-size segments.
+pub const BIG_BODY: usize = 256 * 1024;
+
 /// The external segment's network: the client, then node `i` at `.10 + i`.
 const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+/// The far client, behind the external client (see
+/// [`TwoNodeLab::add_far_client`]).
+pub const FAR_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 2);
 
 /// Two nodes and an external client, for traffic from outside the node:
 ///
@@ -548,6 +559,9 @@ const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 pub struct TwoNodeLab {
     nodes: [Lab; 2],
     external_netns: String,
+    /// The far client's namespace, once [`TwoNodeLab::add_far_client`]
+    /// made it.
+    far_netns: Option<String>,
 }
 
 impl TwoNodeLab {
@@ -558,6 +572,7 @@ impl TwoNodeLab {
         let lab = Self {
             nodes,
             external_netns,
+            far_netns: None,
         };
         let ext = lab.external_netns.as_str();
         ip(&["netns", "add", ext])?;
@@ -638,6 +653,91 @@ impl TwoNodeLab {
         cmd
     }
 
+    /// Adds a client one router hop further out, at [`FAR_CLIENT`]: the
+    /// external namespace forwards to it over a link of MTU `mtu` on the
+    /// router's side (1500 on the client's, so the client still offers a
+    /// full-size MSS), as a path through a tunnel is. Full-size packets
+    /// towards it meet a "fragmentation needed" in the router.
+    pub fn add_far_client(&mut self, mtu: u16) -> Result<Ipv4Addr> {
+        let far = format!("{}-far", self.external_netns.trim_end_matches("-ext"));
+        ip(&["netns", "add", &far])?;
+        self.far_netns = Some(far.clone());
+        let ext = self.external_netns.as_str();
+        ip(&["-n", &far, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", ext, "link", "add", "far", "type", "veth", "peer", "name", "eth0", "netns", &far,
+        ])?;
+        let mtu = mtu.to_string();
+        ip(&["-n", ext, "link", "set", "far", "mtu", &mtu])?;
+        ip(&["-n", ext, "addr", "add", "192.168.101.1/24", "dev", "far"])?;
+        ip(&["-n", ext, "link", "set", "far", "up"])?;
+        ip(&[
+            "-n",
+            &far,
+            "addr",
+            "add",
+            &format!("{FAR_CLIENT}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &far, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &far,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.101.1",
+        ])?;
+        let status = self
+            .external("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .status()?;
+        if !status.success() {
+            bail!("cannot turn forwarding on in {ext}");
+        }
+        for node in &self.nodes {
+            ip(&[
+                "-n",
+                &node.node_netns,
+                "route",
+                "add",
+                "192.168.101.0/24",
+                "via",
+                &EXTERNAL_CLIENT.to_string(),
+            ])?;
+        }
+        Ok(FAR_CLIENT)
+    }
+
+    /// Routes `cidr` from the external segment to node `number`, as a
+    /// router announcing externalIPs, load-balancer IPs or the Service
+    /// CIDR would.
+    pub fn route_via_node(&self, cidr: &str, number: u8) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.external_netns,
+            "route",
+            "add",
+            cidr,
+            "via",
+            &self.node_ip(number).to_string(),
+        ])
+    }
+
+    /// A command run by the far client.
+    ///
+    /// # Panics
+    /// Before [`TwoNodeLab::add_far_client`].
+    #[must_use]
+    pub fn far(&self, program: &str) -> Command {
+        let far = self.far_netns.as_deref().expect("add_far_client first");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", far, program]);
+        cmd
+    }
+
     /// Starts an agent in each node's namespace, as `node-1` and `node-2`,
     /// serving NodePorts on the shared segment's addresses, with `flags`.
     pub fn start_agents(&self, binary: &Path, flags: &[&str]) -> Result<Vec<Agent>> {
@@ -669,11 +769,13 @@ impl TwoNodeLab {
 
 impl Drop for TwoNodeLab {
     fn drop(&mut self) {
-        kill_netns_processes(&self.external_netns);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.external_netns])
-            .stderr(Stdio::null())
-            .status();
+        for ns in std::iter::once(&self.external_netns).chain(&self.far_netns) {
+            kill_netns_processes(ns);
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
         // The nodes tear themselves down after this.
     }
 }

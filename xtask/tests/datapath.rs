@@ -2578,3 +2578,210 @@ fn assert_restart_swaps_tc_links(lab: &TwoNodeLab) {
         "{answers:?}"
     );
 }
+
+/// Two nodes with an nginx pod each; a LoadBalancer Service `edge` (policy
+/// Cluster, ClusterIP 10.96.0.50, nodePort 30090, externalIP
+/// 192.168.200.10, load-balancer IP 192.168.200.20) over both pods; a UDP
+/// NodePort `closed` (30055) whose endpoint has nothing listening; routes
+/// from the external segment to node 1 for those addresses and the Service
+/// CIDR; a far client behind a 1280-byte link; and agents told the
+/// cluster CIDR.
+fn outside_frontends_lab() -> (TwoNodeLab, Vec<Agent>) {
+    let mut lab = TwoNodeLab::new().expect("lab");
+    let mut endpoints = Vec::new();
+    for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
+        let node = lab.node_mut(number);
+        let pod = node.add_pod(name).expect("pod");
+        node.serve_http(&pod, 8080).expect("nginx");
+        endpoints.push((pod.ip, format!("node-{number}")));
+    }
+    let endpoints: Vec<(Ipv4Addr, &str)> =
+        endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    lab.write_manifest("edge.yaml", &edge_manifest(&endpoints))
+        .expect("manifest");
+    for cidr in ["192.168.200.0/24", "10.96.0.0/16"] {
+        lab.route_via_node(cidr, 1).expect("route");
+    }
+    lab.add_far_client(1280).expect("far client");
+    let agents = lab
+        .start_agents(&agent_binary(), &["--cluster-cidr", "10.244.0.0/16"])
+        .expect("agents");
+    for agent in &agents {
+        agent
+            .wait_for_log("attached (TCX)", Duration::from_secs(10))
+            .unwrap();
+    }
+    (lab, agents)
+}
+
+/// `edge` over `endpoints`, and `closed` over node 1's first one.
+fn edge_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
+    manifests::documents(&[
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: edge\n  namespace: default\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  externalIPs: [\"192.168.200.10\"]\n  \
+         ports:\n  - name: http\n    port: 80\n    nodePort: 30090\n\
+         status:\n  loadBalancer:\n    ingress:\n    - ip: 192.168.200.20\n"
+            .to_owned(),
+        manifests::endpoint_slice_on_nodes("edge-1", "edge", HTTP_BACKEND, endpoints),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: closed\n  namespace: default\n\
+         spec:\n  type: NodePort\n  clusterIP: 10.96.0.55\n  ports:\n  - name: dns\n    \
+         port: 53\n    protocol: UDP\n    nodePort: 30055\n"
+            .to_owned(),
+        manifests::endpoint_slice_on_nodes(
+            "closed-1",
+            "closed",
+            &[("dns", 5399, "UDP")],
+            &endpoints[..1],
+        ),
+    ])
+}
+
+/// Issue 5: externalIPs, load-balancer IPs and ClusterIPs reached from
+/// outside the node through the tc programs (the ClusterIP masqueraded,
+/// the client being outside `--cluster-cidr`); a flow keeps its backend
+/// while the Service's endpoints change; ICMP errors are translated both
+/// ways: a backend's port unreachable reaches the client's UDP socket, and
+/// a router's "fragmentation needed" reaches the backend, so path MTU
+/// discovery works through the frontend.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn outside_frontends_flow_pinning_and_icmp_errors() {
+    let (lab, agents) = outside_frontends_lab();
+    let node1 = lab.node_ip(1).to_string();
+    let masqueraded = [node1.clone(), lab.node(1).bridge_ip().to_string()];
+    for frontend in ["192.168.200.10", "192.168.200.20", "10.96.0.50"] {
+        let (answers, failed) = external_answers(&lab, &format!("http://{frontend}/"), 30);
+        assert_eq!(failed, 0, "{frontend}: {answers:?}");
+        assert!(
+            answers.get("web-1a").is_some_and(|n| *n >= 3)
+                && answers.get("web-2a").is_some_and(|n| *n >= 3),
+            "{frontend}: both pods should answer: {answers:?}"
+        );
+        let (peers, _) = external_answers(&lab, &format!("http://{frontend}/peer"), 6);
+        assert!(
+            peers.keys().all(|peer| masqueraded.contains(peer)),
+            "{frontend}: not masqueraded to node 1: {peers:?}"
+        );
+    }
+    let listed = agents[0].services_json().unwrap();
+    for kind in ["ExternalIP/Cluster", "LoadBalancer/Cluster"] {
+        assert!(listed.contains(kind), "{kind} not listed: {listed}");
+    }
+
+    assert_udp_refusal_reaches_the_client(&lab);
+    assert_path_mtu_discovery_through_the_frontend(&lab);
+    assert_flow_keeps_its_backend(&lab);
+
+    let stats = agents[0].stats_json().unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        stats["icmp_translated"].as_u64().unwrap_or(0) >= 2,
+        "{stats}"
+    );
+}
+
+/// A keep-alive connection to the NodePort keeps the pod it got while that
+/// pod is taken out of the Service (as conntrack keeps an established
+/// connection under kube-proxy), while new connections go to the other.
+fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) {
+    let script = format!(
+        "import http.client, sys\n\
+         c = http.client.HTTPConnection('{}', 30090, timeout=5)\n\
+         for _ in range(2):\n    \
+             c.request('GET', '/held')\n    \
+             print(c.getresponse().read().decode().strip(), flush=True)\n    \
+             sys.stdin.readline()\n",
+        lab.node_ip(1)
+    );
+    let mut held = lab
+        .external("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut stdout = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let first = first.trim().to_owned();
+    let pods: Vec<Pod> = [1, 2]
+        .into_iter()
+        .flat_map(|number| lab.node(number).pods().to_vec())
+        .collect();
+    let (stay, node): (Vec<&Pod>, &str) = if first == "web-1a" {
+        (vec![&pods[1]], "node-2")
+    } else {
+        assert_eq!(first, "web-2a", "the first answer");
+        (vec![&pods[0]], "node-1")
+    };
+    lab.write_manifest("edge.yaml", &edge_manifest(&[(stay[0].ip, node)]))
+        .unwrap();
+    let url = format!("http://{}:30090/", lab.node_ip(1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (answers, _) = external_answers(lab, &url, 4);
+        if !answers.contains_key(&first) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{first} still chosen: {answers:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let mut stdin = held.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"\n").unwrap();
+    let mut second = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut second).unwrap();
+    assert_eq!(second.trim(), first, "the held connection changed backend");
+    drop(stdin);
+    let _ = held.wait();
+}
+
+/// A UDP datagram to a NodePort whose pod has nothing on the port: the
+/// pod's "port unreachable" comes back as the NodePort's, so the client's
+/// connected socket gets ECONNREFUSED rather than waiting.
+fn assert_udp_refusal_reaches_the_client(lab: &TwoNodeLab) {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.connect(('{}', 30055))\n\
+         s.send(b'anyone?')\n\
+         try:\n    s.recv(100)\n    print('answered')\n\
+         except ConnectionRefusedError:\n    print('refused')\n\
+         except TimeoutError:\n    print('timed out')\n",
+        lab.node_ip(1)
+    );
+    let out = lab
+        .external("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "refused",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The far client downloads `/big` through node 1's NodePort. Its router
+/// answers the pods' full-size segments with "fragmentation needed",
+/// addressed to the NodePort: only if node 1 hands that to the pod do the
+/// segments shrink; otherwise the download stalls.
+fn assert_path_mtu_discovery_through_the_frontend(lab: &TwoNodeLab) {
+    let url = format!("http://{}:30090/big", lab.node_ip(1));
+    let mut sizes = Vec::new();
+    for _ in 0..6 {
+        let out = lab
+            .far("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{size_download}"])
+            .args(["--max-time", "8", &url])
+            .output()
+            .expect("curl");
+        sizes.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let full = xtask::lab::BIG_BODY.to_string();
+    assert!(sizes.iter().all(|size| *size == full), "{sizes:?}");
+}
