@@ -73,7 +73,10 @@ fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
     }
     let (backend, flags) = match choose(packet) {
         Ok(chosen) => chosen,
-        Err(verdict) => return verdict,
+        Err(verdict) => {
+            forget_reply(packet);
+            return verdict;
+        }
     };
     // A pod reaching itself through its Service must not see its own
     // address as the source: masquerade it, as kube-proxy's KUBE-SEP rule
@@ -110,6 +113,15 @@ fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
         return PASS;
     }
     translate(ctx, packet, &flow)
+}
+
+/// A flow that starts here untranslated (a client reaching a pod straight
+/// from a port it once used for a Service) owns its reply direction from
+/// now on: a reply entry left by the old flow would give its replies the
+/// frontend's address. Conntrack keeps the two apart the same way, by
+/// refusing a second flow with the same reply tuple.
+fn forget_reply(packet: &Packet) {
+    let _ = FLOWS.remove(packet.answered_flow_key(FLOW_REPLY));
 }
 
 /// The backend for a new flow and the flow's flags, or the verdict for a

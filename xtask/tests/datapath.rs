@@ -2583,8 +2583,8 @@ fn assert_restart_swaps_tc_links(lab: &TwoNodeLab) {
 /// Cluster, ClusterIP 10.96.0.50, nodePort 30090, externalIP
 /// 192.168.200.10, load-balancer IP 192.168.200.20) over both pods; a UDP
 /// NodePort `closed` (30055) whose endpoint has nothing listening; routes
-/// from the external segment to node 1 for those addresses and the Service
-/// CIDR; a far client behind a 1280-byte link; and agents told the
+/// from the external segment to node 1 for those addresses, the Service
+/// CIDR and node 1's pods; a far client behind a 1280-byte link; and agents told the
 /// cluster CIDR.
 fn outside_frontends_lab() -> (TwoNodeLab, Vec<Agent>) {
     let mut lab = TwoNodeLab::new().expect("lab");
@@ -2599,7 +2599,7 @@ fn outside_frontends_lab() -> (TwoNodeLab, Vec<Agent>) {
         endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     lab.write_manifest("edge.yaml", &edge_manifest(&endpoints))
         .expect("manifest");
-    for cidr in ["192.168.200.0/24", "10.96.0.0/16"] {
+    for cidr in ["192.168.200.0/24", "10.96.0.0/16", "10.244.1.0/24"] {
         lab.route_via_node(cidr, 1).expect("route");
     }
     lab.add_far_client(1280).expect("far client");
@@ -2639,7 +2639,8 @@ fn edge_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
 /// Issue 5: externalIPs, load-balancer IPs and ClusterIPs reached from
 /// outside the node through the tc programs (the ClusterIP masqueraded,
 /// the client being outside `--cluster-cidr`); a flow keeps its backend
-/// while the Service's endpoints change; ICMP errors are translated both
+/// while the Service's endpoints change, and a port that carried one is
+/// free for a flow straight to the pod; ICMP errors are translated both
 /// ways: a backend's port unreachable reaches the client's UDP socket, and
 /// a router's "fragmentation needed" reaches the backend, so path MTU
 /// discovery works through the frontend.
@@ -2668,6 +2669,7 @@ fn outside_frontends_flow_pinning_and_icmp_errors() {
         assert!(listed.contains(kind), "{kind} not listed: {listed}");
     }
 
+    assert_direct_flow_after_a_frontend_flow_on_one_port(&lab);
     assert_udp_refusal_reaches_the_client(&lab);
     assert_path_mtu_discovery_through_the_frontend(&lab);
     assert_flow_keeps_its_backend(&lab);
@@ -2677,6 +2679,52 @@ fn outside_frontends_flow_pinning_and_icmp_errors() {
     assert!(
         stats["icmp_translated"].as_u64().unwrap_or(0) >= 2,
         "{stats}"
+    );
+}
+
+/// The external client reaches node 1's pod through the NodePort, then
+/// straight at its address from the same source port: the second flow's
+/// replies must keep the pod's address (the first flow's reply entry
+/// must not rename them).
+fn assert_direct_flow_after_a_frontend_flow_on_one_port(lab: &TwoNodeLab) {
+    // Through the NodePort until web-1a answers (so the two flows share
+    // their reply direction), then straight to web-1a. SO_REUSEADDR: each
+    // connection may leave the port in TIME_WAIT.
+    let script = format!(
+        "import socket\n\
+         def get(target):\n    \
+             s = socket.socket()\n    \
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n    \
+             s.bind(('', 40123))\n    \
+             s.settimeout(5)\n    \
+             try:\n        \
+                 s.connect(target)\n        \
+                 s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n        \
+                 return s.makefile().read().split()[-1]\n    \
+             except OSError as error:\n        \
+                 return str(error)\n    \
+             finally:\n        \
+                 s.close()\n\
+         for _ in range(30):\n    \
+             first = get(('{}', 30090))\n    \
+             if first == 'web-1a':\n        \
+                 break\n\
+         print(first)\n\
+         print(get(('{}', 8080)))\n",
+        lab.node_ip(1),
+        lab.node(1).pods()[0].ip
+    );
+    let out = lab
+        .external("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    let answers = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        answers.lines().collect::<Vec<_>>(),
+        ["web-1a", "web-1a"],
+        "through the NodePort, then straight to web-1a, from one port: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
