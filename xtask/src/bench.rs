@@ -8,12 +8,22 @@
 //! the shape kube-proxy writes (KUBE-SERVICES → KUBE-SVC-* → KUBE-SEP-*),
 //! with the measured Service in the middle of `services` Services: the
 //! average place of a Service in kube-proxy's list.
+//!
+//! A second table measures traffic from outside the node: an external
+//! namespace's connections to a NodePort (the tc programs) against its
+//! connections straight to the pod's address, routed through the same
+//! node, so the ratio is what the NodePort translation costs.
 
-use std::{fmt::Write as _, path::Path, process::Stdio};
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Output, Stdio},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::lab::{Lab, Pod, manifests};
+use crate::lab::{Lab, Pod, TwoNodeLab, manifests};
 
 const VIP: &str = "10.96.0.10";
 const BACKEND_PORT: u16 = 8080;
@@ -39,15 +49,16 @@ pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
     let mut results = Vec::new();
 
     let (lab, pods) = pod_lab()?;
+    let node_client = |args: &[&str]| lab.run_client("wrk", args);
     results.push(measure(
-        &lab,
+        &node_client,
         "direct to one pod (no Service, 1 nginx)",
         &format!("{}:{BACKEND_PORT}", pods[0].ip),
         options,
     )?);
     lab.write_manifest("services.yaml", &service_manifests(&pods, options.services))?;
     let agent = lab.start_agent(agent_binary)?;
-    results.push(measure(&lab, "eBPF ClusterIP", VIP, options)?);
+    results.push(measure(&node_client, "eBPF ClusterIP", VIP, options)?);
     drop(agent);
     drop(lab);
 
@@ -56,15 +67,152 @@ pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
     lab.route_from_node("10.96.0.0/12")?;
     iptables_restore(&lab, &kube_proxy_rules(&pods, options.services))?;
     results.push(measure(
-        &lab,
+        &|args: &[&str]| lab.run_client("wrk", args),
         "iptables ClusterIP (kube-proxy rules)",
         VIP,
         options,
     )?);
     drop(lab);
 
-    print_results(&results, options);
+    print_results(
+        &format!(
+            "new connections per second to one ClusterIP among {} Services",
+            options.services
+        ),
+        &results,
+        "iptables",
+        options,
+    );
+    let results = node_port(agent_binary, options)?;
+    print_results(
+        "new connections per second from an external namespace, through node 1",
+        &results,
+        "direct",
+        options,
+    );
+    println!(
+        "\npolicy Cluster masquerades (MASQUERADE --random-fully, as kube-proxy does): from one\n\
+         client at this rate, remapped source ports meet the pod's TIME_WAIT sockets and SYNs\n\
+         are retransmitted. Both datapaths pay it alike; many clients do not."
+    );
     Ok(())
+}
+
+/// The external client's connections to one pod on node 1: straight to
+/// its address (routed through node 1), and through a NodePort of each
+/// externalTrafficPolicy (Cluster adds the masquerade), under the eBPF
+/// datapath and under kube-proxy's rules.
+fn node_port(agent_binary: &Path, options: &BenchOptions) -> Result<Vec<Measurement>> {
+    let (lab, pod) = node_port_lab()?;
+    let backend = [("http", BACKEND_PORT, "TCP")];
+    let endpoints = [(pod.ip, "node-1")];
+    lab.write_manifest(
+        "nodeport.yaml",
+        &manifests::documents(&[
+            manifests::node_port_service(
+                "local",
+                "NodePort",
+                "10.96.0.20",
+                (80, LOCAL_NODE_PORT.into()),
+                "  externalTrafficPolicy: Local\n",
+            ),
+            manifests::endpoint_slice_on_nodes("local-1", "local", &backend, &endpoints),
+            manifests::node_port_service(
+                "cluster",
+                "NodePort",
+                "10.96.0.21",
+                (80, CLUSTER_NODE_PORT.into()),
+                "",
+            ),
+            manifests::endpoint_slice_on_nodes("cluster-1", "cluster", &backend, &endpoints),
+        ]),
+    )?;
+    let agents = lab.start_agents(agent_binary, &[])?;
+    agents[0].wait_for_log("attached (TCX)", Duration::from_secs(10))?;
+    let mut results = vec![measure(
+        &|args: &[&str]| Ok(lab.external("wrk").args(args).output()?),
+        "direct to the pod (routed by node 1)",
+        &format!("{}:{BACKEND_PORT}", pod.ip),
+        options,
+    )?];
+    results.extend(node_ports(&lab, "eBPF", options)?);
+    drop(agents);
+    drop(lab);
+
+    // A fresh pair of nodes, so conntrack and the nat table exist only here.
+    let (lab, pod) = node_port_lab()?;
+    iptables_restore(lab.node(1), &kube_proxy_node_port_rules(&pod))?;
+    results.extend(node_ports(&lab, "iptables", options)?);
+    Ok(results)
+}
+
+const LOCAL_NODE_PORT: u16 = 30080;
+const CLUSTER_NODE_PORT: u16 = 30081;
+
+/// Two nodes, one nginx pod on node 1, and the external client's route
+/// to the pods through node 1.
+fn node_port_lab() -> Result<(TwoNodeLab, Pod)> {
+    let mut lab = TwoNodeLab::new()?;
+    let node = lab.node_mut(1);
+    let pod = node.add_pod("pod-a")?;
+    node.serve_http(&pod, BACKEND_PORT)?;
+    lab.route_via_node("10.244.1.0/24", 1)?;
+    Ok((lab, pod))
+}
+
+/// Both NodePorts of node 1, as `datapath` serves them.
+fn node_ports(
+    lab: &TwoNodeLab,
+    datapath: &'static str,
+    options: &BenchOptions,
+) -> Result<[Measurement; 2]> {
+    let wrk = |args: &[&str]| Ok(lab.external("wrk").args(args).output()?);
+    let node = lab.node_ip(1);
+    let (local, cluster) = if datapath == "eBPF" {
+        (
+            "eBPF NodePort, policy Local",
+            "eBPF NodePort, policy Cluster (masq.)",
+        )
+    } else {
+        (
+            "iptables NodePort, policy Local",
+            "iptables NodePort, Cluster (masq.)",
+        )
+    };
+    Ok([
+        measure(&wrk, local, &format!("{node}:{LOCAL_NODE_PORT}"), options)?,
+        measure(
+            &wrk,
+            cluster,
+            &format!("{node}:{CLUSTER_NODE_PORT}"),
+            options,
+        )?,
+    ])
+}
+
+/// kube-proxy's nat rules for the two NodePorts: KUBE-NODEPORTS behind the
+/// LOCAL address-type match, KUBE-EXT-* marking policy Cluster for the
+/// masquerade, and KUBE-POSTROUTING doing it.
+fn kube_proxy_node_port_rules(pod: &Pod) -> String {
+    format!(
+        "*nat\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+         :KUBE-MARK-MASQ - [0:0]\n:KUBE-EXT-CLUSTER - [0:0]\n:KUBE-SEP-POD - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         -A KUBE-NODEPORTS -p tcp -m tcp --dport {LOCAL_NODE_PORT} -j KUBE-SEP-POD\n\
+         -A KUBE-NODEPORTS -p tcp -m tcp --dport {CLUSTER_NODE_PORT} -j KUBE-EXT-CLUSTER\n\
+         -A KUBE-EXT-CLUSTER -j KUBE-MARK-MASQ\n\
+         -A KUBE-EXT-CLUSTER -j KUBE-SEP-POD\n\
+         -A KUBE-SEP-POD -p tcp -m tcp -j DNAT --to-destination {}:{BACKEND_PORT}\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n\
+         COMMIT\n",
+        pod.ip
+    )
 }
 
 fn pod_lab() -> Result<(Lab, Vec<Pod>)> {
@@ -166,24 +314,23 @@ fn iptables_restore(lab: &Lab, rules: &str) -> Result<()> {
     Ok(())
 }
 
+/// wrk against `target`, run by `wrk` (which takes wrk's arguments, and
+/// runs it where the client is).
 fn measure(
-    lab: &Lab,
+    wrk: &dyn Fn(&[&str]) -> Result<Output>,
     mode: &'static str,
     target: &str,
     options: &BenchOptions,
 ) -> Result<Measurement> {
     let url = format!("http://{target}/");
     // A short warm-up fills caches (and, for iptables, loads the modules).
-    lab.run_client("wrk", &["-t1", "-c4", "-d1s", &url])?;
-    let out = lab.run_client(
-        "wrk",
-        &[
-            "-t2",
-            &format!("-c{}", options.connections),
-            &format!("-d{}s", options.seconds),
-            &url,
-        ],
-    )?;
+    wrk(&["-t1", "-c4", "-d1s", &url])?;
+    let out = wrk(&[
+        "-t2",
+        &format!("-c{}", options.connections),
+        &format!("-d{}s", options.seconds),
+        &url,
+    ])?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
         bail!(
@@ -209,19 +356,23 @@ fn measure(
     })
 }
 
-fn print_results(results: &[Measurement], options: &BenchOptions) {
+/// One table: every mode's rate, and its ratio to the mode whose name
+/// starts with `baseline`.
+fn print_results(title: &str, results: &[Measurement], baseline: &str, options: &BenchOptions) {
     println!(
-        "\nnew connections per second to one ClusterIP among {} Services \
-         (wrk -t2 -c{} -d{}s; every request a new connection)\n",
-        options.services, options.connections, options.seconds
+        "\n{title} (wrk -t2 -c{} -d{}s; every request a new connection)\n",
+        options.connections, options.seconds
     );
-    let iptables = results
+    let base = results
         .iter()
-        .find(|r| r.mode.starts_with("iptables"))
+        .find(|r| r.mode.starts_with(baseline))
         .map_or(f64::NAN, |r| r.requests_per_second);
     println!(
         "{:<40} {:>12} {:>12} {:>14}",
-        "MODE", "REQ/S", "AVG LATENCY", "VS IPTABLES"
+        "MODE",
+        "REQ/S",
+        "AVG LATENCY",
+        format!("VS {}", baseline.to_uppercase())
     );
     for result in results {
         println!(
@@ -229,7 +380,7 @@ fn print_results(results: &[Measurement], options: &BenchOptions) {
             result.mode,
             result.requests_per_second,
             result.latency,
-            result.requests_per_second / iptables
+            result.requests_per_second / base
         );
     }
 }
