@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub iptables_sync_period: Duration,
     /// `--devices`.
     pub devices: Vec<String>,
+    /// `--tcx`.
+    pub tcx: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,9 @@ struct Loop {
     attached: bool,
     /// Devices chosen but not yet attached to.
     devices_wanted: Option<BTreeSet<String>>,
+    /// Every interface of the namespace, as last read: where clsact
+    /// filters may have to be taken off.
+    interface_names: Vec<String>,
     view: View,
     /// The view that the maps were last fully reconciled against.
     reconciled: Option<View>,
@@ -158,6 +163,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         datapath,
         attached: false,
         devices_wanted: None,
+        interface_names: Vec::new(),
         view: View::Partial,
         reconciled: None,
         pending: BTreeSet::new(),
@@ -261,6 +267,7 @@ fn load(config: &AgentConfig) -> Result<(Datapath, Writer, Writer), AgentError> 
     let maps = datapath.take_external_maps()?;
     let external_writer =
         MapWriter::adopt(maps.services, maps.backends).map_err(AgentError::Adopt)?;
+    datapath.set_tcx(config.tcx);
     let (frontends, backends) = writer.sizes();
     let (external, _) = external_writer.sizes();
     info!(frontends, backends, external, "adopted the pinned maps");
@@ -378,6 +385,7 @@ impl Loop {
                 {
                     self.devices_wanted = Some(devices.clone());
                 }
+                self.interface_names = interfaces.into_iter().map(|i| i.name).collect();
                 self.attach_devices();
             }
             Err(error) => {
@@ -392,7 +400,8 @@ impl Loop {
         if self.attached
             && let Some(devices) = self.devices_wanted.take()
         {
-            self.datapath.attach_devices(&devices);
+            self.datapath
+                .attach_devices(&devices, &self.interface_names);
         }
     }
 

@@ -6,7 +6,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
@@ -319,11 +319,9 @@ pub struct CgroupLinkInfo {
     pub attach_type: u32,
 }
 
-/// The link behind `fd`, if it is a cgroup link; an error if `fd` is not a
-/// link, or a link of another kind.
-pub fn cgroup_link_info(fd: impl AsFd) -> io::Result<CgroupLinkInfo> {
-    use aya_obj::generated::{bpf_link_info, bpf_link_type};
-    let fd = fd.as_fd();
+/// The kernel's description of the link behind `fd`; an error if `fd` is
+/// not a link.
+fn link_info(fd: BorrowedFd<'_>) -> io::Result<aya_obj::generated::bpf_link_info> {
     let kind = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     if kind.as_os_str() != "anon_inode:bpf-link" {
         return Err(io::Error::new(
@@ -332,18 +330,30 @@ pub fn cgroup_link_info(fd: impl AsFd) -> io::Result<CgroupLinkInfo> {
         ));
     }
     // SAFETY: bpf_link_info is plain integers, for which zero is valid.
-    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut info: aya_obj::generated::bpf_link_info = unsafe { std::mem::zeroed() };
     let attr = InfoAttr {
         bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
-        info_len: u32::try_from(size_of::<bpf_link_info>()).unwrap_or(u32::MAX),
+        info_len: u32::try_from(size_of_val(&info)).unwrap_or(u32::MAX),
         info: std::ptr::from_mut(&mut info) as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(info)
+}
+
+fn wrong_link_type(found: u32, wanted: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("a link of type {found}, not a {wanted} link"),
+    )
+}
+
+/// The link behind `fd`, if it is a cgroup link; an error if `fd` is not a
+/// link, or a link of another kind.
+pub fn cgroup_link_info(fd: impl AsFd) -> io::Result<CgroupLinkInfo> {
+    use aya_obj::generated::bpf_link_type;
+    let info = link_info(fd.as_fd())?;
     if info.type_ != bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a link of type {}, not a cgroup link", info.type_),
-        ));
+        return Err(wrong_link_type(info.type_, "cgroup"));
     }
     // SAFETY: the kernel filled the cgroup member, as the type says.
     let cgroup = unsafe { info.__bindgen_anon_1.cgroup };
@@ -353,6 +363,18 @@ pub fn cgroup_link_info(fd: impl AsFd) -> io::Result<CgroupLinkInfo> {
         cgroup_id: cgroup.cgroup_id,
         attach_type: cgroup.attach_type,
     })
+}
+
+/// The device index a TCX link is on: 0 once the device is gone, and the
+/// link defunct.
+pub fn tcx_link_ifindex(fd: impl AsFd) -> io::Result<u32> {
+    use aya_obj::generated::bpf_link_type;
+    let info = link_info(fd.as_fd())?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
+        return Err(wrong_link_type(info.type_, "TCX"));
+    }
+    // SAFETY: the kernel filled the tcx member, as the type says.
+    Ok(unsafe { info.__bindgen_anon_1.tcx }.ifindex)
 }
 
 /// `union bpf_attr` for BPF_PROG_QUERY, up to the program count.

@@ -135,6 +135,11 @@ pub struct RunArgs {
     /// One that does not exist yet is picked up when it appears.
     #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
     pub devices: Vec<String>,
+    /// Attach the tc programs with TCX links (Linux 6.6 and later, pinned
+    /// like the cgroup links). `false` uses clsact filters, as on older
+    /// kernels, where TCX is also given up for clsact by itself.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcx: bool,
 }
 
 impl RunArgs {
@@ -228,6 +233,7 @@ impl RunArgs {
             iptables_sync_period: self.iptables_sync_period,
             install_iptables_rules: self.install_iptables_rules,
             devices: self.devices,
+            tcx: self.tcx,
         };
         Ok((config, source))
     }

@@ -19,6 +19,9 @@ pub const NO_DEVICES: &str = "none";
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Interface {
     pub name: String,
+    /// The kernel's index: a device deleted and made again under the same
+    /// name gets a new one, and the tc programs must be attached again.
+    pub index: u32,
     pub loopback: bool,
     pub addresses: BTreeSet<Ipv4Addr>,
 }
@@ -36,6 +39,7 @@ pub fn read() -> Result<Vec<Interface>, DevicesError> {
             .entry(entry.interface_name.clone())
             .or_insert_with(|| Interface {
                 name: entry.interface_name.clone(),
+                index: nix::net::if_::if_nametoindex(entry.interface_name.as_str()).unwrap_or(0),
                 ..Interface::default()
             });
         interface.loopback |= entry.flags.contains(InterfaceFlags::IFF_LOOPBACK);
@@ -96,6 +100,8 @@ pub fn choose(
 pub struct DeviceWatch {
     requested: Vec<String>,
     chosen: Option<Choice>,
+    /// The chosen devices' indexes.
+    indexes: BTreeMap<String, u32>,
 }
 
 impl DeviceWatch {
@@ -104,6 +110,7 @@ impl DeviceWatch {
         Self {
             requested,
             chosen: None,
+            indexes: BTreeMap::new(),
         }
     }
 
@@ -125,7 +132,18 @@ impl DeviceWatch {
         for name in old.missing.intersection(&choice.devices) {
             info!(device = %name, "an interface named in --devices appeared");
         }
-        let changed = choice.devices != old.devices;
+        let indexes: BTreeMap<String, u32> = interfaces
+            .iter()
+            .filter(|i| choice.devices.contains(&i.name))
+            .map(|i| (i.name.clone(), i.index))
+            .collect();
+        for (name, index) in &indexes {
+            if self.indexes.get(name).is_some_and(|old| old != index) {
+                info!(device = %name, "a device was made again; attaching to it anew");
+            }
+        }
+        let changed = choice.devices != old.devices || indexes != self.indexes;
+        self.indexes = indexes;
         if changed {
             let list: Vec<&str> = choice.devices.iter().map(String::as_str).collect();
             info!(
@@ -145,6 +163,7 @@ mod tests {
     fn interface(name: &str, addresses: &[&str]) -> Interface {
         Interface {
             name: name.to_owned(),
+            index: 1,
             loopback: name == "lo",
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
         }
@@ -204,6 +223,9 @@ mod tests {
         later.push(interface("bond0", &["192.168.100.11"]));
         assert_eq!(watch.update(&later, &none), Some(&set(&["bond0"])));
         assert_eq!(watch.update(&later, &none), None, "no change, no news");
+        // Deleted and made again: a new index, attached again.
+        later.last_mut().unwrap().index = 9;
+        assert_eq!(watch.update(&later, &none), Some(&set(&["bond0"])));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::FdLink,
-        tc::{self, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use proxy_common::{
@@ -419,6 +419,8 @@ pub fn check_cgroup(path: &Path) -> Result<(), DatapathError> {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
+    /// `--tcx`: TCX links where the kernel has them; else clsact filters.
+    tcx: bool,
 }
 
 impl Datapath {
@@ -465,7 +467,11 @@ impl Datapath {
             }
         }
         load_programs(&mut ebpf)?;
-        Ok(Self { ebpf, pins })
+        Ok(Self {
+            ebpf,
+            pins,
+            tcx: true,
+        })
     }
 
     /// Hands out the tc programs' frontend maps, for their writer.
@@ -481,12 +487,9 @@ impl Datapath {
     /// its own (TCX, pinned; clsact where the kernel has no TCX), and the
     /// links of devices no longer chosen are unpinned, which detaches them.
     /// A device that fails is logged and skipped; the others still go on.
-    pub fn attach_devices(&mut self, devices: &BTreeSet<String>) {
+    pub fn attach_devices(&mut self, devices: &BTreeSet<String>, all: &[String]) {
         for device in devices {
-            for (name, attach_type) in [
-                ("tc_ingress", TcAttachType::Ingress),
-                ("tc_egress", TcAttachType::Egress),
-            ] {
+            for (name, attach_type) in TC_HOOKS {
                 if let Err(error) = self.attach_device(name, device, attach_type) {
                     warn!(program = name, device, error = %crate::report::chain(&error), "cannot attach to the device");
                 }
@@ -504,6 +507,23 @@ impl Datapath {
                 }
             }
         }
+        if !self.tcx {
+            // clsact filters have no pin to list them by: ask every device.
+            for device in all.iter().filter(|d| !devices.contains(*d)) {
+                if detach_clsact(device) {
+                    info!(
+                        device,
+                        "detached the clsact filters from a device no longer used"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `--tcx false`: attach the tc programs as clsact filters even where
+    /// the kernel has TCX.
+    pub fn set_tcx(&mut self, tcx: bool) {
+        self.tcx = tcx;
     }
 
     fn attach_device(
@@ -523,6 +543,9 @@ impl Datapath {
         )? {
             return Ok(());
         }
+        if !self.tcx {
+            return attach_clsact(program, name, device, attach_type);
+        }
         let tcx = program.attach_with_options(
             device,
             attach_type,
@@ -531,22 +554,8 @@ impl Datapath {
         let link_id = match tcx {
             Ok(link_id) => link_id,
             Err(error) => {
-                // Kernels before 6.6: a clsact filter, which has no link to
-                // pin but stays attached when the agent exits.
                 warn!(program = name, device, error = %crate::report::chain(&error), "TCX is unavailable; using clsact");
-                if let Err(error) = tc::qdisc_add_clsact(device) {
-                    tracing::debug!(device, %error, "clsact qdisc not added (it may exist)");
-                }
-                let link_id = program
-                    .attach(device, attach_type)
-                    .map_err(|source| DatapathError::Program { name, source })?;
-                let link = program
-                    .take_link(link_id)
-                    .map_err(|source| DatapathError::Program { name, source })?;
-                // Dropping the link would detach the filter.
-                std::mem::forget(link);
-                info!(program = name, device, "attached (clsact)");
-                return Ok(());
+                return attach_clsact(program, name, device, attach_type);
             }
         };
         let link = program
@@ -662,6 +671,75 @@ fn swap_pinned(
     }
 }
 
+/// The tc programs and the hooks they go on.
+const TC_HOOKS: [(&str, TcAttachType); 2] = [
+    ("tc_ingress", TcAttachType::Ingress),
+    ("tc_egress", TcAttachType::Egress),
+];
+
+/// Where the clsact filters go: a priority and handle of this project's
+/// own, so that a restart finds its filter and replaces the program in
+/// it, rather than adding a second filter, and no one else's is touched.
+const CLSACT_PRIORITY: u16 = 0x0eb5;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x0eb5);
+
+/// Kernels before 6.6 (or `--tcx false`): a clsact filter, which has no
+/// link to pin but stays attached when the agent exits. An earlier
+/// agent's filter gets the new program in place, atomically.
+fn attach_clsact(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    device: &str,
+    attach_type: TcAttachType,
+) -> Result<(), DatapathError> {
+    if let Err(error) = tc::qdisc_add_clsact(device) {
+        tracing::debug!(device, %error, "clsact qdisc not added (it may exist)");
+    }
+    let program_error = |source| DatapathError::Program { name, source };
+    let ours =
+        SchedClassifierLink::attached(device, attach_type, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+            .map_err(|error| program_error(tc::TcError::IoError(error).into()))?;
+    let (link_id, how) = match program.attach_to_link(ours) {
+        Ok(link_id) => (link_id, "replaced the program in the clsact filter"),
+        // No filter of ours there yet (ENOENT): a new one.
+        Err(_) => (
+            program
+                .attach_with_options(
+                    device,
+                    attach_type,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: CLSACT_PRIORITY,
+                        handle: CLSACT_HANDLE,
+                        classid: None,
+                    }),
+                )
+                .map_err(program_error)?,
+            "attached (clsact)",
+        ),
+    };
+    let link = program.take_link(link_id).map_err(program_error)?;
+    // Dropping the link would detach the filter.
+    std::mem::forget(link);
+    info!(program = name, device, "{how}");
+    Ok(())
+}
+
+/// Removes the clsact filters of the tc programs from `device`; whether
+/// there were any.
+fn detach_clsact(device: &str) -> bool {
+    let mut detached = false;
+    for (name, attach_type) in TC_HOOKS {
+        match tc::qdisc_detach_program(device, attach_type, name) {
+            Ok(()) => detached = true,
+            Err(tc::TcError::IoError(error)) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                warn!(device, program = name, %error, "cannot detach the clsact filter");
+            }
+        }
+    }
+    detached
+}
+
 /// The pinned tc links and the device each is on.
 pub fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
     let Ok(dir) = fs::read_dir(pins.links_dir()) else {
@@ -769,6 +847,13 @@ pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
     }
     for (path, _) in tc_links(pins) {
         remove(path)?;
+    }
+    // clsact filters (kernels without TCX, or `--tcx false`) are listed
+    // by no pin: every device of this namespace is asked.
+    if let Ok(interfaces) = crate::devices::read() {
+        for interface in interfaces {
+            detach_clsact(&interface.name);
+        }
     }
     for name in MAPS {
         remove(pins.map(name))?;

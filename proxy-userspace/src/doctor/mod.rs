@@ -718,7 +718,34 @@ fn masquerade(cx: &Context) -> Check {
     if links.is_empty() {
         return Check::ok(
             NAME,
-            "no device has the tc programs (--devices none, or no NodePort address): nothing to masquerade",
+            "no pinned tc link (--devices none, no NodePort address, or clsact filters, \
+             which are not pinned): nothing to masquerade",
+        );
+    }
+    let defunct: Vec<String> = links
+        .iter()
+        .filter_map(|(path, device)| {
+            let on_device = bpf_sys::obj_get(path).and_then(bpf_sys::tcx_link_ifindex);
+            let now = nix::net::if_::if_nametoindex(device.as_str()).ok();
+            match on_device {
+                Ok(index) if index != 0 && Some(index) == now => None,
+                Ok(_) => Some(format!(
+                    "{} (its device is gone or was made again)",
+                    path.display()
+                )),
+                Err(error) => Some(format!("{}: {error}", path.display())),
+            }
+        })
+        .collect();
+    if !defunct.is_empty() {
+        return Check::problem(
+            NAME,
+            Status::Fail,
+            format!("defunct tc links: {}", defunct.join("; ")),
+            format!(
+                "a running agent attaches anew within --iptables-sync-period; if it stays, {}",
+                cx.restart
+            ),
         );
     }
     let mut devices: Vec<&str> = links.iter().map(|(_, device)| device.as_str()).collect();
