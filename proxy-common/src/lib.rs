@@ -43,8 +43,14 @@ pub const EXT_BACKENDS_MAP: &str = "lb4_ext_be_v1";
 /// backend, and each reply direction's frontend.
 pub const FLOWS_MAP: &str = "lb4_flows_v1";
 
+/// Connected UDP sockets that `connect4` translated, by socket cookie
+/// (an LRU hash): the agent asks it which sockets to end when their
+/// backend leaves the Service, since sock_diag reports socket-local
+/// storage for TCP sockets only.
+pub const UDP_CONNECTED_MAP: &str = "lb4_udp_conn_v1";
+
 /// Every map of the object; all are pinned.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REV_NAT_MAP,
@@ -52,6 +58,7 @@ pub const MAPS: [&str; 7] = [
     EXT_SERVICES_MAP,
     EXT_BACKENDS_MAP,
     FLOWS_MAP,
+    UDP_CONNECTED_MAP,
 ];
 
 /// The cgroup socket-address programs, by the names of their functions.
@@ -68,6 +75,9 @@ pub const EXT_SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const EXT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
 /// See [`EXT_SERVICES_MAX_ENTRIES`].
 pub const FLOWS_MAX_ENTRIES: u32 = 262_144;
+/// Size of [`UDP_CONNECTED_MAP`]: a socket pushed out by newer ones is
+/// only left out of the ending of stale sockets.
+pub const UDP_CONNECTED_MAX_ENTRIES: u32 = 65_536;
 
 /// Slot 0 flag of an outside frontend: packets it translates are marked for
 /// the masquerade fallback (externalTrafficPolicy Cluster), so replies come
@@ -380,6 +390,7 @@ mod user {
         super::ServiceValue,
         super::Backend,
         super::SockRevNat,
+        super::RevNatPair,
         super::FlowKey,
         super::FlowNat
     );

@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     btf_maps::HashMap,
-    helpers::{bpf_get_prandom_u32, bpf_set_retval},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
@@ -16,7 +16,7 @@ use proxy_common::{
     SockRevNat,
 };
 
-use crate::maps::{SERVICES, SOCK_REV_NAT, record};
+use crate::maps::{SERVICES, SOCK_REV_NAT, UDP_CONNECTED, record};
 
 /// Let the system call go on.
 pub const ALLOW: i32 = 1;
@@ -136,6 +136,12 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
         if proto == PROTO_UDP {
             return ALLOW;
         }
+    }
+    if call == Call::Connect && proto == PROTO_UDP {
+        // SAFETY: a plain helper call on this program's context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+        // Only the ending of stale sockets depends on it.
+        let _ = UDP_CONNECTED.insert(cookie, pair, 0);
     }
     addr.user_ip4 = backend.addr_be;
     addr.user_port = u32::from(backend.port_be);

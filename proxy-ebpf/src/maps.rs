@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BACKENDS_MAX_ENTRIES, Backend, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event,
-    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
-    SockRevNat,
+    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey,
+    ServiceValue, SockRevNat, UDP_CONNECTED_MAX_ENTRIES,
 };
 
 // The macro takes a literal; these keep it equal to the shared names.
@@ -20,6 +20,7 @@ const _: () = {
     assert!(eq(proxy_common::EXT_SERVICES_MAP, "lb4_ext_svc_v1"));
     assert!(eq(proxy_common::EXT_BACKENDS_MAP, "lb4_ext_be_v1"));
     assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
+    assert!(eq(proxy_common::UDP_CONNECTED_MAP, "lb4_udp_conn_v1"));
 };
 
 const fn eq(a: &str, b: &str) -> bool {
@@ -73,6 +74,13 @@ pub static EXT_BACKENDS: HashMap<u32, Backend, { EXT_BACKENDS_MAX_ENTRIES as usi
 /// that stops taking new ones.
 #[btf_map(name = "lb4_flows_v1")]
 pub static FLOWS: LruHashMap<FlowKey, FlowNat, { FLOWS_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Connected UDP sockets `connect4` translated, by socket cookie, for the
+/// agent to end those whose backend left (sock_diag shows socket storage
+/// for TCP only). An LRU: a socket pushed out is only not ended.
+#[btf_map(name = "lb4_udp_conn_v1")]
+pub static UDP_CONNECTED: LruHashMap<u64, RevNatPair, { UDP_CONNECTED_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
 #[btf_map(name = "lb4_events_v4")]
