@@ -32,6 +32,7 @@ use crate::{
     reconcile::{Desired, Reconciler, Scope, iptables::Masquerade},
     service_health::ServiceHealthServers,
     source::{Change, EventSink, Source, SourceError, SourceEvent},
+    stale_sockets::{Departure, StaleSockets, Termination, Translations},
     writer::MapWriter,
 };
 
@@ -66,6 +67,8 @@ pub struct AgentConfig {
     pub devices: Vec<String>,
     /// `--tcx`.
     pub tcx: bool,
+    /// `--terminate-udp`, `--terminate-tcp`.
+    pub termination: Termination,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +141,8 @@ struct Loop {
     masquerade: Option<Masquerade>,
     devices: DeviceWatch,
     service_health: ServiceHealthServers,
+    /// `None` with `--terminate-udp=false` and `--terminate-tcp=false`.
+    stale_sockets: Option<StaleSockets>,
 }
 
 /// Loads and attaches the datapath, then follows `source` until SIGTERM or
@@ -179,6 +184,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
             .then(|| Masquerade::new(config.masquerade_bit)),
         devices: DeviceWatch::new(config.devices.clone()),
         service_health: ServiceHealthServers::new(health.clone()),
+        stale_sockets: start_stale_sockets(&config),
     };
     // Before the first sync, so that it already has the node's addresses
     // (a second sync just for them would be wasted).
@@ -272,6 +278,56 @@ fn load(config: &AgentConfig) -> Result<(Datapath, Writer, Writer), AgentError> 
     let (external, _) = external_writer.sizes();
     info!(frontends, backends, external, "adopted the pinned maps");
     Ok((datapath, writer, external_writer))
+}
+
+/// The thread that ends sockets of departed backends; without it (the
+/// storage map cannot be opened, say) the agent goes on, and says so.
+fn start_stale_sockets(config: &AgentConfig) -> Option<StaleSockets> {
+    if !config.termination.any() {
+        return None;
+    }
+    match Translations::open(&config.pins)
+        .and_then(|translations| StaleSockets::start(translations, config.termination))
+    {
+        Ok(stale_sockets) => Some(stale_sockets),
+        Err(error) => {
+            warn!(%error, "cannot end sockets of backends that leave their Service; connected UDP sockets keep their backend");
+            None
+        }
+    }
+}
+
+/// The backends the maps give each changed frontend that `desired` no
+/// longer does, with the frontend.
+fn departures(
+    writer: &Writer,
+    desired: &DesiredState,
+    changed: &BTreeSet<L4Addr>,
+) -> Vec<(L4Addr, Departure)> {
+    let mut out = Vec::new();
+    for frontend in changed {
+        let staying: BTreeSet<Backend> = desired
+            .frontends
+            .get(frontend)
+            .map(|f| f.backends.iter().map(|b| b.backend()).collect())
+            .unwrap_or_default();
+        for backend in writer.backends_of(*frontend) {
+            if !staying.contains(&backend) {
+                out.push((
+                    *frontend,
+                    Departure {
+                        frontend: (frontend.ip, frontend.port),
+                        backend: (
+                            std::net::Ipv4Addr::from(u32::from_be(backend.addr_be)),
+                            u16::from_be(backend.port_be),
+                        ),
+                        proto: frontend.protocol.number(),
+                    },
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Starts /healthz, /livez and /metrics.
@@ -452,7 +508,14 @@ impl Loop {
             services: self.model.desired(),
             scope,
         };
+        let departures = match (&self.stale_sockets, &desired.scope) {
+            (Some(_), Scope::Changed(changed)) => {
+                departures(&self.writer, desired.services, changed)
+            }
+            _ => Vec::new(),
+        };
         let mut stats = Reconciler::apply(&mut self.writer, &desired);
+        self.end_stale_sockets(departures, &stats.failed);
         let external_scope = match desired.scope {
             Scope::All { prune } => Scope::All { prune },
             Scope::Changed(_) => Scope::Changed(&self.external_pending),
@@ -476,16 +539,7 @@ impl Loop {
             took_us = started.elapsed().as_micros(),
             "applied"
         );
-        self.metrics.observe_sync(started.elapsed());
-        let (frontends, backends) = self.writer.sizes();
-        self.metrics.programmed(frontends, backends);
-        self.metrics.map_fill(
-            proxy_common::SERVICES_MAP,
-            self.writer.service_entries(),
-            self.sizes.services,
-        );
-        self.metrics
-            .map_fill(proxy_common::BACKENDS_MAP, backends, self.sizes.backends);
+        self.observe_sync(started.elapsed());
         if stats.failures() == 0 && external_failed.is_empty() {
             let now = SystemTime::now();
             for trigger in self.triggers.drain(..) {
@@ -514,6 +568,33 @@ impl Loop {
             self.reconciled = None;
         }
         true
+    }
+
+    /// Sockets translated to the backends that left (from frontends that
+    /// were written as desired) are ended, off the loop's thread.
+    fn end_stale_sockets(&self, departures: Vec<(L4Addr, Departure)>, failed: &BTreeSet<L4Addr>) {
+        if let Some(stale_sockets) = &self.stale_sockets {
+            stale_sockets.backends_left(
+                departures
+                    .into_iter()
+                    .filter(|(frontend, _)| !failed.contains(frontend))
+                    .map(|(_, departure)| departure)
+                    .collect(),
+            );
+        }
+    }
+
+    fn observe_sync(&self, took: Duration) {
+        self.metrics.observe_sync(took);
+        let (frontends, backends) = self.writer.sizes();
+        self.metrics.programmed(frontends, backends);
+        self.metrics.map_fill(
+            proxy_common::SERVICES_MAP,
+            self.writer.service_entries(),
+            self.sizes.services,
+        );
+        self.metrics
+            .map_fill(proxy_common::BACKENDS_MAP, backends, self.sizes.backends);
     }
 
     /// Each problem is logged once, not again with every unrelated edit.

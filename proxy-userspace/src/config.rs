@@ -42,6 +42,10 @@ impl PinDir {
 
 /// `proxy-userspace run`.
 #[derive(Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line flags, as kube-proxy and Cilium name them"
+)]
 pub struct RunArgs {
     #[command(flatten)]
     pub source: SourceArgs,
@@ -140,6 +144,15 @@ pub struct RunArgs {
     /// kernels, where TCX is also given up for clsact by itself.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub tcx: bool,
+    /// End the connected UDP sockets translated to a backend when it leaves
+    /// the Service, in every network namespace of the node, as kube-proxy
+    /// flushes UDP conntrack entries (keeps CAP_SYS_ADMIN and CAP_SYS_PTRACE).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub terminate_udp: bool,
+    /// Likewise for TCP connections (off: a connection to a pod that went
+    /// away fails by itself, and one to a pod still running is kept).
+    #[arg(long, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub terminate_tcp: bool,
 }
 
 impl RunArgs {
@@ -234,6 +247,10 @@ impl RunArgs {
             install_iptables_rules: self.install_iptables_rules,
             devices: self.devices,
             tcx: self.tcx,
+            termination: crate::stale_sockets::Termination {
+                udp: self.terminate_udp,
+                tcp: self.terminate_tcp,
+            },
         };
         Ok((config, source))
     }

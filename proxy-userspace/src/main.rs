@@ -1,6 +1,6 @@
 //! The agent: keeps the eBPF service maps equal to the Services and
 //! EndpointSlices it is given, and lets you read them.
-// Raw system calls live in bpf_sys and nowhere else.
+// Raw system calls live in bpf_sys and sock_diag and nowhere else.
 #![deny(unsafe_code)]
 
 mod agent;
@@ -25,7 +25,13 @@ mod privileges;
 mod reconcile;
 mod report;
 mod service_health;
+#[expect(
+    unsafe_code,
+    reason = "netlink sockets and setns(2) have no safe wrapper in std or nix's enabled features"
+)]
+mod sock_diag;
 mod source;
+mod stale_sockets;
 #[cfg(test)]
 mod testing;
 mod writer;
@@ -130,15 +136,13 @@ fn main() -> Result<()> {
             // Everything is checked before anything is made on the node.
             let (config, source) = args.resolve()?;
             // Before any thread starts: capabilities are per thread.
-            privileges::drop_to(
-                &privileges::AGENT_CAPABILITIES,
-                &privileges::STARTUP_CAPABILITIES,
-            )?;
+            let (keep, startup) = privileges::agent_capabilities(config.termination.any());
+            privileges::drop_to(&keep, &startup)?;
             // Held until the agent exits: one agent per pin directory.
             let _lock = config.pins.prepare()?;
             // Reading a pinned map's BTF takes CAP_SYS_ADMIN (BPF_BTF_GET_FD_BY_ID).
             datapath::check_pinned_maps(&config.pins)?;
-            privileges::end_startup(&privileges::STARTUP_CAPABILITIES)?;
+            privileges::end_startup(&startup)?;
             // One thread: the loop is cheap, and one thread keeps the
             // agent's memory and its event order simple.
             let runtime = tokio::runtime::Builder::new_current_thread()

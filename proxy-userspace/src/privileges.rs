@@ -38,6 +38,27 @@ pub const AGENT_CAPABILITIES: [Capability; 4] = [
 /// the BTF of the pinned maps (BPF_BTF_GET_FD_BY_ID) to check their layout.
 pub const STARTUP_CAPABILITIES: [Capability; 1] = [Capability::CAP_SYS_ADMIN];
 
+/// Kept as well while the agent ends sockets of departed backends in other
+/// network namespaces: entering one (`setns`) takes CAP_SYS_ADMIN, and
+/// opening another process's namespace CAP_SYS_PTRACE.
+pub const SOCKET_TERMINATION_CAPABILITIES: [Capability; 2] =
+    [Capability::CAP_SYS_ADMIN, Capability::CAP_SYS_PTRACE];
+
+/// What the agent keeps for good, and what only while it starts.
+#[must_use]
+pub fn agent_capabilities(terminates_sockets: bool) -> (Vec<Capability>, Vec<Capability>) {
+    if terminates_sockets {
+        let keep = AGENT_CAPABILITIES
+            .iter()
+            .chain(&SOCKET_TERMINATION_CAPABILITIES)
+            .copied()
+            .collect();
+        (keep, Vec::new())
+    } else {
+        (AGENT_CAPABILITIES.to_vec(), STARTUP_CAPABILITIES.to_vec())
+    }
+}
+
 /// Without these the agent cannot start at all.
 const REQUIRED: [Capability; 3] = [
     Capability::CAP_BPF,

@@ -88,6 +88,18 @@ where
         (self.frontends.len(), self.backend_by_id.len())
     }
 
+    /// The backends a frontend's slots name now.
+    #[must_use]
+    pub fn backends_of(&self, frontend: L4Addr) -> Vec<Backend> {
+        self.frontends
+            .get(&frontend.service_key())
+            .into_iter()
+            .flat_map(|f| f.slots.values())
+            .filter_map(|slot| self.backend_by_id.get(&slot.backend_id))
+            .copied()
+            .collect()
+    }
+
     /// How many entries the services map holds (slot 0 and the slots).
     #[must_use]
     pub fn service_entries(&self) -> usize {

@@ -463,7 +463,10 @@ impl Lab {
         let log = self.dir.join(format!("agent-{run}.log"));
         let child = command
             .args(flags)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("LAB_AGENT_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)

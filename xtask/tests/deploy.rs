@@ -335,6 +335,11 @@ fn the_daemonset_runs_on_every_node_with_capabilities_not_privilege() {
     let pod = pod_spec(daemon_set);
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(
+        pod.host_pid,
+        Some(true),
+        "the pods' namespaces are found by pid"
+    );
+    assert_eq!(
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
     );
@@ -367,7 +372,8 @@ fn the_daemonset_runs_on_every_node_with_capabilities_not_privilege() {
             "SYS_ADMIN",
             "PERFMON",
             "SYS_RESOURCE",
-            "NET_RAW"
+            "NET_RAW",
+            "SYS_PTRACE"
         ])
     );
     assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));

@@ -1,0 +1,304 @@
+//! sock_diag over netlink, as much of it as the agent needs: list a
+//! namespace's IPv4 sockets of one protocol (with their values in a
+//! socket-local storage map, `INET_DIAG_REQ_SK_BPF_STORAGES`, which the
+//! kernel gives for TCP sockets only), and end one (`SOCK_DESTROY`); and
+//! move the calling thread into a network namespace.
+//! Wire formats from linux/sock_diag.h and linux/inet_diag.h.
+
+use std::{
+    fs, io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+/// `struct inet_diag_sockid`: ports, addresses, interface and cookie.
+const SOCKID_LEN: usize = 48;
+/// `struct inet_diag_msg`: family, state, timer, retrans, the socket id,
+/// then five u32s.
+const DIAG_MSG_LEN: usize = 4 + SOCKID_LEN + 20;
+const NLMSG_HDR_LEN: usize = 16;
+
+/// A socket as sock_diag names it, cookie included: what `SOCK_DESTROY`
+/// wants back.
+pub type SocketId = [u8; SOCKID_LEN];
+
+/// One listed socket.
+pub struct Listed<'a> {
+    pub id: SocketId,
+    /// The remote address and port.
+    pub peer: (Ipv4Addr, u16),
+    /// The socket's cookie, as `bpf_get_socket_cookie` gives it.
+    pub cookie: u64,
+    /// The socket's value in the storage map, if it has one.
+    pub storage: Option<&'a [u8]>,
+}
+
+/// A sock_diag socket, in the network namespace of the thread that made it.
+pub struct SockDiag(OwnedFd);
+
+impl SockDiag {
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: a plain socket call; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Lists the IPv4 sockets of `proto` in any of `states` (a bit per TCP
+    /// state), each with its value in `storage` if given. The kernel
+    /// reports socket-local storage for TCP sockets only.
+    pub fn list(
+        &self,
+        proto: u8,
+        states: u32,
+        storage: Option<BorrowedFd<'_>>,
+        mut each: impl FnMut(Listed<'_>),
+    ) -> io::Result<()> {
+        let mut request = request(proto, states, &[0; SOCKID_LEN]);
+        if let Some(storage) = storage {
+            let mut map = Vec::new();
+            let fd = u32::try_from(storage.as_raw_fd()).unwrap_or(u32::MAX);
+            push_attr(&mut map, SK_DIAG_BPF_STORAGE_REQ_MAP_FD, &fd.to_ne_bytes());
+            push_attr(
+                &mut request,
+                INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED,
+                &map,
+            );
+        }
+        self.send(
+            SOCK_DIAG_BY_FAMILY,
+            libc::NLM_F_REQUEST | libc::NLM_F_DUMP,
+            &request,
+        )?;
+        self.receive(|kind, message| {
+            if kind == SOCK_DIAG_BY_FAMILY
+                && let Some(listed) = listed(message)
+            {
+                each(listed);
+            }
+        })
+    }
+
+    /// Ends the socket `id` of `proto`: its owner's next call fails with
+    /// ECONNABORTED. ENOENT when it closed meanwhile.
+    pub fn destroy(&self, proto: u8, id: &SocketId) -> io::Result<()> {
+        self.send(
+            SOCK_DESTROY,
+            libc::NLM_F_REQUEST | libc::NLM_F_ACK,
+            &request(proto, u32::MAX, id),
+        )?;
+        self.receive(|_, _| {})
+    }
+
+    fn send(&self, kind: u16, flags: libc::c_int, payload: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(NLMSG_HDR_LEN + payload.len()).unwrap_or(u32::MAX);
+        let mut message = Vec::with_capacity(NLMSG_HDR_LEN + payload.len());
+        message.extend_from_slice(&len.to_ne_bytes());
+        message.extend_from_slice(&kind.to_ne_bytes());
+        message.extend_from_slice(&u16::try_from(flags).unwrap_or_default().to_ne_bytes());
+        message.extend_from_slice(&1_u32.to_ne_bytes());
+        message.extend_from_slice(&0_u32.to_ne_bytes());
+        message.extend_from_slice(payload);
+        // SAFETY: the buffer is valid for its length.
+        let sent = unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads answers until the dump ends or the request is acknowledged,
+    /// handing each message's type and payload to `each`.
+    fn receive(&self, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+        let mut buffer = vec![0_u8; 64 * 1024];
+        loop {
+            // SAFETY: the buffer is valid for its length.
+            let got = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    0,
+                )
+            };
+            let Ok(got) = usize::try_from(got) else {
+                return Err(io::Error::last_os_error());
+            };
+            let mut messages = &buffer[..got];
+            while messages.len() >= NLMSG_HDR_LEN {
+                let len = usize::try_from(u32_at(messages, 0)).unwrap_or(usize::MAX);
+                if len < NLMSG_HDR_LEN || len > messages.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a truncated netlink message",
+                    ));
+                }
+                let kind = u16::from_ne_bytes([messages[4], messages[5]]);
+                let payload = &messages[NLMSG_HDR_LEN..len];
+                match i32::from(kind) {
+                    libc::NLMSG_DONE => return Ok(()),
+                    libc::NLMSG_ERROR => {
+                        let code = i32::from_ne_bytes(u32_at(payload, 0).to_ne_bytes());
+                        return if code == 0 {
+                            Ok(())
+                        } else {
+                            Err(io::Error::from_raw_os_error(-code))
+                        };
+                    }
+                    _ => each(kind, payload),
+                }
+                messages = messages.get(align4(len)..).unwrap_or_default();
+            }
+        }
+    }
+}
+
+/// Moves the calling thread, and only it, into the network namespace
+/// `namespace` (a /proc/PID/ns/net or /run/netns file).
+pub fn enter_network_namespace(namespace: &fs::File) -> io::Result<()> {
+    // SAFETY: setns with an open namespace file; it changes only this
+    // thread's namespace.
+    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    bytes
+        .get(at..at + 4)
+        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// An `inet_diag_msg` and its attributes, as the agent reads them.
+fn listed(message: &[u8]) -> Option<Listed<'_>> {
+    let id: SocketId = message.get(4..4 + SOCKID_LEN)?.try_into().ok()?;
+    let peer = (
+        Ipv4Addr::new(id[20], id[21], id[22], id[23]),
+        u16::from_be_bytes([id[2], id[3]]),
+    );
+    // idiag_cookie: the low half first, each in host order.
+    let cookie = u64::from(u32_at(&id, 40)) | u64::from(u32_at(&id, 44)) << 32;
+    Some(Listed {
+        id,
+        peer,
+        cookie,
+        storage: message.get(DIAG_MSG_LEN..).and_then(storage_value),
+    })
+}
+
+/// The storage map's value among a listed socket's attributes.
+fn storage_value(attributes: &[u8]) -> Option<&[u8]> {
+    let storages = find_attr(attributes, INET_DIAG_SK_BPF_STORAGES)?;
+    let storage = find_attr(storages, SK_DIAG_BPF_STORAGE)?;
+    find_attr(storage, SK_DIAG_BPF_STORAGE_MAP_VALUE)
+}
+
+fn find_attr(mut attributes: &[u8], wanted: u16) -> Option<&[u8]> {
+    while attributes.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attributes[0], attributes[1]]));
+        let kind = u16::from_ne_bytes([attributes[2], attributes[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > attributes.len() {
+            return None;
+        }
+        if kind == wanted {
+            return Some(&attributes[4..len]);
+        }
+        attributes = attributes.get(align4(len)..).unwrap_or_default();
+    }
+    None
+}
+
+const fn align4(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+/// `struct inet_diag_req_v2` for IPv4 sockets of `proto`.
+fn request(proto: u8, states: u32, id: &SocketId) -> Vec<u8> {
+    let family = u8::try_from(libc::AF_INET).unwrap_or_default();
+    let mut request = vec![family, proto, 0, 0];
+    request.extend_from_slice(&states.to_ne_bytes());
+    request.extend_from_slice(id);
+    request
+}
+
+fn push_attr(buffer: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    buffer.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
+    buffer.extend_from_slice(&kind.to_ne_bytes());
+    buffer.extend_from_slice(value);
+    buffer.resize(align4(buffer.len()), 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listed socket as the kernel sends it: peer 10.244.0.10:5353, a
+    /// congestion-control attribute, then the storage's value.
+    fn message(value: &[u8]) -> Vec<u8> {
+        let mut message = vec![2, 1, 0, 0];
+        let mut id = [0_u8; SOCKID_LEN];
+        id[2..4].copy_from_slice(&5353_u16.to_be_bytes());
+        id[20..24].copy_from_slice(&[10, 244, 0, 10]);
+        id[40..44].copy_from_slice(&7_u32.to_ne_bytes());
+        id[44..48].copy_from_slice(&1_u32.to_ne_bytes());
+        message.extend_from_slice(&id);
+        message.resize(DIAG_MSG_LEN, 0);
+        push_attr(&mut message, 4, b"cubic");
+        let mut storage = Vec::new();
+        push_attr(&mut storage, 2, &7_u32.to_ne_bytes());
+        push_attr(&mut storage, SK_DIAG_BPF_STORAGE_MAP_VALUE, value);
+        let mut storages = Vec::new();
+        push_attr(&mut storages, SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &storage);
+        push_attr(
+            &mut message,
+            INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED,
+            &storages,
+        );
+        message
+    }
+
+    #[test]
+    fn a_listed_socket_gives_its_peer_and_its_storage_through_the_nesting() {
+        let message = message(b"value!");
+        let listed = listed(&message).unwrap();
+        assert_eq!(listed.peer, (Ipv4Addr::new(10, 244, 0, 10), 5353));
+        assert_eq!(listed.cookie, (1 << 32) | 7);
+        assert_eq!(listed.storage, Some(&b"value!"[..]));
+        assert_eq!(listed.id[..], message[4..4 + SOCKID_LEN]);
+        // Cut short: no storage, and no panic.
+        assert!(listed_storage(&message[..DIAG_MSG_LEN + 12]).is_none());
+        assert!(super::listed(&message[..10]).is_none());
+    }
+
+    fn listed_storage(message: &[u8]) -> Option<&[u8]> {
+        listed(message)?.storage
+    }
+}
