@@ -48,9 +48,12 @@ pub const FLOWS_MAP: &str = "lb4_flows_v1";
 /// backend leaves the Service, since sock_diag reports socket-local
 /// storage for TCP sockets only.
 pub const UDP_CONNECTED_MAP: &str = "lb4_udp_conn_v1";
+/// sessionAffinity ClientIP (an LRU hash): each client's last backend per
+/// frontend, and when it last chose it.
+pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
 
 /// Every map of the object; all are pinned.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 9] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REV_NAT_MAP,
@@ -59,6 +62,7 @@ pub const MAPS: [&str; 8] = [
     EXT_BACKENDS_MAP,
     FLOWS_MAP,
     UDP_CONNECTED_MAP,
+    AFFINITY_MAP,
 ];
 
 /// The cgroup socket-address programs, by the names of their functions.
@@ -78,6 +82,9 @@ pub const FLOWS_MAX_ENTRIES: u32 = 262_144;
 /// Size of [`UDP_CONNECTED_MAP`]: a socket pushed out by newer ones is
 /// only left out of the ending of stale sockets.
 pub const UDP_CONNECTED_MAX_ENTRIES: u32 = 65_536;
+/// Size of [`AFFINITY_MAP`]: (client, frontend) pairs of Services with
+/// session affinity; the least recently used is forgotten first.
+pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
 /// Slot 0 flag of an outside frontend: packets it translates are marked for
 /// the masquerade fallback (externalTrafficPolicy Cluster), so replies come
@@ -237,7 +244,8 @@ impl ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ServiceValue {
-    /// Slots `1..=count`: the backend id in [`BACKENDS_MAP`]. Slot 0: 0.
+    /// Slots `1..=count`: the backend id in [`BACKENDS_MAP`]. Slot 0: the
+    /// sessionAffinity ClientIP timeout in seconds; 0 for none.
     pub backend_id: u32,
     /// Slots `1..=count`: the backend's address, network byte order, copied
     /// from [`BACKENDS_MAP`] so the programs need not look it up. Slot 0: 0.
@@ -254,11 +262,12 @@ pub struct ServiceValue {
 }
 
 impl ServiceValue {
-    /// The slot-0 value.
+    /// The slot-0 value; `affinity` is the sessionAffinity timeout in
+    /// seconds (0: none).
     #[must_use]
-    pub const fn frontend(count: u16, flags: u16) -> Self {
+    pub const fn frontend(count: u16, flags: u16, affinity: u32) -> Self {
         Self {
-            backend_id: 0,
+            backend_id: affinity,
             addr_be: 0,
             port_be: 0,
             count,
@@ -364,6 +373,36 @@ pub struct FlowNat {
     pub backend_id: u32,
 }
 
+/// A client of a frontend with session affinity: a socket's network
+/// namespace (by cookie) for the socket programs, which choose before the
+/// source address is known (every pod has its own, as it has its own IP),
+/// or the source address with [`AFFINITY_CLIENT_IP`] set for tc.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub client: u64,
+    pub frontend_addr_be: u32,
+    pub frontend_port_be: u16,
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub pad: u8,
+}
+
+/// See [`AffinityKey::client`].
+pub const AFFINITY_CLIENT_IP: u64 = 1 << 63;
+
+/// A client's backend: the slot it was in and its address, so that a
+/// backend gone from the slot (the Service changed) is not followed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns` of the client's last choice.
+    pub chosen_ns: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub slot: u16,
+}
+
 /// [`FlowNat`] flag of a flow to a ClusterIP that arrived from outside the
 /// node (a router sending the Service CIDR to nodes): its frontend came
 /// from [`SERVICES_MAP`], so its backend id is one of [`BACKENDS_MAP`]'s.
@@ -392,7 +431,9 @@ mod user {
         super::SockRevNat,
         super::RevNatPair,
         super::FlowKey,
-        super::FlowNat
+        super::FlowNat,
+        super::AffinityKey,
+        super::AffinityValue
     );
 }
 
@@ -406,4 +447,6 @@ const _: () = {
     assert!(size_of::<SockRevNat>() == 52);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowNat>() == 12);
+    assert!(size_of::<AffinityKey>() == 16);
+    assert!(size_of::<AffinityValue>() == 16);
 };

@@ -8,15 +8,18 @@
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     btf_maps::HashMap,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use proxy_common::{
-    ECONNREFUSED, Event, PROTO_UDP, RevNatPair, SOCK_REV_NAT_SLOTS, ServiceKey, ServiceValue,
-    SockRevNat,
+    AffinityKey, AffinityValue, ECONNREFUSED, Event, PROTO_UDP, RevNatPair, SOCK_REV_NAT_SLOTS,
+    ServiceKey, ServiceValue, SockRevNat,
 };
 
-use crate::maps::{SERVICES, SOCK_REV_NAT, UDP_CONNECTED, record};
+use crate::maps::{AFFINITY, SERVICES, SOCK_REV_NAT, UDP_CONNECTED, record};
 
 /// Let the system call go on.
 pub const ALLOW: i32 = 1;
@@ -38,7 +41,9 @@ pub enum Pick {
 
 /// Looks a frontend up and picks one of its backends uniformly at random:
 /// one random number and two lookups, whatever the hook. The socket and tc
-/// programs all call this, on their own maps of one layout.
+/// programs all call this, on their own maps of one layout. A frontend with
+/// session affinity gives `client` (asked only then) the backend it had,
+/// while that is recent and still in its slot.
 #[expect(
     clippy::inline_always,
     reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
@@ -47,6 +52,7 @@ pub enum Pick {
 pub fn pick<const N: usize>(
     services: &HashMap<ServiceKey, ServiceValue, N>,
     frontend: ServiceKey,
+    client: impl FnOnce() -> u64,
 ) -> Pick {
     // SAFETY: map values are read once and copied; nothing keeps a reference.
     let Some(slot0) = (unsafe { services.get(frontend) }).copied() else {
@@ -55,23 +61,119 @@ pub fn pick<const N: usize>(
     if slot0.count == 0 {
         return Pick::NoBackends;
     }
+    // Slot 0's backend_id is the affinity timeout, in seconds.
+    if slot0.backend_id != 0 {
+        return pick_with_affinity(services, frontend, slot0, client());
+    }
+    pick_at_random(services, frontend, slot0)
+}
+
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+fn pick_at_random<const N: usize>(
+    services: &HashMap<ServiceKey, ServiceValue, N>,
+    frontend: ServiceKey,
+    slot0: ServiceValue,
+) -> Pick {
+    backend_in(services, frontend, random_slot(slot0.count), slot0.flags)
+}
+
+/// One of `1..=count`, uniformly. `count` is not 0.
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+fn random_slot(count: u16) -> u16 {
     #[expect(
         clippy::cast_possible_truncation,
         reason = "the remainder is below count, a u16"
     )]
     // SAFETY: a plain helper call.
-    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(slot0.count)) as u16 + 1;
-    // SAFETY: as above.
+    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16;
+    slot + 1
+}
+
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+fn backend_in<const N: usize>(
+    services: &HashMap<ServiceKey, ServiceValue, N>,
+    frontend: ServiceKey,
+    slot: u16,
+    flags: u16,
+) -> Pick {
+    // SAFETY: as in `pick`.
     let Some(backend) = (unsafe { services.get(frontend.slot(slot)) }).copied() else {
         return Pick::Lost(Event::NoBackendSlot);
     };
     if backend.addr_be == 0 {
         return Pick::Lost(Event::NoBackend);
     }
-    Pick::Backend {
-        backend,
-        flags: slot0.flags,
+    Pick::Backend { backend, flags }
+}
+
+/// sessionAffinity ClientIP: the client's backend while it chose within
+/// the timeout (each choice renews it, as kube-proxy's `recent` match
+/// does) and the backend is still in its slot; else a random one, noted.
+#[expect(
+    clippy::inline_always,
+    reason = "inlined into each hook, whose verifier sees one program"
+)]
+#[inline(always)]
+fn pick_with_affinity<const N: usize>(
+    services: &HashMap<ServiceKey, ServiceValue, N>,
+    frontend: ServiceKey,
+    slot0: ServiceValue,
+    client: u64,
+) -> Pick {
+    let key = AffinityKey {
+        client,
+        frontend_addr_be: frontend.addr_be,
+        frontend_port_be: frontend.port_be,
+        proto: frontend.proto,
+        pad: 0,
+    };
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(slot0.backend_id).wrapping_mul(1_000_000_000);
+    // SAFETY: copied out at once.
+    if let Some(held) = unsafe { AFFINITY.get(key) }.copied()
+        && now.wrapping_sub(held.chosen_ns) < timeout_ns
+        && held.slot >= 1
+        && held.slot <= slot0.count
+        && let Pick::Backend { backend, flags } =
+            backend_in(services, frontend, held.slot, slot0.flags)
+        && backend.addr_be == held.addr_be
+        && backend.port_be == held.port_be
+    {
+        let _ = AFFINITY.insert(
+            key,
+            AffinityValue {
+                chosen_ns: now,
+                ..held
+            },
+            0,
+        );
+        return Pick::Backend { backend, flags };
     }
+    let slot = random_slot(slot0.count);
+    let picked = backend_in(services, frontend, slot, slot0.flags);
+    if let Pick::Backend { backend, .. } = &picked {
+        let held = AffinityValue {
+            chosen_ns: now,
+            addr_be: backend.addr_be,
+            port_be: backend.port_be,
+            slot,
+        };
+        let _ = AFFINITY.insert(key, held, 0);
+    }
+    picked
 }
 
 /// Which system call a translation is for.
@@ -106,7 +208,11 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
         return ALLOW;
     };
     let frontend = ServiceKey::frontend(addr.user_ip4, user_port(addr), proto);
-    let backend = match pick(&SERVICES, frontend) {
+    // The client, for session affinity: the socket's network namespace
+    // (a pod's own), since the source address is not chosen yet.
+    // SAFETY: a plain helper call on this program's context.
+    let client = || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let backend = match pick(&SERVICES, frontend, client) {
         Pick::NotService => return ALLOW,
         Pick::NoBackends => {
             // SAFETY: a plain helper call; connect and sendmsg hooks may set it.

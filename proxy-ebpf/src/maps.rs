@@ -6,9 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    BACKENDS_MAX_ENTRIES, Backend, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event,
-    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey,
-    ServiceValue, SockRevNat, UDP_CONNECTED_MAX_ENTRIES,
+    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
+    EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event, FLOWS_MAX_ENTRIES, FlowKey, FlowNat,
+    RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevNat,
+    UDP_CONNECTED_MAX_ENTRIES,
 };
 
 // The macro takes a literal; these keep it equal to the shared names.
@@ -21,6 +22,7 @@ const _: () = {
     assert!(eq(proxy_common::EXT_BACKENDS_MAP, "lb4_ext_be_v1"));
     assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
     assert!(eq(proxy_common::UDP_CONNECTED_MAP, "lb4_udp_conn_v1"));
+    assert!(eq(proxy_common::AFFINITY_MAP, "lb4_affinity_v1"));
 };
 
 const fn eq(a: &str, b: &str) -> bool {
@@ -80,6 +82,12 @@ pub static FLOWS: LruHashMap<FlowKey, FlowNat, { FLOWS_MAX_ENTRIES as usize }> =
 /// for TCP only). An LRU: a socket pushed out is only not ended.
 #[btf_map(name = "lb4_udp_conn_v1")]
 pub static UDP_CONNECTED: LruHashMap<u64, RevNatPair, { UDP_CONNECTED_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// sessionAffinity ClientIP: each client's backend per frontend. An LRU,
+/// so the map never refuses a new client; one pushed out chooses afresh.
+#[btf_map(name = "lb4_affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.

@@ -23,6 +23,9 @@ pub struct ListedService {
     /// `NodePort/Local` and so on (the tc programs', with the traffic
     /// policy).
     pub kind: String,
+    /// sessionAffinity ClientIP's timeout, in seconds; absent without.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_seconds: Option<u32>,
     /// Backend addresses in slot order; a slot whose id or backend is missing
     /// shows as such, since that is exactly what a reader needs to see.
     pub backends: Vec<ListedBackend>,
@@ -102,6 +105,7 @@ fn list_with(
             frontend,
             protocol,
             kind: kind(frontend_slots.flags),
+            affinity_seconds: (frontend_slots.affinity != 0).then_some(frontend_slots.affinity),
             backends,
         });
     }
@@ -138,6 +142,9 @@ pub fn table(services: &[ListedService]) -> String {
                 "{} => {} (id {})",
                 backend.slot, backend.address, backend.id
             ));
+        }
+        if let Some(seconds) = service.affinity_seconds {
+            line(&format!("sessionAffinity ClientIP, {seconds} s"));
         }
     }
     out

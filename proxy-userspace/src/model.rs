@@ -148,6 +148,8 @@ pub struct DesiredFrontend {
     /// Slot 0's flags in the maps: 0 for ClusterIPs; outside frontends
     /// carry `proxy_common::FRONTEND_MASQUERADE` under policy Cluster.
     pub flags: u16,
+    /// sessionAffinity ClientIP: its timeout in seconds; 0 for none.
+    pub affinity: u32,
 }
 
 /// Everything the maps should hold.
@@ -517,6 +519,13 @@ impl Model {
             local_only: service.internal_traffic_policy.as_deref() == Some("Local"),
             zone: self.node.as_ref().and_then(|node| node.zone.as_deref()),
         };
+        let affinity = match session_affinity(service) {
+            Ok(affinity) => affinity,
+            Err(message) => {
+                problem(message);
+                0
+            }
+        };
         for port in &service.ports {
             let frontend = match frontend(cluster_ip, port) {
                 Ok(frontend) => frontend,
@@ -546,6 +555,7 @@ impl Model {
                     service: name,
                     backends,
                     flags: 0,
+                    affinity,
                 },
             );
         }
@@ -752,6 +762,28 @@ fn prefers_zone<'a>(endpoints: impl Iterator<Item = &'a CheckedEndpoint>, zone: 
         for_zone |= endpoint.zone_hints.iter().any(|z| z == zone);
     }
     any_ready && for_zone
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+
+/// sessionAffinity ClientIP's timeout in seconds, 0 for `None`. A timeout
+/// outside 1..=86400 (the API server's bounds) is refused; the Service is
+/// then served without affinity.
+fn session_affinity(service: &ServiceObject) -> Result<u32, String> {
+    match service.session_affinity.as_deref() {
+        None | Some("None") => Ok(0),
+        Some("ClientIP") => match service.affinity_timeout_seconds {
+            None => Ok(DEFAULT_AFFINITY_SECONDS),
+            Some(seconds @ 1..=86_400) => Ok(seconds.unsigned_abs()),
+            Some(seconds) => Err(format!(
+                "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is outside 1-86400; served without affinity"
+            )),
+        },
+        Some(other) => Err(format!(
+            "sessionAffinity {other:?} is not None or ClientIP; served without affinity"
+        )),
+    }
 }
 
 #[cfg(test)]

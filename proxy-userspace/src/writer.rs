@@ -192,7 +192,10 @@ where
                 };
                 entries.push((key.slot(slot), ServiceValue::backend(id, &backend)));
             }
-            entries.push((key, ServiceValue::frontend(count, entry.flags)));
+            entries.push((
+                key,
+                ServiceValue::frontend(count, entry.flags, entry.affinity),
+            ));
         }
         if entries.is_empty() {
             return 0;
@@ -219,6 +222,7 @@ where
             if key.backend_slot == 0 {
                 current.count = Some(value.count);
                 current.flags = value.flags;
+                current.affinity = value.backend_id;
             } else {
                 current.slots.insert(key.backend_slot, *value);
                 *self.refs.entry(value.backend_id).or_default() += 1;
@@ -301,7 +305,7 @@ where
                 }
             }
         }
-        if let Err(error) = self.write_frontend(key, &ids, entry.flags, released, stats) {
+        if let Err(error) = self.write_frontend(key, &ids, entry, released, stats) {
             released.extend(ids.iter().copied());
             // Slots written past the count are out of the programs' reach;
             // free them, or a Service too big for a full map would keep
@@ -340,7 +344,7 @@ where
         &mut self,
         key: ServiceKey,
         ids: &[u32],
-        flags: u16,
+        entry: &DesiredFrontend,
         released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
     ) -> Result<(), MapError> {
@@ -358,11 +362,17 @@ where
                 stats.writes += 1;
             }
         }
-        if current.count != Some(count) || current.flags != flags {
-            self.services
-                .put(&key, &ServiceValue::frontend(count, flags))?;
+        if current.count != Some(count)
+            || current.flags != entry.flags
+            || current.affinity != entry.affinity
+        {
+            self.services.put(
+                &key,
+                &ServiceValue::frontend(count, entry.flags, entry.affinity),
+            )?;
             current.count = Some(count);
-            current.flags = flags;
+            current.flags = entry.flags;
+            current.affinity = entry.affinity;
             stats.writes += 1;
         }
         self.delete_slots_after(key, count, released, stats)

@@ -5,7 +5,7 @@
 //! `cargo xtask test` builds the agent and runs them with `--ignored`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, DirBuilder},
     io::Read as _,
     net::Ipv4Addr,
@@ -2588,7 +2588,8 @@ fn assert_restart_swaps_tc_links(lab: &TwoNodeLab) {
 /// Two nodes with an nginx pod each; a LoadBalancer Service `edge` (policy
 /// Cluster, ClusterIP 10.96.0.50, nodePort 30090, externalIP
 /// 192.168.200.10, load-balancer IP 192.168.200.20) over both pods; a UDP
-/// NodePort `closed` (30055) whose endpoint has nothing listening; routes
+/// NodePort `closed` (30055) whose endpoint has nothing listening; a
+/// NodePort `sticky` (30096) with sessionAffinity ClientIP; routes
 /// from the external segment to node 1 for those addresses, the Service
 /// CIDR and node 1's pods; a far client behind a 1280-byte link; and agents told the
 /// cluster CIDR.
@@ -2639,11 +2640,20 @@ fn edge_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
             &[("dns", 5399, "UDP")],
             &endpoints[..1],
         ),
+        manifests::node_port_service(
+            "sticky",
+            "NodePort",
+            "10.96.0.56",
+            (80, 30096),
+            "  sessionAffinity: ClientIP\n",
+        ),
+        manifests::endpoint_slice_on_nodes("sticky-1", "sticky", HTTP_BACKEND, endpoints),
     ])
 }
 
 /// Issue 5: externalIPs, load-balancer IPs and ClusterIPs reached from
-/// outside the node through the tc programs (the ClusterIP masqueraded,
+/// outside the node through the tc programs (and a NodePort with session
+/// affinity, by the client's address) (the ClusterIP masqueraded,
 /// the client being outside `--cluster-cidr`); a flow keeps its backend
 /// while the Service's endpoints change, and a port that carried one is
 /// free for a flow straight to the pod; ICMP errors are translated both
@@ -2670,6 +2680,10 @@ fn outside_frontends_flow_pinning_and_icmp_errors() {
             "{frontend}: not masqueraded to node 1: {peers:?}"
         );
     }
+    // Session affinity from outside follows the client's address.
+    let (sticky, failed) = external_answers(&lab, &format!("http://{node1}:30096/"), 12);
+    assert_eq!((sticky.len(), failed), (1, 0), "{sticky:?}");
+
     let listed = agents[0].services_json().unwrap();
     for kind in ["ExternalIP/Cluster", "LoadBalancer/Cluster"] {
         assert!(listed.contains(kind), "{kind} not listed: {listed}");
@@ -3145,4 +3159,81 @@ fn terminate_tcp_ends_connections_to_a_backend_that_leaves() {
     );
     drop(stdin);
     let _ = held.wait();
+}
+
+/// A ClusterIP Service of one HTTP port with sessionAffinity ClientIP and,
+/// if given, its timeout.
+fn sticky_service(name: &str, cluster_ip: &str, timeout: Option<u32>) -> String {
+    let config = timeout.map_or_else(String::new, |seconds| {
+        format!("  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {seconds}\n")
+    });
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
+         spec:\n  clusterIP: {cluster_ip}\n  sessionAffinity: ClientIP\n{config}  ports:\n  \
+         - name: http\n    port: 80\n"
+    )
+}
+
+/// Issue 6: sessionAffinity ClientIP keeps each client (a network
+/// namespace, at the socket) on one pod, a Service without it spreads, and
+/// a client that waited past timeoutSeconds chooses again.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn session_affinity_keeps_each_client_on_one_pod_until_its_timeout() {
+    let (mut lab, pods) = web_lab(&["pod-a", "pod-b", "pod-c"]);
+    let client = lab.add_pod("client").unwrap();
+    let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|p| (p.ip, true)).collect();
+    let mut docs = vec![
+        manifests::service("web", WEB_VIP, HTTP),
+        manifests::endpoint_slice("web-1", "web", HTTP_BACKEND, &endpoints),
+    ];
+    for (name, ip, timeout) in [
+        ("sticky", "10.96.0.71", None),
+        ("brief", "10.96.0.72", Some(1)),
+    ] {
+        docs.push(sticky_service(name, ip, timeout));
+        docs.push(manifests::endpoint_slice(
+            &format!("{name}-1"),
+            name,
+            HTTP_BACKEND,
+            &endpoints,
+        ));
+    }
+    lab.write_manifest("web.yaml", &manifests::documents(&docs))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    for vip in [WEB_VIP, "10.96.0.71", "10.96.0.72"] {
+        wait_for_vip(&agent, &format!("{vip}:80"));
+    }
+
+    let listed = agent.services_json().unwrap();
+    assert!(listed.contains("\"affinity_seconds\": 10800"), "{listed}");
+    assert!(listed.contains("\"affinity_seconds\": 1,"), "{listed}");
+    let spread = request_counts(&lab, WEB_VIP, 30);
+    assert!(spread.len() >= 2 && !spread.contains_key(""), "{spread:?}");
+    let sticky = request_counts(&lab, "10.96.0.71", 30);
+    assert_eq!(
+        sticky.values().copied().collect::<Vec<_>>(),
+        [30],
+        "{sticky:?}"
+    );
+    // Another client (a pod's own namespace) sticks too, on its own.
+    let out = lab
+        .pod_client(&client, "curl")
+        .args(["-s", "--max-time", "5", "http://10.96.0.71/[1-20]"])
+        .output()
+        .unwrap();
+    let answers: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+
+    // timeoutSeconds 1: a client back after 1.2 s may get another pod.
+    let mut seen = BTreeSet::new();
+    for _ in 0..9 {
+        seen.extend(request_counts(&lab, "10.96.0.72", 1).into_keys());
+        thread::sleep(Duration::from_millis(1200));
+    }
+    assert!(seen.len() >= 2 && !seen.contains(""), "{seen:?}");
 }

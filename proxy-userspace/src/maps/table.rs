@@ -114,6 +114,8 @@ pub struct FrontendSlots {
     pub count: Option<u16>,
     /// Slot 0's flags.
     pub flags: u16,
+    /// Slot 0's session affinity timeout, in seconds.
+    pub affinity: u32,
     /// Slots 1.. and their values.
     pub slots: BTreeMap<u16, ServiceValue>,
 }
@@ -129,6 +131,7 @@ pub fn read_frontends(
         if key.backend_slot == 0 {
             slots.count = Some(value.count);
             slots.flags = value.flags;
+            slots.affinity = value.backend_id;
         } else {
             slots.slots.insert(key.backend_slot, value);
         }

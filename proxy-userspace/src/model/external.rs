@@ -146,6 +146,9 @@ pub struct ExternalFrontend {
     /// the policy (its KUBE-EXT chains jump to KUBE-SVC for
     /// `--src-type LOCAL`).
     pub cluster_backends: Vec<L4Addr>,
+    /// sessionAffinity ClientIP timeout in seconds (0: none), by the
+    /// client's address.
+    pub affinity: u32,
 }
 
 impl ExternalFrontend {
@@ -161,6 +164,7 @@ impl ExternalFrontend {
                     TrafficPolicy::Cluster => proxy_common::FRONTEND_MASQUERADE,
                     TrafficPolicy::Local => 0,
                 },
+            affinity: self.affinity,
         }
     }
 }
@@ -352,6 +356,7 @@ impl Model {
                 policy,
                 backends: backends.clone(),
                 cluster_backends: frontend.backends.clone(),
+                affinity: frontend.affinity,
             };
             if node_ports {
                 match self.node_port(port) {
@@ -545,6 +550,7 @@ impl Model {
             backends: frontend.cluster_backends.clone(),
             // For readers of the maps; the socket programs ignore flags.
             flags: frontend.kind.flag(),
+            affinity: frontend.affinity,
         })
     }
 

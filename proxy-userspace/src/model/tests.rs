@@ -104,6 +104,44 @@ fn endpoints_in_other_namespaces_or_of_other_services_do_not_count() {
 }
 
 #[test]
+fn session_affinity_client_ip_gives_its_timeout_and_bad_ones_are_problems() {
+    let service = |name: &str, ip: &str, spec: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{port: 80}}]{spec}}}\n---\n"
+        )
+    };
+    let yaml = [
+        service("plain", "10.96.0.20", ""),
+        service("sticky", "10.96.0.21", ", sessionAffinity: ClientIP"),
+        service(
+            "short",
+            "10.96.0.22",
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+        ),
+        service(
+            "broken",
+            "10.96.0.23",
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+        ),
+    ]
+    .concat();
+    let (state, problems) = desired_state(&snapshot(&yaml));
+    let affinity = |ip: &str| state.frontends[&addr(ip, 80, Protocol::Tcp)].affinity;
+    assert_eq!(affinity("10.96.0.20"), 0);
+    assert_eq!(affinity("10.96.0.21"), 10_800, "kube-proxy's default");
+    assert_eq!(affinity("10.96.0.22"), 60);
+    // Served, without affinity, and said so.
+    assert_eq!(affinity("10.96.0.23"), 0);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].object, "Service default/broken");
+    assert!(
+        problems[0].message.contains("timeoutSeconds 0"),
+        "{problems:?}"
+    );
+}
+
+#[test]
 fn a_service_without_ready_endpoints_has_an_empty_frontend() {
     let yaml = r"
 apiVersion: v1

@@ -140,6 +140,7 @@ fn state(frontends: &[(L4Addr, &[L4Addr])]) -> DesiredState {
                     service: format!("test/{frontend}"),
                     backends: backends.to_vec(),
                     flags: 0,
+                    affinity: 0,
                 };
                 (*frontend, entry)
             })
@@ -178,6 +179,23 @@ fn a_restarted_writer_adopts_the_maps_and_changes_nothing() {
     let mut restarted = writer(&kernel);
     assert_eq!(restarted.sizes(), (1, 3));
     assert_eq!(restarted.apply_all(&desired, true).changes(), 0);
+}
+
+#[test]
+fn session_affinity_is_slot_zeros_and_survives_a_restart() {
+    let kernel = Rc::default();
+    let frontend = tcp(100, 80);
+    let mut desired = state(&[(frontend, &[tcp(1, 8080), tcp(2, 8080)])]);
+    writer(&kernel).apply_all(&desired, true);
+    desired.frontends.get_mut(&frontend).unwrap().affinity = 10_800;
+    let mut restarted = writer(&kernel);
+    // Only slot 0 changes, and then nothing, even after a restart.
+    assert_eq!(restarted.apply_all(&desired, true).writes, 1);
+    assert_eq!(
+        kernel.borrow().services[&frontend.service_key()].backend_id,
+        10_800
+    );
+    assert_eq!(writer(&kernel).apply_all(&desired, true).changes(), 0);
 }
 
 #[test]
