@@ -51,9 +51,18 @@ pub const UDP_CONNECTED_MAP: &str = "lb4_udp_conn_v1";
 /// sessionAffinity ClientIP (an LRU hash): each client's last backend per
 /// frontend, and when it last chose it.
 pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
+/// Counts of translations (new connections, UDP datagrams) per backend
+/// slot, like `iptables -L -v`'s per rule: keyed by the slot's
+/// [`ServiceKey`] with `scope` saying which programs counted
+/// ([`COUNTED_BY_SOCKETS`], [`COUNTED_BY_TC`]).
+pub const COUNTS_MAP: &str = "lb4_counts_v1";
+/// See [`COUNTS_MAP`].
+pub const COUNTED_BY_SOCKETS: u8 = 0;
+/// See [`COUNTS_MAP`].
+pub const COUNTED_BY_TC: u8 = 1;
 
 /// Every map of the object; all are pinned.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REV_NAT_MAP,
@@ -63,6 +72,7 @@ pub const MAPS: [&str; 9] = [
     FLOWS_MAP,
     UDP_CONNECTED_MAP,
     AFFINITY_MAP,
+    COUNTS_MAP,
 ];
 
 /// The cgroup socket-address programs, by the names of their functions.
@@ -85,6 +95,9 @@ pub const UDP_CONNECTED_MAX_ENTRIES: u32 = 65_536;
 /// Size of [`AFFINITY_MAP`]: (client, frontend) pairs of Services with
 /// session affinity; the least recently used is forgotten first.
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+/// Size of [`COUNTS_MAP`]: a slot of either frontend map (allocated as
+/// slots are used).
+pub const COUNTS_MAX_ENTRIES: u32 = SERVICES_MAX_ENTRIES + EXT_SERVICES_MAX_ENTRIES;
 
 /// Slot 0 flag of an outside frontend: packets it translates are marked for
 /// the masquerade fallback (externalTrafficPolicy Cluster), so replies come
@@ -209,7 +222,7 @@ pub struct ServiceKey {
     pub backend_slot: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    /// Reserved for traffic-policy scopes; always 0 for now.
+    /// 0 in the frontend maps; in [`COUNTS_MAP`], which programs counted.
     pub scope: u8,
     /// Explicit padding, always zero: hash keys compare every byte.
     pub pad: [u8; 2],

@@ -15,11 +15,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, ECONNREFUSED, Event, PROTO_UDP, RevNatPair, SOCK_REV_NAT_SLOTS,
-    ServiceKey, ServiceValue, SockRevNat,
+    AffinityKey, AffinityValue, COUNTED_BY_SOCKETS, ECONNREFUSED, Event, PROTO_UDP, RevNatPair,
+    SOCK_REV_NAT_SLOTS, ServiceKey, ServiceValue, SockRevNat,
 };
 
-use crate::maps::{AFFINITY, SERVICES, SOCK_REV_NAT, UDP_CONNECTED, record};
+use crate::maps::{AFFINITY, SERVICES, SOCK_REV_NAT, UDP_CONNECTED, count, record};
 
 /// Let the system call go on.
 pub const ALLOW: i32 = 1;
@@ -41,9 +41,10 @@ pub enum Pick {
 
 /// Looks a frontend up and picks one of its backends uniformly at random:
 /// one random number and two lookups, whatever the hook. The socket and tc
-/// programs all call this, on their own maps of one layout. A frontend with
-/// session affinity gives `client` (asked only then) the backend it had,
-/// while that is recent and still in its slot.
+/// programs all call this, on their own maps of one layout, and the choice
+/// is counted for the slot, under `counted_by`. A frontend with session
+/// affinity gives `client` (asked only then) the backend it had, while
+/// that is recent and still in its slot.
 #[expect(
     clippy::inline_always,
     reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
@@ -52,6 +53,7 @@ pub enum Pick {
 pub fn pick<const N: usize>(
     services: &HashMap<ServiceKey, ServiceValue, N>,
     frontend: ServiceKey,
+    counted_by: u8,
     client: impl FnOnce() -> u64,
 ) -> Pick {
     // SAFETY: map values are read once and copied; nothing keeps a reference.
@@ -62,23 +64,19 @@ pub fn pick<const N: usize>(
         return Pick::NoBackends;
     }
     // Slot 0's backend_id is the affinity timeout, in seconds.
-    if slot0.backend_id != 0 {
-        return pick_with_affinity(services, frontend, slot0, client());
+    let (slot, picked) = if slot0.backend_id == 0 {
+        let slot = random_slot(slot0.count);
+        (slot, backend_in(services, frontend, slot, slot0.flags))
+    } else {
+        pick_with_affinity(services, frontend, slot0, client())
+    };
+    if let Pick::Backend { .. } = picked {
+        count(ServiceKey {
+            scope: counted_by,
+            ..frontend.slot(slot)
+        });
     }
-    pick_at_random(services, frontend, slot0)
-}
-
-#[expect(
-    clippy::inline_always,
-    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
-)]
-#[inline(always)]
-fn pick_at_random<const N: usize>(
-    services: &HashMap<ServiceKey, ServiceValue, N>,
-    frontend: ServiceKey,
-    slot0: ServiceValue,
-) -> Pick {
-    backend_in(services, frontend, random_slot(slot0.count), slot0.flags)
+    picked
 }
 
 /// One of `1..=count`, uniformly. `count` is not 0.
@@ -121,6 +119,7 @@ fn backend_in<const N: usize>(
 /// sessionAffinity ClientIP: the client's backend while it chose within
 /// the timeout (each choice renews it, as kube-proxy's `recent` match
 /// does) and the backend is still in its slot; else a random one, noted.
+/// Returns the slot with the choice.
 #[expect(
     clippy::inline_always,
     reason = "inlined into each hook, whose verifier sees one program"
@@ -131,7 +130,7 @@ fn pick_with_affinity<const N: usize>(
     frontend: ServiceKey,
     slot0: ServiceValue,
     client: u64,
-) -> Pick {
+) -> (u16, Pick) {
     let key = AffinityKey {
         client,
         frontend_addr_be: frontend.addr_be,
@@ -160,7 +159,7 @@ fn pick_with_affinity<const N: usize>(
             },
             0,
         );
-        return Pick::Backend { backend, flags };
+        return (held.slot, Pick::Backend { backend, flags });
     }
     let slot = random_slot(slot0.count);
     let picked = backend_in(services, frontend, slot, slot0.flags);
@@ -173,7 +172,7 @@ fn pick_with_affinity<const N: usize>(
         };
         let _ = AFFINITY.insert(key, held, 0);
     }
-    picked
+    (slot, picked)
 }
 
 /// Which system call a translation is for.
@@ -212,7 +211,7 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     // (a pod's own), since the source address is not chosen yet.
     // SAFETY: a plain helper call on this program's context.
     let client = || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let backend = match pick(&SERVICES, frontend, client) {
+    let backend = match pick(&SERVICES, frontend, COUNTED_BY_SOCKETS, client) {
         Pick::NotService => return ALLOW,
         Pick::NoBackends => {
             // SAFETY: a plain helper call; connect and sendmsg hooks may set it.

@@ -8,6 +8,10 @@
 //! alone.
 #![no_std]
 #![no_main]
+// `atomic_xadd`, for the per-slot counts: the bpf target has atomic adds
+// but no compare-and-swap, so `AtomicU64::fetch_add` does not exist there.
+#![expect(internal_features, reason = "core::intrinsics::atomic_xadd")]
+#![feature(core_intrinsics)]
 
 mod connect4;
 mod getpeername4;

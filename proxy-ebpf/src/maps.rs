@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
-    EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event, FLOWS_MAX_ENTRIES, FlowKey, FlowNat,
-    RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevNat,
-    UDP_CONNECTED_MAX_ENTRIES,
+    COUNTS_MAX_ENTRIES, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event,
+    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey,
+    ServiceValue, SockRevNat, UDP_CONNECTED_MAX_ENTRIES,
 };
 
 // The macro takes a literal; these keep it equal to the shared names.
@@ -23,6 +23,7 @@ const _: () = {
     assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
     assert!(eq(proxy_common::UDP_CONNECTED_MAP, "lb4_udp_conn_v1"));
     assert!(eq(proxy_common::AFFINITY_MAP, "lb4_affinity_v1"));
+    assert!(eq(proxy_common::COUNTS_MAP, "lb4_counts_v1"));
 };
 
 const fn eq(a: &str, b: &str) -> bool {
@@ -89,6 +90,37 @@ pub static UDP_CONNECTED: LruHashMap<u64, RevNatPair, { UDP_CONNECTED_MAX_ENTRIE
 #[btf_map(name = "lb4_affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// Translations per backend slot, deleted by the agent with the slot.
+/// Preallocated, so the first count of a slot costs no allocation (a
+/// per-CPU map would, and a per-CPU allocation takes microseconds);
+/// shared, counted with one atomic add, so its size does not grow with the
+/// node's CPUs.
+#[btf_map(name = "lb4_counts_v1")]
+pub static COUNTS: HashMap<ServiceKey, u64, { COUNTS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Counts one translation to `slot`.
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+pub fn count(slot: ServiceKey) {
+    if let Some(counter) = COUNTS.get_ptr_mut(slot) {
+        // SAFETY: a map value, valid while the program runs; other CPUs
+        // add to it too, atomically (BPF_ATOMIC | BPF_ADD: the bpf target
+        // has no compare-and-swap, so core offers no `fetch_add`).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                counter, 1,
+            )
+        };
+    } else {
+        // The slot's first: a racing first on another CPU may win, and
+        // this one is lost.
+        let _ = COUNTS.insert(slot, 1_u64, 0);
+    }
+}
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
 #[btf_map(name = "lb4_events_v4")]

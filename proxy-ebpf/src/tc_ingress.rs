@@ -15,8 +15,8 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use proxy_common::{
-    AFFINITY_CLIENT_IP, Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_REPLY, FRONTEND_KIND,
-    FRONTEND_MASQUERADE, FlowKey, FlowNat, PROTO_UDP, ServiceKey, ServiceValue,
+    AFFINITY_CLIENT_IP, COUNTED_BY_TC, Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_REPLY,
+    FRONTEND_KIND, FRONTEND_MASQUERADE, FlowKey, FlowNat, PROTO_UDP, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -131,8 +131,9 @@ fn choose(packet: &Packet) -> Result<(ServiceValue, u16), i32> {
     let frontend = ServiceKey::frontend(packet.daddr_be, packet.dport_be, packet.proto);
     // Session affinity follows the client's address here.
     let client = || u64::from(packet.saddr_be) | AFFINITY_CLIENT_IP;
-    let (picked, cluster_ip) = match pick(&EXT_SERVICES, frontend, client) {
-        Pick::NotService => (pick(&SERVICES, frontend, client), true),
+    let (picked, cluster_ip) = match pick(&EXT_SERVICES, frontend, COUNTED_BY_TC, client) {
+        // A ClusterIP from outside: counted as the tc programs'.
+        Pick::NotService => (pick(&SERVICES, frontend, COUNTED_BY_TC, client), true),
         picked => (picked, false),
     };
     match picked {

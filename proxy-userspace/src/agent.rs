@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use proxy_common::{Backend, ServiceKey, ServiceValue};
+use proxy_common::{Backend, COUNTED_BY_SOCKETS, COUNTED_BY_TC, ServiceKey, ServiceValue};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::UnboundedReceiver,
@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, DatapathError, MapSizes, Pins, SizedTable, TcSettings},
+    datapath::{Counts, Datapath, DatapathError, MapSizes, Pins, SizedTable, TcSettings},
     devices::{self, DeviceWatch},
     health::{Health, HealthEndpoints, SharedHealth},
     metrics::Metrics,
@@ -143,6 +143,8 @@ struct Loop {
     service_health: ServiceHealthServers,
     /// `None` with `--terminate-udp=false` and `--terminate-tcp=false`.
     stale_sockets: Option<StaleSockets>,
+    /// The per-slot counts, whose entries go with their slots.
+    counts: Option<Counts>,
 }
 
 /// Loads and attaches the datapath, then follows `source` until SIGTERM or
@@ -151,7 +153,11 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
-    let (datapath, writer, external_writer) = load(&config)?;
+    let (mut datapath, writer, external_writer) = load(&config)?;
+    let counts = datapath
+        .take_counts()
+        .inspect_err(|error| warn!(error = %crate::report::chain(error), "the per-slot counts are not kept tidy"))
+        .ok();
 
     let health = Health::shared(config.health_stale_after);
     let metrics = Metrics::new(config.pins.clone());
@@ -185,6 +191,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         devices: DeviceWatch::new(config.devices.clone()),
         service_health: ServiceHealthServers::new(health.clone()),
         stale_sockets: start_stale_sockets(&config),
+        counts,
     };
     // Before the first sync, so that it already has the node's addresses
     // (a second sync just for them would be wasted).
@@ -527,6 +534,7 @@ impl Loop {
                 scope: external_scope,
             },
         );
+        self.forget_counts();
         stats.changes += external_stats.changes;
         stats.other_failures += external_stats.other_failures;
         let external_failed = external_stats.failed;
@@ -581,6 +589,33 @@ impl Loop {
                     .map(|(_, departure)| departure)
                     .collect(),
             );
+        }
+    }
+
+    /// The counts of slots that went (or got another backend) end with
+    /// them. A socket-map slot's ClusterIP may have been counted by the tc
+    /// programs too (traffic from outside).
+    fn forget_counts(&mut self) {
+        let Some(counts) = &mut self.counts else {
+            return;
+        };
+        let gone = [
+            (
+                self.writer.take_slots_gone(),
+                &[COUNTED_BY_SOCKETS, COUNTED_BY_TC][..],
+            ),
+            (self.external_writer.take_slots_gone(), &[COUNTED_BY_TC][..]),
+        ];
+        for (slots, counted_by) in gone {
+            for slot in slots {
+                for scope in counted_by {
+                    // Most slots of a scope were never counted: no entry.
+                    let _ = counts.remove(&ServiceKey {
+                        scope: *scope,
+                        ..slot
+                    });
+                }
+            }
         }
     }
 

@@ -76,7 +76,7 @@ pub fn explain(
     let key = format!("{}:{}", frontend.ip, frontend.port);
     let maps = match datapath::open_pinned(pins)
         .map_err(|e| crate::report::chain(&e))
-        .and_then(|maps| listing::list(&maps).map_err(|e| crate::report::chain(&e)))
+        .and_then(|maps| listing::list(&maps, None).map_err(|e| crate::report::chain(&e)))
     {
         Ok(listed) => listed
             .into_iter()

@@ -8,8 +8,10 @@ use aya::maps::{MapData, MapError, PerCpuArray};
 use proxy_common::Event;
 use serde::Serialize;
 
+use proxy_common::{COUNTED_BY_SOCKETS, COUNTED_BY_TC};
+
 use crate::{
-    maps::{ServiceMaps, Table as _, read_frontends},
+    maps::{Counts, ServiceMaps, Table as _, read_frontends, slot_count},
     model::{FrontendKind, L4Addr},
 };
 
@@ -26,6 +28,10 @@ pub struct ListedService {
     /// sessionAffinity ClientIP's timeout, in seconds; absent without.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_seconds: Option<u32>,
+    /// With `--stats`: translations through this frontend (new connections;
+    /// datagrams of unconnected UDP), its backends' sum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub translations: Option<u64>,
     /// Backend addresses in slot order; a slot whose id or backend is missing
     /// shows as such, since that is exactly what a reader needs to see.
     pub backends: Vec<ListedBackend>,
@@ -36,20 +42,33 @@ pub struct ListedBackend {
     pub slot: u16,
     pub id: u32,
     pub address: String,
+    /// With `--stats`: translations to this slot since it got its backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub translations: Option<u64>,
 }
 
 /// The socket programs' frontends: ClusterIPs, and the outside frontends
 /// as the node's own sockets reach them.
-pub fn list(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
-    list_with(maps, |flags| {
-        FrontendKind::from_flags(flags)
-            .map_or_else(|| "ClusterIP".to_owned(), |k| format!("{k}/sockets"))
+/// With `counts`, each slot's translations: a ClusterIP's as the socket
+/// programs counted them and as the tc programs did (traffic from outside).
+pub fn list(maps: &ServiceMaps, counts: Option<&Counts>) -> Result<Vec<ListedService>, MapError> {
+    list_with(maps, counts, |flags| {
+        match FrontendKind::from_flags(flags) {
+            None => (
+                "ClusterIP".to_owned(),
+                &[COUNTED_BY_SOCKETS, COUNTED_BY_TC][..],
+            ),
+            Some(kind) => (format!("{kind}/sockets"), &[COUNTED_BY_SOCKETS][..]),
+        }
     })
 }
 
 /// The tc programs' frontends, each with its kind and traffic policy.
-pub fn list_external(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError> {
-    list_with(maps, |flags| {
+pub fn list_external(
+    maps: &ServiceMaps,
+    counts: Option<&Counts>,
+) -> Result<Vec<ListedService>, MapError> {
+    list_with(maps, counts, |flags| {
         let kind =
             FrontendKind::from_flags(flags).map_or_else(|| "?".to_owned(), |k| k.to_string());
         let policy = if flags & proxy_common::FRONTEND_MASQUERADE == 0 {
@@ -57,13 +76,16 @@ pub fn list_external(maps: &ServiceMaps) -> Result<Vec<ListedService>, MapError>
         } else {
             "Cluster"
         };
-        format!("{kind}/{policy}")
+        (format!("{kind}/{policy}"), &[COUNTED_BY_TC][..])
     })
 }
 
+/// The frontends of `maps`; `kind` names a frontend by its slot-0 flags,
+/// and says under which scopes its slots are counted.
 fn list_with(
     maps: &ServiceMaps,
-    kind: impl Fn(u16) -> String,
+    counts: Option<&Counts>,
+    kind: impl Fn(u16) -> (String, &'static [u8]),
 ) -> Result<Vec<ListedService>, MapError> {
     let backends: BTreeMap<u32, proxy_common::Backend> =
         maps.backends.entries()?.into_iter().collect();
@@ -80,7 +102,8 @@ fn list_with(
             ),
             None => (format!("{key:?}"), format!("proto {}", key.proto)),
         };
-        let backends = (1..=count)
+        let (kind, counted_by) = kind(frontend_slots.flags);
+        let backends: Vec<ListedBackend> = (1..=count)
             .map(|slot| {
                 let value = frontend_slots.slots.get(&slot).copied();
                 let id = value.map_or(0, |v| v.backend_id);
@@ -98,13 +121,20 @@ fn list_with(
                         }
                     }
                 };
-                ListedBackend { slot, id, address }
+                ListedBackend {
+                    slot,
+                    id,
+                    address,
+                    translations: counts.map(|c| slot_count(c, key.slot(slot), counted_by)),
+                }
             })
             .collect();
+        let translations = counts.map(|_| backends.iter().filter_map(|b| b.translations).sum());
         listed.push(ListedService {
             frontend,
             protocol,
-            kind: kind(frontend_slots.flags),
+            kind,
+            translations,
             affinity_seconds: (frontend_slots.affinity != 0).then_some(frontend_slots.affinity),
             backends,
         });
@@ -138,8 +168,11 @@ pub fn table(services: &[ListedService]) -> String {
             line("(no ready endpoints: connections are refused)");
         }
         for backend in &service.backends {
+            let counted = backend
+                .translations
+                .map_or_else(String::new, |n| format!(", {n} translations"));
             line(&format!(
-                "{} => {} (id {})",
+                "{} => {} (id {}){counted}",
                 backend.slot, backend.address, backend.id
             ));
         }

@@ -63,6 +63,11 @@ enum Command {
         pins: PinDir,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Show how many translations (new connections; datagrams of
+        /// unconnected UDP) each frontend and backend slot had, as
+        /// `iptables -L -v` counts per rule.
+        #[arg(long)]
+        stats: bool,
     },
     /// Print what the programs counted since the maps were created, summed
     /// over CPUs: connections forwarded, refused, and so on.
@@ -123,6 +128,26 @@ enum Output {
     Json,
 }
 
+/// `services`: both frontend maps, with `stats` their counts.
+fn print_services(pins: &PinDir, output: Output, stats: bool) -> Result<()> {
+    let maps = datapath::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
+    let counts = if stats {
+        Some(datapath::open_pinned_counts(&pins.pins()).with_context(|| pins.hint())?)
+    } else {
+        None
+    };
+    let mut services = listing::list(&maps, counts.as_ref())?;
+    // Pins of an agent from before the tc programs have no such maps.
+    if let Ok(external) = datapath::open_pinned_external(&pins.pins()) {
+        services.extend(listing::list_external(&external, counts.as_ref())?);
+    }
+    match output {
+        Output::Table => print!("{}", listing::table(&services)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -157,19 +182,11 @@ fn main() -> Result<()> {
             })?;
             Ok(())
         }
-        Command::Services { pins, output } => {
-            let maps = datapath::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
-            let mut services = listing::list(&maps)?;
-            // Pins of an agent from before the tc programs have no such maps.
-            if let Ok(external) = datapath::open_pinned_external(&pins.pins()) {
-                services.extend(listing::list_external(&external)?);
-            }
-            match output {
-                Output::Table => print!("{}", listing::table(&services)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
-            }
-            Ok(())
-        }
+        Command::Services {
+            pins,
+            output,
+            stats,
+        } => print_services(&pins, output, stats),
         Command::Stats { pins, output } => {
             let counters =
                 datapath::open_pinned_events(&pins.pins()).with_context(|| pins.hint())?;

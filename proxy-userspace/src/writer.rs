@@ -54,6 +54,9 @@ pub struct MapWriter<S, B> {
     /// last slot goes, without scanning every frontend.
     refs: BTreeMap<u32, usize>,
     next_backend_id: u32,
+    /// Slots deleted, or given another backend, since the last
+    /// [`MapWriter::take_slots_gone`]: their counts are over.
+    slots_gone: Vec<ServiceKey>,
 }
 
 impl<S, B> MapWriter<S, B>
@@ -79,7 +82,13 @@ where
             id_of,
             refs,
             next_backend_id,
+            slots_gone: Vec::new(),
         })
+    }
+
+    /// The slots deleted, or given another backend, since the last call.
+    pub fn take_slots_gone(&mut self) -> Vec<ServiceKey> {
+        std::mem::take(&mut self.slots_gone)
     }
 
     /// How many frontends and backends the maps hold.
@@ -357,6 +366,7 @@ where
                 self.services.put(&key.slot(slot), &value)?;
                 if let Some(old) = current.slots.insert(slot, value) {
                     release(&mut self.refs, old.backend_id, released);
+                    self.slots_gone.push(key.slot(slot));
                 }
                 *self.refs.entry(*id).or_default() += 1;
                 stats.writes += 1;
@@ -395,6 +405,7 @@ where
             if let Some(old) = current.slots.remove(&slot) {
                 release(&mut self.refs, old.backend_id, released);
             }
+            self.slots_gone.push(key.slot(slot));
             stats.deletes += 1;
         }
         if current.count.is_none() && current.slots.is_empty() {

@@ -994,17 +994,24 @@ impl Agent {
 
     /// Runs `proxy-userspace services --output json` against the lab's pins.
     pub fn services_json(&self) -> Result<String> {
-        self.query("services")
+        self.query("services", &[])
+    }
+
+    /// `services --stats --output json`: with each slot's translations.
+    pub fn services_stats_json(&self) -> Result<String> {
+        self.query("services", &["--stats"])
     }
 
     /// Runs `proxy-userspace stats --output json` against the lab's pins.
     pub fn stats_json(&self) -> Result<String> {
-        self.query("stats")
+        self.query("stats", &[])
     }
 
-    fn query(&self, command: &str) -> Result<String> {
+    fn query(&self, command: &str, flags: &[&str]) -> Result<String> {
         let out = Command::new(&self.binary)
-            .args([command, "--output", "json", "--bpffs"])
+            .arg(command)
+            .args(flags)
+            .args(["--output", "json", "--bpffs"])
             .arg(&self.bpffs)
             .output()?;
         if !out.status.success() {

@@ -108,11 +108,31 @@ fn tcp_through_clusterip_reaches_each_backend_uniformly() {
     let (lab, pods) = web_lab(&["pod-a", "pod-b", "pod-c"]);
     lab.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))
         .unwrap();
-    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
 
     let total = 3000;
     let counts = request_counts(&lab, WEB_VIP, total);
     assert_eq!(counts.get(""), None, "failed requests: {counts:?}");
+    // The datapath counted each connection to the slot it chose, as the
+    // pods saw them.
+    let listed: serde_json::Value =
+        serde_json::from_str(&agent.services_stats_json().unwrap()).unwrap();
+    let web = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["frontend"] == format!("{WEB_VIP}:80"))
+        .expect("the web frontend");
+    assert_eq!(web["translations"], total, "{web}");
+    for pod in &pods {
+        let slot = web["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["address"] == format!("{}:8080", pod.ip))
+            .expect("the pod's slot");
+        assert_eq!(slot["translations"], counts[&pod.name], "{web}");
+    }
     let expected = f64::from(u32::try_from(total).unwrap()) / 3.0;
     let chi_square: f64 = pods
         .iter()
@@ -2360,6 +2380,16 @@ fn nodeport_from_outside_cluster_and_local_policies() {
             && answers.get("web-2a").is_some_and(|n| *n >= 5),
         "both pods should answer: {answers:?}"
     );
+    // The tc programs counted each connection to the NodePort.
+    let listed = agents[0].services_stats_json().unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let counted = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["frontend"] == format!("{node1}:30080") && s["kind"] == "NodePort/Cluster")
+        .and_then(|s| s["translations"].as_u64());
+    assert!(counted.is_some_and(|n| n >= 40), "{listed}");
     // The backend sees a node address (masqueraded), never the client.
     let (peers, failed) = external_answers(&lab, &format!("http://{node1}:30080/peer"), 10);
     assert_eq!(failed, 0, "{peers:?}");

@@ -37,7 +37,8 @@ use proxy_common::{
 use tracing::{info, warn};
 
 pub use crate::maps::{
-    Pins, PinsError, SizedTable, open_pinned, open_pinned_events, open_pinned_external,
+    Counts, Pins, PinsError, SizedTable, open_pinned, open_pinned_counts, open_pinned_events,
+    open_pinned_external,
 };
 use crate::{bpf_sys, maps::table::typed_map, model::Cidr};
 
@@ -570,6 +571,16 @@ impl Datapath {
             })?;
         info!(program = name, device, link = %link_path.display(), "attached (TCX)");
         Ok(())
+    }
+
+    /// Hands out the per-slot counts, for the agent to delete those of
+    /// slots that go.
+    pub fn take_counts(&mut self) -> Result<Counts, DatapathError> {
+        let map = self.take_map(proxy_common::COUNTS_MAP)?;
+        Counts::try_from(map).map_err(|source| DatapathError::Map {
+            name: proxy_common::COUNTS_MAP,
+            source,
+        })
     }
 
     /// Hands out the service maps, for the writer.

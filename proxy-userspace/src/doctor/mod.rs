@@ -868,7 +868,7 @@ fn drift(cx: &Context, snapshot: Option<&Snapshot>) -> Check {
     let read_maps = || -> Result<Frontends, String> {
         let maps = datapath::open_pinned(&cx.pins).map_err(|e| chain(&e))?;
         Ok(listed_frontends(
-            &listing::list(&maps).map_err(|e| chain(&e))?,
+            &listing::list(&maps, None).map_err(|e| chain(&e))?,
         ))
     };
     let desired = desired_frontends(snapshot);

@@ -10,6 +10,6 @@ pub mod table;
 
 pub use pins::{Pins, PinsError};
 pub use table::{
-    BatchError, FrontendSlots, ServiceMaps, SizedTable, Table, open_pinned, open_pinned_events,
-    open_pinned_external, read_frontends,
+    BatchError, Counts, FrontendSlots, ServiceMaps, SizedTable, Table, open_pinned,
+    open_pinned_counts, open_pinned_events, open_pinned_external, read_frontends, slot_count,
 };

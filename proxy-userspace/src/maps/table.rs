@@ -244,6 +244,37 @@ pub fn open_pinned_external(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
     })
 }
 
+/// The translation counts per backend slot.
+pub type Counts = aya::maps::HashMap<MapData, ServiceKey, u64>;
+
+/// Opens the pinned per-slot counts ([`proxy_common::COUNTS_MAP`]).
+pub fn open_pinned_counts(pins: &Pins) -> Result<Counts, DatapathError> {
+    let map = open_pin(pins, proxy_common::COUNTS_MAP, Map::HashMap)?;
+    Counts::try_from(map).map_err(|source| DatapathError::Map {
+        name: proxy_common::COUNTS_MAP,
+        source,
+    })
+}
+
+/// A slot's count, summed over `counted_by`.
+#[must_use]
+pub fn slot_count(counts: &Counts, slot: ServiceKey, counted_by: &[u8]) -> u64 {
+    counted_by
+        .iter()
+        .filter_map(|scope| {
+            counts
+                .get(
+                    &ServiceKey {
+                        scope: *scope,
+                        ..slot
+                    },
+                    0,
+                )
+                .ok()
+        })
+        .sum()
+}
+
 /// Opens the pinned per-CPU event counters, indexed by [`proxy_common::Event`].
 pub fn open_pinned_events(pins: &Pins) -> Result<PerCpuArray<MapData, u64>, DatapathError> {
     let map = open_pin(pins, EVENTS_MAP, Map::PerCpuArray)?;

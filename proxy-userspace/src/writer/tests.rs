@@ -199,6 +199,22 @@ fn session_affinity_is_slot_zeros_and_survives_a_restart() {
 }
 
 #[test]
+fn slots_deleted_or_given_another_backend_are_reported_once() {
+    let kernel = Rc::default();
+    let mut writer = writer(&kernel);
+    let frontend = tcp(100, 80);
+    writer.apply_all(&state(&[(frontend, &[tcp(1, 8080), tcp(2, 8080)])]), true);
+    assert_eq!(writer.take_slots_gone(), [], "new slots end no count");
+    // tcp(1) goes: tcp(2) moves into slot 1, and slot 2 is deleted.
+    writer.apply_all(&state(&[(frontend, &[tcp(2, 8080)])]), true);
+    let key = frontend.service_key();
+    assert_eq!(writer.take_slots_gone(), [key.slot(1), key.slot(2)]);
+    assert_eq!(writer.take_slots_gone(), []);
+    writer.apply_all(&state(&[]), true);
+    assert_eq!(writer.take_slots_gone(), [key.slot(1)]);
+}
+
+#[test]
 fn backends_are_shared_by_id_and_removed_when_unused() {
     let kernel: Rc<RefCell<Kernel>> = Rc::default();
     let mut writer = writer(&kernel);
