@@ -746,18 +746,21 @@ impl TwoNodeLab {
     pub fn start_agents(&self, binary: &Path, flags: &[&str]) -> Result<Vec<Agent>> {
         [1, 2]
             .into_iter()
-            .map(|number| {
-                let name = format!("node-{number}");
-                let mut all = vec![
-                    "--hostname-override",
-                    &name,
-                    "--nodeport-addresses",
-                    "192.168.100.0/24",
-                ];
-                all.extend(flags);
-                self.node(number).start_agent_in_node(binary, &all)
-            })
+            .map(|number| self.start_agent(number, binary, flags))
             .collect()
+    }
+
+    /// Starts node `number`'s agent as [`TwoNodeLab::start_agents`] does.
+    pub fn start_agent(&self, number: u8, binary: &Path, flags: &[&str]) -> Result<Agent> {
+        let name = format!("node-{number}");
+        let mut all = vec![
+            "--hostname-override",
+            &name,
+            "--nodeport-addresses",
+            "192.168.100.0/24",
+        ];
+        all.extend(flags);
+        self.node(number).start_agent_in_node(binary, &all)
     }
 
     /// Writes the same manifest into both nodes' directories, as both

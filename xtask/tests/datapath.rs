@@ -2585,18 +2585,7 @@ fn cleanup_in_node(node: &Lab) {
 /// swaps its programs into the pinned tc links rather than attaching anew,
 /// and the NodePort answers.
 fn assert_restart_swaps_tc_links(lab: &TwoNodeLab) {
-    let restarted = lab
-        .node(1)
-        .start_agent_in_node(
-            &agent_binary(),
-            &[
-                "--hostname-override",
-                "node-1",
-                "--nodeport-addresses",
-                "192.168.100.0/24",
-            ],
-        )
-        .expect("agent");
+    let restarted = lab.start_agent(1, &agent_binary(), &[]).expect("agent");
     restarted
         .wait_for_log("tc_ingress@eth0", Duration::from_secs(10))
         .unwrap();
@@ -2791,17 +2780,12 @@ fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) {
              sys.stdin.readline()\n",
         lab.node_ip(1)
     );
-    let mut held = lab
-        .external("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut stdout = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
-    let first = first.trim().to_owned();
+    let mut held = Conversation::start({
+        let mut command = lab.external("python3");
+        command.args(["-c", &script]);
+        command
+    });
+    let first = held.line();
     let pods: Vec<Pod> = [1, 2]
         .into_iter()
         .flat_map(|number| lab.node(number).pods().to_vec())
@@ -2827,13 +2811,7 @@ fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    let mut stdin = held.stdin.take().unwrap();
-    std::io::Write::write_all(&mut stdin, b"\n").unwrap();
-    let mut second = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut second).unwrap();
-    assert_eq!(second.trim(), first, "the held connection changed backend");
-    drop(stdin);
-    let _ = held.wait();
+    assert_eq!(held.ask(), first, "the held connection changed backend");
 }
 
 /// A UDP datagram to a NodePort whose pod has nothing on the port: the
@@ -2884,22 +2862,6 @@ fn assert_path_mtu_discovery_through_the_frontend(lab: &TwoNodeLab) {
     assert!(sizes.iter().all(|size| *size == full), "{sizes:?}");
 }
 
-/// Node `number`'s agent, as `TwoNodeLab::start_agents` starts it, with
-/// `flags` of its own.
-fn start_node_agent(lab: &TwoNodeLab, number: u8, flags: &[&str]) -> Agent {
-    let name = format!("node-{number}");
-    let mut all = vec![
-        "--hostname-override",
-        &name,
-        "--nodeport-addresses",
-        "192.168.100.0/24",
-    ];
-    all.extend(flags);
-    lab.node(number)
-        .start_agent_in_node(&agent_binary(), &all)
-        .expect("agent")
-}
-
 /// How many tc filters on `device`'s `direction` (ingress, egress) in
 /// node `number` run `program`.
 fn clsact_filters(
@@ -2939,13 +2901,17 @@ fn clsact_filters_and_devices_that_come_later() {
     .expect("manifest");
     let url = format!("http://{}:30080/", lab.node_ip(1));
 
-    let mut agent = start_node_agent(&lab, 1, &["--tcx", "false"]);
+    let mut agent = lab
+        .start_agent(1, &agent_binary(), &["--tcx", "false"])
+        .expect("agent");
     agent
         .wait_for_log("attached (clsact)", Duration::from_secs(10))
         .unwrap();
     assert_eq!(external_get(&lab, &url), (200, "web-1a\n".to_owned()));
     agent.kill();
-    let agent = start_node_agent(&lab, 1, &["--tcx", "false"]);
+    let agent = lab
+        .start_agent(1, &agent_binary(), &["--tcx", "false"])
+        .expect("agent");
     agent
         .wait_for_log(
             "replaced the program in the clsact filter",
@@ -2964,11 +2930,13 @@ fn clsact_filters_and_devices_that_come_later() {
         "the NodePort outlived cleanup"
     );
 
-    let agent = start_node_agent(
-        &lab,
-        2,
-        &["--devices", "eth0,late0", "--iptables-sync-period", "1s"],
-    );
+    let agent = lab
+        .start_agent(
+            2,
+            &agent_binary(),
+            &["--devices", "eth0,late0", "--iptables-sync-period", "1s"],
+        )
+        .expect("agent");
     agent
         .wait_for_log("it is used when it appears", Duration::from_secs(10))
         .unwrap();
@@ -3088,22 +3056,12 @@ fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
              print(' '.join(words), flush=True)\n",
         pods[0].ip
     );
-    let mut held = lab
-        .pod_client(&client, "python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut stdin = held.stdin.take().unwrap();
-    let mut stdout = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut ask = || {
-        std::io::Write::write_all(&mut stdin, b"\n").unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-        line.trim().to_owned()
-    };
-    assert_eq!(ask(), "dns-a dns-a");
+    let mut held = Conversation::start({
+        let mut command = lab.pod_client(&client, "python3");
+        command.args(["-c", &script]);
+        command
+    });
+    assert_eq!(held.ask(), "dns-a dns-a");
 
     lab.write_manifest("dns.yaml", &manifest(&[&pods[1]]))
         .unwrap();
@@ -3111,14 +3069,12 @@ fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
         .wait_for_log("ended sockets still connected", Duration::from_secs(10))
         .unwrap();
     assert_eq!(
-        ask(),
+        held.ask(),
         // Ended and disconnected: the next send has no address.
         "EDESTADDRREQ dns-b dns-a",
         "{}",
         agent.log()
     );
-    drop(stdin);
-    let _ = held.wait();
 }
 
 /// Issue 8, `--terminate-tcp`: a keep-alive connection through the
@@ -3162,33 +3118,23 @@ fn terminate_tcp_ends_connections_to_a_backend_that_leaves() {
                  held = http.client.HTTPConnection('{WEB_VIP}', 80, timeout=3)\n        \
                  print(errno.errorcode.get(error.errno, 'closed'), get(held), flush=True)\n"
     );
-    let mut held = lab
-        .pod_client(&client, "python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut stdin = held.stdin.take().unwrap();
-    let mut stdout = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line.trim(), "pod-a");
+    let mut held = Conversation::start({
+        let mut command = lab.pod_client(&client, "python3");
+        command.args(["-c", &script]);
+        command
+    });
+    assert_eq!(held.line(), "pod-a");
     lab.write_manifest("web.yaml", &web_manifest(&[&pods[1]]))
         .unwrap();
     agent
         .wait_for_log("ended sockets still connected", Duration::from_secs(10))
         .unwrap();
-    std::io::Write::write_all(&mut stdin, b"\n").unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let line = held.ask();
     let words: Vec<&str> = line.split_whitespace().collect();
     assert!(
         words.len() == 2 && words[1] == "pod-b",
         "the connection to pod-a should have been ended: {line:?}"
     );
-    drop(stdin);
-    let _ = held.wait();
 }
 
 /// A ClusterIP Service of one HTTP port with sessionAffinity ClientIP and,
@@ -3266,4 +3212,49 @@ fn session_affinity_keeps_each_client_on_one_pod_until_its_timeout() {
         thread::sleep(Duration::from_millis(1200));
     }
     assert!(seen.len() >= 2 && !seen.contains(""), "{seen:?}");
+}
+
+/// A client that prints a line whenever it is given one: the tests hold
+/// its connections open across a change of the Service.
+struct Conversation {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Conversation {
+    fn start(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the client");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// The next line it printed, trimmed.
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stdout, &mut line).expect("a line");
+        line.trim().to_owned()
+    }
+
+    /// One more round: a line to it, and its answer.
+    fn ask(&mut self) -> String {
+        std::io::Write::write_all(&mut self.stdin, b"\n").expect("stdin");
+        self.line()
+    }
+}
+
+impl Drop for Conversation {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
