@@ -10,8 +10,12 @@
 #![no_main]
 // `atomic_xadd`, for the per-slot counts: the bpf target has atomic adds
 // but no compare-and-swap, so `AtomicU64::fetch_add` does not exist there.
-#![expect(internal_features, reason = "core::intrinsics::atomic_xadd")]
-#![feature(core_intrinsics)]
+// Only for the kernel: the workspace's host check runs on stable.
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core::intrinsics::atomic_xadd"),
+    feature(core_intrinsics)
+)]
 
 mod connect4;
 mod getpeername4;

@@ -110,11 +110,17 @@ pub fn count(slot: ServiceKey) {
         // SAFETY: a map value, valid while the program runs; other CPUs
         // add to it too, atomically (BPF_ATOMIC | BPF_ADD: the bpf target
         // has no compare-and-swap, so core offers no `fetch_add`).
+        #[cfg(target_arch = "bpf")]
         unsafe {
             core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
                 counter, 1,
             )
         };
+        // The host check of the workspace (never run).
+        #[cfg(not(target_arch = "bpf"))]
+        // SAFETY: as above.
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(counter) }
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     } else {
         // The slot's first: a racing first on another CPU may win, and
         // this one is lost.
