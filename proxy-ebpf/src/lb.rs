@@ -14,6 +14,7 @@ use aya_ebpf::{
     },
     programs::SockAddrContext,
 };
+use aya_log_ebpf::info;
 use proxy_common::{
     AffinityKey, AffinityValue, COUNTED_BY_SOCKETS, ECONNREFUSED, Event, PROTO_UDP, RevNatPair,
     SOCK_REV_NAT_SLOTS, ServiceKey, ServiceValue, SockRevNat,
@@ -217,6 +218,12 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
             // SAFETY: a plain helper call; connect and sendmsg hooks may set it.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             record(Event::Refused);
+            info!(
+                ctx,
+                "refused {:i}:{}: no endpoints",
+                u32::from_be(addr.user_ip4),
+                u16::from_be(user_port(addr))
+            );
             return REJECT;
         }
         // The Service shrank under us: the socket is left alone, as after
@@ -248,6 +255,21 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
         // Only the ending of stale sockets depends on it.
         let _ = UDP_CONNECTED.insert(cookie, pair, 0);
     }
+    // `run --trace` only: otherwise the log level is 0, a constant the
+    // verifier prunes this with.
+    info!(
+        ctx,
+        "{} {:i}:{} -> {:i}:{}",
+        if call == Call::Connect {
+            "connect"
+        } else {
+            "sendmsg"
+        },
+        u32::from_be(addr.user_ip4),
+        u16::from_be(user_port(addr)),
+        u32::from_be(backend.addr_be),
+        u16::from_be(backend.port_be)
+    );
     addr.user_ip4 = backend.addr_be;
     addr.user_port = u32::from(backend.port_be);
     record(Event::Forwarded);

@@ -14,6 +14,7 @@
 //! not a frontend passes untouched.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_log_ebpf::info;
 use proxy_common::{
     AFFINITY_CLIENT_IP, COUNTED_BY_TC, Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_REPLY,
     FRONTEND_KIND, FRONTEND_MASQUERADE, FlowKey, FlowNat, PROTO_UDP, ServiceKey, ServiceValue,
@@ -112,6 +113,17 @@ fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
         record(Event::RevNatNotStored);
         return PASS;
     }
+    // `run --trace` only (see lb::forward).
+    info!(
+        ctx,
+        "flow {:i}:{} -> {:i}:{} -> {:i}:{}",
+        u32::from_be(packet.saddr_be),
+        u16::from_be(packet.sport_be),
+        u32::from_be(packet.daddr_be),
+        u16::from_be(packet.dport_be),
+        u32::from_be(backend.addr_be),
+        u16::from_be(backend.port_be)
+    );
     translate(ctx, packet, &flow)
 }
 

@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Counts, Datapath, DatapathError, MapSizes, Pins, SizedTable, TcSettings},
+    datapath::{Counts, Datapath, DatapathError, MapSizes, Pins, ProgramSettings, SizedTable},
     devices::{self, DeviceWatch},
     health::{Health, HealthEndpoints, SharedHealth},
     metrics::Metrics,
@@ -65,10 +65,19 @@ pub struct AgentConfig {
     pub iptables_sync_period: Duration,
     /// `--devices`.
     pub devices: Vec<String>,
-    /// `--tcx`.
-    pub tcx: bool,
+    /// `--tcx` and `--trace`.
+    pub programs: ProgramOptions,
     /// `--terminate-udp`, `--terminate-tcp`.
     pub termination: Termination,
+}
+
+/// How the programs are attached and loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgramOptions {
+    /// `--tcx`: TCX links for the tc programs where the kernel has them.
+    pub tcx: bool,
+    /// `--trace`: the programs log each translation.
+    pub trace: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +92,8 @@ pub enum AgentError {
     SourceStopped,
     #[error("cannot listen for signals")]
     Signals(#[source] std::io::Error),
+    #[error("cannot follow the programs' log records")]
+    Trace(#[source] std::io::Error),
     #[error("cannot serve {what} on {address}")]
     Listen {
         what: &'static str,
@@ -154,6 +165,9 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
     let (mut datapath, writer, external_writer) = load(&config)?;
+    if config.programs.trace {
+        follow_trace(&mut datapath)?;
+    }
     let counts = datapath
         .take_counts()
         .inspect_err(|error| warn!(error = %crate::report::chain(error), "the per-slot counts are not kept tidy"))
@@ -269,10 +283,11 @@ fn load(config: &AgentConfig) -> Result<(Datapath, Writer, Writer), AgentError> 
     let mut datapath = Datapath::load(
         config.pins.clone(),
         config.sizes,
-        TcSettings {
+        ProgramSettings {
             masquerade_mark: 1 << config.masquerade_bit,
             cluster_cidr: config.cluster_cidr,
             masquerade_all: config.masquerade_all,
+            trace: config.programs.trace,
         },
     )?;
     let maps = datapath.take_service_maps()?;
@@ -280,11 +295,29 @@ fn load(config: &AgentConfig) -> Result<(Datapath, Writer, Writer), AgentError> 
     let maps = datapath.take_external_maps()?;
     let external_writer =
         MapWriter::adopt(maps.services, maps.backends).map_err(AgentError::Adopt)?;
-    datapath.set_tcx(config.tcx);
+    datapath.set_tcx(config.programs.tcx);
     let (frontends, backends) = writer.sizes();
     let (external, _) = external_writer.sizes();
     info!(frontends, backends, external, "adopted the pinned maps");
     Ok((datapath, writer, external_writer))
+}
+
+/// `--trace`: the programs' log records, read twenty times a second on a
+/// thread of their own (a debugging mode: the polling costs nothing that
+/// matters, and the loop never waits for the log).
+fn follow_trace(datapath: &mut Datapath) -> Result<(), AgentError> {
+    let mut reader = datapath.trace_reader()?;
+    std::thread::Builder::new()
+        .name("trace".to_owned())
+        .spawn(move || {
+            loop {
+                reader.flush();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .map_err(AgentError::Trace)?;
+    info!("tracing every translation (--trace): expect a line per connection");
+    Ok(())
 }
 
 /// The thread that ends sockets of departed backends; without it (the

@@ -153,6 +153,11 @@ pub struct RunArgs {
     /// away fails by itself, and one to a pod still running is kept).
     #[arg(long, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
     pub terminate_tcp: bool,
+    /// Log every translation the programs make (aya-log), under the target
+    /// `ebpf`: for debugging one node. Off, the programs carry no cost for
+    /// it (the verifier drops the log statements).
+    #[arg(long)]
+    pub trace: bool,
 }
 
 impl RunArgs {
@@ -246,7 +251,10 @@ impl RunArgs {
             iptables_sync_period: self.iptables_sync_period,
             install_iptables_rules: self.install_iptables_rules,
             devices: self.devices,
-            tcx: self.tcx,
+            programs: crate::agent::ProgramOptions {
+                tcx: self.tcx,
+                trace: self.trace,
+            },
             termination: crate::stale_sockets::Termination {
                 udp: self.terminate_udp,
                 tcp: self.terminate_tcp,

@@ -3258,3 +3258,23 @@ impl Drop for Conversation {
         let _ = self.child.wait();
     }
 }
+
+/// Issue 8: `run --trace` logs each translation the programs make, and an
+/// agent without it logs none.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn run_trace_logs_each_translation() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent_with(&agent_binary(), &["--trace"]).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 3).get("pod-a"), Some(&3));
+    let line = format!("connect {WEB_VIP}:80 -> {}:8080", pods[0].ip);
+    agent.wait_for_log(&line, Duration::from_secs(5)).unwrap();
+    drop(agent);
+
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 3).get("pod-a"), Some(&3));
+    thread::sleep(Duration::from_millis(200));
+    assert!(!agent.log().contains("connect "), "{}", agent.log());
+}

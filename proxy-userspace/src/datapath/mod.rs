@@ -118,6 +118,8 @@ pub enum DatapathError {
     ZeroSize { flag: &'static str },
     #[error("cannot load the eBPF object")]
     Load(#[source] aya::EbpfError),
+    #[error("cannot read the programs' log records")]
+    Trace(#[source] aya_log::Error),
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("cannot load program {name}")]
@@ -229,18 +231,20 @@ pub fn size_flag(map: &str) -> &'static str {
     }
 }
 
-/// What the tc programs are told when they load, as globals.
+/// What the programs are told when they load, as globals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TcSettings {
+pub struct ProgramSettings {
     /// `1 << --iptables-masquerade-bit`.
     pub masquerade_mark: u32,
     /// `--cluster-cidr`: ClusterIP traffic from outside it is masqueraded.
     pub cluster_cidr: Option<Cidr>,
     /// `--masquerade-all`: all ClusterIP traffic from outside is.
     pub masquerade_all: bool,
+    /// `run --trace`: the programs log each translation (aya-log).
+    pub trace: bool,
 }
 
-impl TcSettings {
+impl ProgramSettings {
     /// The tc ingress program's globals and their values.
     fn globals(&self) -> [(&'static str, u32); 4] {
         let (addr, mask) = self.cluster_cidr.map_or((0, 0), |cidr| {
@@ -429,7 +433,11 @@ impl Datapath {
     /// and laid out as the programs expect. The directory must have been
     /// prepared and locked with [`Pins::prepare`], and its maps' BTF checked
     /// with [`check_pinned_maps`] while the agent could still read it.
-    pub fn load(pins: Pins, sizes: MapSizes, tc: TcSettings) -> Result<Self, DatapathError> {
+    pub fn load(
+        pins: Pins,
+        sizes: MapSizes,
+        settings: ProgramSettings,
+    ) -> Result<Self, DatapathError> {
         // Again, as far as the agent's capabilities now allow: a map could
         // have been pinned since by hand.
         check_layouts(&pins, Check::Definition)?;
@@ -438,10 +446,18 @@ impl Datapath {
             warn!(map = %path.display(), "a map of an older layout is pinned but unused; `cleanup` removes it");
         }
         let mut loader = EbpfLoader::new();
-        let globals = tc.globals();
+        let globals = settings.globals();
         for (name, value) in &globals {
             loader.override_global(name, value, true);
         }
+        // aya-log's level: off (0) unless tracing, so that the verifier,
+        // which sees a constant, drops every log statement.
+        let log_level: u8 = if settings.trace {
+            aya_log::Level::Info as u8
+        } else {
+            0
+        };
+        loader.override_global("AYA_LOG_LEVEL", &log_level, true);
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
             loader.map_pin_path(name, pins.map(name));
@@ -573,6 +589,13 @@ impl Datapath {
         Ok(())
     }
 
+    /// The programs' log records (`run --trace`), forwarded to `tracing`
+    /// under the target `ebpf` each time the returned reader is flushed.
+    pub fn trace_reader(&mut self) -> Result<aya_log::EbpfLogger<TraceLog>, DatapathError> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, TraceLog)
+            .map_err(DatapathError::Trace)
+    }
+
     /// Hands out the per-slot counts, for the agent to delete those of
     /// slots that go.
     pub fn take_counts(&mut self) -> Result<Counts, DatapathError> {
@@ -680,6 +703,21 @@ fn swap_pinned(
             source,
         }),
     }
+}
+
+/// Hands the programs' log records to `tracing`.
+pub struct TraceLog;
+
+impl log::Log for TraceLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        info!(target: "ebpf", "{}", record.args());
+    }
+
+    fn flush(&self) {}
 }
 
 /// The tc programs and the hooks they go on.
@@ -899,6 +937,8 @@ pub fn program_names() -> &'static [&'static str] {
 /// kernel has the program types, attach types and helpers they need.
 pub fn probe_load() -> Result<(), DatapathError> {
     let mut loader = EbpfLoader::new();
+    // As an agent without --trace loads them (see `Datapath::load`).
+    loader.override_global("AYA_LOG_LEVEL", &0_u8, true);
     // The sized maps made small (socket storage has no size, and the
     // events array keeps its own); nothing is pinned.
     let tc_maps = [EXT_SERVICES_MAP, EXT_BACKENDS_MAP, proxy_common::FLOWS_MAP];
@@ -927,13 +967,14 @@ mod tests {
     #[test]
     fn the_object_has_exactly_the_shared_maps_programs_and_events() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
-        // `.rodata` holds the tc programs' globals; it is made anew at
-        // every load and never pinned.
+        // `.rodata` holds the programs' globals, and AYA_LOGS is aya-log's
+        // ring buffer (`run --trace`): both are made anew at every load
+        // and never pinned.
         let maps: BTreeSet<&str> = object
             .maps
             .keys()
             .map(String::as_str)
-            .filter(|name| !name.starts_with('.'))
+            .filter(|name| !name.starts_with('.') && *name != "AYA_LOGS")
             .collect();
         assert_eq!(maps, MAPS.into_iter().collect());
         let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
