@@ -2880,7 +2880,8 @@ fn clsact_filters(
 }
 
 /// Issue 5: the tc programs as clsact filters (`--tcx false`, as on
-/// kernels before 6.6) serve the NodePort, a restarted agent replaces the
+/// kernels before 6.6) serve the NodePort (and, with `--masquerade-all`,
+/// a ClusterIP from outside, masqueraded), a restarted agent replaces the
 /// program in its filter rather than adding one, and `cleanup` takes them
 /// off; and a device named in `--devices` that appears later, or is
 /// deleted and made again, gets the programs within the sync period.
@@ -2900,14 +2901,20 @@ fn clsact_filters_and_devices_that_come_later() {
     )
     .expect("manifest");
     let url = format!("http://{}:30080/", lab.node_ip(1));
+    lab.route_via_node("10.96.0.0/16", 1).expect("route");
 
     let mut agent = lab
-        .start_agent(1, &agent_binary(), &["--tcx", "false"])
+        .start_agent(1, &agent_binary(), &["--tcx", "false", "--masquerade-all"])
         .expect("agent");
     agent
         .wait_for_log("attached (clsact)", Duration::from_secs(10))
         .unwrap();
     assert_eq!(external_get(&lab, &url), (200, "web-1a\n".to_owned()));
+    // --masquerade-all: a ClusterIP reached from outside is masqueraded,
+    // with no --cluster-cidr to tell who is outside.
+    let (status, peer) = external_get(&lab, "http://10.96.0.60/peer");
+    assert_eq!(status, 200);
+    assert_ne!(peer.trim(), lab.client_ip().to_string(), "not masqueraded");
     agent.kill();
     let agent = lab
         .start_agent(1, &agent_binary(), &["--tcx", "false"])
@@ -2921,6 +2928,10 @@ fn clsact_filters_and_devices_that_come_later() {
     assert_eq!(clsact_filters(&lab, 1, "eth0", "ingress", "tc_ingress"), 1);
     assert_eq!(clsact_filters(&lab, 1, "eth0", "egress", "tc_egress"), 1);
     assert_eq!(external_get(&lab, &url), (200, "web-1a\n".to_owned()));
+    // Without --masquerade-all (and no --cluster-cidr) the client's
+    // address is kept, as under kube-proxy.
+    let (_, peer) = external_get(&lab, "http://10.96.0.60/peer");
+    assert_eq!(peer.trim(), lab.client_ip().to_string());
     drop(agent);
     cleanup_in_node(lab.node(1));
     assert_eq!(clsact_filters(&lab, 1, "eth0", "ingress", "tc_ingress"), 0);
