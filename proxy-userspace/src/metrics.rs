@@ -87,7 +87,8 @@ impl Metrics {
             "Failures while syncing, by kind",
             sync_errors.clone(),
         );
-        registry.register_collector(Box::new(DatapathCounters(pins)));
+        registry.register_collector(Box::new(DatapathCounters(pins.clone())));
+        registry.register_collector(Box::new(FrontendCounts(pins)));
         Self {
             registry: Arc::new(Mutex::new(registry)),
             sync_duration,
@@ -149,6 +150,40 @@ impl Responder for Metrics {
             ),
             _ => (404, "text/plain", "not found\n".to_owned()),
         }
+    }
+}
+
+/// Translations per frontend (its slots' counts summed, both programs'),
+/// read from the pinned counts at each scrape: one series per frontend,
+/// not per slot, to keep a large cluster's series in bounds.
+#[derive(Debug)]
+struct FrontendCounts(Pins);
+
+impl Collector for FrontendCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Ok(counts) = crate::datapath::open_pinned_counts(&self.0) else {
+            return Ok(());
+        };
+        let mut per_frontend: std::collections::BTreeMap<String, u64> =
+            std::collections::BTreeMap::new();
+        for (key, count) in counts.iter().filter_map(Result::ok) {
+            let Some(frontend) = crate::model::L4Addr::from_service_key(&key.slot(0)) else {
+                continue;
+            };
+            *per_frontend.entry(frontend.to_string()).or_default() += count;
+        }
+        let mut family = encoder.encode_descriptor(
+            "frontend_translations",
+            "Connections (and unconnected UDP datagrams) the programs sent to a backend, per frontend",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (frontend, count) in &per_frontend {
+            let counter = ConstCounter::new(*count);
+            let labels = [("frontend", frontend.as_str())];
+            counter.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -1356,6 +1356,7 @@ fn healthz_and_metrics_report_the_datapath_as_kube_proxy_does() {
         "ebpf_proxy_frontends_programmed 1",
         "ebpf_proxy_backends_programmed 2",
         "ebpf_proxy_datapath_events_total{event=\"forwarded\"} 10",
+        "ebpf_proxy_frontend_translations_total{frontend=\"10.96.0.10:80/TCP\"} 10",
         "ebpf_proxy_map_fill_ratio{map=\"lb4_be_v2\"}",
         "ebpf_proxy_sync_duration_seconds_count 1",
     ] {
