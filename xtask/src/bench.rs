@@ -33,56 +33,88 @@ struct Measurement {
     mode: &'static str,
     requests_per_second: f64,
     latency: String,
+    /// wrk's p50 and p99 request latency.
+    percentiles: (String, String),
 }
 
 pub struct BenchOptions {
-    /// How many Services exist, the measured one included.
-    pub services: usize,
+    /// The cluster sizes (Services, the measured one included) to compare
+    /// the ClusterIP datapaths at.
+    pub services: Vec<usize>,
     pub seconds: u32,
     pub connections: u32,
+    /// Rounds of every datapath in turn, for a median and a spread.
+    pub rounds: usize,
+}
+
+/// What a ClusterIP connection goes through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Datapath {
+    /// No Service: straight to one pod, the physical limit.
+    Direct,
+    Ebpf,
+    IptablesLegacy,
+    IptablesNft,
+    /// kube-proxy's nftables mode (KEP-3866).
+    Nftables,
+}
+
+impl Datapath {
+    const ALL: [Self; 5] = [
+        Self::Direct,
+        Self::Ebpf,
+        Self::IptablesLegacy,
+        Self::IptablesNft,
+        Self::Nftables,
+    ];
+
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "straight to a pod",
+            Self::Ebpf => "eBPF (this proxy)",
+            Self::IptablesLegacy => "kube-proxy iptables (legacy)",
+            Self::IptablesNft => "kube-proxy iptables (nft)",
+            Self::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+/// One datapath at one size, over the rounds.
+struct Row {
+    services: usize,
+    datapath: Datapath,
+    rates: Vec<f64>,
+    /// wrk's p50 and p99 request latency, of the last round.
+    latency: (String, String),
+    /// From nothing to the rules (or maps) in place.
+    install: Duration,
+}
+
+/// A lab made ready for one datapath at one size, kept for every round.
+struct Prepared {
+    lab: Lab,
+    target: String,
+    install: Duration,
+    /// The eBPF lab's agent, kept running (its log explains a failure).
+    agent: Option<crate::lab::Agent>,
 }
 
 pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
-    if options.services == 0 {
-        bail!("--services must be at least 1");
+    if options.services.is_empty() || options.services.contains(&0) || options.rounds == 0 {
+        bail!("--services and --rounds must be at least 1");
     }
-    let mut results = Vec::new();
-
-    let (lab, pods) = pod_lab()?;
-    let node_client = |args: &[&str]| lab.run_client("wrk", args);
-    results.push(measure(
-        &node_client,
-        "direct to one pod (no Service, 1 nginx)",
-        &format!("{}:{BACKEND_PORT}", pods[0].ip),
-        options,
-    )?);
-    lab.write_manifest("services.yaml", &service_manifests(&pods, options.services))?;
-    let agent = lab.start_agent(agent_binary)?;
-    results.push(measure(&node_client, "eBPF ClusterIP", VIP, options)?);
-    drop(agent);
-    drop(lab);
-
-    // A fresh node namespace, so conntrack and the nat table exist only here.
-    let (lab, pods) = pod_lab()?;
-    lab.route_from_node("10.96.0.0/12")?;
-    iptables_restore(&lab, &kube_proxy_rules(&pods, options.services))?;
-    results.push(measure(
-        &|args: &[&str]| lab.run_client("wrk", args),
-        "iptables ClusterIP (kube-proxy rules)",
-        VIP,
-        options,
-    )?);
-    drop(lab);
-
-    print_results(
-        &format!(
-            "new connections per second to one ClusterIP among {} Services",
-            options.services
-        ),
-        &results,
-        "iptables",
-        options,
-    );
+    let mut rows = Vec::new();
+    for &services in &options.services {
+        rows.extend(cluster_ip_at(agent_binary, services, options)?);
+    }
+    let table = cluster_ip_table(&rows, options);
+    print!("{table}");
+    let file = crate::workspace_root().join("target/bench/clusterip.md");
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&file, &table)?;
+    println!("(also written to {})", file.display());
     let results = node_port(agent_binary, options)?;
     print_results(
         "new connections per second from an external namespace, through node 1",
@@ -141,7 +173,12 @@ fn node_port(agent_binary: &Path, options: &BenchOptions) -> Result<Vec<Measurem
 
     // A fresh pair of nodes, so conntrack and the nat table exist only here.
     let (lab, pod) = node_port_lab()?;
-    iptables_restore(lab.node(1), &kube_proxy_node_port_rules(&pod))?;
+    feed(
+        lab.node(1),
+        "iptables-restore",
+        &["-w"],
+        &kube_proxy_node_port_rules(&pod),
+    )?;
     results.extend(node_ports(&lab, "iptables", options)?);
     Ok(results)
 }
@@ -215,6 +252,181 @@ fn kube_proxy_node_port_rules(pod: &Pod) -> String {
     )
 }
 
+/// Every datapath at `services` Services, each in a lab of its own (its own
+/// conntrack and rule sets), measured in interleaved rounds.
+fn cluster_ip_at(agent_binary: &Path, services: usize, options: &BenchOptions) -> Result<Vec<Row>> {
+    let mut prepared = Vec::new();
+    for datapath in Datapath::ALL {
+        eprintln!("bench: {} at {services} Services", datapath.name());
+        prepared.push((datapath, prepare(agent_binary, datapath, services)?));
+    }
+    let mut rows: Vec<Row> = prepared
+        .iter()
+        .map(|(datapath, ready)| Row {
+            services,
+            datapath: *datapath,
+            rates: Vec::new(),
+            latency: (String::new(), String::new()),
+            install: ready.install,
+        })
+        .collect();
+    for _ in 0..options.rounds {
+        for ((_, ready), row) in prepared.iter().zip(&mut rows) {
+            let measured = measure(
+                &|args: &[&str]| ready.lab.run_client("wrk", args),
+                row.datapath.name(),
+                &ready.target,
+                options,
+            )
+            .with_context(|| {
+                ready
+                    .agent
+                    .as_ref()
+                    .map(crate::lab::Agent::log)
+                    .unwrap_or_default()
+            })?;
+            row.rates.push(measured.requests_per_second);
+            row.latency = measured.percentiles;
+        }
+    }
+    Ok(rows)
+}
+
+fn prepare(agent_binary: &Path, datapath: Datapath, services: usize) -> Result<Prepared> {
+    let (lab, pods) = pod_lab()?;
+    let started = std::time::Instant::now();
+    let mut agent = None;
+    let target = match datapath {
+        Datapath::Direct => format!("{}:{BACKEND_PORT}", pods[0].ip),
+        Datapath::Ebpf => {
+            // In files of 100 Services: the manifest source refuses a file
+            // of more than 50,000 YAML nodes, as hostile input.
+            for first in (0..services).step_by(100) {
+                lab.write_manifest(
+                    &format!("services-{first}.yaml"),
+                    &service_manifests(&pods, first..services.min(first + 100), services),
+                )?;
+            }
+            agent = Some(lab.start_agent(agent_binary)?);
+            VIP.to_owned()
+        }
+        Datapath::IptablesLegacy | Datapath::IptablesNft => {
+            lab.route_from_node("10.96.0.0/12")?;
+            let restore = if datapath == Datapath::IptablesLegacy {
+                "iptables-legacy-restore"
+            } else {
+                "iptables-nft-restore"
+            };
+            feed(&lab, restore, &["-w"], &kube_proxy_rules(&pods, services))?;
+            VIP.to_owned()
+        }
+        Datapath::Nftables => {
+            lab.route_from_node("10.96.0.0/12")?;
+            feed(
+                &lab,
+                "nft",
+                &["-f", "-"],
+                &kube_proxy_nftables(&pods, services),
+            )?;
+            VIP.to_owned()
+        }
+    };
+    Ok(Prepared {
+        lab,
+        target,
+        install: started.elapsed(),
+        agent,
+    })
+}
+
+/// kube-proxy's nftables mode for these Services: one `service-ips`
+/// verdict map from address, protocol and port to each Service's chain,
+/// which picks an endpoint chain with `numgen random`, which DNATs.
+fn kube_proxy_nftables(pods: &[Pod], services: usize) -> String {
+    let mut chains = String::from(
+        "add table ip kube-proxy\n\
+         add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n\
+         add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; policy accept ; }\n\
+         add chain ip kube-proxy services\n\
+         add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n",
+    );
+    let mut rules = String::from(
+        "add rule ip kube-proxy nat-output jump services\n\
+         add rule ip kube-proxy nat-prerouting jump services\n\
+         add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n",
+    );
+    let mut elements = String::new();
+    for i in 0..services {
+        let _ = writeln!(chains, "add chain ip kube-proxy service-{i}");
+        let mut arms = Vec::new();
+        for (p, pod) in pods.iter().enumerate() {
+            let _ = writeln!(chains, "add chain ip kube-proxy endpoint-{i}-{p}");
+            let _ = writeln!(
+                rules,
+                "add rule ip kube-proxy endpoint-{i}-{p} meta l4proto tcp dnat to {}:{BACKEND_PORT}",
+                pod.ip
+            );
+            arms.push(format!("{p} : goto endpoint-{i}-{p}"));
+        }
+        let _ = writeln!(
+            rules,
+            "add rule ip kube-proxy service-{i} numgen random mod {} vmap {{ {} }}",
+            pods.len(),
+            arms.join(" , ")
+        );
+        let _ = writeln!(
+            elements,
+            "add element ip kube-proxy service-ips {{ {} . tcp . 80 : goto service-{i} }}",
+            service_ip(i, services)
+        );
+    }
+    chains + &rules + &elements
+}
+
+/// The markdown table of the ClusterIP comparison: median and spread of
+/// each datapath's rate, its ratio to going straight to the pod at the
+/// same size, latency and install time.
+fn cluster_ip_table(rows: &[Row], options: &BenchOptions) -> String {
+    let mut out = format!(
+        "\nnew connections per second to one ClusterIP (2 nginx pods), the measured Service in \
+         the middle of N; wrk -t2 -c{} -d{}s, every request a new connection; {} interleaved \
+         round(s), median (min–max)\n\n\
+         | N | datapath | req/s | vs pod | p50 | p99 | install |\n|---|---|---|---|---|---|---|\n",
+        options.connections, options.seconds, options.rounds
+    );
+    for row in rows {
+        let direct = rows
+            .iter()
+            .find(|r| r.services == row.services && r.datapath == Datapath::Direct)
+            .map_or(f64::NAN, |r| median(&r.rates));
+        let (low, high) = row
+            .rates
+            .iter()
+            .fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
+                (lo.min(*r), hi.max(*r))
+            });
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} ({low:.0}–{high:.0}) | {:.2} | {} | {} | {:.2} s |",
+            row.services,
+            row.datapath.name(),
+            median(&row.rates),
+            median(&row.rates) / direct,
+            row.latency.0,
+            row.latency.1,
+            row.install.as_secs_f64()
+        );
+    }
+    out.push_str("\ntargets: eBPF ≥ 0.97 of straight to the pod (printed, not a pass/fail)\n");
+    out
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 fn pod_lab() -> Result<(Lab, Vec<Pod>)> {
     let mut lab = Lab::new()?;
     let mut pods = Vec::new();
@@ -236,9 +448,10 @@ fn service_ip(index: usize, services: usize) -> String {
     }
 }
 
-fn service_manifests(pods: &[Pod], services: usize) -> String {
+/// Services `range` of `services`, each over `pods`, as one manifest.
+fn service_manifests(pods: &[Pod], range: std::ops::Range<usize>, services: usize) -> String {
     let endpoints: Vec<_> = pods.iter().map(|p| (p.ip, true)).collect();
-    let documents: Vec<String> = (0..services)
+    let documents: Vec<String> = range
         .flat_map(|i| {
             let name = format!("svc-{i}");
             [
@@ -294,14 +507,15 @@ fn kube_proxy_rules(pods: &[Pod], services: usize) -> String {
     chains + &rules + "COMMIT\n"
 }
 
-fn iptables_restore(lab: &Lab, rules: &str) -> Result<()> {
+/// Feeds `rules` to `program` (iptables-restore, nft) in the node.
+fn feed(lab: &Lab, program: &str, args: &[&str], rules: &str) -> Result<()> {
     use std::io::Write as _;
     let mut child = lab
-        .client("iptables-restore")
-        .arg("-w")
+        .client(program)
+        .args(args)
         .stdin(Stdio::piped())
         .spawn()
-        .context("cannot run iptables-restore")?;
+        .with_context(|| format!("cannot run {program}"))?;
     child
         .stdin
         .take()
@@ -309,7 +523,7 @@ fn iptables_restore(lab: &Lab, rules: &str) -> Result<()> {
         .write_all(rules.as_bytes())?;
     let status = child.wait()?;
     if !status.success() {
-        bail!("iptables-restore failed: {status}");
+        bail!("{program} failed: {status}");
     }
     Ok(())
 }
@@ -327,6 +541,7 @@ fn measure(
     wrk(&["-t1", "-c4", "-d1s", &url])?;
     let out = wrk(&[
         "-t2",
+        "--latency",
         &format!("-c{}", options.connections),
         &format!("-d{}s", options.seconds),
         &url,
@@ -349,10 +564,12 @@ fn measure(
     let latency = field("Latency")
         .and_then(|v| v.split_whitespace().next().map(str::to_owned))
         .unwrap_or_default();
+    let percentile = |at: &str| field(at).unwrap_or_default();
     Ok(Measurement {
         mode,
         requests_per_second,
         latency,
+        percentiles: (percentile("50%"), percentile("99%")),
     })
 }
 

@@ -40,9 +40,18 @@ enum Task {
     /// Measure new connections per second through a ClusterIP: eBPF against
     /// kube-proxy's iptables rules, in one run. Needs root.
     Bench {
-        /// Services in the cluster (the iptables walk grows with them).
-        #[arg(long, default_value_t = 1000)]
-        services: usize,
+        /// Cluster sizes to compare the ClusterIP datapaths at
+        /// (comma-separated, e.g. 1,1000,10000,30000).
+        #[arg(
+            long,
+            value_name = "N,...",
+            value_delimiter = ',',
+            default_value = "1000"
+        )]
+        services: Vec<usize>,
+        /// Rounds of every datapath in turn (median and spread).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u32,
@@ -103,6 +112,7 @@ fn main() -> Result<()> {
             services,
             seconds,
             connections,
+            rounds,
             ..
         } => {
             require_root()?;
@@ -114,6 +124,7 @@ fn main() -> Result<()> {
                     services,
                     seconds,
                     connections,
+                    rounds,
                 },
             )
         }
