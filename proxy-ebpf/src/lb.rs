@@ -143,7 +143,9 @@ fn pick_with_affinity<const N: usize>(
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(slot0.backend_id).wrapping_mul(1_000_000_000);
     // SAFETY: copied out at once.
-    if let Some(held) = unsafe { AFFINITY.get(key) }.copied()
+    if let Some(entry) = AFFINITY.get_ptr_mut(key)
+        // SAFETY: a map value, copied out at once.
+        && let held = unsafe { *entry }
         && now.wrapping_sub(held.chosen_ns) < timeout_ns
         && held.slot >= 1
         && held.slot <= slot0.count
@@ -152,14 +154,10 @@ fn pick_with_affinity<const N: usize>(
         && backend.addr_be == held.addr_be
         && backend.port_be == held.port_be
     {
-        let _ = AFFINITY.insert(
-            key,
-            AffinityValue {
-                chosen_ns: now,
-                ..held
-            },
-            0,
-        );
+        // Renewed in place: no second lookup. A racing writer on another
+        // CPU stores a time as recent.
+        // SAFETY: the value the lookup gave, valid while the program runs.
+        unsafe { (*entry).chosen_ns = now };
         return (held.slot, Pick::Backend { backend, flags });
     }
     let slot = random_slot(slot0.count);
