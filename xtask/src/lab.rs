@@ -941,6 +941,16 @@ impl Agent {
         self.child.id()
     }
 
+    /// The agent's peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in the agent's status")
+    }
+
     #[must_use]
     pub fn is_running(&self) -> bool {
         // SAFETY: signal 0 only checks that the process exists.

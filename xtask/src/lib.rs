@@ -5,10 +5,12 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod bpf_stats;
 pub mod btf_map;
 pub mod ebpf_build;
 pub mod lab;
 pub mod prerequisites;
+pub mod probe;
 pub mod scale;
 
 use std::{

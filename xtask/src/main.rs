@@ -8,7 +8,7 @@ use xtask::{
     apiserver::ApiServer,
     bench, cargo,
     lab::{self, Lab, TwoNodeLab, manifests},
-    prerequisites, run_checked, scale,
+    prerequisites, probe, run_checked, scale,
 };
 
 #[derive(Parser)]
@@ -37,8 +37,11 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Measure new connections per second through a ClusterIP: eBPF against
-    /// kube-proxy's iptables rules, in one run. Needs root.
+    /// Measure a ClusterIP under this datapath and under kube-proxy's
+    /// iptables and nftables modes, side by side in one run (new connections
+    /// per second, connect latency, endpoint changes, install time, memory,
+    /// the eBPF programs' cost), then the fairness of the random choice and
+    /// a NodePort. Writes target/bench/clusterip.{md,png}. Needs root.
     Bench {
         /// Cluster sizes to compare the ClusterIP datapaths at
         /// (comma-separated, e.g. 1,1000,10000,30000).
@@ -52,6 +55,9 @@ enum Task {
         /// Rounds of every datapath in turn (median and spread).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Choices counted per Service in the fairness table.
+        #[arg(long, default_value_t = 100_000)]
+        fairness_choices: usize,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u32,
@@ -69,10 +75,31 @@ enum Task {
         /// With --api-scale: endpoint changes in the burst.
         #[arg(long, default_value_t = 1000)]
         burst: usize,
-        /// With --api-scale: measure the debug build of the agent (quick to
-        /// build, for smoke runs; its numbers are not the agent's).
+        /// Measure the debug build of the agent (quick to build, for smoke
+        /// runs; its numbers are not the agent's). PROXY_AGENT=PATH measures
+        /// that binary instead.
         #[arg(long)]
         debug_agent: bool,
+    },
+    /// The bench's own clients, run by it inside a lab's client cgroup.
+    #[command(hide = true, subcommand)]
+    Probe(Probe),
+}
+
+#[derive(Subcommand)]
+enum Probe {
+    /// Timed TCP connects; prints the p50 and p99 in nanoseconds.
+    Connect {
+        target: std::net::SocketAddrV4,
+        count: usize,
+        /// Fail unless getpeername() shows the address dialled.
+        #[arg(long)]
+        check_peer: bool,
+    },
+    /// UDP sockets connected and closed: one load-balancing choice each.
+    UdpChoices {
+        target: std::net::SocketAddrV4,
+        count: usize,
     },
 }
 
@@ -84,49 +111,52 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Demo { api } => demo(api),
+        Task::Probe(Probe::Connect {
+            target,
+            count,
+            check_peer,
+        }) => probe::run_connect(target, count, check_peer),
+        Task::Probe(Probe::UdpChoices { target, count }) => probe::run_udp_choices(target, count),
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Bench {
-            api_scale,
-            changes,
-            burst,
-            debug_agent,
-            ..
-        } if !api_scale.is_empty() => {
-            require_root()?;
-            prerequisites::ensure_tools()?;
-            let agent = if debug_agent {
-                prerequisites::build_agent()?
-            } else {
-                prerequisites::build_agent_release()?
-            };
-            scale::run(
-                &agent,
-                &scale::ScaleOptions {
-                    sizes: api_scale,
-                    changes,
-                    burst,
-                },
-            )
-        }
         Task::Bench {
             services,
             seconds,
             connections,
             rounds,
-            ..
+            fairness_choices,
+            api_scale,
+            changes,
+            burst,
+            debug_agent,
         } => {
             require_root()?;
             prerequisites::ensure_tools()?;
-            let agent = prerequisites::build_agent()?;
-            bench::run(
-                &agent,
-                &bench::BenchOptions {
-                    services,
-                    seconds,
-                    connections,
-                    rounds,
-                },
-            )
+            let agent = match std::env::var_os("PROXY_AGENT") {
+                Some(binary) => binary.into(),
+                None if debug_agent => prerequisites::build_agent()?,
+                None => prerequisites::build_agent_release()?,
+            };
+            if api_scale.is_empty() {
+                bench::run(
+                    &agent,
+                    &bench::BenchOptions {
+                        services,
+                        seconds,
+                        connections,
+                        rounds,
+                        fairness_choices,
+                    },
+                )
+            } else {
+                scale::run(
+                    &agent,
+                    &scale::ScaleOptions {
+                        sizes: api_scale,
+                        changes,
+                        burst,
+                    },
+                )
+            }
         }
     }
 }

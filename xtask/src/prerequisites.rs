@@ -27,6 +27,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
 ];
 
+/// Files the bench reads, and their Debian packages.
+const FILES: &[(&str, &str)] = &[(crate::bench::FONT, "fonts-dejavu-core")];
+
 fn on_path(tool: &str) -> bool {
     which(tool).is_some()
 }
@@ -48,6 +51,7 @@ pub fn ensure_tools() -> Result<()> {
     let missing: Vec<&str> = TOOLS
         .iter()
         .filter(|(tool, _)| !on_path(tool))
+        .chain(FILES.iter().filter(|(file, _)| !Path::new(file).exists()))
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {

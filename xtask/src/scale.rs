@@ -19,16 +19,15 @@
 //!   "applied" lines since the burst began are counted;
 //! - **peak RSS**: the agent's VmHWM after all of that.
 //!
-//! The prober is Python in the lab's cgroup, so what it measures includes
-//! a few hundred microseconds of its own per connection.
+//! The prober ([`ChangeProber`]) is Python in the lab's cgroup, so what it
+//! measures includes a few hundred microseconds of its own per connection.
 
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
     path::Path,
-    process::{ChildStdin, ChildStdout, Stdio},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -37,12 +36,14 @@ use serde_json::{Value, json};
 use crate::{
     apiserver::ApiServer,
     lab::{Agent, Lab},
+    probe::ChangeProber,
 };
 
 const PROBE_VIP: &str = "10.96.0.10";
 const BACKEND_PORT: u16 = 8080;
 const ENDPOINTS_PER_SERVICE: u32 = 4;
-const NODE: &str = "node-1";
+/// The Node the agent runs as.
+pub const NODE: &str = "node-1";
 /// Pause between two measured changes, so that each is applied alone
 /// (longer than the agent's 20 ms burst window).
 const CHANGE_GAP: Duration = Duration::from_millis(50);
@@ -102,7 +103,7 @@ pub fn measure(
     let api = ApiServer::start()?;
     let loading = Instant::now();
     api.apply_all(
-        std::iter::once(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+        std::iter::once(node())
             .chain((1..services).flat_map(filler))
             .chain([
                 service("probe", PROBE_VIP),
@@ -125,7 +126,7 @@ pub fn measure(
         listing.elapsed()
     );
 
-    let mut prober = Prober::start(&lab)?;
+    let mut prober = ChangeProber::start(&lab, PROBE_VIP)?;
     // The prober tries before the agent runs: connections to the VIP fail
     // at once (no route) until the programs are attached.
     prober.expect("")?;
@@ -180,7 +181,7 @@ pub fn measure(
     std::thread::sleep(Duration::from_millis(200));
     let burst_applies = applied_lines(&agent).len() - applied_before;
 
-    let peak_rss_kib = peak_rss_kib(&agent)?;
+    let peak_rss_kib = agent.peak_rss_kib()?;
     let (change_p50, change_p99) = percentiles(&mut latencies);
     let mut took = took;
     let (applied_p50, applied_p99) = percentiles(&mut took);
@@ -296,15 +297,6 @@ fn applied_lines(agent: &Agent) -> Vec<Duration> {
         .collect()
 }
 
-fn peak_rss_kib(agent: &Agent) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in the agent's status")
-}
-
 /// Filler Service `index` (1-based) at 10.100.0.0 + index, with endpoints
 /// at 10.64.0.0 + 4 * index + k: addresses that are never dialled.
 fn filler(index: usize) -> [Value; 2] {
@@ -323,11 +315,19 @@ fn filler_slice(index: usize, first_ready: bool) -> Value {
     slice(&format!("svc-{index}"), &endpoints, first_ready)
 }
 
+/// The agent's Node.
+#[must_use]
+pub fn node() -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+}
+
 fn as_u32(index: usize) -> u32 {
     u32::try_from(index).expect("sizes fit the address ranges")
 }
 
-fn service(name: &str, cluster_ip: &str) -> Value {
+/// A ClusterIP Service of one TCP port, 80 to the pods' 8080.
+#[must_use]
+pub fn service(name: &str, cluster_ip: &str) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -342,7 +342,8 @@ fn service(name: &str, cluster_ip: &str) -> Value {
 }
 
 /// The slice of Service `name`; the first endpoint is ready or not.
-fn slice(name: &str, endpoints: &[Ipv4Addr], first_ready: bool) -> Value {
+#[must_use]
+pub fn slice(name: &str, endpoints: &[Ipv4Addr], first_ready: bool) -> Value {
     let endpoints: Vec<Value> = endpoints
         .iter()
         .enumerate()
@@ -366,117 +367,4 @@ fn slice(name: &str, endpoints: &[Ipv4Addr], first_ready: bool) -> Value {
         "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
         "endpoints": endpoints,
     })
-}
-
-/// A Python process in the lab's cgroup that connects to the probe VIP on
-/// request until the wanted pod answers.
-struct Prober {
-    input: ChildStdin,
-    output: BufReader<ChildStdout>,
-    _child: ChildGuard,
-}
-
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-const PROBER: &str = r"
-import socket, sys, time
-VIP = (sys.argv[1], 80)
-def ask():
-    s = socket.socket()
-    s.settimeout(1)
-    try:
-        s.connect(VIP)
-        s.sendall(b'GET / HTTP/1.0\r\n\r\n')
-        data = b''
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return data.rsplit(b'\r\n\r\n', 1)[-1].strip().decode()
-    except OSError:
-        return None
-    finally:
-        s.close()
-print('ready', flush=True)
-for line in sys.stdin:
-    want = line.strip()
-    start = time.monotonic()
-    while True:
-        got = ask()
-        if got and (not want or got == want):
-            break
-        if time.monotonic() > start + 60:
-            got = 'timeout'
-            break
-        if got is None:
-            time.sleep(0.0005)
-    print(got, int((time.monotonic() - start) * 1e6), '%.6f' % time.time(), flush=True)
-";
-
-impl Prober {
-    fn start(lab: &Lab) -> Result<Self> {
-        let mut child = lab
-            .client("python3")
-            .args(["-c", PROBER, PROBE_VIP])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start the prober")?;
-        let input = child.stdin.take().context("no stdin")?;
-        let output = BufReader::new(child.stdout.take().context("no stdout")?);
-        let mut prober = Self {
-            input,
-            output,
-            _child: ChildGuard(child),
-        };
-        let mut line = String::new();
-        prober.output.read_line(&mut line)?;
-        if line.trim() != "ready" {
-            bail!("the prober did not start: {line:?}");
-        }
-        Ok(prober)
-    }
-
-    /// Starts connecting until `pod` answers (any pod, for "").
-    fn expect(&mut self, pod: &str) -> Result<()> {
-        writeln!(self.input, "{pod}")?;
-        self.input.flush()?;
-        Ok(())
-    }
-
-    /// The answer: the pod, how long it took, and when it came.
-    fn answer(&mut self) -> Result<(String, Duration, SystemTime)> {
-        let mut line = String::new();
-        self.output.read_line(&mut line)?;
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [pod, micros, at] = fields.as_slice() else {
-            bail!("the prober said {line:?}");
-        };
-        if *pod == "timeout" {
-            bail!("the probe Service did not answer as expected within 60 s");
-        }
-        let at: f64 = at.parse()?;
-        Ok((
-            (*pod).to_owned(),
-            Duration::from_micros(micros.parse()?),
-            UNIX_EPOCH + Duration::from_secs_f64(at),
-        ))
-    }
-
-    /// How long the prober took to see `pod` answer.
-    fn moved_to(&mut self, pod: &str) -> Result<Duration> {
-        let (answer, took, _) = self.answer()?;
-        if answer != pod {
-            bail!("the probe answered {answer:?}, not {pod}");
-        }
-        Ok(took)
-    }
 }

@@ -17,6 +17,7 @@ use std::{
 };
 
 use xtask::{
+    bpf_stats::{RunTimeStats, cost_of},
     btf_map::{self, BtfBuilder, MAP_TYPE_HASH, MapSpec},
     lab::{Agent, Lab, Pod, TwoNodeLab, agent_binary, manifests},
 };
@@ -407,68 +408,6 @@ fn wait_for_vip(agent: &Agent, vip: &str) {
     }
 }
 
-/// Turns on the kernel's per-program run-time statistics for as long as it
-/// lives. BPF_ENABLE_STATS is reference-counted, unlike the
-/// `kernel.bpf_stats_enabled` sysctl, so labs running side by side cannot
-/// turn it off under each other.
-struct RunTimeStats {
-    _fd: std::os::fd::OwnedFd,
-}
-
-impl RunTimeStats {
-    fn enable() -> Self {
-        use std::os::fd::FromRawFd as _;
-        /// `BPF_ENABLE_STATS` and `BPF_STATS_RUN_TIME` in linux/bpf.h.
-        const BPF_ENABLE_STATS: libc::c_long = 32;
-        const BPF_STATS_RUN_TIME: u32 = 0;
-        let attr = BPF_STATS_RUN_TIME;
-        // SAFETY: the attribute is the u32 the command reads.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_ENABLE_STATS,
-                std::ptr::from_ref(&attr),
-                size_of::<u32>(),
-            )
-        };
-        assert!(
-            fd >= 0,
-            "BPF_ENABLE_STATS: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a new descriptor that nothing else owns.
-        Self {
-            _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) },
-        }
-    }
-}
-
-/// (run_time_ns, run_cnt) of the program behind a pinned link.
-fn run_time(lab: &Lab, program: &str) -> (u64, u64) {
-    let bpftool = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new("bpftool").args(args).output().unwrap();
-        assert!(out.status.success(), "bpftool {args:?}");
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let link = lab.bpffs().join("links").join(program);
-    let link = bpftool(&["-j", "link", "show", "pinned", link.to_str().unwrap()]);
-    let id = link["prog_id"].to_string();
-    let prog = bpftool(&["-j", "prog", "show", "id", &id]);
-    let field = |name: &str| prog[name].as_u64().unwrap_or(0);
-    (field("run_time_ns"), field("run_cnt"))
-}
-
-/// Nanoseconds per call of `program` while `work` runs.
-fn cost_of(lab: &Lab, program: &str, work: impl FnOnce()) -> (f64, u64) {
-    let (time0, count0) = run_time(lab, program);
-    work();
-    let (time1, count1) = run_time(lab, program);
-    let calls = count1 - count0;
-    #[expect(clippy::cast_precision_loss, reason = "a ratio for humans")]
-    let cost = (time1 - time0) as f64 / calls.max(1) as f64;
-    (cost, calls)
-}
-
 /// Measures what the hooks cost per call at 10,000 Services x 4 endpoints
 /// and prints it; `PROXY_AGENT=<binary>` measures another build. Holds the
 /// paths every socket on the node pays (a connect to a non-Service address,
@@ -523,7 +462,7 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    let _stats = RunTimeStats::enable();
+    let _stats = RunTimeStats::enable().unwrap();
 
     // UDP connect() runs connect4 and sends nothing, so no backend needs to
     // exist; 2,000 sockets at once, each asked for its peer twice.
@@ -542,14 +481,16 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
         )
     };
     let measure = |label: &str, program: &str, script: &str| {
-        let (cost, calls) = cost_of(&lab, program, || {
-            let out = lab.python(script).unwrap();
+        let (cost, calls) = cost_of(&lab, &[program], || {
+            let out = lab.python(script)?;
             assert!(
                 out.status.success(),
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-        });
+            Ok(())
+        })
+        .unwrap()[0];
         println!("{label}: {cost:.0} ns per call over {calls} calls");
         cost
     };

@@ -1,0 +1,148 @@
+//! The rules kube-proxy writes, for the bench to load instead of the
+//! agent: its iptables mode (KUBE-SERVICES → KUBE-SVC-* with statistic
+//! random → KUBE-SEP-* DNAT) and its nftables mode (KEP-3866: the
+//! `service-ips` verdict map, numgen random), for N Services over the same
+//! pods; and the update each mode writes when one endpoint of one Service
+//! changes; and its NodePort rules.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use super::{BACKEND_PORT, service_ip};
+use crate::lab::Pod;
+
+/// The nat table of kube-proxy's iptables mode for these Services, for
+/// `iptables-restore`.
+pub fn iptables(pods: &[Pod], services: usize) -> String {
+    let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    let mut rules = String::from(
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    let endpoints: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    for i in 0..services {
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"default/svc-{i}:http cluster IP\" \
+             -m tcp --dport 80 -j KUBE-SVC-{i}",
+            service_ip(i, services)
+        );
+        iptables_service(i, &endpoints, &mut chains, &mut rules);
+    }
+    chains + &rules + "COMMIT\n"
+}
+
+/// What kube-proxy restores (`iptables-restore --noflush`) when the
+/// endpoints of Service `index` become `endpoints`: only that Service's
+/// chains (KEP-3453, minimizing iptables-restore input). Declaring a chain
+/// flushes it.
+pub fn iptables_endpoint_change(index: usize, endpoints: &[Ipv4Addr]) -> String {
+    let mut chains = String::from("*nat\n");
+    let mut rules = String::new();
+    iptables_service(index, endpoints, &mut chains, &mut rules);
+    chains + &rules + "COMMIT\n"
+}
+
+/// Service `i`'s KUBE-SVC chain and its KUBE-SEP chains.
+fn iptables_service(i: usize, endpoints: &[Ipv4Addr], chains: &mut String, rules: &mut String) {
+    let _ = writeln!(chains, ":KUBE-SVC-{i} - [0:0]");
+    for (p, endpoint) in endpoints.iter().enumerate() {
+        let _ = writeln!(chains, ":KUBE-SEP-{i}-{p} - [0:0]");
+        // kube-proxy's equal split: 1/n, then 1/(n-1), ..., then the rest.
+        let remaining = endpoints.len() - p;
+        let jump = format!("-j KUBE-SEP-{i}-{p}");
+        if remaining > 1 {
+            let _ = writeln!(
+                rules,
+                "-A KUBE-SVC-{i} -m statistic --mode random --probability {:.11} {jump}",
+                1.0 / f64::from(u32::try_from(remaining).unwrap_or(u32::MAX))
+            );
+        } else {
+            let _ = writeln!(rules, "-A KUBE-SVC-{i} {jump}");
+        }
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SEP-{i}-{p} -p tcp -m tcp -j DNAT --to-destination {endpoint}:{BACKEND_PORT}"
+        );
+    }
+}
+
+/// kube-proxy's nftables mode for these Services, for `nft -f`: one
+/// `service-ips` verdict map from address, protocol and port to each
+/// Service's chain, which picks an endpoint chain with `numgen random`,
+/// which DNATs.
+pub fn nftables(pods: &[Pod], services: usize) -> String {
+    let mut chains = String::from(
+        "add table ip kube-proxy\n\
+         add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n\
+         add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; policy accept ; }\n\
+         add chain ip kube-proxy services\n\
+         add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n",
+    );
+    let mut rules = String::from(
+        "add rule ip kube-proxy nat-output jump services\n\
+         add rule ip kube-proxy nat-prerouting jump services\n\
+         add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n",
+    );
+    let mut elements = String::new();
+    for i in 0..services {
+        let _ = writeln!(chains, "add chain ip kube-proxy service-{i}");
+        let mut arms = Vec::new();
+        for (p, pod) in pods.iter().enumerate() {
+            let _ = writeln!(chains, "add chain ip kube-proxy endpoint-{i}-{p}");
+            let _ = writeln!(rules, "{}", nftables_endpoint_rule(i, p, pod.ip));
+            arms.push(format!("{p} : goto endpoint-{i}-{p}"));
+        }
+        let _ = writeln!(
+            rules,
+            "add rule ip kube-proxy service-{i} numgen random mod {} vmap {{ {} }}",
+            pods.len(),
+            arms.join(" , ")
+        );
+        let _ = writeln!(
+            elements,
+            "add element ip kube-proxy service-ips {{ {} . tcp . 80 : goto service-{i} }}",
+            service_ip(i, services)
+        );
+    }
+    chains + &rules + &elements
+}
+
+/// The transaction that points endpoint `slot` of Service `index` at
+/// `endpoint`: one chain flushed and given its new DNAT.
+pub fn nftables_endpoint_change(index: usize, slot: usize, endpoint: Ipv4Addr) -> String {
+    format!(
+        "flush chain ip kube-proxy endpoint-{index}-{slot}\n{}\n",
+        nftables_endpoint_rule(index, slot, endpoint)
+    )
+}
+
+fn nftables_endpoint_rule(index: usize, slot: usize, endpoint: Ipv4Addr) -> String {
+    format!(
+        "add rule ip kube-proxy endpoint-{index}-{slot} meta l4proto tcp dnat to {endpoint}:{BACKEND_PORT}"
+    )
+}
+
+/// kube-proxy's nat rules for the two NodePorts: KUBE-NODEPORTS behind the
+/// LOCAL address-type match, KUBE-EXT-* marking policy Cluster for the
+/// masquerade, and KUBE-POSTROUTING doing it.
+pub fn node_ports(pod: &Pod, local: u16, cluster: u16) -> String {
+    format!(
+        "*nat\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+         :KUBE-MARK-MASQ - [0:0]\n:KUBE-EXT-CLUSTER - [0:0]\n:KUBE-SEP-POD - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         -A KUBE-NODEPORTS -p tcp -m tcp --dport {local} -j KUBE-SEP-POD\n\
+         -A KUBE-NODEPORTS -p tcp -m tcp --dport {cluster} -j KUBE-EXT-CLUSTER\n\
+         -A KUBE-EXT-CLUSTER -j KUBE-MARK-MASQ\n\
+         -A KUBE-EXT-CLUSTER -j KUBE-SEP-POD\n\
+         -A KUBE-SEP-POD -p tcp -m tcp -j DNAT --to-destination {}:{BACKEND_PORT}\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n\
+         COMMIT\n",
+        pod.ip
+    )
+}

@@ -1,0 +1,481 @@
+//! `cargo xtask bench`: what a Service proxy costs per connection, this
+//! datapath against kube-proxy's, side by side in one run.
+//!
+//! At each cluster size N (the measured Service in the middle of N, the
+//! average place of a Service in kube-proxy's list), every datapath gets a
+//! lab of its own (its own conntrack and rule sets):
+//! - straight to a pod, no Service: the physical limit;
+//! - this agent, fed by the test API server through the real kube client;
+//! - kube-proxy's iptables mode on iptables-legacy and on iptables-nft, and
+//!   its nftables mode (rules in [`kube_proxy`]).
+//!
+//! Then, in interleaved rounds, each datapath is measured in turn:
+//! - short connections: wrk, every request a new connection (the pods'
+//!   nginx closes each one);
+//! - connect latency p50 and p99 (a timed `connect()`, [`probe`]);
+//! - one endpoint change: the measured Service's second endpoint moves to
+//!   another pod, and a prober connects until that pod answers. For the
+//!   agent that is the API server's watch, the model and the map writes;
+//!   for kube-proxy's modes only the rule update it would write
+//!   (`iptables-restore --noflush` of the Service's chains, or one `nft`
+//!   transaction), not its watch or its sync period, so theirs is a lower
+//!   bound.
+//!
+//! Once per size, the install time (from nothing to a working datapath), the
+//! agent's peak RSS, and what each eBPF program costs per call (from the
+//! kernel's bpf_stats) are taken. A NodePort table ([`node_port`]) and the
+//! fairness of the random choice ([`fairness`]) follow. Everything is
+//! printed, written to `target/bench/`, and drawn as a chart.
+//!
+//! [`probe`]: crate::probe
+
+mod chart;
+pub use chart::FONT;
+mod fairness;
+mod kube_proxy;
+mod node_port;
+mod report;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    apiserver::ApiServer,
+    bpf_stats::{RunTimeStats, cost_of},
+    lab::{Agent, Lab, Pod},
+    probe::{self, ChangeProber, ConnectLatency},
+    scale,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND_PORT: u16 = 8080;
+/// Timed connects per round, and per bpf_stats measurement.
+const CONNECTS: usize = 2000;
+
+/// One wrk run's result.
+struct Measurement {
+    mode: &'static str,
+    requests_per_second: f64,
+    latency: String,
+}
+
+pub struct BenchOptions {
+    /// The cluster sizes (Services, the measured one included) to compare
+    /// the ClusterIP datapaths at.
+    pub services: Vec<usize>,
+    pub seconds: u32,
+    pub connections: u32,
+    /// Rounds of every datapath in turn, for a median and a spread.
+    pub rounds: usize,
+    /// Choices counted per Service in the fairness table.
+    pub fairness_choices: usize,
+}
+
+/// What a ClusterIP connection goes through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Datapath {
+    /// No Service: straight to one pod, the physical limit.
+    Direct,
+    Ebpf,
+    IptablesLegacy,
+    IptablesNft,
+    /// kube-proxy's nftables mode (KEP-3866).
+    Nftables,
+}
+
+impl Datapath {
+    const ALL: [Self; 5] = [
+        Self::Direct,
+        Self::Ebpf,
+        Self::IptablesLegacy,
+        Self::IptablesNft,
+        Self::Nftables,
+    ];
+
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "straight to a pod",
+            Self::Ebpf => "eBPF (this proxy)",
+            Self::IptablesLegacy => "kube-proxy iptables (legacy)",
+            Self::IptablesNft => "kube-proxy iptables (nft)",
+            Self::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+/// One datapath at one size, over the rounds.
+struct Row {
+    services: usize,
+    datapath: Datapath,
+    /// wrk's requests per second, one per round.
+    rates: Vec<f64>,
+    connects: Vec<ConnectLatency>,
+    /// One endpoint change reaching the datapath, one per round.
+    changes: Vec<Duration>,
+    /// From nothing to the rules (or maps) in place.
+    install: Duration,
+    /// The agent's, for this datapath.
+    peak_rss_kib: Option<u64>,
+}
+
+/// Nanoseconds per call of the eBPF programs at one size.
+struct HotPath {
+    services: usize,
+    /// (what ran, program, ns per call, calls).
+    costs: Vec<(&'static str, &'static str, f64, u64)>,
+}
+
+/// A lab made ready for one datapath at one size, kept for every round.
+struct Prepared {
+    datapath: Datapath,
+    lab: Lab,
+    pods: Vec<Pod>,
+    target: SocketAddrV4,
+    install: Duration,
+    prober: Option<ChangeProber>,
+    /// The eBPF lab's agent, kept running (its log explains a failure).
+    agent: Option<Agent>,
+    api: Option<ApiServer>,
+}
+
+pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
+    if options.services.is_empty() || options.services.contains(&0) || options.rounds == 0 {
+        bail!("--services and --rounds must be at least 1");
+    }
+    let mut rows = Vec::new();
+    let mut hot_paths = Vec::new();
+    for &services in &options.services {
+        let (at_size, hot_path) = cluster_ip_at(agent_binary, services, options)?;
+        rows.extend(at_size);
+        hot_paths.push(hot_path);
+    }
+    let fairness = fairness::measure(agent_binary, options.fairness_choices)?;
+    let text = report::cluster_ip(&rows, options)
+        + &report::hot_paths(&hot_paths)
+        + &fairness::table(&fairness, options.fairness_choices);
+    print!("{text}");
+    let dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("clusterip.md"), &text)?;
+    let chart = dir.join("clusterip.png");
+    chart::draw(&rows, &chart)?;
+    println!(
+        "(also written to {}, and drawn in {})",
+        dir.join("clusterip.md").display(),
+        chart.display()
+    );
+    let results = node_port::node_port(agent_binary, options)?;
+    node_port::print_results(
+        "new connections per second from an external namespace, through node 1",
+        &results,
+        "direct",
+        options,
+    );
+    println!(
+        "\npolicy Cluster masquerades (MASQUERADE --random-fully, as kube-proxy does): from one\n\
+         client at this rate, remapped source ports meet the pod's TIME_WAIT sockets and SYNs\n\
+         are retransmitted. Both datapaths pay it alike; many clients do not."
+    );
+    Ok(())
+}
+
+/// Every datapath at `services` Services, measured in interleaved rounds,
+/// and what the eBPF programs cost there.
+fn cluster_ip_at(
+    agent_binary: &Path,
+    services: usize,
+    options: &BenchOptions,
+) -> Result<(Vec<Row>, HotPath)> {
+    let mut prepared = Vec::new();
+    for datapath in Datapath::ALL {
+        eprintln!("bench: {} at {services} Services", datapath.name());
+        prepared.push(prepare(agent_binary, datapath, services)?);
+    }
+    let mut rows: Vec<Row> = prepared
+        .iter()
+        .map(|ready| Row {
+            services,
+            datapath: ready.datapath,
+            rates: Vec::new(),
+            connects: Vec::new(),
+            changes: Vec::new(),
+            install: ready.install,
+            peak_rss_kib: None,
+        })
+        .collect();
+    for round in 0..options.rounds {
+        for (ready, row) in prepared.iter_mut().zip(&mut rows) {
+            ready
+                .measure_round(round, services, options, row)
+                .with_context(|| ready.agent.as_ref().map(Agent::log).unwrap_or_default())?;
+        }
+    }
+    let ebpf = prepared
+        .iter()
+        .position(|p| p.datapath == Datapath::Ebpf)
+        .context("no eBPF lab")?;
+    let hot_path = hot_path(&prepared[ebpf], services)?;
+    rows[ebpf].peak_rss_kib = prepared[ebpf]
+        .agent
+        .as_ref()
+        .map(Agent::peak_rss_kib)
+        .transpose()?;
+    Ok((rows, hot_path))
+}
+
+impl Prepared {
+    fn measure_round(
+        &mut self,
+        round: usize,
+        services: usize,
+        options: &BenchOptions,
+        row: &mut Row,
+    ) -> Result<()> {
+        let measured = measure(
+            &|args: &[&str]| self.lab.run_client("wrk", args),
+            self.datapath.name(),
+            &self.target.to_string(),
+            options,
+        )?;
+        row.rates.push(measured.requests_per_second);
+        row.connects.push(probe::connect_latency(
+            &self.lab,
+            self.target,
+            CONNECTS,
+            true,
+        )?);
+        if self.prober.is_some() {
+            row.changes.push(self.change_endpoint(round, services)?);
+        }
+        Ok(())
+    }
+
+    /// Moves the measured Service's second endpoint to another pod (pod-c
+    /// in even rounds, back to pod-b in odd ones) and waits until that pod
+    /// answers: how long the change took to reach the datapath.
+    fn change_endpoint(&mut self, round: usize, services: usize) -> Result<Duration> {
+        let new = self.pods[if round.is_multiple_of(2) { 2 } else { 1 }].clone();
+        let endpoints = [self.pods[0].ip, new.ip];
+        let measured = services / 2;
+        let prober = self.prober.as_mut().context("no prober")?;
+        prober.expect(&new.name)?;
+        match self.datapath {
+            Datapath::Direct => bail!("no Service to change"),
+            Datapath::Ebpf => {
+                let api = self.api.as_ref().context("no API server")?;
+                api.apply(scale::slice(&format!("svc-{measured}"), &endpoints, true))?;
+            }
+            Datapath::IptablesLegacy | Datapath::IptablesNft => feed(
+                &self.lab,
+                restore_command(self.datapath),
+                &["-w", "--noflush"],
+                &kube_proxy::iptables_endpoint_change(measured, &endpoints),
+            )?,
+            Datapath::Nftables => feed(
+                &self.lab,
+                "nft",
+                &["-f", "-"],
+                &kube_proxy::nftables_endpoint_change(measured, 1, new.ip),
+            )?,
+        }
+        prober.moved_to(&new.name)
+    }
+}
+
+/// What the eBPF programs cost per call, in the eBPF lab at this size:
+/// connects through the ClusterIP (translated, and asked for their peer),
+/// then straight to a pod (not a Service).
+fn hot_path(ebpf: &Prepared, services: usize) -> Result<HotPath> {
+    let _stats = RunTimeStats::enable()?;
+    let programs = ["connect4", "getpeername4"];
+    let mut costs = Vec::new();
+    for (what, target) in [
+        ("through the ClusterIP", ebpf.target),
+        (
+            "straight to a pod",
+            SocketAddrV4::new(ebpf.pods[0].ip, BACKEND_PORT),
+        ),
+    ] {
+        let measured = cost_of(&ebpf.lab, &programs, || {
+            probe::connect_latency(&ebpf.lab, target, CONNECTS, true).map(drop)
+        })?;
+        for (program, (cost, calls)) in programs.iter().zip(measured) {
+            costs.push((what, *program, cost, calls));
+        }
+    }
+    Ok(HotPath { services, costs })
+}
+
+fn restore_command(datapath: Datapath) -> &'static str {
+    if datapath == Datapath::IptablesLegacy {
+        "iptables-legacy-restore"
+    } else {
+        "iptables-nft-restore"
+    }
+}
+
+fn prepare(agent_binary: &Path, datapath: Datapath, services: usize) -> Result<Prepared> {
+    let (lab, pods) = pod_lab()?;
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut ready = Prepared {
+        datapath,
+        lab,
+        pods,
+        target: vip,
+        install: Duration::ZERO,
+        prober: None,
+        agent: None,
+        api: None,
+    };
+    let started;
+    match datapath {
+        Datapath::Direct => {
+            started = Instant::now();
+            ready.target = SocketAddrV4::new(ready.pods[0].ip, BACKEND_PORT);
+        }
+        Datapath::Ebpf => {
+            let api = ApiServer::start()?;
+            let endpoints = [ready.pods[0].ip, ready.pods[1].ip];
+            api.apply_all(
+                std::iter::once(scale::node()).chain((0..services).flat_map(|i| {
+                    let name = format!("svc-{i}");
+                    [
+                        scale::service(&name, &service_ip(i, services).to_string()),
+                        scale::slice(&name, &endpoints, true),
+                    ]
+                })),
+            )?;
+            started = Instant::now();
+            ready.agent = Some(ready.lab.start_agent_on_api(
+                agent_binary,
+                api.kubeconfig(),
+                scale::NODE,
+            )?);
+            ready.api = Some(api);
+        }
+        Datapath::IptablesLegacy | Datapath::IptablesNft => {
+            ready.lab.route_from_node("10.96.0.0/12")?;
+            started = Instant::now();
+            feed(
+                &ready.lab,
+                restore_command(datapath),
+                &["-w"],
+                &kube_proxy::iptables(&ready.pods[..2], services),
+            )?;
+        }
+        Datapath::Nftables => {
+            ready.lab.route_from_node("10.96.0.0/12")?;
+            started = Instant::now();
+            feed(
+                &ready.lab,
+                "nft",
+                &["-f", "-"],
+                &kube_proxy::nftables(&ready.pods[..2], services),
+            )?;
+        }
+    }
+    ready.install = started.elapsed();
+    if datapath != Datapath::Direct {
+        ready.prober = Some(ChangeProber::start(&ready.lab, &VIP.to_string())?);
+    }
+    Ok(ready)
+}
+
+/// Three nginx pods: the Services use pod-a and pod-b; endpoint changes
+/// move the second endpoint between pod-b and pod-c.
+fn pod_lab() -> Result<(Lab, Vec<Pod>)> {
+    let mut lab = Lab::new()?;
+    let mut pods = Vec::new();
+    for name in ["pod-a", "pod-b", "pod-c"] {
+        let pod = lab.add_pod(name)?;
+        lab.serve_http(&pod, BACKEND_PORT)?;
+        pods.push(pod);
+    }
+    Ok((lab, pods))
+}
+
+/// The measured Service is number `services / 2`; the others are filler
+/// Services at 10.97.x.y with the same pods behind them.
+fn service_ip(index: usize, services: usize) -> Ipv4Addr {
+    if index == services / 2 {
+        VIP
+    } else {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        Ipv4Addr::new(10, 97, 0, 0) | Ipv4Addr::from((index / 250) << 8 | (index % 250 + 1))
+    }
+}
+
+fn median<T: Copy + PartialOrd>(values: &[T]) -> Option<T> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    sorted.get(sorted.len() / 2).copied()
+}
+
+/// Feeds `rules` to `program` (iptables-restore, nft) in the node.
+fn feed(lab: &Lab, program: &str, args: &[&str], rules: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = lab
+        .client(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {program}"))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(rules.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{program} failed: {status}");
+    }
+    Ok(())
+}
+
+/// wrk against `target`, run by `wrk` (which takes wrk's arguments, and
+/// runs it where the client is).
+fn measure(
+    wrk: &dyn Fn(&[&str]) -> Result<Output>,
+    mode: &'static str,
+    target: &str,
+    options: &BenchOptions,
+) -> Result<Measurement> {
+    let url = format!("http://{target}/");
+    // A short warm-up fills caches (and, for iptables, loads the modules).
+    wrk(&["-t1", "-c4", "-d1s", &url])?;
+    let out = wrk(&[
+        "-t2",
+        &format!("-c{}", options.connections),
+        &format!("-d{}s", options.seconds),
+        &url,
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
+        bail!(
+            "{mode}: wrk saw errors:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::trim))
+            .map(str::to_owned)
+    };
+    let requests_per_second = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{mode}: no Requests/sec in wrk's output:\n{text}"))?;
+    let latency = field("Latency")
+        .and_then(|v| v.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default();
+    Ok(Measurement {
+        mode,
+        requests_per_second,
+        latency,
+    })
+}
