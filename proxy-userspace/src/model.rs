@@ -26,6 +26,9 @@ use crate::{
 };
 
 mod external;
+mod sorted_vec;
+
+use self::sorted_vec::{VecMap, VecSet};
 
 /// The datapath keeps a Service's backend count in 16 bits.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
@@ -186,7 +189,7 @@ struct ServiceEntry {
 /// What one Service asks of the datapath.
 #[derive(Clone, Debug, Default)]
 struct ServiceOutput {
-    frontends: BTreeMap<L4Addr, DesiredFrontend>,
+    frontends: VecMap<L4Addr, DesiredFrontend>,
     external: external::ExternalOutput,
     problems: Vec<Problem>,
 }
@@ -238,16 +241,18 @@ type Seniority = (i64, u64, ObjectName);
 #[derive(Debug, Default)]
 pub struct Model {
     config: ModelConfig,
-    services: BTreeMap<ObjectName, ServiceEntry>,
+    /// Boxed: a B-tree node has room for eleven entries whether it holds
+    /// them or not, and a Service is hundreds of bytes.
+    services: BTreeMap<ObjectName, Box<ServiceEntry>>,
     slices: BTreeMap<ObjectName, CheckedSlice>,
     /// The slices of each Service, by the Service's name.
-    slices_of: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    slices_of: BTreeMap<ObjectName, VecSet<ObjectName>>,
     /// The Service each slice belongs to, by the slice's name.
     service_of_slice: BTreeMap<ObjectName, ObjectName>,
     node: Option<NodeObject>,
     outputs: BTreeMap<ObjectName, ServiceOutput>,
     /// Every Service that asks for a frontend, whether it got it or not.
-    claims: BTreeMap<L4Addr, BTreeSet<ObjectName>>,
+    claims: BTreeMap<L4Addr, VecSet<ObjectName>>,
     /// Frontends that more than one Service claims.
     contested: BTreeSet<L4Addr>,
     /// Services and slices with problems, so listing problems costs what
@@ -299,10 +304,10 @@ impl Model {
                     let first_seen = self.next_seen;
                     self.services.insert(
                         name.clone(),
-                        ServiceEntry {
+                        Box::new(ServiceEntry {
                             service,
                             first_seen,
-                        },
+                        }),
                     );
                 }
             }
@@ -470,7 +475,7 @@ impl Model {
             for name in claimants.iter().filter(|n| **n != owner) {
                 let service = &self.services[name].service;
                 problems.insert(Problem {
-                    origin: service.origin.clone(),
+                    origin: service.origin.to_string(),
                     object: format!("Service {name}"),
                     message: format!(
                         "{frontend} is already served by {}",
@@ -488,7 +493,7 @@ impl Model {
         let mut output = ServiceOutput::default();
         let mut problem = |message: String| {
             output.problems.push(Problem {
-                origin: sourced.origin.clone(),
+                origin: sourced.origin.to_string(),
                 object: format!("Service {}", service.name),
                 message,
             });
@@ -634,7 +639,7 @@ fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice 
     let mut checked = CheckedSlice::default();
     let mut problem = |message: String| {
         checked.problems.push(Problem {
-            origin: sourced.origin.clone(),
+            origin: sourced.origin.to_string(),
             object: format!("EndpointSlice {}", slice.name),
             message,
         });
@@ -668,6 +673,9 @@ fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice 
             )),
         }
     }
+    // Kept for the slice's life: without the room pushing reserved.
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
     checked.ports = ports;
     checked.endpoints = endpoints;
     checked

@@ -132,8 +132,8 @@ impl Responder for PortResponder {
 fn answer(check: &HealthCheck, proxy_healthy: bool) -> (u16, &'static str, String) {
     let body = Body {
         service: ServiceName {
-            namespace: &check.service.namespace,
-            name: &check.service.name,
+            namespace: check.service.namespace(),
+            name: check.service.name(),
         },
         local_endpoints: check.local_endpoints,
         service_proxy_healthy: proxy_healthy,

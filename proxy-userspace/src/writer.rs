@@ -44,6 +44,9 @@ impl ApplyStats {
     }
 }
 
+/// Frontends per batch of [`MapWriter::fill_new`].
+const FILL_CHUNK: usize = 4096;
+
 pub struct MapWriter<S, B> {
     services: S,
     backends: B,
@@ -154,7 +157,11 @@ where
             Default::default()
         };
         let all: BTreeSet<L4Addr> = desired.frontends.keys().copied().collect();
-        let filled = self.fill_new(desired, &all);
+        let frontends: Vec<L4Addr> = all.iter().copied().collect();
+        let filled = frontends
+            .chunks(FILL_CHUNK)
+            .map(|chunk| self.fill_new(desired, chunk))
+            .sum::<usize>();
         let mut stats = self.apply(desired, &all, &stray, unused);
         stats.writes += filled;
         stats
@@ -164,11 +171,13 @@ where
     /// their new backends, then every slot and count, each frontend's slots
     /// before its count. The kernel writes a batch in order, so a program
     /// reading concurrently sees what `write_service` would have shown it.
-    /// A first sync of 30k Services then costs two system calls, not 150k.
+    /// A first sync of 30k Services then costs a few system calls, not
+    /// 150k: [`FILL_CHUNK`] frontends at a time, so that the batch itself
+    /// stays a few hundred KiB.
     /// Whatever a batch could not write is left to the entry-by-entry path
     /// that follows, which names the Service that failed. Returns how many
     /// entries were written.
-    fn fill_new(&mut self, desired: &DesiredState, frontends: &BTreeSet<L4Addr>) -> usize {
+    fn fill_new(&mut self, desired: &DesiredState, frontends: &[L4Addr]) -> usize {
         let mut new_backends: Vec<(u32, Backend)> = Vec::new();
         let mut planned: BTreeMap<Backend, u32> = BTreeMap::new();
         let mut entries: Vec<(ServiceKey, ServiceValue)> = Vec::new();

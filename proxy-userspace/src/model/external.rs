@@ -215,7 +215,7 @@ pub(super) struct ExternalOutput {
 /// Claims of one kind of key, and who owns each.
 #[derive(Debug)]
 struct Claims<K> {
-    claims: BTreeMap<K, BTreeSet<ObjectName>>,
+    claims: BTreeMap<K, super::VecSet<ObjectName>>,
 }
 
 impl<K> Default for Claims<K> {
@@ -303,7 +303,7 @@ impl Model {
         let mut problems = Vec::new();
         let mut problem = |message: String| {
             problems.push(Problem {
-                origin: sourced.origin.clone(),
+                origin: sourced.origin.to_string(),
                 object: format!("Service {}", service.name),
                 message,
             });
@@ -565,12 +565,12 @@ impl Model {
 
     /// Services that lost a claim to an older one.
     pub(super) fn external_problems(&self, problems: &mut BTreeSet<Problem>) {
-        let lost = |what: String, claimants: &BTreeSet<ObjectName>, owner: &ObjectName| {
+        let lost = |what: String, claimants: &super::VecSet<ObjectName>, owner: &ObjectName| {
             claimants
                 .iter()
                 .filter(|name| *name != owner)
                 .map(|name| Problem {
-                    origin: self.services[name].service.origin.clone(),
+                    origin: self.services[name].service.origin.to_string(),
                     object: format!("Service {name}"),
                     message: format!("{what} is already used by Service {owner}"),
                 })

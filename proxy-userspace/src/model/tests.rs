@@ -472,7 +472,7 @@ const ZONES: [Option<&str>; 3] = [Some("zone-a"), Some("zone-b"), None];
 
 fn random_change(rng: &mut XorShift) -> Change {
     let sourced = |object| Sourced {
-        origin: "random".to_owned(),
+        origin: "random".into(),
         object,
     };
     // The Node's zone moves every Service's choice of endpoints.
@@ -536,7 +536,7 @@ fn random_change(rng: &mut XorShift) -> Change {
         Change::EndpointSlice(
             name.clone(),
             Some(Sourced {
-                origin: "random".to_owned(),
+                origin: "random".into(),
                 object: SliceObject {
                     name,
                     service: Some(format!("svc-{}", rng.pick(5))),

@@ -340,8 +340,11 @@ impl Watch {
 }
 
 fn sourced<T>(object: T) -> Sourced<T> {
+    /// One allocation for every object's origin.
+    static SHARED_ORIGIN: std::sync::LazyLock<std::sync::Arc<str>> =
+        std::sync::LazyLock::new(|| ORIGIN.into());
     Sourced {
-        origin: ORIGIN.to_owned(),
+        origin: SHARED_ORIGIN.clone(),
         object,
     }
 }

@@ -337,13 +337,14 @@ fn read_file(path: &Path) -> Result<Objects, String> {
 
 impl FileObjects {
     fn into_changes(self, origin: &str) -> Objects {
+        let origin: std::sync::Arc<str> = origin.into();
         let mut objects = Objects::new();
         for service in &self.services {
             let object = ServiceObject::from(service);
             let name = object.name.clone();
             objects.insert(
                 (Kind::Service, name.clone()),
-                Change::Service(name, Some(sourced(origin, object))),
+                Change::Service(name, Some(sourced(&origin, object))),
             );
         }
         for slice in &self.endpoint_slices {
@@ -351,16 +352,16 @@ impl FileObjects {
             let name = object.name.clone();
             objects.insert(
                 (Kind::EndpointSlice, name.clone()),
-                Change::EndpointSlice(name, Some(sourced(origin, object))),
+                Change::EndpointSlice(name, Some(sourced(&origin, object))),
             );
         }
         objects
     }
 }
 
-fn sourced<T>(origin: &str, object: T) -> Sourced<T> {
+fn sourced<T>(origin: &std::sync::Arc<str>, object: T) -> Sourced<T> {
     Sourced {
-        origin: origin.to_owned(),
+        origin: origin.clone(),
         object,
     }
 }

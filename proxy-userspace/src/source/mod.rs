@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 /// An object and where it came from, so problems can name both.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sourced<T> {
-    /// A file path, or the API server.
-    pub origin: String,
+    /// A file path, or the API server; shared by all its objects.
+    pub origin: std::sync::Arc<str>,
     pub object: T,
 }
 

@@ -6,6 +6,8 @@
 //! as the API spells them (strings, `i32` ports): checking them is the
 //! model's job, so that every problem is reported in one place.
 
+use std::sync::Arc;
+
 use k8s_openapi::{
     api::{
         core::v1::{Node, Service},
@@ -26,18 +28,24 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// `namespace/name`: how objects are keyed everywhere in the agent.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// One shared allocation: the model keys half a dozen maps by the names of
+/// 30,000 Services and their slices, and a clone costs a reference count,
+/// not two strings. Ordered and compared as (namespace, name).
+#[derive(Clone)]
 pub struct ObjectName {
-    pub namespace: String,
-    pub name: String,
+    /// `namespace/name`, as it is displayed.
+    text: Arc<str>,
+    /// Where the namespace ends in `text`.
+    namespace_len: usize,
 }
 
 impl ObjectName {
     #[must_use]
     pub fn new(namespace: &str, name: &str) -> Self {
         Self {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            text: format!("{namespace}/{name}").into(),
+            namespace_len: namespace.len(),
         }
     }
 
@@ -50,11 +58,66 @@ impl ObjectName {
             meta.name.as_deref().unwrap_or(""),
         )
     }
+
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.text[..self.namespace_len]
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.text[self.namespace_len + 1..]
+    }
+
+    fn parts(&self) -> (&str, &str) {
+        (self.namespace(), self.name())
+    }
+}
+
+impl Default for ObjectName {
+    fn default() -> Self {
+        Self::new("", "")
+    }
+}
+
+impl PartialEq for ObjectName {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespace_len == other.namespace_len && self.text == other.text
+    }
+}
+
+impl Eq for ObjectName {}
+
+impl PartialOrd for ObjectName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ObjectName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
+impl std::hash::Hash for ObjectName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl std::fmt::Debug for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectName")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .finish()
+    }
 }
 
 impl std::fmt::Display for ObjectName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.text)
     }
 }
 
@@ -139,7 +202,7 @@ impl SliceObject {
     pub fn service_name(&self) -> Option<ObjectName> {
         self.service
             .as_deref()
-            .map(|service| ObjectName::new(&self.name.namespace, service))
+            .map(|service| ObjectName::new(self.name.namespace(), service))
     }
 }
 

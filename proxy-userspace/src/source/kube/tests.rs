@@ -161,7 +161,7 @@ fn service_port(change: &Change) -> i32 {
     let Change::Service(_, Some(service)) = change else {
         panic!("not a Service upsert: {change:?}");
     };
-    assert_eq!(service.origin, ORIGIN);
+    assert_eq!(&*service.origin, ORIGIN);
     service.object.ports[0].port
 }
 
@@ -189,7 +189,7 @@ async fn lists_everything_in_one_batch_per_kind_then_synced() {
         unreachable!()
     };
     assert_eq!(slice.object.service.as_deref(), Some("a"));
-    assert_eq!(slice.origin, ORIGIN);
+    assert_eq!(&*slice.origin, ORIGIN);
 }
 
 #[tokio::test]

@@ -18,8 +18,8 @@ fn names(event: &SourceEvent) -> Vec<String> {
     changes
         .iter()
         .map(|change| match change {
-            Change::Service(name, Some(_)) => format!("+{}", name.name),
-            Change::Service(name, None) => format!("-{}", name.name),
+            Change::Service(name, Some(_)) => format!("+{}", name.name()),
+            Change::Service(name, None) => format!("-{}", name.name()),
             other => format!("{other:?}"),
         })
         .collect()
