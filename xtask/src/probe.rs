@@ -108,6 +108,16 @@ pub fn run_connect(target: SocketAddrV4, count: usize, check_peer: bool) -> Resu
             }
         }
     }
+    let (p50, p99) = percentiles(&mut samples);
+    println!("{} {}", p50.as_nanos(), p99.as_nanos());
+    Ok(())
+}
+
+/// The p50 and p99 of `samples` (nearest rank), which it sorts.
+pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    if samples.is_empty() {
+        return (Duration::ZERO, Duration::ZERO);
+    }
     samples.sort();
     let at = |q: f64| {
         #[expect(
@@ -116,11 +126,10 @@ pub fn run_connect(target: SocketAddrV4, count: usize, check_peer: bool) -> Resu
             clippy::cast_precision_loss,
             reason = "an index into the samples"
         )]
-        let index = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
-        samples.get(index).map_or(0, Duration::as_nanos)
+        let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[index]
     };
-    println!("{} {}", at(0.50), at(0.99));
-    Ok(())
+    (at(0.50), at(0.99))
 }
 
 /// `xtask probe udp-choices`.

@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use crate::{
     apiserver::ApiServer,
     lab::{Agent, Lab},
-    probe::ChangeProber,
+    probe::{ChangeProber, percentiles},
 };
 
 const PROBE_VIP: &str = "10.96.0.10";
@@ -264,24 +264,6 @@ fn list_all(api: &ApiServer, path: &str) -> Result<usize> {
             _ => return Ok(items),
         }
     }
-}
-
-fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
-    if samples.is_empty() {
-        return (Duration::ZERO, Duration::ZERO);
-    }
-    samples.sort();
-    let at = |q: f64| {
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "an index into a short list of samples"
-        )]
-        let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[index]
-    };
-    (at(0.50), at(0.99))
 }
 
 /// The `took_us` of every "applied" line the agent has logged.

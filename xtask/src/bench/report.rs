@@ -14,7 +14,7 @@ pub fn cluster_ip(rows: &[Row], options: &BenchOptions) -> String {
          New connections per second to one ClusterIP (2 nginx pods), the measured Service in \
          the middle of N Services; wrk -t2 -c{} -d{}s, every request a new connection; {} \
          interleaved round(s), median (min–max). Connect: a timed connect(), {} per round, \
-         the median round's p50 and p99. Endpoint change: until the moved endpoint answers, \
+         the medians of the rounds' p50 and p99. Endpoint change: until the moved endpoint answers, \
          median (max) of the rounds; for the agent from the API server's watch, for \
          kube-proxy's modes only writing the rules.\n\n\
          | N | datapath | conn/s | vs pod | connect p50 | connect p99 | endpoint change | install | agent peak RSS |\n\
