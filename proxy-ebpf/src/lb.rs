@@ -142,7 +142,6 @@ fn pick_with_affinity<const N: usize>(
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(slot0.backend_id).wrapping_mul(1_000_000_000);
-    // SAFETY: copied out at once.
     if let Some(entry) = AFFINITY.get_ptr_mut(key)
         // SAFETY: a map value, copied out at once.
         && let held = unsafe { *entry }

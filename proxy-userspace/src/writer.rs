@@ -156,9 +156,8 @@ where
         } else {
             Default::default()
         };
-        let all: BTreeSet<L4Addr> = desired.frontends.keys().copied().collect();
-        let frontends: Vec<L4Addr> = all.iter().copied().collect();
-        let filled = frontends
+        let all: Vec<L4Addr> = desired.frontends.keys().copied().collect();
+        let filled = all
             .chunks(FILL_CHUNK)
             .map(|chunk| self.fill_new(desired, chunk))
             .sum::<usize>();
@@ -167,14 +166,13 @@ where
         stats
     }
 
-    /// Writes the frontends the maps lack altogether in two batch calls:
-    /// their new backends, then every slot and count, each frontend's slots
-    /// before its count. The kernel writes a batch in order, so a program
-    /// reading concurrently sees what `write_service` would have shown it.
-    /// A first sync of 30k Services then costs a few system calls, not
-    /// 150k: [`FILL_CHUNK`] frontends at a time, so that the batch itself
-    /// stays a few hundred KiB.
-    /// Whatever a batch could not write is left to the entry-by-entry path
+    /// Writes those of `frontends` that the maps lack altogether in two
+    /// batch calls: their new backends, then every slot and count, each
+    /// frontend's slots before its count. The kernel writes a batch in
+    /// order, so a program reading concurrently sees what `write_service`
+    /// would have shown it. Called with [`FILL_CHUNK`] frontends at a time,
+    /// so a first sync of 30k Services costs a few system calls, not 150k,
+    /// and no batch grows past a few hundred KiB. Whatever a batch could not write is left to the entry-by-entry path
     /// that follows, which names the Service that failed. Returns how many
     /// entries were written.
     fn fill_new(&mut self, desired: &DesiredState, frontends: &[L4Addr]) -> usize {
@@ -253,10 +251,10 @@ where
     /// for and leaves that frontend as it was; the others are still
     /// written, and the frontend is reported in [`ApplyStats::failed`] to
     /// be tried again.
-    fn apply(
+    fn apply<'a>(
         &mut self,
         desired: &DesiredState,
-        frontends: &BTreeSet<L4Addr>,
+        frontends: impl IntoIterator<Item = &'a L4Addr>,
         stray: &BTreeSet<ServiceKey>,
         mut released: BTreeSet<u32>,
     ) -> ApplyStats {

@@ -17,7 +17,6 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddrV4,
-    path::Path,
     process::{ChildStdin, ChildStdout, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -40,14 +39,10 @@ pub fn connect_latency(
     count: usize,
     check_peer: bool,
 ) -> Result<ConnectLatency> {
-    let mut args = vec![
-        "probe".to_owned(),
-        "connect".to_owned(),
-        target.to_string(),
-        count.to_string(),
-    ];
+    let (target, count) = (target.to_string(), count.to_string());
+    let mut args = vec!["connect", &target, &count];
     if check_peer {
-        args.push("--check-peer".to_owned());
+        args.push("--check-peer");
     }
     let text = run_probe(lab, &args)?;
     let mut fields = text.split_whitespace().map(str::parse::<u64>);
@@ -64,24 +59,15 @@ pub fn connect_latency(
 pub fn udp_choices(lab: &Lab, target: SocketAddrV4, count: usize) -> Result<()> {
     run_probe(
         lab,
-        &[
-            "probe".to_owned(),
-            "udp-choices".to_owned(),
-            target.to_string(),
-            count.to_string(),
-        ],
+        &["udp-choices", &target.to_string(), &count.to_string()],
     )
     .map(drop)
 }
 
-fn run_probe(lab: &Lab, args: &[String]) -> Result<String> {
+/// `xtask probe ARGS` in `lab`'s client cgroup; its output.
+fn run_probe(lab: &Lab, args: &[&str]) -> Result<String> {
     let exe = std::env::current_exe().context("cannot find this program")?;
-    let out = lab
-        .client(&exe.display().to_string())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {}", Path::new(&exe).display()))?;
+    let out = lab.run_client(&exe.display().to_string(), &[&["probe"], args].concat())?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
