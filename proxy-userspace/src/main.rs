@@ -30,6 +30,7 @@ mod service_health;
     reason = "netlink sockets and setns(2) have no safe wrapper in std or nix's enabled features"
 )]
 mod sock_diag;
+mod sorted_vec;
 mod source;
 mod stale_sockets;
 #[cfg(test)]

@@ -26,9 +26,8 @@ use crate::{
 };
 
 mod external;
-mod sorted_vec;
 
-use self::sorted_vec::{VecMap, VecSet};
+use crate::sorted_vec::{VecMap, VecSet};
 
 /// The datapath keeps a Service's backend count in 16 bits.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;

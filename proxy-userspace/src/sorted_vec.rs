@@ -1,9 +1,10 @@
-//! Ordered maps and sets for the model's many tiny collections: a
+//! Ordered maps and sets for the agent's many tiny collections: a
 //! Service's frontends (almost always one or two), a Service's slices
 //! (almost always one), the Services claiming a frontend (almost always
-//! one). A `BTreeMap` with one entry allocates a whole node of eleven, so
-//! at 30,000 Services these cost tens of MiB; a sorted `Vec` allocates
-//! what it holds, and at these sizes its search is as fast.
+//! one), a frontend's backend slots in the writer (a handful). A `BTreeMap`
+//! with one entry allocates a whole node of eleven, so at 30,000 Services
+//! these cost tens of MiB; a sorted `Vec` allocates what it holds, and at
+//! these sizes its search is as fast.
 
 use std::{borrow::Borrow, ops::Index};
 
@@ -46,8 +47,30 @@ impl<K: Ord, V> VecMap<K, V> {
         self.find(key).ok().map(|at| &self.0[at].1)
     }
 
+    /// Removes, returning the value `key` had.
+    pub fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        self.find(key).ok().map(|at| self.0.remove(at).1)
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -144,6 +167,10 @@ mod tests {
         assert_eq!(map.keys().copied().collect::<Vec<_>>(), [1, 3]);
         assert_eq!(map[&3], "C");
         assert_eq!(map.get(&2), None);
+        assert_eq!(map.remove(&1), Some("a"));
+        assert_eq!(map.remove(&1), None);
+        assert_eq!(map.values().copied().collect::<Vec<_>>(), ["C"]);
+        assert_eq!((map.len(), map.is_empty()), (1, false));
     }
 
     #[test]

@@ -44,6 +44,21 @@ impl ApplyStats {
     }
 }
 
+/// A backend in the backends map, and how many slots name its id: a
+/// backend is deleted when its last slot goes, without scanning every
+/// frontend.
+#[derive(Clone, Copy)]
+struct HeldBackend {
+    backend: Backend,
+    slots: usize,
+}
+
+impl HeldBackend {
+    const fn unused(backend: Backend) -> Self {
+        Self { backend, slots: 0 }
+    }
+}
+
 /// Frontends per batch of [`MapWriter::fill_new`].
 const FILL_CHUNK: usize = 4096;
 
@@ -51,11 +66,8 @@ pub struct MapWriter<S, B> {
     services: S,
     backends: B,
     frontends: BTreeMap<ServiceKey, FrontendSlots>,
-    backend_by_id: BTreeMap<u32, Backend>,
+    backend_by_id: BTreeMap<u32, HeldBackend>,
     id_of: BTreeMap<Backend, u32>,
-    /// How many slots name each backend id: a backend is deleted when its
-    /// last slot goes, without scanning every frontend.
-    refs: BTreeMap<u32, usize>,
     next_backend_id: u32,
     /// Slots deleted, or given another backend, since the last
     /// [`MapWriter::take_slots_gone`]: their counts are over.
@@ -70,12 +82,19 @@ where
     /// Takes over the maps with whatever they already hold.
     pub fn adopt(services: S, backends: B) -> Result<Self, MapError> {
         let frontends = read_frontends(&services)?;
-        let backend_by_id: BTreeMap<u32, Backend> = backends.entries()?.into_iter().collect();
+        let entries = backends.entries()?;
+        let id_of = entries.iter().map(|(id, b)| (*b, *id)).collect();
+        let mut backend_by_id: BTreeMap<u32, HeldBackend> = entries
+            .into_iter()
+            .map(|(id, backend)| (id, HeldBackend::unused(backend)))
+            .collect();
         let next_backend_id = backend_by_id.last_key_value().map_or(1, |(id, _)| id + 1);
-        let id_of = backend_by_id.iter().map(|(id, b)| (*b, *id)).collect();
-        let mut refs: BTreeMap<u32, usize> = backend_by_id.keys().map(|id| (*id, 0)).collect();
+        // A slot naming an id the backends map lacks (a torn map) counts
+        // for nothing: there is no backend to keep.
         for slot in frontends.values().flat_map(|f| f.slots.values()) {
-            *refs.entry(slot.backend_id).or_default() += 1;
+            if let Some(held) = backend_by_id.get_mut(&slot.backend_id) {
+                held.slots += 1;
+            }
         }
         Ok(Self {
             services,
@@ -83,7 +102,6 @@ where
             frontends,
             backend_by_id,
             id_of,
-            refs,
             next_backend_id,
             slots_gone: Vec::new(),
         })
@@ -108,7 +126,7 @@ where
             .into_iter()
             .flat_map(|f| f.slots.values())
             .filter_map(|slot| self.backend_by_id.get(&slot.backend_id))
-            .copied()
+            .map(|held| held.backend)
             .collect()
     }
 
@@ -147,9 +165,9 @@ where
                 .copied()
                 .collect();
             let unused = self
-                .refs
+                .backend_by_id
                 .iter()
-                .filter(|(_, n)| **n == 0)
+                .filter(|(_, held)| held.slots == 0)
                 .map(|(id, _)| *id)
                 .collect();
             (stray, unused)
@@ -221,9 +239,9 @@ where
             Err(BatchError { written, .. }) => (written, false),
         };
         for (id, backend) in &new_backends[..written] {
-            self.backend_by_id.insert(*id, *backend);
+            self.backend_by_id
+                .insert(*id, HeldBackend::unused(*backend));
             self.id_of.insert(*backend, *id);
-            self.refs.insert(*id, 0);
             self.next_backend_id = id.wrapping_add(1);
         }
         if !complete {
@@ -241,7 +259,9 @@ where
                 current.affinity = value.backend_id;
             } else {
                 current.slots.insert(key.backend_slot, *value);
-                *self.refs.entry(value.backend_id).or_default() += 1;
+                if let Some(held) = self.backend_by_id.get_mut(&value.backend_id) {
+                    held.slots += 1;
+                }
             }
         }
         written + slots_written
@@ -281,15 +301,18 @@ where
             }
         }
         for id in released {
-            if self.refs.get(&id).is_some_and(|n| *n > 0) {
+            if self
+                .backend_by_id
+                .get(&id)
+                .is_some_and(|held| held.slots > 0)
+            {
                 continue;
             }
             match self.backends.delete(&id) {
                 Ok(()) => {
-                    if let Some(backend) = self.backend_by_id.remove(&id) {
-                        self.id_of.remove(&backend);
+                    if let Some(held) = self.backend_by_id.remove(&id) {
+                        self.id_of.remove(&held.backend);
                     }
-                    self.refs.remove(&id);
                     stats.deletes += 1;
                 }
                 Err(error) => {
@@ -350,9 +373,8 @@ where
         self.next_backend_id = id.wrapping_add(1);
         self.backends.put(&id, &backend)?;
         stats.writes += 1;
-        self.backend_by_id.insert(id, backend);
+        self.backend_by_id.insert(id, HeldBackend::unused(backend));
         self.id_of.insert(backend, id);
-        self.refs.insert(id, 0);
         Ok(id)
     }
 
@@ -367,15 +389,21 @@ where
         let current = self.frontends.entry(key).or_default();
         let count = u16::try_from(ids.len()).expect("the model caps backends per frontend");
         for (slot, id) in (1..=count).zip(ids) {
-            let backend = self.backend_by_id.get(id).copied().unwrap_or_default();
+            let backend = self
+                .backend_by_id
+                .get(id)
+                .map(|held| held.backend)
+                .unwrap_or_default();
             let value = ServiceValue::backend(*id, &backend);
             if current.slots.get(&slot) != Some(&value) {
                 self.services.put(&key.slot(slot), &value)?;
                 if let Some(old) = current.slots.insert(slot, value) {
-                    release(&mut self.refs, old.backend_id, released);
+                    release(&mut self.backend_by_id, old.backend_id, released);
                     self.slots_gone.push(key.slot(slot));
                 }
-                *self.refs.entry(*id).or_default() += 1;
+                if let Some(held) = self.backend_by_id.get_mut(id) {
+                    held.slots += 1;
+                }
                 stats.writes += 1;
             }
         }
@@ -406,11 +434,16 @@ where
         let Some(current) = self.frontends.get_mut(&key) else {
             return Ok(());
         };
-        let surplus: Vec<u16> = current.slots.range(count + 1..).map(|(s, _)| *s).collect();
+        let surplus: Vec<u16> = current
+            .slots
+            .keys()
+            .filter(|s| **s > count)
+            .copied()
+            .collect();
         for slot in surplus {
             self.services.delete(&key.slot(slot))?;
             if let Some(old) = current.slots.remove(&slot) {
-                release(&mut self.refs, old.backend_id, released);
+                release(&mut self.backend_by_id, old.backend_id, released);
             }
             self.slots_gone.push(key.slot(slot));
             stats.deletes += 1;
@@ -440,9 +473,9 @@ where
 }
 
 /// One slot fewer names `id`; at none it is a candidate for deletion.
-fn release(refs: &mut BTreeMap<u32, usize>, id: u32, released: &mut BTreeSet<u32>) {
-    if let Some(n) = refs.get_mut(&id) {
-        *n = n.saturating_sub(1);
+fn release(held: &mut BTreeMap<u32, HeldBackend>, id: u32, released: &mut BTreeSet<u32>) {
+    if let Some(held) = held.get_mut(&id) {
+        held.slots = held.slots.saturating_sub(1);
     }
     released.insert(id);
 }

@@ -14,7 +14,7 @@ use proxy_common::{
 };
 
 use super::pins::Pins;
-use crate::{bpf_sys, datapath::DatapathError};
+use crate::{bpf_sys, datapath::DatapathError, sorted_vec::VecMap};
 
 pub type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
 pub type BackendsMap = BpfHashMap<MapData, u32, Backend>;
@@ -117,7 +117,7 @@ pub struct FrontendSlots {
     /// Slot 0's session affinity timeout, in seconds.
     pub affinity: u32,
     /// Slots 1.. and their values.
-    pub slots: BTreeMap<u16, ServiceValue>,
+    pub slots: VecMap<u16, ServiceValue>,
 }
 
 /// The services map's entries grouped by frontend (keyed by slot 0), as
