@@ -12,13 +12,12 @@ use crate::lab::Pod;
 
 /// The nat table of kube-proxy's iptables mode for these Services, for
 /// `iptables-restore`.
-pub fn iptables(pods: &[Pod], services: usize) -> String {
+pub fn iptables(services: usize, endpoints_of: impl Fn(usize) -> Vec<Ipv4Addr>) -> String {
     let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
     let mut rules = String::from(
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
     );
-    let endpoints: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     for i in 0..services {
         let _ = writeln!(
             rules,
@@ -26,7 +25,7 @@ pub fn iptables(pods: &[Pod], services: usize) -> String {
              -m tcp --dport 80 -j KUBE-SVC-{i}",
             service_ip(i, services)
         );
-        iptables_service(i, &endpoints, &mut chains, &mut rules);
+        iptables_service(i, &endpoints_of(i), &mut chains, &mut rules);
     }
     chains + &rules + "COMMIT\n"
 }
@@ -70,7 +69,7 @@ fn iptables_service(i: usize, endpoints: &[Ipv4Addr], chains: &mut String, rules
 /// `service-ips` verdict map from address, protocol and port to each
 /// Service's chain, which picks an endpoint chain with `numgen random`,
 /// which DNATs.
-pub fn nftables(pods: &[Pod], services: usize) -> String {
+pub fn nftables(services: usize, endpoints_of: impl Fn(usize) -> Vec<Ipv4Addr>) -> String {
     let mut chains = String::from(
         "add table ip kube-proxy\n\
          add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n\
@@ -87,15 +86,16 @@ pub fn nftables(pods: &[Pod], services: usize) -> String {
     for i in 0..services {
         let _ = writeln!(chains, "add chain ip kube-proxy service-{i}");
         let mut arms = Vec::new();
-        for (p, pod) in pods.iter().enumerate() {
+        let endpoints = endpoints_of(i);
+        for (p, endpoint) in endpoints.iter().enumerate() {
             let _ = writeln!(chains, "add chain ip kube-proxy endpoint-{i}-{p}");
-            let _ = writeln!(rules, "{}", nftables_endpoint_rule(i, p, pod.ip));
+            let _ = writeln!(rules, "{}", nftables_endpoint_rule(i, p, *endpoint));
             arms.push(format!("{p} : goto endpoint-{i}-{p}"));
         }
         let _ = writeln!(
             rules,
             "add rule ip kube-proxy service-{i} numgen random mod {} vmap {{ {} }}",
-            pods.len(),
+            endpoints.len(),
             arms.join(" , ")
         );
         let _ = writeln!(

@@ -11,11 +11,12 @@ use super::{BenchOptions, Datapath, HotPath, Row, median};
 pub fn cluster_ip(rows: &[Row], options: &BenchOptions) -> String {
     let mut out = format!(
         "\n## ClusterIP: this datapath against kube-proxy's\n\n\
-         New connections per second to one ClusterIP (2 nginx pods), the measured Service in \
-         the middle of N Services; wrk -t2 -c{} -d{}s, every request a new connection; {} \
+         New connections per second to one ClusterIP, the measured Service in \
+         the middle of N Services, and straight to its pod: one nginx pod behind it (the \
+         other Services have 2), so each rate is one server's; wrk -t2 -c{} -d{}s, every request a new connection; {} \
          interleaved round(s), median (min–max). Connect: a timed connect(), {} per round, \
-         the medians of the rounds' p50 and p99. Endpoint change: until the moved endpoint answers, \
-         median (max) of the rounds; for the agent from the API server's watch, for \
+         the medians of the rounds' p50 and p99. Endpoint change: until the pod the endpoint moved to answers \
+         (two per round, out and back), median (max); for the agent from the API server's watch, for \
          kube-proxy's modes only writing the rules.\n\n\
          | N | datapath | conn/s | vs pod | connect p50 | connect p99 | endpoint change | install | agent peak RSS |\n\
          |---|---|---|---|---|---|---|---|---|\n",
@@ -57,7 +58,7 @@ pub fn cluster_ip(rows: &[Row], options: &BenchOptions) -> String {
     out.push_str(
         "\nTargets: eBPF ≥ 0.97 of straight to the pod; an endpoint change ≤ 5 ms (p99, \
          through the API server); agent peak RSS ≤ 100 MiB at 30,000 Services × 4 endpoints \
-         (here 2 endpoints; `bench --api-scale` measures 4).\n",
+         (here 1 or 2 endpoints; `bench --api-scale` measures 4).\n",
     );
     out
 }
