@@ -11,6 +11,8 @@ use xtask::{
     prerequisites, probe, run_checked, scale,
 };
 
+mod image;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -81,6 +83,16 @@ enum Task {
         #[arg(long)]
         debug_agent: bool,
     },
+    /// Build the agent's container image from deploy/Dockerfile, then check
+    /// that its agent runs and that it has iptables-legacy-save,
+    /// iptables-nft-save and nft. With the Docker engine when one answers,
+    /// otherwise with buildah (installed if missing; the Debian base is
+    /// debootstrapped when Docker Hub cannot be reached). Needs root.
+    Image {
+        /// The image's name.
+        #[arg(long, default_value = "localhost/ebpf-proxy:dev")]
+        tag: String,
+    },
     /// The bench's own clients, run by it inside a lab's client cgroup.
     #[command(hide = true, subcommand)]
     Probe(Probe),
@@ -118,6 +130,10 @@ fn main() -> Result<()> {
         }) => probe::run_connect(target, count, check_peer),
         Task::Probe(Probe::UdpChoices { target, count }) => probe::run_udp_choices(target, count),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Image { tag } => {
+            require_root()?;
+            image::build(&tag)
+        }
         Task::Bench {
             services,
             seconds,

@@ -57,14 +57,20 @@ pub fn ensure_tools() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+/// Installs Debian packages with apt-get, as root, trying again when the
+/// mirror hiccups.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     if !is_root() || !on_path("apt-get") {
         bail!(
             "missing packages {}: install them with `apt-get install {}` (as root)",
-            missing.join(" "),
-            missing.join(" ")
+            packages.join(" "),
+            packages.join(" ")
         );
     }
-    eprintln!("installing {}", missing.join(" "));
+    eprintln!("installing {}", packages.join(" "));
     // A mirror that hiccups once should not fail a CI run.
     let mut attempt = 1;
     loop {
@@ -73,7 +79,7 @@ pub fn ensure_tools() -> Result<()> {
                 run_checked(
                     Command::new("apt-get")
                         .args(["install", "-y", "-qq", "--no-install-recommends"])
-                        .args(&missing)
+                        .args(packages)
                         .env("DEBIAN_FRONTEND", "noninteractive"),
                 )
             });
