@@ -9,7 +9,8 @@
 //! - kube-proxy's iptables mode on iptables-legacy and on iptables-nft, and
 //!   its nftables mode (rules in [`kube_proxy`]).
 //!
-//! Then, in interleaved rounds, each datapath is measured in turn:
+//! Then, in interleaved rounds 65 s apart (so that no round runs while the
+//! last one's TIME_WAIT sockets expire), each datapath is measured in turn:
 //! - short connections: wrk, every request a new connection (the pods'
 //!   nginx closes each one);
 //! - connect latency p50 and p99 (a timed `connect()`, [`probe`]);
@@ -58,6 +59,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND_PORT: u16 = 8080;
 /// Timed connects per round, and per bpf_stats measurement.
 const CONNECTS: usize = 2000;
+/// Linux's TIME_WAIT lasts 60 s (TCP_TIMEWAIT_LEN); a margin on top.
+const TIME_WAIT_OVER: Duration = Duration::from_secs(65);
 
 /// One wrk run's result.
 struct Measurement {
@@ -210,7 +213,18 @@ fn cluster_ip_at(
             peak_rss_kib: None,
         })
         .collect();
-    for _ in 0..options.rounds {
+    for round in 0..options.rounds {
+        if round > 0 {
+            // A round leaves each pod a quarter of a million TIME_WAIT
+            // sockets, and while they expire (60 s on) the pods' nginx
+            // serves about 1,000 connections a second: a round run then
+            // measured that, in every datapath alike.
+            eprintln!(
+                "bench: waiting {} s for the last round's TIME_WAIT sockets to expire",
+                TIME_WAIT_OVER.as_secs()
+            );
+            std::thread::sleep(TIME_WAIT_OVER);
+        }
         for (ready, row) in prepared.iter_mut().zip(&mut rows) {
             ready
                 .measure_round(services, options, row)

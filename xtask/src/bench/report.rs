@@ -14,7 +14,7 @@ pub fn cluster_ip(rows: &[Row], options: &BenchOptions) -> String {
          New connections per second to one ClusterIP, the measured Service in \
          the middle of N Services, and straight to its pod: one nginx pod behind it (the \
          other Services have 2), so each rate is one server's; wrk -t2 -c{} -d{}s, every request a new connection; {} \
-         interleaved round(s), median (min–max). Connect: a timed connect(), {} per round, \
+         interleaved round(s) 65 s apart, median (min–max). Connect: a timed connect(), {} per round, \
          the medians of the rounds' p50 and p99. Endpoint change: until the pod the endpoint moved to answers \
          (two per round, out and back), median (max); for the agent from the API server's watch, for \
          kube-proxy's modes only writing the rules.\n\n\
