@@ -627,28 +627,28 @@ impl Loop {
 
     /// The counts of slots that went (or got another backend) end with
     /// them. A socket-map slot's ClusterIP may have been counted by the tc
-    /// programs too (traffic from outside).
+    /// programs too (traffic from outside). The socket map's NodePorts,
+    /// externalIPs and load-balancer IPs (for the node's own sockets) are
+    /// frontends of the tc map as well, under the same keys but with slots
+    /// of their own: the tc programs' counts of those are the tc map's, and
+    /// end only with its slots.
     fn forget_counts(&mut self) {
         let Some(counts) = &mut self.counts else {
             return;
         };
-        let gone = [
-            (
-                self.writer.take_slots_gone(),
-                &[COUNTED_BY_SOCKETS, COUNTED_BY_TC][..],
-            ),
-            (self.external_writer.take_slots_gone(), &[COUNTED_BY_TC][..]),
-        ];
-        for (slots, counted_by) in gone {
-            for slot in slots {
-                for scope in counted_by {
-                    // Most slots of a scope were never counted: no entry.
-                    let _ = counts.remove(&ServiceKey {
-                        scope: *scope,
-                        ..slot
-                    });
-                }
+        let mut gone: Vec<(ServiceKey, u8)> = Vec::new();
+        for slot in self.writer.take_slots_gone() {
+            gone.push((slot, COUNTED_BY_SOCKETS));
+            if !self.external_writer.holds_frontend(slot) {
+                gone.push((slot, COUNTED_BY_TC));
             }
+        }
+        for slot in self.external_writer.take_slots_gone() {
+            gone.push((slot, COUNTED_BY_TC));
+        }
+        for (slot, scope) in gone {
+            // Most slots of a scope were never counted: no entry.
+            let _ = counts.remove(&ServiceKey { scope, ..slot });
         }
     }
 

@@ -112,6 +112,12 @@ where
         std::mem::take(&mut self.slots_gone)
     }
 
+    /// Whether the maps hold the frontend of `slot` (any of its slots).
+    #[must_use]
+    pub fn holds_frontend(&self, slot: ServiceKey) -> bool {
+        self.frontends.contains_key(&slot.slot(0))
+    }
+
     /// How many frontends and backends the maps hold.
     #[must_use]
     pub fn sizes(&self) -> (usize, usize) {
