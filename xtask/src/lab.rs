@@ -164,6 +164,19 @@ impl Lab {
         ip(&["-n", &self.node_netns, "route", "add", cidr, "dev", "br0"])
     }
 
+    /// A new lab with an nginx pod of each name serving on `port` (see
+    /// [`Lab::serve_http`]).
+    pub fn with_web_pods(names: &[&str], port: u16) -> Result<(Self, Vec<Pod>)> {
+        let mut lab = Self::new()?;
+        let mut pods = Vec::new();
+        for name in names {
+            let pod = lab.add_pod(name)?;
+            lab.serve_http(&pod, port)?;
+            pods.push(pod);
+        }
+        Ok((lab, pods))
+    }
+
     /// Runs nginx in the pod, answering every request on `port` with the
     /// pod's name (`/peer` with the client address it sees, `/big` with
     /// [`BIG_BODY`] bytes), and closing every connection so each request is

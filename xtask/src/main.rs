@@ -285,16 +285,12 @@ fn demo(api: bool) -> Result<()> {
     require_root()?;
     prerequisites::ensure_tools()?;
     let agent_binary = prerequisites::build_agent()?;
-    let mut lab = Lab::new()?;
-    let mut pods = Vec::new();
-    for name in ["pod-a", "pod-b", "pod-c"] {
-        let pod = lab.add_pod(name)?;
-        lab.serve_http(&pod, 8080)?;
+    let (lab, pods) = Lab::with_web_pods(&["pod-a", "pod-b", "pod-c"], 8080)?;
+    for pod in &pods {
         println!(
-            "started {name} at {}:8080 (nginx answering with its name)",
-            pod.ip
+            "started {} at {}:8080 (nginx answering with its name)",
+            pod.name, pod.ip
         );
-        pods.push(pod);
     }
     let manifest = demo_manifest(&pods);
     let mut api_server = None;

@@ -93,13 +93,7 @@ pub fn measure(
     if services == 0 {
         bail!("--api-scale sizes must be at least 1");
     }
-    let mut lab = Lab::new()?;
-    let mut pods = Vec::new();
-    for name in ["pod-a", "pod-b"] {
-        let pod = lab.add_pod(name)?;
-        lab.serve_http(&pod, BACKEND_PORT)?;
-        pods.push(pod);
-    }
+    let (lab, pods) = Lab::with_web_pods(&["pod-a", "pod-b"], BACKEND_PORT)?;
     let api = ApiServer::start()?;
     let loading = Instant::now();
     api.apply_all(

@@ -28,16 +28,7 @@ const HTTP_BACKEND: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
 
 /// A lab with `names` as nginx pods on port 8080.
 fn web_lab(names: &[&str]) -> (Lab, Vec<Pod>) {
-    let mut lab = Lab::new().expect("lab");
-    let pods = names
-        .iter()
-        .map(|name| {
-            let pod = lab.add_pod(name).expect("pod");
-            lab.serve_http(&pod, 8080).expect("nginx");
-            pod
-        })
-        .collect();
-    (lab, pods)
+    Lab::with_web_pods(names, 8080).expect("a lab of nginx pods")
 }
 
 fn web_manifest(pods: &[&Pod]) -> String {

@@ -410,14 +410,7 @@ fn prepare(agent_binary: &Path, datapath: Datapath, services: usize) -> Result<P
 
 /// Two nginx pods, which the filler Services share.
 fn pod_lab() -> Result<(Lab, Vec<Pod>)> {
-    let mut lab = Lab::new()?;
-    let mut pods = Vec::new();
-    for name in ["pod-a", "pod-b"] {
-        let pod = lab.add_pod(name)?;
-        lab.serve_http(&pod, BACKEND_PORT)?;
-        pods.push(pod);
-    }
-    Ok((lab, pods))
+    Lab::with_web_pods(&["pod-a", "pod-b"], BACKEND_PORT)
 }
 
 /// Service `index`'s endpoints. The measured one has pod-a alone, so its
