@@ -214,6 +214,9 @@ fn view(candidate: &Candidate, claim: &Claim) -> EndpointView {
             "terminating: used only while no endpoint is ready, and some are".to_owned()
         }
         (Condition::NotReady, false) => "not ready and not serving".to_owned(),
+        (Condition::ServiceAddress, _) => {
+            "its address is a Service's ClusterIP, which no pod can have: refused".to_owned()
+        }
         (_, true) => "chosen".to_owned(),
         (_, false) => "not among the frontend's backends".to_owned(),
     };

@@ -9,9 +9,11 @@
 //! result equals a computation from scratch (a property test checks it).
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -197,6 +199,9 @@ struct ServiceOutput {
 /// problems and left out, so every Service port reads only good data.
 #[derive(Clone, Debug, Default)]
 struct CheckedSlice {
+    /// Where the slice came from, for problems found later (an endpoint
+    /// that turns out to be a Service's address).
+    origin: Arc<str>,
     /// Port name, protocol and port number.
     ports: Vec<(String, Protocol, u16)>,
     endpoints: Vec<CheckedEndpoint>,
@@ -260,6 +265,13 @@ pub struct Model {
     troubled_slices: BTreeSet<ObjectName>,
     desired: DesiredState,
     dirty: BTreeSet<ObjectName>,
+    /// Every Service's IPv4 ClusterIPs, with how many Services name each:
+    /// an endpoint at one of these is no pod, and is refused.
+    service_ips: BTreeMap<Ipv4Addr, u32>,
+    /// ClusterIPs that became, or stopped being, some Service's since the
+    /// last recompute: the Services with endpoints there must be computed
+    /// again.
+    service_ips_changed: BTreeSet<Ipv4Addr>,
     next_seen: u64,
     external: external::ExternalModel,
 }
@@ -291,6 +303,23 @@ impl Model {
     }
 
     fn apply_service(&mut self, name: ObjectName, object: Option<Sourced<ServiceObject>>) {
+        let old_ips = self
+            .services
+            .get(&name)
+            .map(|entry| service_ips(&entry.service.object));
+        let new_ips = object.as_ref().map(|service| service_ips(&service.object));
+        if old_ips != new_ips {
+            for ip in old_ips.into_iter().flatten() {
+                self.forget_service_ip(ip);
+            }
+            for ip in new_ips.into_iter().flatten() {
+                let count = self.service_ips.entry(ip).or_default();
+                *count += 1;
+                if *count == 1 {
+                    self.service_ips_changed.insert(ip);
+                }
+            }
+        }
         match object {
             Some(service) => {
                 if let Some(entry) = self.services.get_mut(&name) {
@@ -317,6 +346,34 @@ impl Model {
             }
         }
         self.dirty.insert(name);
+    }
+
+    fn forget_service_ip(&mut self, ip: Ipv4Addr) {
+        if let Some(count) = self.service_ips.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.service_ips.remove(&ip);
+                self.service_ips_changed.insert(ip);
+            }
+        }
+    }
+
+    /// Marks the Services whose endpoints sit at a ClusterIP that came or
+    /// went: one pass over every endpoint, and only when the set of
+    /// ClusterIPs changed (a Service made or deleted), never for an
+    /// endpoint change.
+    fn mark_endpoints_at_changed_service_ips(&mut self) {
+        if self.service_ips_changed.is_empty() {
+            return;
+        }
+        let changed = std::mem::take(&mut self.service_ips_changed);
+        for (slice_name, slice) in &self.slices {
+            if slice.endpoints.iter().any(|e| changed.contains(&e.ip))
+                && let Some(service) = self.service_of_slice.get(slice_name)
+            {
+                self.dirty.insert(service.clone());
+            }
+        }
     }
 
     fn apply_slice(&mut self, name: ObjectName, object: Option<Sourced<SliceObject>>) {
@@ -358,6 +415,7 @@ impl Model {
     /// Recomputes the Services touched since the last call and returns the
     /// frontends whose desired state changed (added, changed or removed).
     pub fn recompute(&mut self) -> BTreeSet<L4Addr> {
+        self.mark_endpoints_at_changed_service_ips();
         let mut touched = BTreeSet::new();
         let mut external_touched = external::ExternalTouched::default();
         for name in std::mem::take(&mut self.dirty) {
@@ -450,7 +508,7 @@ impl Model {
     /// Whether changes are waiting for [`Model::recompute`].
     #[must_use]
     pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty() || self.external_is_dirty()
+        !self.dirty.is_empty() || !self.service_ips_changed.is_empty() || self.external_is_dirty()
     }
 
     /// Every problem with the input, in a stable order.
@@ -512,13 +570,8 @@ impl Model {
                 return output;
             }
         };
-        let slices: Vec<&CheckedSlice> = self
-            .slices_of
-            .get(&service.name)
-            .into_iter()
-            .flatten()
-            .filter_map(|name| self.slices.get(name))
-            .collect();
+        let (slices, refused) = self.slices_of_service(&service.name);
+        let slices: Vec<&CheckedSlice> = slices.iter().map(AsRef::as_ref).collect();
         let selection = Selection {
             local_only: service.internal_traffic_policy.as_deref() == Some("Local"),
             zone: self.node.as_ref().and_then(|node| node.zone.as_deref()),
@@ -566,7 +619,49 @@ impl Model {
         let (external, problems) = self.compute_external(sourced, &slices, cluster_ip, &output);
         output.external = external;
         output.problems.extend(problems);
+        output.problems.extend(refused);
         output
+    }
+
+    /// The slices of a Service, each without its endpoints at some
+    /// Service's ClusterIP (no pod has one: a VIP as a backend would loop,
+    /// or reach whatever the node serves on it), and a problem naming the
+    /// slice for each such endpoint. Slices without any are borrowed.
+    fn slices_of_service(
+        &self,
+        service: &ObjectName,
+    ) -> (Vec<Cow<'_, CheckedSlice>>, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let slices = self
+            .slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                let slice = self.slices.get(name)?;
+                let at_service_ip = |e: &CheckedEndpoint| self.service_ips.contains_key(&e.ip);
+                if !slice.endpoints.iter().any(at_service_ip) {
+                    return Some(Cow::Borrowed(slice));
+                }
+                let mut kept = slice.clone();
+                kept.endpoints.retain(|endpoint| {
+                    let refused = at_service_ip(endpoint);
+                    if refused {
+                        problems.push(Problem {
+                            origin: slice.origin.to_string(),
+                            object: format!("EndpointSlice {name}"),
+                            message: format!(
+                                "endpoint address {} is a Service's ClusterIP, which no pod can have",
+                                endpoint.ip
+                            ),
+                        });
+                    }
+                    !refused
+                });
+                Some(Cow::Owned(kept))
+            })
+            .collect();
+        (slices, problems)
     }
 
     /// The IPv4 ClusterIP, `None` for Services without one (headless,
@@ -618,6 +713,36 @@ impl Model {
     }
 }
 
+/// A Service's IPv4 ClusterIPs as written, valid as Service addresses or
+/// not: whatever a Service claims, no pod can be.
+fn service_ips(service: &ServiceObject) -> Vec<Ipv4Addr> {
+    service
+        .cluster_ips
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
+/// Why no pod can have `ip`, if none can: these addresses reach the node
+/// itself, every host, or the cloud's metadata service (169.254.169.254,
+/// whose credentials a Service must never forward to). The API server
+/// refuses them; a manifest directory must be held to the same rule.
+fn non_pod_address(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_link_local() {
+        Some("link-local (169.254.0.0/16, the cloud metadata address among them)")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
 fn frontend(cluster_ip: Ipv4Addr, port: &ServicePortObject) -> Result<L4Addr, String> {
     Ok(L4Addr {
         ip: cluster_ip,
@@ -661,6 +786,9 @@ fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice 
             continue;
         };
         match address.parse() {
+            Ok(ip) if let Some(why) = non_pod_address(ip) => problem(format!(
+                "endpoint address {ip} is {why}, which no pod can have"
+            )),
             Ok(ip) => endpoints.push(CheckedEndpoint {
                 ip,
                 readiness: readiness(endpoint),
@@ -677,6 +805,7 @@ fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice 
     endpoints.shrink_to_fit();
     checked.ports = ports;
     checked.endpoints = endpoints;
+    checked.origin = sourced.origin.clone();
     checked
 }
 

@@ -735,6 +735,88 @@ fn bad_input_is_logged_once_and_skipped_while_the_rest_keeps_working() {
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
+fn endpoint_addresses_no_pod_can_have_are_refused_by_name() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    // What a VIP to 127.0.0.1 would reach: a server of the node's own,
+    // listening on loopback only.
+    let _loopback_server = ChildGuard(
+        lab.in_node("python3")
+            .args(["-c", LOOPBACK_SERVER])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    let refused: [Ipv4Addr; 7] = [
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(224, 0, 0, 1),
+        Ipv4Addr::new(169, 254, 1, 1),
+        Ipv4Addr::new(169, 254, 169, 254),
+        // Another Service's VIP.
+        Ipv4Addr::new(10, 96, 0, 11),
+    ];
+    let endpoints: Vec<(Ipv4Addr, bool)> = refused
+        .iter()
+        .map(|ip| (*ip, true))
+        .chain([(pods[0].ip, true)])
+        .collect();
+    lab.write_manifest(
+        "web.yaml",
+        &manifests::documents(&[
+            manifests::service("web", WEB_VIP, HTTP),
+            manifests::endpoint_slice("web-1", "web", HTTP_BACKEND, &endpoints),
+            manifests::service("other", "10.96.0.11", HTTP),
+            manifests::endpoint_slice("other-1", "other", HTTP_BACKEND, &[(pods[0].ip, true)]),
+        ]),
+    )
+    .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    for vip in [WEB_VIP, "10.96.0.11"] {
+        wait_for_frontend(&agent, vip, Duration::from_secs(5));
+    }
+
+    let counts = request_counts(&lab, WEB_VIP, 40);
+    assert_eq!(counts.get("pod-a"), Some(&40), "{counts:?}");
+    let log = agent.log();
+    for ip in refused {
+        let needle = format!("EndpointSlice default/web-1: endpoint address {ip} is");
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&needle) && l.contains("WARN")),
+            "no warning {needle:?}:\n{log}"
+        );
+    }
+    assert!(agent.is_running());
+}
+
+/// Answers every GET with "node-loopback" on 127.0.0.1:8080 only.
+const LOOPBACK_SERVER: &str = r#"
+import http.server
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"node-loopback\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", 8080), Answer).serve_forever()
+"#;
+
+/// Kills a background process when the test ends, however it ends.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn a_service_too_big_for_the_map_is_logged_and_the_rest_keeps_working() {
     let (lab, pods) = web_lab(&["pod-a"]);
     let many: Vec<(Ipv4Addr, bool)> = (1..=10)

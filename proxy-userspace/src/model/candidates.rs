@@ -19,6 +19,8 @@ pub enum Condition {
     Terminating,
     /// Neither ready nor serving.
     NotReady,
+    /// At a Service's ClusterIP, which no pod can have: never used.
+    ServiceAddress,
 }
 
 impl Condition {
@@ -28,6 +30,7 @@ impl Condition {
             Self::Ready => "ready",
             Self::Terminating => "terminating, still serving",
             Self::NotReady => "not ready",
+            Self::ServiceAddress => "a Service's ClusterIP",
         }
     }
 }
@@ -141,6 +144,9 @@ impl Model {
                     slice: slice_name.clone(),
                     backend,
                     condition: match endpoint.readiness {
+                        _ if self.service_ips.contains_key(&endpoint.ip) => {
+                            Condition::ServiceAddress
+                        }
                         Readiness::Ready => Condition::Ready,
                         Readiness::Terminating => Condition::Terminating,
                         Readiness::Unusable => Condition::NotReady,
@@ -217,6 +223,21 @@ mod tests {
                 (10, Condition::Ready, true),
                 (11, Condition::Terminating, false),
                 (12, Condition::NotReady, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_at_a_services_address_says_so() {
+        let model = model(
+            &(SERVICE.to_owned()
+                + &slice("- {addresses: [10.96.0.10]}\n- {addresses: [10.244.0.12]}\n")),
+        );
+        assert_eq!(
+            verdicts(&model),
+            [
+                (10, Condition::ServiceAddress, false),
+                (12, Condition::Ready, true)
             ]
         );
     }

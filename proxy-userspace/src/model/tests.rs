@@ -416,6 +416,105 @@ endpoints:
 }
 
 #[test]
+fn endpoint_addresses_no_pod_can_have_are_problems_and_are_skipped() {
+    let yaml = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other}
+spec: {clusterIP: 10.96.0.21, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [127.0.0.1]
+- addresses: [0.0.0.0]
+- addresses: [255.255.255.255]
+- addresses: [224.0.0.1]
+- addresses: [169.254.1.1]
+- addresses: [169.254.169.254]
+- addresses: [10.96.0.21]
+- addresses: [10.96.0.20]
+- addresses: [10.244.0.9]
+";
+    let (state, problems) = desired_state(&snapshot(yaml));
+    assert_eq!(
+        state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
+        [addr("10.244.0.9", 8080, Protocol::Tcp)],
+        "{problems:#?}"
+    );
+    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let slice = "test.yaml: EndpointSlice default/web-1: endpoint address";
+    for (ip, why) in [
+        ("127.0.0.1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("255.255.255.255", "the broadcast address"),
+        ("224.0.0.1", "multicast"),
+        ("169.254.1.1", "link-local"),
+        ("169.254.169.254", "link-local"),
+        ("10.96.0.21", "a Service's ClusterIP"),
+        ("10.96.0.20", "a Service's ClusterIP"),
+    ] {
+        let prefix = format!("{slice} {ip} is {why}");
+        assert!(
+            problems.iter().any(|p| p.starts_with(&prefix)),
+            "no problem {prefix:?} in {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), 8, "{problems:#?}");
+}
+
+#[test]
+fn an_endpoint_follows_whether_its_address_is_a_services() {
+    let web = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.96.5.5]
+- addresses: [10.244.0.9]
+";
+    let mut model = Model::new(config());
+    for change in snapshot(web) {
+        model.apply(change);
+    }
+    model.recompute();
+    let frontend = addr("10.96.0.20", 80, Protocol::Tcp);
+    let backends = |model: &Model| model.desired().frontends[&frontend].backends.len();
+    assert_eq!(backends(&model), 2);
+    // A Service made at that address later takes it away from the slice...
+    for change in service_at("later", "10.96.5.5") {
+        model.apply(change);
+    }
+    assert!(model.recompute().contains(&frontend));
+    assert_eq!(backends(&model), 1);
+    assert_eq!(model.problems().len(), 1, "{:?}", model.problems());
+    // ...and gives it back when it goes.
+    model.apply(Change::Service(ObjectName::new("default", "later"), None));
+    assert!(model.recompute().contains(&frontend));
+    assert_eq!(backends(&model), 2);
+    assert!(model.problems().is_empty(), "{:?}", model.problems());
+}
+
+#[test]
 fn too_many_endpoints_is_a_problem() {
     // In slices from several files: one file that big is over the manifest
     // reader's limit on nodes.
@@ -515,7 +614,12 @@ fn random_change(rng: &mut XorShift) -> Change {
         }
         let endpoints = (0..rng.below(4))
             .map(|_| EndpointObject {
-                address: Some(format!("10.244.0.{}", rng.pick(6) + 1)),
+                // Now and then a Service's address, which no pod can have.
+                address: Some(if rng.below(4) == 0 {
+                    format!("10.96.0.{}", rng.pick(5) + 1)
+                } else {
+                    format!("10.244.0.{}", rng.pick(6) + 1)
+                }),
                 ready: Some(rng.below(4) != 0),
                 serving: Some(rng.below(2) == 0),
                 terminating: Some(rng.below(3) == 0),
