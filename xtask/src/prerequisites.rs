@@ -27,8 +27,12 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
 ];
 
+/// Where Debian's fonts-dejavu-core puts the font the bench's chart labels
+/// are drawn in.
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
 /// Files the bench reads, and their Debian packages.
-const FILES: &[(&str, &str)] = &[(crate::bench::FONT, "fonts-dejavu-core")];
+const FILES: &[(&str, &str)] = &[(FONT, "fonts-dejavu-core")];
 
 fn on_path(tool: &str) -> bool {
     which(tool).is_some()

@@ -7,9 +7,7 @@ use anyhow::{Context as _, Result, anyhow};
 use plotters::prelude::*;
 
 use super::{Datapath, Row, median};
-
-/// Where Debian's fonts-dejavu-core puts the font the labels are drawn in.
-pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+use crate::prerequisites::FONT;
 
 const COLORS: [RGBColor; 5] = [
     RGBColor(90, 90, 90),

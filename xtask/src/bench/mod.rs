@@ -32,7 +32,6 @@
 //! [`probe`]: crate::probe
 
 mod chart;
-pub use chart::FONT;
 mod fairness;
 mod kube_proxy;
 mod node_port;
