@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::{
     agent::AgentConfig,
     datapath::{MapSizes, Pins},
-    kube_proxy_config::{self, KubeProxyConfig, NodePortAddress},
+    kube_proxy_config::{self, KubeProxyConfig, NodePortAddress, parse_go_duration},
     model::{Cidr, ModelConfig, PortRange},
     source::{Source, SourceError, kube::KubeSource, manifests::ManifestDir},
 };
@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// At most one sync per this period; changes that come sooner are
     /// applied together (kube-proxy's --min-sync-period), e.g. 1s, 500ms.
     /// [default: 0s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_go_duration)]
     pub min_sync_period: Option<Duration>,
     /// Where /healthz and /livez are served (kube-proxy's
     /// healthzBindAddress) [default: 0.0.0.0:10256]
@@ -75,7 +75,7 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     /// /healthz turns 503 when the source has failed, or changes have
     /// waited for the maps, this long.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_go_duration)]
     pub health_stale_after: Duration,
     /// Entries of the services map: one per Service port plus one per
     /// backend of it.
@@ -131,7 +131,7 @@ pub struct RunArgs {
     pub install_iptables_rules: bool,
     /// How often the masquerade rules are checked, and repaired if someone
     /// removed them; the node's interfaces are looked at as often.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_go_duration)]
     pub iptables_sync_period: Duration,
     /// The interfaces that NodePort and external traffic arrive on
     /// (comma-separated; `none` for no device). Default: those carrying
@@ -362,39 +362,6 @@ pub fn host_name() -> Result<String> {
     Ok(name.trim().to_lowercase())
 }
 
-/// A duration as kube-proxy writes them: `500ms`, `1s`, `1m30s`, `0`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let error = || format!("{text:?} is not a duration such as 500ms, 1s or 1m30s");
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(error)?;
-        let (number, tail) = rest.split_at(digits);
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let number: f64 = number.parse().map_err(|_| error())?;
-        let seconds = match unit {
-            "ns" => number / 1e9,
-            "us" | "µs" => number / 1e6,
-            "ms" => number / 1e3,
-            "s" => number,
-            "m" => number * 60.0,
-            "h" => number * 3600.0,
-            _ => return Err(error()),
-        };
-        total += Duration::try_from_secs_f64(seconds).map_err(|_| error())?;
-        rest = tail;
-    }
-    Ok(total)
-}
-
 /// The cgroup2 mount point, as /proc/mounts has it (it is not always
 /// /sys/fs/cgroup: hybrid hosts mount it at /sys/fs/cgroup/unified).
 pub fn cgroup2_root() -> Result<PathBuf> {
@@ -408,21 +375,4 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         }
     }
     bail!("no cgroup2 file system is mounted (see /proc/mounts); pass --cgroup")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_as_kube_proxy_writes_them() {
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("1x").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 }
