@@ -86,7 +86,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("the kube-proxy configuration is not valid YAML or JSON")]
-    Syntax(#[source] serde_yaml::Error),
+    Syntax(#[source] serde_saphyr::Error),
     #[error("the kube-proxy configuration is not an object")]
     NotAnObject,
     #[error(
@@ -114,7 +114,7 @@ pub fn load(path: &Path) -> Result<KubeProxyConfig, ConfigError> {
 /// Parses a KubeProxyConfiguration, YAML or JSON.
 pub fn parse(text: &str) -> Result<KubeProxyConfig, ConfigError> {
     // JSON is YAML, so one parser reads both.
-    let value: Value = serde_yaml::from_str(text).map_err(ConfigError::Syntax)?;
+    let value: Value = serde_saphyr::from_str(text).map_err(ConfigError::Syntax)?;
     let Value::Object(fields) = &value else {
         return Err(ConfigError::NotAnObject);
     };

@@ -294,8 +294,7 @@ impl ApiServer {
 
     /// [`apply`](Self::apply) for every document of a YAML (or JSON) text.
     pub fn apply_yaml(&self, text: &str) -> Result<()> {
-        for document in serde_yaml::Deserializer::from_str(text) {
-            let value: Value = serde::Deserialize::deserialize(document)?;
+        for value in serde_saphyr::from_multiple::<Value>(text)? {
             if !value.is_null() {
                 self.apply(value)?;
             }

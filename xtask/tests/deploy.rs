@@ -79,7 +79,7 @@ const CLUSTER_SCOPED: &[&str] = &["ClusterRole", "ClusterRoleBinding", "Namespac
 
 /// What `kustomize build dir` yields, as untyped objects.
 fn render(dir: &Path) -> Vec<Value> {
-    let kustomization: Kustomization = serde_yaml::from_str(
+    let kustomization: Kustomization = serde_saphyr::from_str(
         &std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization.yaml"),
     )
     .expect("kustomization.yaml has only fields this renderer knows");
@@ -89,9 +89,9 @@ fn render(dir: &Path) -> Vec<Value> {
     for resource in &kustomization.resources {
         let text = std::fs::read_to_string(dir.join(resource))
             .unwrap_or_else(|e| panic!("resource {resource}: {e}"));
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let object = Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("resource {resource} is not YAML: {e}"));
+        let documents: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("resource {resource} is not YAML: {e}"));
+        for object in documents {
             if !object.is_null() {
                 objects.push(object);
             }
