@@ -1,9 +1,8 @@
 //! Services, EndpointSlices and the agent's own Node from the Kubernetes API.
 //!
 //! Three kube-runtime watchers (list, then watch from the list's
-//! resourceVersion; relist after `410 Gone`), each with the default backoff,
-//! feed one task that keeps the slim objects it has sent and reports only
-//! differences:
+//! resourceVersion; relist after `410 Gone`) feed one task that keeps the
+//! slim objects it has sent and reports only differences:
 //! - a listing (the first, or a relist) is sent in batches of up to 500
 //!   objects, and with its last batch the deletions for objects it had
 //!   before and did not list again;
@@ -11,10 +10,20 @@
 //!   API server costs what actually changed while it was away;
 //! - `Synced { complete: true }` waits for the first listing of all three
 //!   watchers, because a partial view would delete live Services;
-//! - a failing watcher is reported with `Status(Some(..))` and `Status(None)`
-//!   once it works again. A watcher that recovers silently (its watch is
-//!   simply accepted again) says nothing, so while one fails, a cheap probe
-//!   (a list of one object) tells when the API server answers again.
+//! - a failing watcher is reported with `Status(Some(..))`, and
+//!   `Status(None)` comes only once every watcher works again (see
+//!   [`Health`] for how a silently resumed watch is told to work).
+//!
+//! The task drives each watcher itself, with its own back-off (client-go's:
+//! 800 ms doubling to 30 s, with jitter; reset by any event but `Init`, and
+//! by a `410 Gone`, which is an answer). kube's `default_backoff()` is not
+//! used: a watch resumed from a resourceVersion yields no event, so over a
+//! storm of short outages its back-off only grew, and a watcher slept up to
+//! a minute after the API server was back, missing what changed meanwhile.
+//! While a watcher fails, a cheap probe (a list of one object, every 2 s)
+//! tells when the API server answers again, and an answer cuts that
+//! watcher's back-off short: a down server gets few requests, and a server
+//! that is back is watched again at once.
 //!
 //! API objects are converted into the model's slim objects as they arrive
 //! and dropped at once; lists are paged, so at most one page of full objects
@@ -24,7 +33,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     hash::{Hash, Hasher as _},
     path::Path,
-    pin::pin,
+    pin::Pin,
     time::Duration,
 };
 
@@ -33,11 +42,11 @@ use ::kube::{
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        WatchStreamExt as _,
-        watcher::{self, watcher},
+        utils::Backoff as _,
+        watcher::{self, DefaultBackoff, watcher},
     },
 };
-use futures::{StreamExt as _, stream};
+use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -58,6 +67,12 @@ const SEND_WHILE_LISTING: usize = 500;
 /// How often a failing watcher's API is probed for recovery.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a watcher resumed after an answered probe must go without
+/// failing to count as working; see [`Health`].
+const RESUME_GRACE: Duration = Duration::from_secs(1);
+/// A `410 Gone` this soon after the last one is retried after a back-off,
+/// not at once.
+const GONE_AGAIN: Duration = Duration::from_secs(10);
 
 /// Follows the API server that a kubeconfig (or the in-cluster config)
 /// names.
@@ -102,33 +117,36 @@ impl KubeSource {
         let node_config = config
             .clone()
             .fields(&format!("metadata.name={}", self.node_name));
-        let services = watcher(Api::<Service>::all(self.client.clone()), config.clone())
-            .default_backoff()
-            .map(|event| Update::Service(Box::new(event)));
-        let slices = watcher(Api::<EndpointSlice>::all(self.client.clone()), config)
-            .default_backoff()
-            .map(|event| Update::EndpointSlice(Box::new(event)));
-        let nodes = watcher(Api::<Node>::all(self.client.clone()), node_config)
-            .default_backoff()
-            .map(|event| Update::Node(Box::new(event)));
-        let mut updates = pin!(stream::select(services, stream::select(slices, nodes)));
+        let mut services = Watcher::new(Api::<Service>::all(self.client.clone()), config.clone());
+        let mut slices = Watcher::new(Api::<EndpointSlice>::all(self.client.clone()), config);
+        let mut node = Watcher::new(Api::<Node>::all(self.client.clone()), node_config);
+        let mut probes = tokio::time::interval(PROBE_INTERVAL);
+        probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state = State::new(sink);
         loop {
             let probing = state.failing();
-            tokio::select! {
-                update = updates.next() => {
-                    // The watchers retry forever, so their streams never end.
-                    let Some(update) = update else { return };
-                    if !state.update(update) {
-                        debug!("the agent stopped listening; the Kubernetes source stops");
-                        return;
+            let settles = state.settles_at();
+            let update = tokio::select! {
+                step = services.next() => step.map(Update::Service, Watch::Services),
+                step = slices.next() => step.map(Update::EndpointSlice, Watch::EndpointSlices),
+                step = node.next() => step.map(Update::Node, Watch::Node),
+                _ = probes.tick(), if probing => {
+                    for watch in state.probe(&self.client, &self.node_name).await {
+                        // The API server answers: a back-off only spares a
+                        // server that does not.
+                        match watch {
+                            Watch::Services => services.cut_back_off_short(),
+                            Watch::EndpointSlices => slices.cut_back_off_short(),
+                            Watch::Node => node.cut_back_off_short(),
+                        }
                     }
+                    Update::Settle
                 }
-                () = tokio::time::sleep(PROBE_INTERVAL), if probing => {
-                    if !state.probe(&self.client, &self.node_name).await {
-                        return;
-                    }
-                }
+                () = sleep_until_some(settles), if settles.is_some() => Update::Settle,
+            };
+            if !state.update(update) {
+                debug!("the agent stopped listening; the Kubernetes source stops");
+                return;
             }
         }
     }
@@ -162,12 +180,124 @@ async fn load_config(kubeconfig: Option<&Path>) -> Result<Config, SourceError> {
     }
 }
 
-/// One watcher's event, tagged with its kind (boxed: a Node is three
-/// times the size of a Service).
+/// What the source's loop has to take in, tagged with the watcher's kind
+/// (boxed: a Node is three times the size of a Service).
 enum Update {
     Service(Box<Result<watcher::Event<Service>, watcher::Error>>),
     EndpointSlice(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
     Node(Box<Result<watcher::Event<Node>, watcher::Error>>),
+    /// The watcher is back from its back-off and asks the API server again.
+    Resumed(Watch),
+    /// Time passed, or a probe answered: a silent watcher may have
+    /// settled.
+    Settle,
+}
+
+/// One kube-runtime watcher and its back-off, driven here rather than by
+/// kube's `StreamBackoff`: that one resets its back-off only on an event,
+/// and a watch resumed from a resourceVersion is accepted silently, so
+/// after a few outages of a quiet cluster the back-off had grown to its
+/// cap (30 s, up to 60 s with jitter) and a watcher slept that long after
+/// the API server answered again. Here a probe that gets an answer cuts
+/// the back-off short.
+struct Watcher<K> {
+    stream: BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>,
+    /// client-go's: 800 ms doubling to 30 s, with jitter.
+    back_off: DefaultBackoff,
+    /// While backing off, when the watcher asks the API server again.
+    asleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last `410 Gone`.
+    last_gone: Option<tokio::time::Instant>,
+}
+
+/// What a [`Watcher`] did next.
+enum Step<K> {
+    Event(Result<watcher::Event<K>, watcher::Error>),
+    /// Back from a back-off.
+    Resumed,
+}
+
+impl<K> Step<K> {
+    fn map(
+        self,
+        update: fn(Box<Result<watcher::Event<K>, watcher::Error>>) -> Update,
+        watch: Watch,
+    ) -> Update {
+        match self {
+            Self::Event(event) => update(Box::new(event)),
+            Self::Resumed => Update::Resumed(watch),
+        }
+    }
+}
+
+impl<K> Watcher<K>
+where
+    K: ::kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    fn new(api: Api<K>, config: watcher::Config) -> Self {
+        Self {
+            stream: watcher(api, config).boxed(),
+            back_off: DefaultBackoff::default(),
+            asleep: None,
+            last_gone: None,
+        }
+    }
+
+    /// The next event, or the end of a back-off. Cancel-safe: the back-off
+    /// is kept here, and a watcher stream loses nothing to a dropped
+    /// `next`.
+    async fn next(&mut self) -> Step<K> {
+        if let Some(asleep) = &mut self.asleep {
+            asleep.await;
+            self.asleep = None;
+            return Step::Resumed;
+        }
+        // kube's watchers retry for ever; their streams never end.
+        let Some(event) = self.stream.next().await else {
+            return std::future::pending().await;
+        };
+        match &event {
+            // `Init` comes before the list request, so it proves nothing.
+            Ok(watcher::Event::Init) => {}
+            Ok(_) => self.back_off.reset(),
+            // The API server answered, and the watcher lists again at
+            // once, which is the recovery: no back-off, unless it answers
+            // 410 again and again, which a relist should have ended.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                let now = tokio::time::Instant::now();
+                self.back_off.reset();
+                if self
+                    .last_gone
+                    .is_some_and(|gone| now.duration_since(gone) < GONE_AGAIN)
+                {
+                    self.back_off();
+                }
+                self.last_gone = Some(now);
+            }
+            Err(_) => self.back_off(),
+        }
+        Step::Event(event)
+    }
+
+    fn back_off(&mut self) {
+        // `DefaultBackoff` never gives up.
+        let delay = self.back_off.next().unwrap_or(PROBE_INTERVAL);
+        self.asleep = Some(Box::pin(tokio::time::sleep(delay)));
+    }
+
+    /// Ends the back-off now, if there is one.
+    fn cut_back_off_short(&mut self) {
+        if let Some(asleep) = &mut self.asleep {
+            asleep.as_mut().reset(tokio::time::Instant::now());
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Which watcher.
@@ -224,6 +354,20 @@ impl State {
                         .event(e, |n| (ObjectName::of(&n.metadata), NodeObject::from(n)))
                 }),
             ),
+            Update::Resumed(watch) => {
+                self.health(watch).resumed();
+                return self.send_status();
+            }
+            Update::Settle => {
+                let now = tokio::time::Instant::now();
+                for watch in Watch::ALL {
+                    if self.health(watch).settles_at().is_some_and(|at| at <= now) {
+                        debug!(?watch, "resumed after an answered probe and quiet since");
+                        self.set_error(watch, None);
+                    }
+                }
+                return self.send_status();
+            }
         };
         match outcome {
             Ok(Outcome { changes, healthy }) => {
@@ -254,49 +398,66 @@ impl State {
         self.send_status()
     }
 
-    fn follower_error(&mut self, watch: Watch) -> &mut Option<String> {
+    fn health(&mut self, watch: Watch) -> &mut Health {
         match watch {
-            Watch::Services => &mut self.services.error,
-            Watch::EndpointSlices => &mut self.slices.error,
-            Watch::Node => &mut self.node.error,
+            Watch::Services => &mut self.services.health,
+            Watch::EndpointSlices => &mut self.slices.health,
+            Watch::Node => &mut self.node.health,
         }
     }
 
+    fn healths(&self) -> [&Health; 3] {
+        [
+            &self.services.health,
+            &self.slices.health,
+            &self.node.health,
+        ]
+    }
+
     fn set_error(&mut self, watch: Watch, error: Option<String>) {
-        let slot = self.follower_error(watch);
-        match (&*slot, &error) {
+        let health = self.health(watch);
+        match (&health.error, &error) {
             (None, Some(message)) => warn!("{message}; retrying"),
             (Some(_), None) => info!("{} works again", watch.describe()),
             _ => {}
         }
-        *slot = error;
+        *health = Health {
+            error,
+            ..Health::default()
+        };
     }
 
     fn failing(&self) -> bool {
-        [&self.services.error, &self.slices.error, &self.node.error]
-            .iter()
-            .any(|e| e.is_some())
+        self.healths().iter().any(|h| h.error.is_some())
+    }
+
+    /// When the next silent watcher may be taken to work again.
+    fn settles_at(&self) -> Option<tokio::time::Instant> {
+        self.healths().iter().filter_map(|h| h.settles_at()).min()
     }
 
     /// Sends the overall status if it changed; `false` once the agent
     /// stopped listening.
     fn send_status(&mut self) -> bool {
-        let status = [&self.services.error, &self.slices.error, &self.node.error]
-            .into_iter()
-            .find_map(Clone::clone);
+        let status = self.healths().iter().find_map(|h| h.error.clone());
         if status == self.status {
             return true;
+        }
+        if status.is_none() {
+            info!("the Kubernetes API works again: every watcher streams");
         }
         self.status.clone_from(&status);
         self.sink.send(SourceEvent::Status(status))
     }
 
-    /// Asks the API server for one object of each failing kind; one that
-    /// answers clears its watcher's error.
-    async fn probe(&mut self, client: &Client, node_name: &str) -> bool {
+    /// Asks the API server for one object of each failing kind, and
+    /// returns the kinds it answered for. An answer does not clear the
+    /// watcher's error: only the watcher itself can tell that it works.
+    async fn probe(&mut self, client: &Client, node_name: &str) -> Vec<Watch> {
         let params = ListParams::default().limit(1);
-        for watch in [Watch::Services, Watch::EndpointSlices, Watch::Node] {
-            if self.follower_error(watch).is_none() {
+        let mut answered = Vec::new();
+        for watch in Watch::ALL {
+            if self.health(watch).error.is_none() {
                 continue;
             }
             let answer = match watch {
@@ -310,11 +471,14 @@ impl State {
                 }
             };
             match answer {
-                Ok(()) => self.set_error(watch, None),
+                Ok(()) => {
+                    self.health(watch).answered = Some(tokio::time::Instant::now());
+                    answered.push(watch);
+                }
                 Err(error) => debug!(?watch, error, "probe failed"),
             }
         }
-        self.send_status()
+        answered
     }
 }
 
@@ -330,6 +494,8 @@ where
 }
 
 impl Watch {
+    const ALL: [Self; 3] = [Self::Services, Self::EndpointSlices, Self::Node];
+
     fn describe(self) -> &'static str {
         match self {
             Self::Services => "watching Services",
@@ -373,7 +539,40 @@ struct Follower<T> {
     change: fn(ObjectName, Option<T>) -> Change,
     /// A listing has completed.
     synced: bool,
+    health: Health,
+}
+
+/// Whether a watcher works.
+///
+/// It does again when it yields an event other than `Init`. But a watch
+/// resumed from a resourceVersion is accepted silently when nothing
+/// changed, and an idle watch says nothing for minutes, so a watcher also
+/// counts as working when, since its error, a probe of its kind got an
+/// answer and the watcher came back from its back-off (in that order, as
+/// the answer cuts the back-off short, or the other), and it has not failed
+/// again for [`RESUME_GRACE`] after both: a watch request that a server
+/// which answers would refuse fails well within that.
+#[derive(Default)]
+struct Health {
+    /// The last error, until the watcher works again.
     error: Option<String>,
+    /// When a probe last got an answer since the error.
+    answered: Option<tokio::time::Instant>,
+    /// When the watcher came back from its back-off since the error.
+    resumed: Option<tokio::time::Instant>,
+}
+
+impl Health {
+    fn resumed(&mut self) {
+        if self.error.is_some() {
+            self.resumed = Some(tokio::time::Instant::now());
+        }
+    }
+
+    fn settles_at(&self) -> Option<tokio::time::Instant> {
+        self.error.as_ref()?;
+        Some(self.resumed?.max(self.answered?) + RESUME_GRACE)
+    }
 }
 
 impl<T: Hash> Follower<T> {
@@ -384,7 +583,7 @@ impl<T: Hash> Follower<T> {
             dirty: BTreeMap::new(),
             change,
             synced: false,
-            error: None,
+            health: Health::default(),
         }
     }
 

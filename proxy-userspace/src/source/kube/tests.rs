@@ -381,3 +381,108 @@ async fn a_forbidden_node_holds_back_synced_until_it_is_allowed() {
         }
     }
 }
+
+/// Reads changes and status reports for at most `within`, until `done`
+/// holds for the changes read and the source's current status (kept in
+/// `status` across calls); fails the test with what did come otherwise.
+async fn until_within(
+    events: &mut UnboundedReceiver<SourceEvent>,
+    status: &mut Option<String>,
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut(&[String], Option<&str>) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = Vec::new();
+    while !done(&seen, status.as_deref()) {
+        let Ok(event) = tokio::time::timeout_at(deadline, events.recv()).await else {
+            panic!("{what} not within {within:?}: changes {seen:?}, status {status:?}");
+        };
+        match event.expect("the source stopped") {
+            SourceEvent::Changes(changes) => seen.extend(summary(&changes)),
+            SourceEvent::Status(now) => *status = now,
+            SourceEvent::Synced { .. } => panic!("synced twice"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_a_restart_storm_every_watcher_is_back_within_five_seconds() {
+    const STORM: Duration = Duration::from_secs(24);
+    const BACK_WITHIN: Duration = Duration::from_secs(5);
+    let mut server = populated_server();
+    let mut events = start(&server, 500).await;
+    until_synced(&mut events).await;
+    let mut status = None;
+
+    // Short outages, with the server up in between long enough for a
+    // resumed watch to be accepted again: each outage is one more failure,
+    // and a silently resumed watch yields no event to reset the back-off,
+    // so it grows to its cap (30 s, and jitter). Every third time the
+    // server restarts, so the watchers also meet 410 and list again.
+    let storm = Instant::now();
+    let mut round = 0;
+    while storm.elapsed() < STORM {
+        round += 1;
+        server.stop();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        if round % 3 == 0 {
+            server.restart().unwrap();
+        } else {
+            server.resume().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, events.recv()).await {
+        if let SourceEvent::Status(now) = event {
+            status = now;
+        }
+    }
+    server.restart().unwrap();
+    // Made while a watcher may still be away: only its resumed watch or
+    // its relist can bring them.
+    server.apply(service("c", 90)).unwrap();
+    server.apply(slice("a-1", "a", "10.244.0.9")).unwrap();
+    assert!(server.delete(Resource::Service, "default", "b"));
+    until_within(
+        &mut events,
+        &mut status,
+        BACK_WITHIN,
+        "the changes",
+        |seen, _| {
+            [
+                "+service default/c",
+                "+slice default/a-1",
+                "-service default/b",
+            ]
+            .iter()
+            .all(|change| seen.iter().any(|s| s == change))
+        },
+    )
+    .await;
+    until_within(
+        &mut events,
+        &mut status,
+        BACK_WITHIN,
+        "a clean status",
+        |_, status| status.is_none(),
+    )
+    .await;
+    // The source says all is well only when every watcher streams again,
+    // so what changes next arrives at once.
+    server.apply(service("d", 91)).unwrap();
+    server.apply(slice("d-1", "d", "10.244.0.4")).unwrap();
+    server.apply(node(NODE, "zone-d")).unwrap();
+    until_within(
+        &mut events,
+        &mut status,
+        Duration::from_secs(1),
+        "the later changes",
+        |seen, _| {
+            let mut seen = seen.to_vec();
+            seen.sort();
+            seen == ["+node node-1", "+service default/d", "+slice default/d-1"]
+        },
+    )
+    .await;
+}
