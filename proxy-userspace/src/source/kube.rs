@@ -12,7 +12,7 @@
 //!   watchers, because a partial view would delete live Services;
 //! - a failing watcher is reported with `Status(Some(..))`, and
 //!   `Status(None)` comes only once every watcher works again (see
-//!   [`Health`] for how a silently resumed watch is told to work).
+//!   [`WatchHealth`] for how a silently resumed watch is told to work).
 //!
 //! The task drives each watcher itself, with its own back-off (client-go's:
 //! 800 ms doubling to 30 s, with jitter; reset by any event but `Init`, and
@@ -68,7 +68,7 @@ const SEND_WHILE_LISTING: usize = 500;
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a watcher resumed after an answered probe must go without
-/// failing to count as working; see [`Health`].
+/// failing to count as working; see [`WatchHealth`].
 const RESUME_GRACE: Duration = Duration::from_secs(1);
 /// A `410 Gone` this soon after the last one is retried after a back-off,
 /// not at once.
@@ -398,7 +398,7 @@ impl State {
         self.send_status()
     }
 
-    fn health(&mut self, watch: Watch) -> &mut Health {
+    fn health(&mut self, watch: Watch) -> &mut WatchHealth {
         match watch {
             Watch::Services => &mut self.services.health,
             Watch::EndpointSlices => &mut self.slices.health,
@@ -406,7 +406,7 @@ impl State {
         }
     }
 
-    fn healths(&self) -> [&Health; 3] {
+    fn healths(&self) -> [&WatchHealth; 3] {
         [
             &self.services.health,
             &self.slices.health,
@@ -421,9 +421,9 @@ impl State {
             (Some(_), None) => info!("{} works again", watch.describe()),
             _ => {}
         }
-        *health = Health {
+        *health = WatchHealth {
             error,
-            ..Health::default()
+            ..WatchHealth::default()
         };
     }
 
@@ -539,7 +539,7 @@ struct Follower<T> {
     change: fn(ObjectName, Option<T>) -> Change,
     /// A listing has completed.
     synced: bool,
-    health: Health,
+    health: WatchHealth,
 }
 
 /// Whether a watcher works.
@@ -553,7 +553,7 @@ struct Follower<T> {
 /// again for [`RESUME_GRACE`] after both: a watch request that a server
 /// which answers would refuse fails well within that.
 #[derive(Default)]
-struct Health {
+struct WatchHealth {
     /// The last error, until the watcher works again.
     error: Option<String>,
     /// When a probe last got an answer since the error.
@@ -562,7 +562,7 @@ struct Health {
     resumed: Option<tokio::time::Instant>,
 }
 
-impl Health {
+impl WatchHealth {
     fn resumed(&mut self) {
         if self.error.is_some() {
             self.resumed = Some(tokio::time::Instant::now());
@@ -583,7 +583,7 @@ impl<T: Hash> Follower<T> {
             dirty: BTreeMap::new(),
             change,
             synced: false,
-            health: Health::default(),
+            health: WatchHealth::default(),
         }
     }
 
