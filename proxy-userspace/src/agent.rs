@@ -121,9 +121,6 @@ struct Loop {
     writer: Writer,
     /// The tc programs' frontends, written by a writer of their own.
     external_writer: Writer,
-    /// The model's outside frontends as the tc maps hold them, kept up to
-    /// date with the model's changes (not rebuilt each sync).
-    external_desired: DesiredState,
     /// Outside frontends changed since the last apply, or whose write
     /// failed.
     external_pending: BTreeSet<L4Addr>,
@@ -183,7 +180,6 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         model: Model::new(config.model.clone()),
         writer,
         external_writer,
-        external_desired: DesiredState::default(),
         external_pending: BTreeSet::new(),
         datapath,
         attached: false,
@@ -514,19 +510,10 @@ impl Loop {
             return false;
         }
         let started = Instant::now();
-        let changed = self.model.recompute();
+        let recomputed = self.model.recompute();
         self.log_problems();
-        self.pending.extend(changed);
-        for addr in self.model.take_external_changes() {
-            match self.model.external().frontends.get(&addr) {
-                Some(frontend) => self
-                    .external_desired
-                    .frontends
-                    .insert(addr, frontend.desired()),
-                None => self.external_desired.frontends.remove(&addr),
-            };
-            self.external_pending.insert(addr);
-        }
+        self.pending.extend(recomputed.sockets);
+        self.external_pending.extend(recomputed.tc);
         self.service_health
             .update(&self.model.external().health_checks);
         let scope = if full {
@@ -563,7 +550,7 @@ impl Loop {
         let external_stats = Reconciler::apply(
             &mut self.external_writer,
             &Desired {
-                services: &self.external_desired,
+                services: self.model.tc_desired(),
                 scope: external_scope,
             },
         );
@@ -573,7 +560,7 @@ impl Loop {
         let external_failed = external_stats.failed;
         info!(
             frontends = self.model.desired().frontends.len(),
-            external = self.external_desired.frontends.len(),
+            external = self.model.tc_desired().frontends.len(),
             changed = self.pending.len(),
             changes = stats.changes,
             failures = stats.failures() + external_failed.len(),

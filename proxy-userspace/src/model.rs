@@ -156,10 +156,20 @@ pub struct DesiredFrontend {
     pub affinity: u32,
 }
 
-/// Everything the maps should hold.
+/// Everything one frontend table should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<L4Addr, DesiredFrontend>,
+}
+
+/// The frontends whose desired state changed in one
+/// [`Model::recompute`], per table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Of the socket programs' table ([`Model::desired`]).
+    pub sockets: BTreeSet<L4Addr>,
+    /// Of the tc programs' table ([`Model::tc_desired`]).
+    pub tc: BTreeSet<L4Addr>,
 }
 
 /// Input that was skipped, with where it came from and which object it was.
@@ -413,8 +423,9 @@ impl Model {
     }
 
     /// Recomputes the Services touched since the last call and returns the
-    /// frontends whose desired state changed (added, changed or removed).
-    pub fn recompute(&mut self) -> BTreeSet<L4Addr> {
+    /// frontends whose desired state changed (added, changed or removed),
+    /// in each table.
+    pub fn recompute(&mut self) -> Changes {
         self.mark_endpoints_at_changed_service_ips();
         let mut touched = BTreeSet::new();
         let mut external_touched = external::ExternalTouched::default();
@@ -457,7 +468,8 @@ impl Model {
         }
         // Outside frontends are served to the node's own sockets too; a
         // ClusterIP on the same address and port wins.
-        touched.extend(self.settle_external(external_touched));
+        let tc = self.settle_external(external_touched);
+        touched.extend(tc.iter().copied());
         let mut changed = BTreeSet::new();
         for frontend in touched {
             if self.claims.get(&frontend).is_some_and(|c| c.len() > 1) {
@@ -478,7 +490,10 @@ impl Model {
                 changed.insert(frontend);
             }
         }
-        changed
+        Changes {
+            sockets: changed,
+            tc,
+        }
     }
 
     /// The Service that keeps a frontend several Services claim.
@@ -499,7 +514,9 @@ impl Model {
         )
     }
 
-    /// What the maps should hold, as of the last [`Model::recompute`].
+    /// What the socket programs' table should hold (ClusterIPs, and the
+    /// outside frontends as the node's own sockets reach them), as of the
+    /// last [`Model::recompute`].
     #[must_use]
     pub fn desired(&self) -> &DesiredState {
         &self.desired

@@ -251,8 +251,8 @@ pub(super) struct ExternalModel {
     /// The owner's frontend of each claimed key.
     owned: BTreeMap<ExternalKey, ExternalFrontend>,
     state: ExternalState,
-    /// Frontends changed since [`Model::take_external_changes`].
-    changed: BTreeSet<L4Addr>,
+    /// The outside frontends as the tc programs' table holds them.
+    tc_desired: super::DesiredState,
     /// The node's addresses may have changed: every NodePort is settled
     /// again.
     addresses_dirty: bool,
@@ -266,9 +266,11 @@ impl Model {
         &self.external.state
     }
 
-    /// The outside frontends changed by recomputes since the last call.
-    pub fn take_external_changes(&mut self) -> BTreeSet<L4Addr> {
-        std::mem::take(&mut self.external.changed)
+    /// What the tc programs' table should hold, as of the last
+    /// [`Model::recompute`].
+    #[must_use]
+    pub fn tc_desired(&self) -> &super::DesiredState {
+        &self.external.tc_desired
     }
 
     /// The IPv4 addresses on this node's interfaces, which NodePorts are
@@ -517,11 +519,13 @@ impl Model {
                 })
                 .cloned();
             if external.state.frontends.get(&addr) != wanted.as_ref() {
-                match wanted {
-                    Some(wanted) => external.state.frontends.insert(addr, wanted),
-                    None => external.state.frontends.remove(&addr),
-                };
-                external.changed.insert(addr);
+                if let Some(wanted) = wanted {
+                    external.tc_desired.frontends.insert(addr, wanted.desired());
+                    external.state.frontends.insert(addr, wanted);
+                } else {
+                    external.tc_desired.frontends.remove(&addr);
+                    external.state.frontends.remove(&addr);
+                }
                 changed.insert(addr);
             }
         }

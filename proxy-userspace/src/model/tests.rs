@@ -290,7 +290,11 @@ fn a_frontend_claimed_twice_stays_with_the_service_that_had_it() {
     for change in service_at("alpha", "10.96.0.40") {
         model.apply(change);
     }
-    assert_eq!(model.recompute(), BTreeSet::new(), "the frontend moved");
+    assert_eq!(
+        model.recompute().sockets,
+        BTreeSet::new(),
+        "the frontend moved"
+    );
     assert_eq!(owner(&model, frontend).as_deref(), Some("default/zeta"));
     let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -299,7 +303,7 @@ fn a_frontend_claimed_twice_stays_with_the_service_that_had_it() {
     );
     // Once the incumbent is gone, the other claimant gets the frontend.
     model.apply(Change::Service(ObjectName::new("default", "zeta"), None));
-    assert_eq!(model.recompute(), BTreeSet::from([frontend]));
+    assert_eq!(model.recompute().sockets, BTreeSet::from([frontend]));
     assert_eq!(owner(&model, frontend).as_deref(), Some("default/alpha"));
     assert!(model.problems().is_empty());
 }
@@ -504,12 +508,12 @@ endpoints:
     for change in service_at("later", "10.96.5.5") {
         model.apply(change);
     }
-    assert!(model.recompute().contains(&frontend));
+    assert!(model.recompute().sockets.contains(&frontend));
     assert_eq!(backends(&model), 1);
     assert_eq!(model.problems().len(), 1, "{:?}", model.problems());
     // ...and gives it back when it goes.
     model.apply(Change::Service(ObjectName::new("default", "later"), None));
-    assert!(model.recompute().contains(&frontend));
+    assert!(model.recompute().sockets.contains(&frontend));
     assert_eq!(backends(&model), 2);
     assert!(model.problems().is_empty(), "{:?}", model.problems());
 }
@@ -678,7 +682,7 @@ fn any_sequence_of_changes_ends_as_if_computed_from_scratch() {
             }
             model.apply(change);
         }
-        let changed = model.recompute();
+        let changed = model.recompute().sockets;
         let (scratch, _) = desired_state(&objects.values().cloned().collect::<Vec<_>>());
         assert_eq!(model.desired(), &scratch, "round {round}");
         // The frontends reported as changed are exactly those that differ.
@@ -806,7 +810,7 @@ fn a_zone_change_of_the_node_moves_its_traffic() {
     let backends = |model: &Model| model.desired().frontends[&frontend].backends.clone();
     assert_eq!(backends(&model), [addr("10.244.0.2", 8080, Protocol::Tcp)]);
     model.apply(node_in(Some("zone-b")));
-    assert_eq!(model.recompute(), BTreeSet::from([frontend]));
+    assert_eq!(model.recompute().sockets, BTreeSet::from([frontend]));
     assert_eq!(backends(&model), [addr("10.244.0.3", 8080, Protocol::Tcp)]);
 }
 

@@ -277,14 +277,22 @@ fn node_ports_follow_the_node_addresses() {
         "port: 80, nodePort: 30080",
     );
     let mut model = model_of(config(), &yaml);
-    model.take_external_changes();
     model.set_host_addresses(["192.168.100.12".parse().unwrap()].into_iter().collect());
     assert!(model.is_dirty());
-    model.recompute();
+    let changes = model.recompute();
     let addrs: Vec<L4Addr> = model.external().frontends.keys().copied().collect();
     assert_eq!(addrs, [at("192.168.100.12", 30080, Protocol::Tcp)]);
     // Gone from both old addresses, there on the new one.
-    assert_eq!(model.take_external_changes().len(), 3);
+    assert_eq!(changes.tc.len(), 3);
+    assert_eq!(
+        model
+            .tc_desired()
+            .frontends
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        addrs
+    );
 }
 
 #[test]
@@ -331,6 +339,7 @@ fn incremental_changes_end_as_if_computed_from_scratch() {
     }
     let scratch = model_of(config(), &(steps[2].clone() + &steps[3]));
     assert_eq!(incremental.external(), scratch.external());
+    assert_eq!(incremental.tc_desired(), scratch.tc_desired());
 }
 
 #[test]
