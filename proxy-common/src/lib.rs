@@ -28,8 +28,8 @@ pub const BACKENDS_MAP: &str = "lb4_be_v2";
 /// with it. See [`SERVICES_MAP`].
 pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v2";
 /// See [`SERVICES_MAP`]. v3: the tc programs' events joined the list; v4:
-/// `icmp_translated`.
-pub const EVENTS_MAP: &str = "lb4_events_v4";
+/// `icmp_translated`; v5: `udp_connected_full`.
+pub const EVENTS_MAP: &str = "lb4_events_v5";
 /// The frontends the tc programs serve (NodePort, externalIP and
 /// load-balancer IP), laid out as [`SERVICES_MAP`]: kept apart because
 /// their backends follow externalTrafficPolicy, and slot 0 carries
@@ -44,10 +44,13 @@ pub const EXT_BACKENDS_MAP: &str = "lb4_ext_be_v1";
 pub const FLOWS_MAP: &str = "lb4_flows_v1";
 
 /// Connected UDP sockets that `connect4` translated, by socket cookie
-/// (an LRU hash): the agent asks it which sockets to end when their
+/// (a plain hash): the agent asks it which sockets to end when their
 /// backend leaves the Service, since sock_diag reports socket-local
-/// storage for TCP sockets only.
-pub const UDP_CONNECTED_MAP: &str = "lb4_udp_conn_v1";
+/// storage for TCP sockets only. An entry leaves with its socket
+/// (`sock_release`), or when the socket connects to an address that is no
+/// Service. v1 was an LRU hash, which kept the entries of closed sockets
+/// until newer ones pushed them out, live sockets' among them.
+pub const UDP_CONNECTED_MAP: &str = "lb4_udp_conn_v2";
 /// sessionAffinity ClientIP (an LRU hash): each client's last backend per
 /// frontend, and when it last chose it.
 pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
@@ -75,8 +78,17 @@ pub const MAPS: [&str; 10] = [
     COUNTS_MAP,
 ];
 
-/// The cgroup socket-address programs, by the names of their functions.
-pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The cgroup programs, by the names of their functions: the
+/// socket-address hooks, and `sock_release`, which takes a closing
+/// socket's entry out of [`UDP_CONNECTED_MAP`]. `sock_release` comes first
+/// so that it is attached before a new `connect4` writes any entry.
+pub const PROGRAMS: [&str; 5] = [
+    "sock_release",
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+];
 
 /// The tc programs, attached to every device NodePort traffic arrives on;
 /// their links are pinned as `<program>@<device>`.
@@ -89,8 +101,10 @@ pub const EXT_SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const EXT_BACKENDS_MAX_ENTRIES: u32 = 65_536;
 /// See [`EXT_SERVICES_MAX_ENTRIES`].
 pub const FLOWS_MAX_ENTRIES: u32 = 262_144;
-/// Size of [`UDP_CONNECTED_MAP`]: a socket pushed out by newer ones is
-/// only left out of the ending of stale sockets.
+/// Size of [`UDP_CONNECTED_MAP`]: connected UDP sockets that talk to a
+/// Service and are open at once. Past it, a new socket is counted as
+/// [`Event::UdpConnectedFull`] and left out of the ending of stale sockets;
+/// no entry is ever pushed out.
 pub const UDP_CONNECTED_MAX_ENTRIES: u32 = 65_536;
 /// Size of [`AFFINITY_MAP`]: (client, frontend) pairs of Services with
 /// session affinity; the least recently used is forgotten first.
@@ -190,6 +204,10 @@ events! {
     /// are, so that path MTU discovery and refusals reach the socket that
     /// sent the packet (tc ingress and egress).
     IcmpTranslated = 10 => "icmp_translated",
+    /// A connected UDP socket was translated, but [`UDP_CONNECTED_MAP`]
+    /// was full ([`UDP_CONNECTED_MAX_ENTRIES`] sockets open at once): it
+    /// works, but is not ended when its backend leaves the Service.
+    UdpConnectedFull = 11 => "udp_connected_full",
 }
 
 // The events map is indexed by the variant: the list must be dense and in

@@ -2,8 +2,10 @@
 //! way out, backend back to the frontend on the way in.
 //!
 //! Costs, since every socket on the node pays them: a non-Service address
-//! costs one hash lookup on the way out; a socket never translated costs one
-//! failed socket-storage lookup (a pointer test in the kernel) on the way in.
+//! costs one hash lookup on the way out (and a UDP connect to it one failed
+//! socket-storage lookup, a pointer test in the kernel, on a socket never
+//! translated); a socket never translated costs one failed socket-storage
+//! lookup on the way in.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -210,7 +212,12 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     // SAFETY: a plain helper call on this program's context.
     let client = || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let backend = match pick(&SERVICES, frontend, COUNTED_BY_SOCKETS, client) {
-        Pick::NotService => return ALLOW,
+        Pick::NotService => {
+            if call == Call::Connect && proto == PROTO_UDP {
+                forget(ctx);
+            }
+            return ALLOW;
+        }
         Pick::NoBackends => {
             // SAFETY: a plain helper call; connect and sendmsg hooks may set it.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
@@ -249,8 +256,12 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     if call == Call::Connect && proto == PROTO_UDP {
         // SAFETY: a plain helper call on this program's context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        // Only the ending of stale sockets depends on it.
-        let _ = UDP_CONNECTED.insert(cookie, pair, 0);
+        // Replaces the entry of an earlier connect of the same socket.
+        // Only the ending of stale sockets depends on it: a full map (that
+        // many connected sockets open at once) leaves this one out.
+        if UDP_CONNECTED.insert(cookie, pair, 0).is_err() {
+            record(Event::UdpConnectedFull);
+        }
     }
     // `run --trace` only: otherwise the log level is 0, a constant the
     // verifier prunes this with.
@@ -319,6 +330,26 @@ fn remember(ctx: &SockAddrContext, call: Call, pair: RevNatPair) -> bool {
         *held = pair;
     }
     true
+}
+
+/// A UDP socket translated before connects to an address that is no
+/// Service: its peer is the one it named from now on, so what it was
+/// translated from is over. Its replies and `getpeername` show their own
+/// address, and it leaves the map of sockets to end (it talks to that
+/// address on its own, even when that is a pod of the Service). Costs a
+/// socket never translated one failed socket-storage lookup. Not for TCP,
+/// whose connect on a connected socket fails (EISCONN) after this hook.
+fn forget(ctx: &SockAddrContext) {
+    // SAFETY: as in `reverse`: no storage is made.
+    let storage = unsafe { SOCK_REV_NAT.get_ptr_mut(ctx) };
+    // SAFETY: null or this socket's value.
+    let Some(storage) = (unsafe { storage.as_mut() }) else {
+        return;
+    };
+    *storage = SockRevNat::default();
+    // SAFETY: a plain helper call on this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let _ = UDP_CONNECTED.remove(cookie);
 }
 
 /// Rewrites a backend address seen by a socket back to the frontend that

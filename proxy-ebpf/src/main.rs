@@ -24,6 +24,7 @@ mod maps;
 mod packet;
 mod recvmsg4;
 mod sendmsg4;
+mod sock_release;
 mod tc_egress;
 mod tc_ingress;
 

@@ -17,11 +17,11 @@ const _: () = {
     assert!(eq(proxy_common::SERVICES_MAP, "lb4_svc_v2"));
     assert!(eq(proxy_common::BACKENDS_MAP, "lb4_be_v2"));
     assert!(eq(proxy_common::SOCK_REV_NAT_MAP, "lb4_sk_rnat_v2"));
-    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v4"));
+    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v5"));
     assert!(eq(proxy_common::EXT_SERVICES_MAP, "lb4_ext_svc_v1"));
     assert!(eq(proxy_common::EXT_BACKENDS_MAP, "lb4_ext_be_v1"));
     assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
-    assert!(eq(proxy_common::UDP_CONNECTED_MAP, "lb4_udp_conn_v1"));
+    assert!(eq(proxy_common::UDP_CONNECTED_MAP, "lb4_udp_conn_v2"));
     assert!(eq(proxy_common::AFFINITY_MAP, "lb4_affinity_v1"));
     assert!(eq(proxy_common::COUNTS_MAP, "lb4_counts_v1"));
 };
@@ -80,10 +80,14 @@ pub static FLOWS: LruHashMap<FlowKey, FlowNat, { FLOWS_MAX_ENTRIES as usize }> =
 
 /// Connected UDP sockets `connect4` translated, by socket cookie, for the
 /// agent to end those whose backend left (sock_diag shows socket storage
-/// for TCP only). An LRU: a socket pushed out is only not ended.
-#[btf_map(name = "lb4_udp_conn_v1")]
-pub static UDP_CONNECTED: LruHashMap<u64, RevNatPair, { UDP_CONNECTED_MAX_ENTRIES as usize }> =
-    LruHashMap::new();
+/// for TCP only). A plain hash, not an LRU: `sock_release` deletes each
+/// entry with its socket, so the map holds the open sockets only, and a
+/// burst of short-lived ones cannot push a long-lived one out. Full, it
+/// refuses the newest, which is counted. Preallocated: the insert at
+/// connect never waits on the allocator.
+#[btf_map(name = "lb4_udp_conn_v2")]
+pub static UDP_CONNECTED: HashMap<u64, RevNatPair, { UDP_CONNECTED_MAX_ENTRIES as usize }> =
+    HashMap::new();
 
 /// sessionAffinity ClientIP: each client's backend per frontend. An LRU,
 /// so the map never refuses a new client; one pushed out chooses afresh.
@@ -129,7 +133,7 @@ pub fn count(slot: ServiceKey) {
 }
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
-#[btf_map(name = "lb4_events_v4")]
+#[btf_map(name = "lb4_events_v5")]
 pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
 
 /// Counts one event on this CPU.

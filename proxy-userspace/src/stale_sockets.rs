@@ -11,7 +11,9 @@
 //! Only sockets the datapath translated are touched, and only when their
 //! translation names both the frontend and the backend that left: for UDP
 //! the translation `connect4` noted under the socket's cookie
-//! (`lb4_udp_conn_v1`); for TCP the socket's own storage, which sock_diag
+//! (`lb4_udp_conn_v2`, whose entries `sock_release` deletes with their
+//! sockets; and, after an upgrade, `lb4_udp_conn_v1` while it is pinned,
+//! for the sockets connected before it); for TCP the socket's own storage, which sock_diag
 //! hands back (`INET_DIAG_REQ_SK_BPF_STORAGES`; the kernel does so for TCP
 //! sockets only). A client talking to the pod's address on its own is left
 //! alone. TCP is left to the
@@ -72,33 +74,57 @@ impl Termination {
     }
 }
 
+/// The connected-UDP map of the layout before [`proxy_common::UDP_CONNECTED_MAP`]
+/// (an LRU hash, of the same key and value), which programs no longer
+/// write: it still names the sockets connected before an upgrade, and
+/// socket cookies are never reused, so its stale entries match nothing.
+const UDP_CONNECTED_V1_MAP: &str = "lb4_udp_conn_v1";
+
 /// Where the translations of sockets are: each TCP socket's storage, and
 /// the connected UDP sockets' map.
 pub struct Translations {
     pub storage: OwnedFd,
     pub udp_connected: HashMap<MapData, u64, RevNatPair>,
+    /// [`UDP_CONNECTED_V1_MAP`], while an upgraded datapath keeps it.
+    pub udp_connected_v1: Option<HashMap<MapData, u64, RevNatPair>>,
 }
 
 impl Translations {
-    /// Opens both maps from their pins.
+    /// Opens the maps from their pins.
     pub fn open(pins: &crate::datapath::Pins) -> io::Result<Self> {
         let invalid = |error: aya::maps::MapError| io::Error::other(error.to_string());
         let storage = crate::bpf_sys::obj_get(&pins.map(proxy_common::SOCK_REV_NAT_MAP))?;
         let udp_connected = MapData::from_pin(pins.map(proxy_common::UDP_CONNECTED_MAP))
             .map_err(invalid)
-            .and_then(|data| HashMap::try_from(Map::LruHashMap(data)).map_err(invalid))?;
+            .and_then(|data| HashMap::try_from(Map::HashMap(data)).map_err(invalid))?;
+        let v1 = pins.map(UDP_CONNECTED_V1_MAP);
+        let udp_connected_v1 = if v1.exists() {
+            match MapData::from_pin(&v1)
+                .map_err(invalid)
+                .and_then(|data| HashMap::try_from(Map::LruHashMap(data)).map_err(invalid))
+            {
+                Ok(map) => Some(map),
+                Err(error) => {
+                    warn!(map = %v1.display(), %error, "cannot read the connected UDP sockets of before the upgrade; they are not ended");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
             storage,
             udp_connected,
+            udp_connected_v1,
         })
     }
 
     /// The translations a listed socket of `proto` carries.
     fn of(&self, listed: &Listed<'_>, proto: u8) -> Vec<RevNatPair> {
         if proto == PROTO_UDP {
-            return self
-                .udp_connected
-                .get(&listed.cookie, 0)
+            return std::iter::once(&self.udp_connected)
+                .chain(&self.udp_connected_v1)
+                .find_map(|map| map.get(&listed.cookie, 0).ok())
                 .map(|pair| vec![pair])
                 .unwrap_or_default();
         }

@@ -402,7 +402,8 @@ fn wait_for_vip(agent: &Agent, vip: &str) {
 /// Measures what the hooks cost per call at 10,000 Services x 4 endpoints
 /// and prints it; `PROXY_AGENT=<binary>` measures another build. Holds the
 /// paths every socket on the node pays (a connect to a non-Service address,
-/// a getpeername on a socket never translated) to three times their design
+/// a getpeername on a socket never translated, the release of a socket
+/// never translated) to three times their design
 /// target of 100 ns: generous for a shared machine, and still below the
 /// 430-550 ns the LRU-map design cost there. A translated connect is held
 /// only to a ceiling against regressions: creating the socket's storage
@@ -500,22 +501,20 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
         &translated,
     );
     let peer_other = measure("getpeername4, other socket", "getpeername4", &untranslated);
-    assert!(
-        connect_service <= 4000.0,
-        "connect4 to a Service: {connect_service:.0} ns"
-    );
-    assert!(
-        connect_other <= 300.0,
-        "connect4 elsewhere: {connect_other:.0} ns"
-    );
-    assert!(
-        peer_other <= 300.0,
-        "getpeername4, never translated: {peer_other:.0} ns"
-    );
-    assert!(
-        peer_service <= 900.0,
-        "getpeername4, translated: {peer_service:.0} ns"
-    );
+    // Every socket of the cgroup pays it on close: one socket-storage
+    // lookup for a UDP socket never translated; a translated one's entry
+    // is looked up and deleted.
+    measure("sock_release, translated UDP", "sock_release", &translated);
+    let release_other = measure("sock_release, other UDP", "sock_release", &untranslated);
+    for (what, cost, ceiling) in [
+        ("connect4 to a Service", connect_service, 4000.0),
+        ("connect4 elsewhere", connect_other, 300.0),
+        ("getpeername4, never translated", peer_other, 300.0),
+        ("getpeername4, translated", peer_service, 900.0),
+        ("sock_release, never translated", release_other, 300.0),
+    ] {
+        assert!(cost <= ceiling, "{what}: {cost:.0} ns");
+    }
 }
 
 #[test]
@@ -3101,6 +3100,267 @@ fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
         "{}",
         agent.log()
     );
+}
+
+/// Issue 16: the connected-UDP map follows its sockets. 300,000 short-lived
+/// connected sockets (connect, send, close) beside two long-lived ones
+/// leave the map holding about the live sockets, so none of them is pushed
+/// out: the one still connected through the Service to the backend that
+/// leaves is ended. The other, connected through the Service and then
+/// again straight to that pod's address, is the application's own
+/// business from then on: it shows the pod as its peer and is left alone.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn short_lived_udp_sockets_leave_the_map_and_evict_no_live_one() {
+    let mut lab = Lab::new().unwrap();
+    let pods: Vec<Pod> = ["dns-a", "dns-b"]
+        .iter()
+        .map(|name| {
+            let pod = lab.add_pod(name).unwrap();
+            lab.serve_dns(&pod, 5353).unwrap();
+            pod
+        })
+        .collect();
+    let client = lab.add_pod("client").unwrap();
+    let manifest = |endpoints: &[&Pod]| {
+        manifests::documents(&[
+            manifests::service("dns", "10.96.2.54", &[("dns", 53, "UDP")]),
+            manifests::endpoint_slice(
+                "dns-1",
+                "dns",
+                &[("dns", 5353, "UDP")],
+                &endpoints.iter().map(|p| (p.ip, true)).collect::<Vec<_>>(),
+            ),
+        ])
+    };
+    lab.write_manifest("dns.yaml", &manifest(&[&pods[0], &pods[1]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    wait_for_vip(&agent, "10.96.2.54:53");
+
+    // Two sockets that landed on dns-a through the Service; the second
+    // then connects straight to dns-a and prints its peer. For each line
+    // on stdin, both ask again.
+    let script = format!(
+        "import errno, socket, struct, sys\n\
+         query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
+             + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
+         def ask(s):\n    \
+             s.send(query)\n    \
+             answer = s.recv(512)\n    \
+             return 'dns-a' if b'dns-a' in answer else 'dns-b' if b'dns-b' in answer else '?'\n\
+         def on_dns_a():\n    \
+             for _ in range(100):\n        \
+                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n        \
+                 s.settimeout(2)\n        \
+                 s.connect(('10.96.2.54', 53))\n        \
+                 if ask(s) == 'dns-a':\n            \
+                     return s\n        \
+                 s.close()\n\
+         held, moved = on_dns_a(), on_dns_a()\n\
+         moved.connect(('{}', 5353))\n\
+         print('%s:%d' % moved.getpeername(), flush=True)\n\
+         for _ in sys.stdin:\n    \
+             words = []\n    \
+             for s in (held, moved):\n        \
+                 try:\n            \
+                     words.append(ask(s))\n        \
+                 except OSError as error:\n            \
+                     words.append(errno.errorcode[error.errno])\n    \
+             print(' '.join(words), flush=True)\n",
+        pods[0].ip
+    );
+    let mut held = Conversation::start({
+        let mut command = lab.pod_client(&client, "python3");
+        command.args(["-c", &script]);
+        command
+    });
+    assert_eq!(held.line(), format!("{}:5353", pods[0].ip));
+    assert_eq!(held.ask(), "dns-a dns-a");
+
+    short_lived_connected_udp_sockets(&lab, &client, 300_000);
+
+    lab.write_manifest("dns.yaml", &manifest(&[&pods[1]]))
+        .unwrap();
+    // Ending is asynchronous; it is logged once done (when anything was).
+    let _ = agent.wait_for_log("ended sockets still connected", Duration::from_secs(10));
+    assert_eq!(
+        held.ask(),
+        // Ended and disconnected: the next send has no address.
+        "EDESTADDRREQ dns-a",
+        "{}",
+        agent.log()
+    );
+    let entries = udp_connected_entries(&lab);
+    eprintln!("{entries} entries left in the map");
+    assert!(
+        entries < 100,
+        "{entries} entries in {} for 2 live sockets",
+        proxy_common::UDP_CONNECTED_MAP
+    );
+    let stats = agent.stats_json().unwrap();
+    assert!(stats.contains(r#""udp_connected_full":0"#), "{stats}");
+}
+
+/// Connects `count` UDP sockets from `client` to 10.96.2.54:53 one after
+/// another, each sending one byte (which dnsmasq drops unanswered) and
+/// closing; prints how long that took.
+fn short_lived_connected_udp_sockets(lab: &Lab, client: &Pod, count: u32) {
+    let started = Instant::now();
+    let out = lab
+        .pod_client(client, "python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket\n\
+                 for _ in range({count}):\n    \
+                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    \
+                     s.connect(('10.96.2.54', 53))\n    \
+                     s.send(b'x')\n    \
+                     s.close()\n\
+                 print('done')"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "done",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{count} short-lived connected UDP sockets took {:?}",
+        started.elapsed()
+    );
+}
+
+/// After an upgrade from the LRU layout, the connected UDP sockets the
+/// earlier agent's programs noted in `lb4_udp_conn_v1` are still ended
+/// when their backend leaves, while that map stays pinned. The earlier
+/// agent is stood for by its map: made as it made it, and given the entry
+/// its connect4 wrote for a socket it translated from the Service to dns-a.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn connected_udp_sockets_of_before_an_upgrade_are_still_ended() {
+    let mut lab = Lab::new().unwrap();
+    let pods: Vec<Pod> = ["dns-a", "dns-b"]
+        .iter()
+        .map(|name| {
+            let pod = lab.add_pod(name).unwrap();
+            lab.serve_dns(&pod, 5353).unwrap();
+            pod
+        })
+        .collect();
+    let client = lab.add_pod("client").unwrap();
+    let manifest = |endpoints: &[&Pod]| {
+        manifests::documents(&[
+            manifests::service("dns", "10.96.2.55", &[("dns", 53, "UDP")]),
+            manifests::endpoint_slice(
+                "dns-1",
+                "dns",
+                &[("dns", 5353, "UDP")],
+                &endpoints.iter().map(|p| (p.ip, true)).collect::<Vec<_>>(),
+            ),
+        ])
+    };
+    lab.write_manifest("dns.yaml", &manifest(&[&pods[0], &pods[1]]))
+        .unwrap();
+    let maps = lab.bpffs().join("maps");
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&maps)
+        .unwrap();
+    let v1 = maps.join("lb4_udp_conn_v1");
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&v1)
+        .args([
+            "type", "lru_hash", "key", "8", "value", "12", "entries", "16", "name", "old",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    wait_for_vip(&agent, "10.96.2.55:53");
+
+    // Connected to dns-a as the earlier connect4 left it; prints its
+    // cookie (SO_COOKIE), then asks once for each line on stdin.
+    let script = format!(
+        "import errno, socket, struct, sys\n\
+         query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
+             + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(2)\n\
+         s.connect(('{}', 5353))\n\
+         print(' '.join('%02x' % b for b in s.getsockopt(socket.SOL_SOCKET, 57, 8)), flush=True)\n\
+         for _ in sys.stdin:\n    \
+             try:\n        \
+                 s.send(query)\n        \
+                 print('dns-a' if b'dns-a' in s.recv(512) else '?', flush=True)\n    \
+             except OSError as error:\n        \
+                 print(errno.errorcode[error.errno], flush=True)\n",
+        pods[0].ip
+    );
+    let mut held = Conversation::start({
+        let mut command = lab.pod_client(&client, "python3");
+        command.args(["-c", &script]);
+        command
+    });
+    let cookie = held.line();
+    // RevNatPair: backend address, frontend address, backend port,
+    // frontend port, all in network byte order.
+    let value: Vec<String> = pods[0]
+        .ip
+        .octets()
+        .into_iter()
+        .chain([10, 96, 2, 55])
+        .chain(5353_u16.to_be_bytes())
+        .chain(53_u16.to_be_bytes())
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let status = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&v1)
+        .arg("key")
+        .arg("hex")
+        .args(cookie.split(' '))
+        .arg("value")
+        .arg("hex")
+        .args(&value)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(held.ask(), "dns-a");
+
+    lab.write_manifest("dns.yaml", &manifest(&[&pods[1]]))
+        .unwrap();
+    agent
+        .wait_for_log("ended sockets still connected", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(held.ask(), "EDESTADDRREQ", "{}", agent.log());
+}
+
+/// How many entries the lab's connected-UDP map holds.
+fn udp_connected_entries(lab: &Lab) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(
+            lab.bpffs()
+                .join("maps")
+                .join(proxy_common::UDP_CONNECTED_MAP),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+        .unwrap()
+        .len()
 }
 
 /// Issue 8, `--terminate-tcp`: a keep-alive connection through the

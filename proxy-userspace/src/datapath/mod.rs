@@ -24,7 +24,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, Program, ProgramError,
+        SchedClassifier, TcAttachType,
         links::FdLink,
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
@@ -645,23 +646,11 @@ impl Datapath {
         })?;
         for name in PROGRAMS {
             let link_path = self.pins.link(name);
-            let program = program(&mut self.ebpf, name)?;
-            let program_fd = program
-                .fd()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            if swap_pinned(name, &link_path, program_fd)? {
+            let program = cgroup_program(&mut self.ebpf, name)?;
+            if swap_pinned(name, &link_path, program.fd()?)? {
                 continue;
             }
-            // A bpf_link takes no attach flags (the kernel rejects any with
-            // EINVAL) and always shares the hook with other programs.
-            let link_id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = program
-                .take_link(link_id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link =
-                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
+            let link = program.attach(&cgroup_dir)?;
             link.pin(&link_path)
                 .map_err(|source| DatapathError::PinLink {
                     name,
@@ -811,9 +800,7 @@ pub fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
 /// Loads every program of the object into the kernel.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     for name in PROGRAMS {
-        program(ebpf, name)?
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        cgroup_program(ebpf, name)?.load()?;
     }
     for name in TC_PROGRAMS {
         classifier(ebpf, name)?
@@ -835,11 +822,80 @@ where
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-fn program<'a>(
+/// A cgroup program of the object: a socket-address hook, or a socket
+/// hook (`sock_release`).
+enum CgroupProgram<'a> {
+    SockAddr(&'static str, &'a mut CgroupSockAddr),
+    Sock(&'static str, &'a mut CgroupSock),
+}
+
+fn cgroup_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, DatapathError> {
-    typed_program(ebpf, name)
+) -> Result<CgroupProgram<'a>, DatapathError> {
+    match ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+    {
+        Program::CgroupSockAddr(program) => Ok(CgroupProgram::SockAddr(name, program)),
+        Program::CgroupSock(program) => Ok(CgroupProgram::Sock(name, program)),
+        _ => Err(DatapathError::Program {
+            name,
+            source: ProgramError::UnexpectedProgramType,
+        }),
+    }
+}
+
+impl CgroupProgram<'_> {
+    const fn name(&self) -> &'static str {
+        match self {
+            Self::SockAddr(name, _) | Self::Sock(name, _) => name,
+        }
+    }
+
+    fn load(&mut self) -> Result<(), DatapathError> {
+        let name = self.name();
+        match self {
+            Self::SockAddr(_, program) => program.load(),
+            Self::Sock(_, program) => program.load(),
+        }
+        .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn fd(&self) -> Result<&aya::programs::ProgramFd, DatapathError> {
+        let name = self.name();
+        match self {
+            Self::SockAddr(_, program) => program.fd(),
+            Self::Sock(_, program) => program.fd(),
+        }
+        .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Attaches to `cgroup` by a bpf_link, which it hands back to be pinned.
+    fn attach(self, cgroup: &fs::File) -> Result<FdLink, DatapathError> {
+        // A bpf_link takes no attach flags (the kernel rejects any with
+        // EINVAL) and always shares the hook with other programs.
+        let mode = CgroupAttachMode::Single;
+        let (name, link) = match self {
+            Self::SockAddr(name, program) => {
+                let error = |source| DatapathError::Program { name, source };
+                let link_id = program.attach(cgroup, mode).map_err(error)?;
+                (
+                    name,
+                    FdLink::try_from(program.take_link(link_id).map_err(error)?),
+                )
+            }
+            Self::Sock(name, program) => {
+                let error = |source| DatapathError::Program { name, source };
+                let link_id = program.attach(cgroup, mode).map_err(error)?;
+                (
+                    name,
+                    FdLink::try_from(program.take_link(link_id).map_err(error)?),
+                )
+            }
+        };
+        link.map_err(|source| DatapathError::Link { name, source })
+    }
 }
 
 fn classifier<'a>(

@@ -586,6 +586,7 @@ fn attach_type_of(program: &str) -> Option<bpf_attach_type> {
         "sendmsg4" => bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG,
         "recvmsg4" => bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG,
         "getpeername4" => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
+        "sock_release" => bpf_attach_type::BPF_CGROUP_INET_SOCK_RELEASE,
         _ => return None,
     })
 }
@@ -596,6 +597,7 @@ fn attach_type_name(attach_type: bpf_attach_type) -> &'static str {
         bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG => "cgroup/sendmsg4",
         bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG => "cgroup/recvmsg4",
         bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME => "cgroup/getpeername4",
+        bpf_attach_type::BPF_CGROUP_INET_SOCK_RELEASE => "cgroup/sock_release",
         _ => "cgroup",
     }
 }
