@@ -83,8 +83,8 @@ enum Command {
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
-        /// Remove the datapath even under a running agent, which then
-        /// writes maps that no program reads until it is restarted.
+        /// Stop the agent running on the directory (SIGTERM) and remove its
+        /// datapath; it would otherwise pin again whatever is removed.
         #[arg(long)]
         force: bool,
         /// Instead, remove what a kube-proxy left on this node: its iptables
@@ -152,7 +152,10 @@ fn print_services(pins: &PinDir, output: Output, stats: bool) -> Result<()> {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // notify says at info when a watched directory is removed,
+                // which the agent reports itself (the pin directory).
+                .unwrap_or_else(|_| "info,notify=warn".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)

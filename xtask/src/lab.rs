@@ -353,10 +353,9 @@ impl Lab {
         &self.cgroup
     }
 
-    /// Removes the lab's cgroup and makes it again under the same path, as
-    /// a container runtime may: what was attached to the old one is gone
-    /// with it, and clients from now on run in the new one.
-    pub fn recreate_cgroup(&mut self) -> Result<()> {
+    /// Removes the lab's cgroup, as a container runtime may: what was
+    /// attached to it is gone with it. See [`Lab::make_cgroup_again`].
+    pub fn remove_cgroup(&self) -> Result<()> {
         // rmdir needs an empty cgroup; clients of the lab end on their own.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !fs::read_to_string(self.cgroup.join("cgroup.procs"))?
@@ -369,7 +368,12 @@ impl Lab {
             thread::sleep(Duration::from_millis(10));
         }
         fs::remove_dir(&self.cgroup)
-            .with_context(|| format!("cannot remove cgroup {}", self.cgroup.display()))?;
+            .with_context(|| format!("cannot remove cgroup {}", self.cgroup.display()))
+    }
+
+    /// Makes the removed cgroup again under the same path: a new cgroup,
+    /// where clients run from now on.
+    pub fn make_cgroup_again(&mut self) -> Result<()> {
         fs::create_dir(&self.cgroup)
             .with_context(|| format!("cannot create cgroup {}", self.cgroup.display()))?;
         self.cgroup_procs = fs::OpenOptions::new()
