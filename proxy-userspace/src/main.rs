@@ -78,8 +78,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Detach the programs, remove everything pinned and the masquerade
-    /// rules. Refused while an agent runs on the directory.
+    /// Detach the programs, remove everything pinned and, unless another
+    /// agent runs in this network namespace, the masquerade rules. Refused
+    /// while an agent runs on the directory.
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
@@ -241,7 +242,18 @@ fn main() -> Result<()> {
         Command::Cleanup { pins, force, .. } => {
             datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
-            reconcile::iptables::cleanup()?;
+            // The masquerade chains are the network namespace's, not this
+            // directory's: another agent here marks packets for them.
+            let others = pins.pins().other_agents();
+            if others.is_empty() {
+                reconcile::iptables::cleanup()?;
+            } else {
+                let others: Vec<String> = others.iter().map(ToString::to_string).collect();
+                info!(
+                    agents = others.join(", "),
+                    "kept the masquerade rules: other agents of this network namespace use them"
+                );
+            }
             Ok(())
         }
     }

@@ -15,7 +15,9 @@
 //! holder's pid. The lock is not in the directory, so removing the
 //! directory cannot release it (a lock on the directory itself went with
 //! it): only the process's end does. Abstract sockets belong to a network
-//! namespace; the agents of one node run in its namespace (hostNetwork).
+//! namespace, as iptables does, so the locks of a namespace are also the
+//! list of the agents that share its masquerade rules; the agents of one
+//! node run in its namespace (hostNetwork).
 
 use std::{
     fs::{self, DirBuilder, File, OpenOptions},
@@ -79,6 +81,23 @@ pub struct PinLock {
 const LOCK_PREFIX: &str = "ebpf-proxy/agent/";
 /// The longest abstract socket name (`sun_path` less its leading NUL).
 const ABSTRACT_NAME_MAX: usize = 107;
+
+/// Another agent of this network namespace, by the lock it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherAgent {
+    /// Its pin directory (as its lock names it).
+    pub pins: String,
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for OtherAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid} on {}", self.pins),
+            None => write!(f, "an agent on {}", self.pins),
+        }
+    }
+}
 
 impl Pins {
     #[must_use]
@@ -208,6 +227,22 @@ impl Pins {
             .find(|(lock, _)| *lock == name)?
             .1;
         socket_owner(inode)
+    }
+
+    /// The agents of this network namespace other than this directory's:
+    /// those whose masquerade rules are the same as its own.
+    #[must_use]
+    pub fn other_agents(&self) -> Vec<OtherAgent> {
+        let ours = self.lock_name();
+        let unix = fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        agent_locks(&unix)
+            .into_iter()
+            .filter(|(name, _)| *name != ours)
+            .map(|(name, inode)| OtherAgent {
+                pins: format!("/{}", name.strip_prefix(LOCK_PREFIX).unwrap_or(&name)),
+                pid: socket_owner(inode),
+            })
+            .collect()
     }
 
     /// Refuses a pin that is not what it claims: a symlink would make the
@@ -427,6 +462,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(
+            Pins::new("/nonexistent/other")
+                .other_agents()
+                .iter()
+                .any(|a| a.pid == Some(std::process::id()))
+        );
     }
 
     #[test]
