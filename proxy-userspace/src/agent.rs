@@ -188,8 +188,11 @@ impl GuardWatch {
                     let _ = changed.send(());
                 }
             })?;
-        if let Some(parent) = cgroup.parent() {
-            watcher.watch(parent, notify::RecursiveMode::NonRecursive)?;
+        // Without it the housekeeping timer still sees the cgroup go.
+        if let Some(parent) = cgroup.parent()
+            && let Err(error) = watcher.watch(parent, notify::RecursiveMode::NonRecursive)
+        {
+            warn!(%error, cgroup = %cgroup.display(), "cannot follow the cgroup's parent with inotify");
         }
         let mut watch = Self {
             watcher,

@@ -43,7 +43,7 @@ fn served(lab: &Lab) -> bool {
     let url = format!("http://{WEB_VIP}/");
     lab.run_client(
         "curl",
-        &["-s", "--max-time", "1", "--connect-timeout", "1", &url],
+        &["-s", "--max-time", "2", "--connect-timeout", "2", &url],
     )
     .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"pod-a"))
 }
