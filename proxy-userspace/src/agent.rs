@@ -182,9 +182,19 @@ impl GuardWatch {
         changed: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> notify::Result<Self> {
         use notify::Watcher as _;
+        let (ours, cgroup_path) = (pins.to_owned(), cgroup.to_owned());
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if !event.is_ok_and(|e| matches!(e.kind, notify::EventKind::Access(_))) {
+                // Reads are no change; the cgroup's siblings come and go
+                // with their pods. An error (an overflow) may hide anything.
+                let relevant = event.map_or(true, |e| {
+                    !matches!(e.kind, notify::EventKind::Access(_))
+                        && (e.paths.is_empty()
+                            || e.paths
+                                .iter()
+                                .any(|p| p.starts_with(&ours) || *p == cgroup_path))
+                });
+                if relevant {
                     let _ = changed.send(());
                 }
             })?;
