@@ -21,7 +21,7 @@ use tokio::{
     sync::mpsc::UnboundedReceiver,
     time::sleep_until,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     datapath::{Counts, Datapath, DatapathError, MapSizes, Pins, ProgramSettings, SizedTable},
@@ -42,6 +42,9 @@ const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Syncs closer together than this are a burst, and are coalesced.
 const BURST_WINDOW: Duration = Duration::from_millis(20);
+/// A removal under the pin directory comes as a burst of events (`rm -rf`
+/// removes one pin at a time): the guard looks once it has settled.
+const GUARD_SETTLE: Duration = Duration::from_millis(100);
 
 /// Everything `run` needs, from its flags and kube-proxy's config file.
 pub struct AgentConfig {
@@ -153,6 +156,67 @@ struct Loop {
     stale_sockets: Option<StaleSockets>,
     /// The per-slot counts, whose entries go with their slots.
     counts: Option<Counts>,
+    /// The pin directory and the cgroup's parent, followed with inotify
+    /// once attached: the guard looks as soon as they change.
+    watch: Option<GuardWatch>,
+    /// What the guard last found wrong with the datapath.
+    guard_problem: Option<String>,
+}
+
+/// inotify on what the datapath depends on: the pin directory (all of it)
+/// and the cgroup's parent (where the cgroup is removed and made again).
+struct GuardWatch {
+    watcher: notify::RecommendedWatcher,
+    pins: PathBuf,
+}
+
+impl GuardWatch {
+    /// Starts following `pins` and the parent of `cgroup`; each change is
+    /// a unit on `changed`.
+    fn start(
+        pins: &std::path::Path,
+        cgroup: &std::path::Path,
+        changed: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> notify::Result<Self> {
+        use notify::Watcher as _;
+        let (ours, cgroup_path) = (pins.to_owned(), cgroup.to_owned());
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Reads are no change; the cgroup's siblings come and go
+                // with their pods. An error (an overflow) may hide anything.
+                let relevant = event.map_or(true, |e| {
+                    !matches!(e.kind, notify::EventKind::Access(_))
+                        && (e.paths.is_empty()
+                            || e.paths
+                                .iter()
+                                .any(|p| p.starts_with(&ours) || *p == cgroup_path))
+                });
+                if relevant {
+                    let _ = changed.send(());
+                }
+            })?;
+        // Without it the housekeeping timer still sees the cgroup go.
+        if let Some(parent) = cgroup.parent()
+            && let Err(error) = watcher.watch(parent, notify::RecursiveMode::NonRecursive)
+        {
+            warn!(%error, cgroup = %cgroup.display(), "cannot follow the cgroup's parent with inotify");
+        }
+        let mut watch = Self {
+            watcher,
+            pins: pins.to_owned(),
+        };
+        watch.follow_pins()?;
+        Ok(watch)
+    }
+
+    /// Follows the pin directory again: a directory made again is a new
+    /// one, which inotify does not know yet.
+    fn follow_pins(&mut self) -> notify::Result<()> {
+        use notify::Watcher as _;
+        let _ = self.watcher.unwatch(&self.pins);
+        self.watcher
+            .watch(&self.pins, notify::RecursiveMode::Recursive)
+    }
 }
 
 /// Loads and attaches the datapath, then follows `source` until SIGTERM or
@@ -176,6 +240,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
 
     let (sink, mut events) = EventSink::channel();
     source.start(sink)?;
+    let (guard_changes, mut guard_events) = tokio::sync::mpsc::unbounded_channel();
     let mut state = Loop {
         model: Model::new(config.model.clone()),
         writer,
@@ -202,6 +267,8 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         service_health: ServiceHealthServers::new(health.clone()),
         stale_sockets: start_stale_sockets(&config),
         counts,
+        watch: None,
+        guard_problem: None,
     };
     // Before the first sync, so that it already has the node's addresses
     // (a second sync just for them would be wasted).
@@ -227,6 +294,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
                 }
             }
             _ = housekeeping.tick() => state.housekeeping(),
+            Some(()) = guard_events.recv() => state.guard_settled(&mut guard_events).await,
             _ = terminate.recv() => {
                 info!("SIGTERM: exiting; the pinned datapath keeps serving");
                 return Ok(());
@@ -259,16 +327,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         // Attach only once the maps hold the services, so no socket ever
         // sees a half-filled datapath.
         if !state.attached {
-            state.datapath.attach(&config.cgroup)?;
-            state.attached = true;
-            // The devices follow the NodePort addresses, which the first
-            // sync has just computed: choose them now, not a period later.
-            state.housekeeping();
-            health
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .set_attached();
-            info!("datapath ready");
+            state.attach(&config, &guard_changes)?;
         }
     }
 }
@@ -484,6 +543,41 @@ impl Loop {
                 warn!(error = %crate::report::chain(&error), "cannot read the interfaces");
             }
         }
+        self.guard();
+    }
+
+    /// [`Loop::guard`] once a burst of changes has settled.
+    async fn guard_settled(&mut self, changes: &mut UnboundedReceiver<()>) {
+        tokio::time::sleep(GUARD_SETTLE).await;
+        while changes.try_recv().is_ok() {}
+        self.guard();
+    }
+
+    /// Puts back what went from under the datapath (pins, the pin
+    /// directory, the cgroup's links) and tells `/healthz` while it is not
+    /// attached where it should be.
+    fn guard(&mut self) {
+        if !self.attached {
+            return;
+        }
+        let report = self.datapath.guard();
+        if report.repaired
+            && let Some(watch) = &mut self.watch
+            && let Err(error) = watch.follow_pins()
+        {
+            warn!(%error, "cannot follow the pin directory made again");
+        }
+        if report.problem != self.guard_problem {
+            if let Some(problem) = &report.problem {
+                error!("{problem}; /healthz answers 503");
+            } else {
+                info!("the datapath is attached and pinned again");
+            }
+            self.health().datapath_problem(report.problem.clone());
+            self.guard_problem = report.problem;
+        } else if report.repaired {
+            info!("the datapath is pinned again");
+        }
     }
 
     /// Attaches the tc programs to the devices last chosen, once the maps
@@ -495,6 +589,29 @@ impl Loop {
             self.datapath
                 .attach_devices(&devices, &self.interface_names);
         }
+    }
+
+    /// Attaches the programs, once the maps hold the services, and starts
+    /// guarding them.
+    fn attach(
+        &mut self,
+        config: &AgentConfig,
+        guard_changes: &tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> Result<(), AgentError> {
+        self.datapath.attach(&config.cgroup)?;
+        self.attached = true;
+        match GuardWatch::start(config.pins.root(), &config.cgroup, guard_changes.clone()) {
+            Ok(watch) => self.watch = Some(watch),
+            Err(error) => {
+                warn!(%error, "cannot follow the pin directory and the cgroup with inotify; they are looked at every --iptables-sync-period");
+            }
+        }
+        // The devices follow the NodePort addresses, which the first sync
+        // has just computed: choose them now, not a period later.
+        self.housekeeping();
+        self.health().set_attached();
+        info!("datapath ready");
+        Ok(())
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {

@@ -1,4 +1,4 @@
-//! The system calls aya does not make for us: opening a pinned object,
+//! The system calls aya does not make for us: opening and pinning an object,
 //! reading a map's definition and BTF from the kernel, writing many map
 //! entries in one call, swapping the program behind a link, and asking
 //! which file system a path is on.
@@ -13,6 +13,7 @@ use std::{
 use aya_obj::generated::{bpf_btf_info, bpf_cmd, bpf_map_info};
 
 const BPF_OBJ_GET: bpf_cmd = bpf_cmd::BPF_OBJ_GET;
+const BPF_OBJ_PIN: bpf_cmd = bpf_cmd::BPF_OBJ_PIN;
 const BPF_LINK_UPDATE: bpf_cmd = bpf_cmd::BPF_LINK_UPDATE;
 const BPF_OBJ_GET_INFO_BY_FD: bpf_cmd = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD;
 const BPF_BTF_GET_FD_BY_ID: bpf_cmd = bpf_cmd::BPF_BTF_GET_FD_BY_ID;
@@ -33,7 +34,7 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// `union bpf_attr` for BPF_OBJ_GET.
+/// `union bpf_attr` for BPF_OBJ_GET and BPF_OBJ_PIN.
 #[repr(C)]
 #[derive(Default)]
 struct ObjGetAttr {
@@ -120,6 +121,20 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Pins the map or link behind `fd` at `path`, as the agent does again
+/// when its pins were removed under it: the same object, so the programs
+/// and a later agent find what the agent holds.
+pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: u32::try_from(fd.as_fd().as_raw_fd()).unwrap_or(u32::MAX),
+        ..ObjGetAttr::default()
+    };
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
 }
 
 /// The kernel's definition of the map behind `fd`; an error if `fd` is

@@ -30,6 +30,8 @@ use tracing::{debug, info};
 pub struct Health {
     stale_after: Duration,
     attached: bool,
+    /// Why the datapath is not attached where it should be, once it was.
+    datapath_problem: Option<String>,
     last_sync: Option<SystemTime>,
     /// Changes (or failed writes) not in the maps yet, since then.
     pending_since: Option<Instant>,
@@ -58,6 +60,7 @@ impl Health {
         Arc::new(Mutex::new(Self {
             stale_after,
             attached: false,
+            datapath_problem: None,
             last_sync: None,
             pending_since: None,
             source_error: None,
@@ -67,6 +70,12 @@ impl Health {
 
     pub fn set_attached(&mut self) {
         self.attached = true;
+    }
+
+    /// The agent's guard found the datapath detached (a cgroup removed
+    /// under it, say), or it is whole again.
+    pub fn datapath_problem(&mut self, problem: Option<String>) {
+        self.datapath_problem = problem;
     }
 
     /// The maps are up to date with the source.
@@ -103,6 +112,9 @@ impl Health {
     fn problem(&self) -> Option<String> {
         if !self.attached {
             return Some("the datapath is not attached yet".to_owned());
+        }
+        if let Some(problem) = &self.datapath_problem {
+            return Some(problem.clone());
         }
         if self.node_deleting {
             return Some("the Node is being deleted".to_owned());
@@ -281,6 +293,14 @@ mod tests {
         let body = health.lock().unwrap().healthz().1;
         assert!(body.contains("connection refused"), "{body}");
         health.lock().unwrap().source_status(None);
+        assert_eq!(status(), 200);
+        health
+            .lock()
+            .unwrap()
+            .datapath_problem(Some("the cgroup /x is gone".into()));
+        assert_eq!(status(), 503);
+        assert!(health.lock().unwrap().healthz().1.contains("/x is gone"));
+        health.lock().unwrap().datapath_problem(None);
         assert_eq!(status(), 200);
         health.lock().unwrap().node_deleting(true);
         assert_eq!(status(), 503);

@@ -78,13 +78,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Detach the programs, remove everything pinned and the masquerade
-    /// rules. Refused while an agent runs on the directory.
+    /// Detach the programs, remove everything pinned and, unless another
+    /// agent runs in this network namespace, the masquerade rules. Refused
+    /// while an agent runs on the directory.
     Cleanup {
         #[command(flatten)]
         pins: PinDir,
-        /// Remove the datapath even under a running agent, which then
-        /// writes maps that no program reads until it is restarted.
+        /// Stop the agent running on the directory (SIGTERM) and remove its
+        /// datapath; it would otherwise pin again whatever is removed.
         #[arg(long)]
         force: bool,
         /// Instead, remove what a kube-proxy left on this node: its iptables
@@ -152,7 +153,10 @@ fn print_services(pins: &PinDir, output: Output, stats: bool) -> Result<()> {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // notify says at info when a watched directory is removed,
+                // which the agent reports itself (the pin directory).
+                .unwrap_or_else(|_| "info,notify=warn".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -238,7 +242,18 @@ fn main() -> Result<()> {
         Command::Cleanup { pins, force, .. } => {
             datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");
-            reconcile::iptables::cleanup()?;
+            // The masquerade chains are the network namespace's, not this
+            // directory's: another agent here marks packets for them.
+            let others = pins.pins().other_agents();
+            if others.is_empty() {
+                reconcile::iptables::cleanup()?;
+            } else {
+                let others: Vec<String> = others.iter().map(ToString::to_string).collect();
+                info!(
+                    agents = others.join(", "),
+                    "kept the masquerade rules: other agents of this network namespace use them"
+                );
+            }
             Ok(())
         }
     }

@@ -353,6 +353,35 @@ impl Lab {
         &self.cgroup
     }
 
+    /// Removes the lab's cgroup, as a container runtime may: what was
+    /// attached to it is gone with it. See [`Lab::make_cgroup_again`].
+    pub fn remove_cgroup(&self) -> Result<()> {
+        // rmdir needs an empty cgroup; clients of the lab end on their own.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !fs::read_to_string(self.cgroup.join("cgroup.procs"))?
+            .trim()
+            .is_empty()
+        {
+            if Instant::now() > deadline {
+                bail!("{} still has processes", self.cgroup.display());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        fs::remove_dir(&self.cgroup)
+            .with_context(|| format!("cannot remove cgroup {}", self.cgroup.display()))
+    }
+
+    /// Makes the removed cgroup again under the same path: a new cgroup,
+    /// where clients run from now on.
+    pub fn make_cgroup_again(&mut self) -> Result<()> {
+        fs::create_dir(&self.cgroup)
+            .with_context(|| format!("cannot create cgroup {}", self.cgroup.display()))?;
+        self.cgroup_procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.cgroup.join("cgroup.procs"))?;
+        Ok(())
+    }
+
     /// `proxy-userspace run` with this lab's manifests, cgroup and pins.
     #[must_use]
     pub fn agent_command(&self, binary: &Path) -> Command {
@@ -454,21 +483,43 @@ impl Lab {
     /// hostNetwork runs on a node: its iptables rules, interfaces and
     /// healthCheckNodePorts are the node's.
     pub fn start_agent_in_node(&self, binary: &Path, flags: &[&str]) -> Result<Agent> {
+        self.start_agent_in_node_on(binary, &self.bpffs, flags)
+    }
+
+    /// [`Lab::start_agent_in_node`] with pins of its own under `bpffs`: a
+    /// second agent of the same node, beside the lab's. Its pins are the
+    /// caller's to remove.
+    pub fn start_agent_in_node_on(
+        &self,
+        binary: &Path,
+        bpffs: &Path,
+        flags: &[&str],
+    ) -> Result<Agent> {
         let mut command = self.in_node(binary);
         command
             .arg("run")
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs")
-            .arg(&self.bpffs)
+            .arg(bpffs)
             .args(["--healthz-bind-address", "127.0.0.1:0"])
             .args(["--metrics-bind-address", "127.0.0.1:0"])
             .arg("--manifests")
             .arg(self.manifests_dir());
-        self.spawn_agent(command, binary, flags)
+        self.spawn_agent_on(command, binary, bpffs, flags)
     }
 
-    fn spawn_agent(&self, mut command: Command, binary: &Path, flags: &[&str]) -> Result<Agent> {
+    fn spawn_agent(&self, command: Command, binary: &Path, flags: &[&str]) -> Result<Agent> {
+        self.spawn_agent_on(command, binary, &self.bpffs, flags)
+    }
+
+    fn spawn_agent_on(
+        &self,
+        mut command: Command,
+        binary: &Path,
+        bpffs: &Path,
+        flags: &[&str],
+    ) -> Result<Agent> {
         let run = fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
@@ -489,7 +540,7 @@ impl Lab {
             child,
             log,
             binary: binary.to_owned(),
-            bpffs: self.bpffs.clone(),
+            bpffs: bpffs.to_owned(),
         };
         agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
         Ok(agent)

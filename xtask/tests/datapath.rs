@@ -1983,9 +1983,12 @@ fn doctor_names_a_dead_agent_a_service_added_meanwhile_an_unpinned_link_and_kube
     // What the dead agent left keeps serving, and says so.
     assert_check(&checks, "programs", "OK", "connect4");
 
-    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
     let healthz = agent.address("healthz").unwrap();
     assert_all_ok(doctor(&lab, &healthz).0, &doctor(&lab, &healthz).1);
+    // A running agent pins again what is removed under it (see the
+    // lifecycle tests); with none, the program goes with its pin.
+    agent.kill();
     fs::remove_file(lab.bpffs().join("links/connect4")).unwrap();
     let (ok, checks) = doctor(&lab, &healthz);
     assert!(!ok);

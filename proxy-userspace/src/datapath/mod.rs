@@ -17,6 +17,7 @@
 use std::{
     collections::BTreeSet,
     fs, io,
+    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -44,6 +45,7 @@ pub use crate::maps::{
 use crate::{bpf_sys, maps::table::typed_map, model::Cidr};
 
 pub mod btf;
+mod guard;
 
 /// The object built from proxy-ebpf by build.rs. Every map of
 /// [`proxy_common::MAPS`] is pinned: a restarted agent's programs carry on
@@ -147,6 +149,12 @@ pub enum DatapathError {
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
+    },
+    #[error("cannot open {path}, just pinned, to hold it")]
+    Hold {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("cannot swap the program behind the pinned link {path}")]
     UpdateLink {
@@ -427,6 +435,10 @@ pub struct Datapath {
     pins: Pins,
     /// `--tcx`: TCX links where the kernel has them; else clsact filters.
     tcx: bool,
+    /// The agent's own descriptors of its maps and links: the programs
+    /// stay attached while it runs, whatever happens to the pins, and what
+    /// is unpinned under it is pinned again from these.
+    held: guard::Held,
 }
 
 impl Datapath {
@@ -485,10 +497,12 @@ impl Datapath {
             }
         }
         load_programs(&mut ebpf)?;
+        let held = guard::Held::maps_of(&pins)?;
         Ok(Self {
             ebpf,
             pins,
             tcx: true,
+            held,
         })
     }
 
@@ -513,11 +527,23 @@ impl Datapath {
                 }
             }
         }
-        for (path, device) in tc_links(&self.pins) {
+        // The links held but no longer pinned too: holding one keeps it.
+        let mut links: BTreeSet<(PathBuf, String)> = tc_links(&self.pins).into_iter().collect();
+        links.extend(
+            self.held
+                .tc_links
+                .keys()
+                .filter_map(|path| Some((path.clone(), tc_link_device(path)?))),
+        );
+        for (path, device) in links {
             if !devices.contains(&device) {
+                let held = self.held.tc_links.remove(&path);
                 match fs::remove_file(&path) {
                     Ok(()) => {
                         info!(device, link = %path.display(), "detached from a device no longer used");
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::NotFound && held.is_some() => {
+                        info!(device, "detached from a device no longer used");
                     }
                     Err(error) => {
                         warn!(device, link = %path.display(), %error, "cannot unpin a tc link");
@@ -552,13 +578,14 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let link_path = self.pins.link(&format!("{name}@{device}"));
         let program = classifier(&mut self.ebpf, name)?;
-        if swap_pinned(
+        if let Some(link) = swap_pinned(
             name,
             &link_path,
             program
                 .fd()
                 .map_err(|source| DatapathError::Program { name, source })?,
         )? {
+            self.held.tc_links.insert(link_path, link);
             return Ok(());
         }
         if !self.tcx {
@@ -580,12 +607,8 @@ impl Datapath {
             .take_link(link_id)
             .map_err(|source| DatapathError::Program { name, source })?;
         let link = FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
-        link.pin(&link_path)
-            .map_err(|source| DatapathError::PinLink {
-                name,
-                path: link_path.clone(),
-                source,
-            })?;
+        let held = pin_and_hold(name, link, &link_path)?;
+        self.held.tc_links.insert(link_path.clone(), held);
         info!(program = name, device, link = %link_path.display(), "attached (TCX)");
         Ok(())
     }
@@ -640,44 +663,81 @@ impl Datapath {
     /// (an earlier agent's), the link is kept and only its program is
     /// swapped, atomically.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        let cgroup_dir = fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
+        let (cgroup_dir, inode) = open_cgroup(cgroup)?;
+        let mut links = Vec::new();
         for name in PROGRAMS {
             let link_path = self.pins.link(name);
             let program = cgroup_program(&mut self.ebpf, name)?;
-            if swap_pinned(name, &link_path, program.fd()?)? {
+            if let Some(link) = swap_pinned(name, &link_path, program.fd()?)? {
+                links.push((name, link));
                 continue;
             }
-            let link = program.attach(&cgroup_dir)?;
-            link.pin(&link_path)
-                .map_err(|source| DatapathError::PinLink {
-                    name,
-                    path: link_path.clone(),
-                    source,
-                })?;
-            info!(program = name, cgroup = %cgroup.display(), link = %link_path.display(), "attached");
+            links.push((name, self.attach_anew(name, &cgroup_dir, cgroup)?));
         }
+        self.held.cgroup_links = links;
+        self.held.cgroup = Some((cgroup.to_owned(), inode));
         Ok(())
+    }
+
+    /// Attaches one cgroup program with a link of its own, pinned.
+    fn attach_anew(
+        &mut self,
+        name: &'static str,
+        cgroup_dir: &fs::File,
+        cgroup: &Path,
+    ) -> Result<OwnedFd, DatapathError> {
+        let link_path = self.pins.link(name);
+        let link = cgroup_program(&mut self.ebpf, name)?.attach(cgroup_dir)?;
+        let held = pin_and_hold(name, link, &link_path)?;
+        info!(program = name, cgroup = %cgroup.display(), link = %link_path.display(), "attached");
+        Ok(held)
     }
 }
 
-/// Swaps `program` into the link pinned at `link_path`, atomically; false
-/// when there is no pinned link to swap into (none, or a defunct one whose
-/// cgroup or device is gone, which is unpinned here to be replaced).
+/// The cgroup, opened to attach to, and its inode: a cgroup made again
+/// under the same path has another.
+fn open_cgroup(cgroup: &Path) -> Result<(fs::File, u64), DatapathError> {
+    let error = |source| DatapathError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    };
+    let dir = fs::File::open(cgroup).map_err(error)?;
+    let inode = dir.metadata().map_err(error)?.ino();
+    Ok((dir, inode))
+}
+
+/// Pins a new link and opens it again: aya's descriptor goes with the
+/// pinned link it returns, and the agent keeps one of its own.
+fn pin_and_hold(name: &'static str, link: FdLink, path: &Path) -> Result<OwnedFd, DatapathError> {
+    let pinned = link.pin(path).map_err(|source| DatapathError::PinLink {
+        name,
+        path: path.to_owned(),
+        source,
+    })?;
+    let held = bpf_sys::obj_get(path).map_err(|source| DatapathError::Hold {
+        path: path.to_owned(),
+        source,
+    })?;
+    drop(pinned);
+    Ok(held)
+}
+
+/// Swaps `program` into the link pinned at `link_path`, atomically, and
+/// returns the link, to hold; `None` when there is no pinned link to swap
+/// into (none, or a defunct one whose cgroup or device is gone, which is
+/// unpinned here to be replaced).
 fn swap_pinned(
     name: &'static str,
     link_path: &Path,
     program: &aya::programs::ProgramFd,
-) -> Result<bool, DatapathError> {
+) -> Result<Option<OwnedFd>, DatapathError> {
     let Ok(link) = bpf_sys::obj_get(link_path) else {
-        return Ok(false);
+        return Ok(None);
     };
     match bpf_sys::link_update(&link, program) {
         Ok(()) => {
             info!(program = name, link = %link_path.display(), "swapped the program behind the pinned link");
-            Ok(true)
+            Ok(Some(link))
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
             warn!(program = name, link = %link_path.display(), "the pinned link is defunct; attaching anew");
@@ -685,7 +745,7 @@ fn swap_pinned(
                 path: link_path.to_owned(),
                 source,
             })?;
-            Ok(false)
+            Ok(None)
         }
         Err(source) => Err(DatapathError::UpdateLink {
             path: link_path.to_owned(),
@@ -778,6 +838,13 @@ fn detach_clsact(device: &str) -> bool {
     detached
 }
 
+/// The device a tc link's pin (`links/<program>@<device>`) names.
+fn tc_link_device(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let (program, device) = name.split_once('@')?;
+    TC_PROGRAMS.contains(&program).then(|| device.to_owned())
+}
+
 /// The pinned tc links and the device each is on.
 pub fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
     let Ok(dir) = fs::read_dir(pins.links_dir()) else {
@@ -786,11 +853,9 @@ pub fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
     let mut links: Vec<(PathBuf, String)> = dir
         .filter_map(Result::ok)
         .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let (program, device) = name.split_once('@')?;
-            TC_PROGRAMS
-                .contains(&program)
-                .then(|| (entry.path(), device.to_owned()))
+            let path = entry.path();
+            let device = tc_link_device(&path)?;
+            Some((path, device))
         })
         .collect();
     links.sort();
@@ -931,10 +996,7 @@ fn stale_maps(pins: &Pins) -> Vec<PathBuf> {
 pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
     let _lock = match pins.lock_existing() {
         Ok(lock) => lock,
-        Err(PinsError::Locked { path, holder }) if force => {
-            warn!(path = %path.display(), holder, "removing the datapath of a running agent (--force)");
-            None
-        }
+        Err(PinsError::Locked { path, holder }) if force => stop_holder(pins, &path, &holder)?,
         Err(PinsError::Locked { path, holder }) => {
             return Err(DatapathError::CleanupLocked { path, holder });
         }
@@ -980,6 +1042,44 @@ pub fn cleanup(pins: &Pins, force: bool) -> Result<(), DatapathError> {
     }
     Ok(())
 }
+
+/// `cleanup --force`: stops the agent holding the directory (SIGTERM, as
+/// its DaemonSet would) and takes its lock. A running agent keeps its own
+/// descriptors of the links and pins again whatever is removed under it, so
+/// removing the datapath under it would not detach anything.
+fn stop_holder(
+    pins: &Pins,
+    path: &Path,
+    holder: &str,
+) -> Result<Option<crate::maps::pins::PinLock>, DatapathError> {
+    let locked = || DatapathError::CleanupLocked {
+        path: path.to_owned(),
+        holder: holder.to_owned(),
+    };
+    let pid = pins
+        .holder()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .ok_or_else(locked)?;
+    warn!(path = %path.display(), holder, "stopping the agent that holds the datapath (--force)");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM)
+        .map_err(|_| locked())?;
+    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+    loop {
+        match pins.lock_existing() {
+            Ok(lock) => return Ok(lock),
+            Err(PinsError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(PinsError::Locked { path, holder }) => {
+                return Err(DatapathError::CleanupLocked { path, holder });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// How long `cleanup --force` waits for the agent it stopped to exit.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The cgroup programs, by the names of their functions (and of their
 /// pinned links), for `doctor`.

@@ -9,14 +9,26 @@
 //! the whole directory. Since only root can then change anything inside,
 //! checking the paths once is enough: no later rename can race the checks.
 //!
-//! One agent at a time: [`Pins::prepare`] takes an exclusive `flock` on the
-//! directory itself (bpffs holds no regular files) for the agent's lifetime,
-//! and a second agent, or a `cleanup`, is refused with the holder's pid.
+//! One agent at a time: [`Pins::prepare`] binds an abstract unix socket
+//! named after the directory's path (`@ebpf-proxy/agent/<path>`) for the
+//! agent's lifetime, and a second agent, or a `cleanup`, is refused with the
+//! holder's pid. The lock is not in the directory, so removing the
+//! directory cannot release it (a lock on the directory itself went with
+//! it): only the process's end does. Abstract sockets belong to a network
+//! namespace, as iptables does, so the locks of a namespace are also the
+//! list of the agents that share its masquerade rules; the agents of one
+//! node run in its namespace (hostNetwork).
 
 use std::{
-    fs::{self, DirBuilder, File, OpenOptions, TryLockError},
+    fs::{self, DirBuilder, File, OpenOptions},
     io,
-    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+    os::{
+        linux::net::SocketAddrExt as _,
+        unix::{
+            fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+            net::{SocketAddr, UnixListener},
+        },
+    },
     path::{Path, PathBuf},
 };
 
@@ -62,7 +74,29 @@ pub enum PinsError {
 #[derive(Debug)]
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct PinLock {
-    _dir: File,
+    _socket: UnixListener,
+}
+
+/// Where the agents' locks are, among the abstract socket names.
+const LOCK_PREFIX: &str = "ebpf-proxy/agent/";
+/// The longest abstract socket name (`sun_path` less its leading NUL).
+const ABSTRACT_NAME_MAX: usize = 107;
+
+/// Another agent of this network namespace, by the lock it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherAgent {
+    /// Its pin directory (as its lock names it).
+    pub pins: String,
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for OtherAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid} on {}", self.pins),
+            None => write!(f, "an agent on {}", self.pins),
+        }
+    }
 }
 
 impl Pins {
@@ -102,21 +136,32 @@ impl Pins {
             path: self.root.clone(),
             source,
         })?;
+        // First, so that the lock is named after the parent as it will be.
         check_ancestors(&self.root)?;
-        make_private_dir(&self.root)?;
         let lock = self.lock()?;
-        for dir in [self.maps_dir(), self.links_dir()] {
+        self.make_dirs()?;
+        Ok(lock)
+    }
+
+    /// Makes the directory and its `maps` and `links` as [`Pins::prepare`]
+    /// does, checking what is already there: also for an agent whose
+    /// directory was removed under it, to pin again what it holds.
+    pub fn make_dirs(&self) -> Result<(), PinsError> {
+        check_ancestors(&self.root)?;
+        for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
             make_private_dir(&dir)?;
         }
-        Ok(lock)
+        Ok(())
     }
 
     /// Checks an existing pin directory as [`Pins::prepare`] does, making
     /// nothing, and locks it, for `cleanup`: `None` when there is no
-    /// directory. Removing pins through a directory another user controls
-    /// could detach some other datapath.
+    /// directory (and no agent holds its lock: one whose directory was
+    /// removed is about to make it again). Removing pins through a
+    /// directory another user controls could detach some other datapath.
     pub fn lock_existing(&self) -> Result<Option<PinLock>, PinsError> {
         if fs::symlink_metadata(&self.root).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+            drop(self.lock()?);
             return Ok(None);
         }
         check_ancestors_only(&self.root)?;
@@ -131,28 +176,73 @@ impl Pins {
     }
 
     fn lock(&self) -> Result<PinLock, PinsError> {
-        let dir = open_dir(&self.root)?;
-        match dir.try_lock() {
-            Ok(()) => Ok(PinLock { _dir: dir }),
-            Err(TryLockError::WouldBlock) => Err(PinsError::Locked {
+        let lock_error = |source| PinsError::Lock {
+            path: self.root.clone(),
+            source,
+        };
+        let address =
+            SocketAddr::from_abstract_name(self.lock_name().as_bytes()).map_err(lock_error)?;
+        match UnixListener::bind_addr(&address) {
+            Ok(socket) => Ok(PinLock { _socket: socket }),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(PinsError::Locked {
                 path: self.root.clone(),
-                holder: lock_holder(&dir).map_or_else(
-                    || "its pid is not in /proc/locks".to_owned(),
+                holder: self.holder().map_or_else(
+                    || "its pid is not in /proc".to_owned(),
                     |pid| format!("pid {pid}"),
                 ),
             }),
-            Err(TryLockError::Error(source)) => Err(PinsError::Lock {
-                path: self.root.clone(),
-                source,
-            }),
+            Err(source) => Err(lock_error(source)),
+        }
+    }
+
+    /// The name of the directory's lock: its path made absolute, with the
+    /// parent's symlinks resolved (the directory itself may be gone), so
+    /// that every spelling of one directory takes the same lock. A path too
+    /// long for a socket name is named by its hash.
+    fn lock_name(&self) -> String {
+        let absolute = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        let canonical = match (absolute.parent(), absolute.file_name()) {
+            (Some(parent), Some(name)) => {
+                fs::canonicalize(parent).map_or_else(|_| absolute.clone(), |p| p.join(name))
+            }
+            _ => absolute,
+        };
+        let path = canonical.to_string_lossy();
+        let name = format!("{LOCK_PREFIX}{}", path.trim_start_matches('/'));
+        if name.len() <= ABSTRACT_NAME_MAX {
+            name
+        } else {
+            format!("{LOCK_PREFIX}#{:016x}", fnv1a(path.as_bytes()))
         }
     }
 
     /// The pid of the agent holding the directory's lock, without taking
-    /// it: `None` when nobody holds it (or the directory is missing).
+    /// it: `None` when nobody holds it (or /proc does not say).
     #[must_use]
     pub fn holder(&self) -> Option<u32> {
-        lock_holder(&open_dir(&self.root).ok()?)
+        let name = self.lock_name();
+        let unix = fs::read_to_string("/proc/net/unix").ok()?;
+        let inode = agent_locks(&unix)
+            .into_iter()
+            .find(|(lock, _)| *lock == name)?
+            .1;
+        socket_owner(inode)
+    }
+
+    /// The agents of this network namespace other than this directory's:
+    /// those whose masquerade rules are the same as its own.
+    #[must_use]
+    pub fn other_agents(&self) -> Vec<OtherAgent> {
+        let ours = self.lock_name();
+        let unix = fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        agent_locks(&unix)
+            .into_iter()
+            .filter(|(name, _)| *name != ours)
+            .map(|(name, inode)| OtherAgent {
+                pins: format!("/{}", name.strip_prefix(LOCK_PREFIX).unwrap_or(&name)),
+                pid: socket_owner(inode),
+            })
+            .collect()
     }
 
     /// Refuses a pin that is not what it claims: a symlink would make the
@@ -285,24 +375,49 @@ fn check_ancestors_only(root: &Path) -> Result<(), PinsError> {
     Ok(())
 }
 
-/// The pid holding the flock on `dir`, from /proc/locks (flock has no call
-/// that names the holder).
-fn lock_holder(dir: &File) -> Option<u32> {
-    let meta = dir.metadata().ok()?;
-    let locks = fs::read_to_string("/proc/locks").ok()?;
-    holder_in(&locks, meta.dev(), meta.ino())
+/// The agents' locks among the sockets of /proc/net/unix (`Num RefCount
+/// Protocol Flags Type St Inode Path`, an abstract name shown with a leading
+/// `@`): each name with its socket's inode.
+fn agent_locks(unix: &str) -> Vec<(String, u64)> {
+    let prefix = format!("@{LOCK_PREFIX}");
+    let mut locks: Vec<(String, u64)> = unix
+        .lines()
+        .filter_map(|line| {
+            let at = line.find(&prefix)?;
+            let inode = line[..at].split_whitespace().last()?.parse().ok()?;
+            Some((line[at + 1..].to_owned(), inode))
+        })
+        .collect();
+    locks.sort();
+    locks.dedup();
+    locks
 }
 
-/// Parses lines such as `1: FLOCK  ADVISORY  WRITE 4242 00:1f:1234 0 EOF`
-/// (device as hex major:minor, then the inode).
-fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
-    let wanted = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
-    locks.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // Waiters are listed as "1: -> FLOCK ..."; only the holder counts.
-        (fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&wanted.as_str()))
-            .then(|| fields.get(4)?.parse().ok())
-            .flatten()
+/// The process that has the socket `inode` open, from /proc/*/fd (a
+/// socket has no call that names its owner).
+fn socket_owner(inode: u64) -> Option<u32> {
+    let wanted = format!("socket:[{inode}]");
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|process| {
+            let pid: u32 = process.file_name().to_str()?.parse().ok()?;
+            fs::read_dir(process.path().join("fd"))
+                .ok()?
+                .filter_map(Result::ok)
+                .any(|fd| {
+                    fs::read_link(fd.path())
+                        .is_ok_and(|target| target.as_os_str() == wanted.as_str())
+                })
+                .then_some(pid)
+        })
+}
+
+/// FNV-1a, 64 bits: a hash that every build computes alike, for lock
+/// names too long to be the path itself.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
@@ -311,14 +426,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_holder_is_read_from_proc_locks() {
-        let dev = libc::makedev(0, 0x1f);
-        let locks = "1: POSIX  ADVISORY  WRITE 100 00:1f:99 0 EOF\n\
-                     2: FLOCK  ADVISORY  WRITE 4242 00:1f:1234 0 EOF\n\
-                     2: -> FLOCK  ADVISORY  WRITE 777 00:1f:1234 0 EOF\n";
-        assert_eq!(holder_in(locks, dev, 1234), Some(4242));
-        assert_eq!(holder_in(locks, dev, 99), None);
-        assert_eq!(holder_in(locks, libc::makedev(8, 1), 1234), None);
+    fn the_agents_locks_are_read_from_proc_net_unix() {
+        let unix = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+                    0000000000000000: 00000002 00000000 00010000 0001 01 4242 @ebpf-proxy/agent/sys/fs/bpf/a\n\
+                    0000000000000000: 00000002 00000000 00010000 0001 01 77 @ebpf-proxy/agent/sys/fs/bpf/my pins\n\
+                    0000000000000000: 00000002 00000000 00010000 0001 01 99 @/tmp/.X11-unix/X0\n\
+                    0000000000000000: 00000003 00000000 00000000 0001 03 100 /run/systemd/notify\n";
+        assert_eq!(
+            agent_locks(unix),
+            vec![
+                ("ebpf-proxy/agent/sys/fs/bpf/a".to_owned(), 4242),
+                ("ebpf-proxy/agent/sys/fs/bpf/my pins".to_owned(), 77),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_spelling_of_a_directory_takes_one_lock() {
+        let name = |path: &str| Pins::new(path).lock_name();
+        // An existing parent, its own spelling resolved.
+        let tmp = fs::canonicalize(std::env::temp_dir()).unwrap();
+        let tmp = tmp.display();
+        assert_eq!(
+            name(&format!("{tmp}/x")),
+            format!("ebpf-proxy/agent{tmp}/x")
+        );
+        assert_eq!(
+            name(&format!("{tmp}/../{tmp}/x/")),
+            name(&format!("{tmp}/x"))
+        );
+        let long = format!("/sys/fs/bpf/{}", "y".repeat(200));
+        assert!(name(&long).len() <= ABSTRACT_NAME_MAX);
+        assert_ne!(name(&long), name(&format!("{long}z")));
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_naming_the_holder() {
+        let pins = Pins::new(format!("/nonexistent/pins-test-{}", std::process::id()));
+        let _lock = pins.lock().unwrap();
+        assert_eq!(pins.holder(), Some(std::process::id()));
+        match pins.lock() {
+            Err(PinsError::Locked { holder, .. }) => {
+                assert_eq!(holder, format!("pid {}", std::process::id()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Pins::new("/nonexistent/other")
+                .other_agents()
+                .iter()
+                .any(|a| a.pid == Some(std::process::id()))
+        );
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //!   wrapper's rule); nft when all is empty.
 //! - Checked on the loop's timer (`--iptables-sync-period`) and rewritten,
 //!   with a log line, when someone flushed or changed them.
-//! - Removed by `cleanup`, in both back ends, with the jump to them.
+//! - Removed by `cleanup`, in both back ends, with the jump to them; but
+//!   kept while another agent runs in the network namespace (its lock, an
+//!   abstract socket, is the namespace's): the chains are the node's, and
+//!   that agent's programs mark packets for them.
 //! - No iptables at all: one warning naming the package, and everything else
 //!   keeps working.
 
