@@ -16,14 +16,9 @@
 //! jumps, then flushes and deletes the chains, so a rule added by someone
 //! else meanwhile survives and no half-removed state is ever visible.
 
-use std::{
-    fmt::Write as _,
-    io::Write as _,
-    path::PathBuf,
-    process::{Command, ExitStatus, Stdio},
-};
-
 use tracing::{debug, info};
+
+use crate::iptables::{IptablesError, program, removal_script, run};
 
 /// Chains kube-proxy's iptables mode makes under these exact names.
 const KUBE_PROXY_CHAINS: &[&str] = &[
@@ -47,9 +42,6 @@ const KUBE_PROXY_CHAIN_PREFIXES: &[&str] = &[
     "KUBE-SEP-",
     "KUBE-XLB-",
 ];
-
-/// The tables kube-proxy writes to.
-const TABLES: &[&str] = &["nat", "filter", "mangle"];
 
 /// The name of the nftables table of kube-proxy's nftables mode.
 const NFT_TABLE: &str = "kube-proxy";
@@ -80,22 +72,6 @@ const BACKENDS: &[Backend] = &[
     },
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum CleanupError {
-    #[error("cannot run {program}")]
-    Spawn {
-        program: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{program} failed ({status}): {stderr}")]
-    Failed {
-        program: String,
-        status: ExitStatus,
-        stderr: String,
-    },
-}
-
 /// Whether kube-proxy (rather than kubelet or anyone else) owns a chain.
 fn is_kube_proxy_chain(chain: &str) -> bool {
     KUBE_PROXY_CHAINS.contains(&chain)
@@ -106,7 +82,7 @@ fn is_kube_proxy_chain(chain: &str) -> bool {
 
 /// Removes what kube-proxy left behind in this network namespace. Back ends
 /// whose commands are not installed are skipped (and logged).
-pub fn remove_kube_proxy_leftovers() -> Result<(), CleanupError> {
+pub fn remove_kube_proxy_leftovers() -> Result<(), IptablesError> {
     for backend in BACKENDS {
         let (Some(save), Some(restore)) = (program(backend.save), program(backend.restore)) else {
             info!(backend = backend.save, "not installed; skipped");
@@ -142,7 +118,7 @@ pub fn remove_kube_proxy_leftovers() -> Result<(), CleanupError> {
 /// changing anything: `backend: table/chain` for each chain (with the jumps
 /// to it counted), and `nft: family kube-proxy` for each nftables table, in
 /// a stable order. Back ends that are not installed are not looked at.
-pub fn find_kube_proxy_leftovers() -> Result<Vec<String>, CleanupError> {
+pub fn find_kube_proxy_leftovers() -> Result<Vec<String>, IptablesError> {
     let mut found = Vec::new();
     for backend in BACKENDS {
         let Some(save) = program(backend.save) else {
@@ -167,150 +143,6 @@ pub fn find_kube_proxy_leftovers() -> Result<Vec<String>, CleanupError> {
     Ok(found)
 }
 
-/// What an `iptables-restore --noflush` must do to remove someone's chains
-/// from a dump.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct RemovalScript {
-    pub text: String,
-    /// `table/chain` of every chain removed.
-    pub chains: Vec<String>,
-    /// Rules in other chains that jumped to them.
-    pub jumps: usize,
-}
-
-/// Builds the restore input for an `iptables-save` dump: per table, delete
-/// the jumps from other chains, flush the chains `owned` says are to go
-/// (which drops their references to each other), then delete them.
-pub(crate) fn removal_script(dump: &str, owned: fn(&str) -> bool) -> RemovalScript {
-    let mut script = RemovalScript::default();
-    for table in parse_dump(dump) {
-        if !TABLES.contains(&table.name.as_str()) {
-            continue;
-        }
-        let chains: Vec<&str> = table
-            .chains
-            .iter()
-            .map(String::as_str)
-            .filter(|c| owned(c))
-            .collect();
-        let jumps: Vec<&Rule> = table
-            .rules
-            .iter()
-            .filter(|r| !owned(&r.chain))
-            .filter(|r| r.target.as_deref().is_some_and(owned))
-            .collect();
-        if chains.is_empty() && jumps.is_empty() {
-            continue;
-        }
-        let text = &mut script.text;
-        let _ = writeln!(text, "*{}", table.name);
-        for jump in &jumps {
-            // The rule as saved, `-A` turned into `-D`: iptables deletes the
-            // rule whose spec matches exactly.
-            let _ = writeln!(text, "-D {}", jump.spec);
-        }
-        for chain in &chains {
-            let _ = writeln!(text, ":{chain} - [0:0]");
-        }
-        for chain in &chains {
-            let _ = writeln!(text, "-X {chain}");
-        }
-        script.text.push_str("COMMIT\n");
-        script.jumps += jumps.len();
-        script
-            .chains
-            .extend(chains.iter().map(|c| format!("{}/{c}", table.name)));
-    }
-    script
-}
-
-/// One table of an `iptables-save` dump.
-#[derive(Debug, Default)]
-pub(crate) struct Table {
-    pub name: String,
-    pub chains: Vec<String>,
-    pub rules: Vec<Rule>,
-}
-
-/// One `-A` line.
-#[derive(Debug)]
-pub(crate) struct Rule {
-    pub chain: String,
-    /// Everything after `-A `.
-    pub spec: String,
-    /// The `-j`/`-g` target.
-    pub target: Option<String>,
-}
-
-pub(crate) fn parse_dump(dump: &str) -> Vec<Table> {
-    let mut tables: Vec<Table> = Vec::new();
-    for line in dump.lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix('*') {
-            tables.push(Table {
-                name: name.to_owned(),
-                ..Table::default()
-            });
-            continue;
-        }
-        let Some(table) = tables.last_mut() else {
-            continue;
-        };
-        if let Some(chain) = line.strip_prefix(':') {
-            if let Some(name) = chain.split_whitespace().next() {
-                table.chains.push(name.to_owned());
-            }
-        } else if let Some(spec) = line.strip_prefix("-A ") {
-            let words = split_words(spec);
-            let target = words
-                .iter()
-                .position(|w| matches!(w.as_str(), "-j" | "--jump" | "-g" | "--goto"))
-                .and_then(|i| words.get(i + 1).cloned());
-            table.rules.push(Rule {
-                chain: words.first().cloned().unwrap_or_default(),
-                spec: spec.to_owned(),
-                target,
-            });
-        }
-    }
-    tables
-}
-
-/// Splits a saved rule into words as iptables-restore does: double quotes
-/// group (comments hold spaces, and may hold `-j`), a backslash escapes.
-fn split_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                word.extend(chars.next());
-                in_word = true;
-            }
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            c => {
-                word.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
-    words
-}
-
 /// The families with a `kube-proxy` table in `nft list tables` output.
 fn nft_kube_proxy_families(tables: &str) -> Vec<&'static str> {
     ["ip", "ip6"]
@@ -323,55 +155,10 @@ fn nft_kube_proxy_families(tables: &str) -> Vec<&'static str> {
         .collect()
 }
 
-/// A command's path, on PATH or in the sbin directories a container's or
-/// a non-login shell's PATH may lack.
-pub(crate) fn program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// Runs a command to completion and returns its stdout.
-pub(crate) fn run(
-    program: &PathBuf,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<String, CleanupError> {
-    let name = || format!("{} {}", program.display(), args.join(" "));
-    let spawn_error = |source| CleanupError::Spawn {
-        program: name(),
-        source,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error)?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(spawn_error)?;
-    }
-    let output = child.wait_with_output().map_err(spawn_error)?;
-    if !output.status.success() {
-        return Err(CleanupError::Failed {
-            program: name(),
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iptables::RemovalScript;
 
     const DUMP: &str = r#"# Generated by iptables-save v1.8.9
 *mangle
@@ -462,23 +249,6 @@ COMMIT
         for chain in ["KUBE-SERVICES", "KUBE-SVC-X", "KUBE-SEP-X", "KUBE-FW-X"] {
             assert!(is_kube_proxy_chain(chain), "{chain}");
         }
-    }
-
-    #[test]
-    fn words_follow_iptables_quoting() {
-        assert_eq!(
-            split_words(r#"X -m comment --comment "a \"b\" -j C" -j D"#),
-            [
-                "X",
-                "-m",
-                "comment",
-                "--comment",
-                r#"a "b" -j C"#,
-                "-j",
-                "D"
-            ]
-        );
-        assert_eq!(split_words(r#"X --comment """#), ["X", "--comment", ""]);
     }
 
     #[test]

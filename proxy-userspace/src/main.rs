@@ -15,6 +15,7 @@ mod devices;
 mod doctor;
 mod explain;
 mod health;
+mod iptables;
 mod kube_proxy_cleanup;
 mod kube_proxy_config;
 mod listing;
@@ -35,7 +36,6 @@ mod source;
 mod stale_sockets;
 #[cfg(test)]
 mod testing;
-mod writer;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -246,7 +246,7 @@ fn main() -> Result<()> {
             // directory's: another agent here marks packets for them.
             let others = pins.pins().other_agents();
             if others.is_empty() {
-                reconcile::iptables::cleanup()?;
+                reconcile::masquerade::cleanup()?;
             } else {
                 let others: Vec<String> = others.iter().map(ToString::to_string).collect();
                 info!(

@@ -40,15 +40,18 @@ use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{PROTO_TCP, PROTO_UDP, RevNatPair, SockRevNat};
 use tracing::{debug, info, warn};
 
-use crate::sock_diag::{Listed, SockDiag, SocketId, enter_network_namespace};
+use crate::{
+    reconcile::table::TableEvent,
+    sock_diag::{Listed, SockDiag, SocketId, enter_network_namespace},
+};
 
 /// A backend that left a frontend, both as the datapath holds them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Departure {
-    pub frontend: (Ipv4Addr, u16),
-    pub backend: (Ipv4Addr, u16),
+struct Departure {
+    frontend: (Ipv4Addr, u16),
+    backend: (Ipv4Addr, u16),
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
-    pub proto: u8,
+    proto: u8,
 }
 
 /// `--terminate-udp` and `--terminate-tcp`: which sockets of departed
@@ -177,8 +180,20 @@ impl StaleSockets {
         Ok(Self { sender })
     }
 
-    /// Ends, soon, the sockets translated to these departed backends.
-    pub fn backends_left(&self, departures: Vec<Departure>) {
+    /// Ends, soon, the sockets translated to the backends that a pass of
+    /// the socket programs' table took from their frontends.
+    pub fn follow(&self, events: &[TableEvent]) {
+        let departures: Vec<Departure> = events
+            .iter()
+            .filter_map(|event| match *event {
+                TableEvent::BackendLeft { frontend, backend } => Some(Departure {
+                    frontend: (frontend.ip, frontend.port),
+                    backend: (backend.ip, backend.port),
+                    proto: frontend.protocol.number(),
+                }),
+                TableEvent::SlotGone(_) => None,
+            })
+            .collect();
         if !departures.is_empty() {
             let _ = self.sender.send(departures);
         }

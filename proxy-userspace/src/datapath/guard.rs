@@ -18,7 +18,7 @@ use std::{
 };
 
 use proxy_common::{MAPS, PROGRAMS};
-use tracing::error;
+use tracing::{error, warn};
 
 use super::{Datapath, DatapathError, Pins, open_cgroup};
 use crate::bpf_sys;
@@ -218,4 +218,60 @@ impl Datapath {
 
 fn is_gone(path: &Path) -> bool {
     fs::symlink_metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+}
+
+/// inotify on what the datapath depends on: the pin directory (all of it)
+/// and the cgroup's parent (where the cgroup is removed and made again).
+pub struct GuardWatch {
+    watcher: notify::RecommendedWatcher,
+    pins: PathBuf,
+}
+
+impl GuardWatch {
+    /// Starts following `pins` and the parent of `cgroup`; each change is
+    /// a unit on `changed`.
+    pub fn start(
+        pins: &Path,
+        cgroup: &Path,
+        changed: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> notify::Result<Self> {
+        use notify::Watcher as _;
+        let (ours, cgroup_path) = (pins.to_owned(), cgroup.to_owned());
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Reads are no change; the cgroup's siblings come and go
+                // with their pods. An error (an overflow) may hide anything.
+                let relevant = event.map_or(true, |e| {
+                    !matches!(e.kind, notify::EventKind::Access(_))
+                        && (e.paths.is_empty()
+                            || e.paths
+                                .iter()
+                                .any(|p| p.starts_with(&ours) || *p == cgroup_path))
+                });
+                if relevant {
+                    let _ = changed.send(());
+                }
+            })?;
+        // Without it the housekeeping timer still sees the cgroup go.
+        if let Some(parent) = cgroup.parent()
+            && let Err(error) = watcher.watch(parent, notify::RecursiveMode::NonRecursive)
+        {
+            warn!(%error, cgroup = %cgroup.display(), "cannot follow the cgroup's parent with inotify");
+        }
+        let mut watch = Self {
+            watcher,
+            pins: pins.to_owned(),
+        };
+        watch.follow_pins()?;
+        Ok(watch)
+    }
+
+    /// Follows the pin directory again: a directory made again is a new
+    /// one, which inotify does not know yet.
+    pub fn follow_pins(&mut self) -> notify::Result<()> {
+        use notify::Watcher as _;
+        let _ = self.watcher.unwatch(&self.pins);
+        self.watcher
+            .watch(&self.pins, notify::RecursiveMode::Recursive)
+    }
 }

@@ -46,6 +46,7 @@ use crate::{bpf_sys, maps::table::typed_map, model::Cidr};
 
 pub mod btf;
 mod guard;
+pub use guard::GuardWatch;
 
 /// The object built from proxy-ebpf by build.rs. Every map of
 /// [`proxy_common::MAPS`] is pinned: a restarted agent's programs carry on

@@ -753,7 +753,7 @@ fn masquerade(cx: &Context) -> Check {
     let mut devices: Vec<&str> = links.iter().map(|(_, device)| device.as_str()).collect();
     devices.dedup();
     let on = format!("tc programs on {}", devices.join(", "));
-    match crate::reconcile::iptables::check(cx.args.iptables_masquerade_bit) {
+    match crate::reconcile::masquerade::check(cx.args.iptables_masquerade_bit) {
         Ok(None) => Check::ok(
             NAME,
             format!("{on}; the masquerade chains are in place and POSTROUTING jumps to them once"),

@@ -7,11 +7,11 @@ use crate::testing::XorShift;
 /// Both maps as the kernel holds them, shared by the two tables so every
 /// single write can be checked against what a concurrent reader would see.
 #[derive(Default)]
-struct Kernel {
+pub(crate) struct Kernel {
     services: BTreeMap<ServiceKey, ServiceValue>,
     backends: BTreeMap<u32, Backend>,
     /// How many entries the services map takes before it is full.
-    services_capacity: Option<usize>,
+    pub(crate) services_capacity: Option<usize>,
 }
 
 impl Kernel {
@@ -40,7 +40,7 @@ impl Kernel {
     }
 
     /// Frontend → backend addresses in slot order, whatever the ids.
-    fn view(&self) -> BTreeMap<L4Addr, Vec<L4Addr>> {
+    pub(crate) fn view(&self) -> BTreeMap<L4Addr, Vec<L4Addr>> {
         let mut view = BTreeMap::new();
         for (key, value) in &self.services {
             if key.backend_slot == 0 {
@@ -57,8 +57,8 @@ impl Kernel {
     }
 }
 
-struct Services(Rc<RefCell<Kernel>>);
-struct Backends(Rc<RefCell<Kernel>>);
+pub(crate) struct Services(pub(crate) Rc<RefCell<Kernel>>);
+pub(crate) struct Backends(pub(crate) Rc<RefCell<Kernel>>);
 
 impl Table<ServiceKey, ServiceValue> for Services {
     fn put(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
@@ -123,7 +123,7 @@ fn writer(kernel: &Rc<RefCell<Kernel>>) -> MapWriter<Services, Backends> {
     MapWriter::adopt(Services(kernel.clone()), Backends(kernel.clone())).unwrap()
 }
 
-fn tcp(host: u8, port: u16) -> L4Addr {
+pub(crate) fn tcp(host: u8, port: u16) -> L4Addr {
     L4Addr {
         ip: Ipv4Addr::new(10, 0, 0, host),
         port,
@@ -131,7 +131,7 @@ fn tcp(host: u8, port: u16) -> L4Addr {
     }
 }
 
-fn state(frontends: &[(L4Addr, &[L4Addr])]) -> DesiredState {
+pub(crate) fn state(frontends: &[(L4Addr, &[L4Addr])]) -> DesiredState {
     DesiredState {
         frontends: frontends
             .iter()

@@ -26,8 +26,7 @@ use std::{
 
 use tracing::{debug, info, warn};
 
-use super::{Desired, Reconciler, Report};
-use crate::kube_proxy_cleanup::{self, CleanupError, parse_dump, program, removal_script};
+use crate::iptables::{self, IptablesError, parse_dump, program, removal_script};
 
 /// Our KUBE-MARK-MASQ: jumping here asks for masquerading.
 pub const MARK_CHAIN: &str = "EBPF-PROXY-MARK-MASQ";
@@ -92,13 +91,13 @@ impl Backend {
         })
     }
 
-    fn save(&self) -> Result<String, CleanupError> {
+    fn save(&self) -> Result<String, IptablesError> {
         // Never `-t`: iptables-legacy would create the table to list it.
-        kube_proxy_cleanup::run(&self.save, &[], None)
+        iptables::run(&self.save, &[], None)
     }
 
-    fn restore(&self, script: &str) -> Result<String, CleanupError> {
-        kube_proxy_cleanup::run(&self.restore, &["--noflush", "-w"], Some(script))
+    fn restore(&self, script: &str) -> Result<String, IptablesError> {
+        iptables::run(&self.restore, &["--noflush", "-w"], Some(script))
     }
 
     /// The back end the node uses, or `None` when iptables is not installed.
@@ -109,7 +108,7 @@ impl Backend {
                 let dumps = |backend: &Self, v6: &str| {
                     let mut text = backend.save().unwrap_or_default();
                     if let Some(v6) = program(v6) {
-                        text.push_str(&kube_proxy_cleanup::run(&v6, &[], None).unwrap_or_default());
+                        text.push_str(&iptables::run(&v6, &[], None).unwrap_or_default());
                     }
                     text
                 };
@@ -198,7 +197,7 @@ impl Masquerade {
     }
 
     /// Checks one pass: writes the rules when they are missing or differ.
-    fn sync(&mut self) -> Result<usize, CleanupError> {
+    fn sync(&mut self) -> Result<usize, IptablesError> {
         let Some(backend) = self.backend.clone() else {
             return Ok(0);
         };
@@ -259,22 +258,12 @@ pub fn check(masquerade_bit: u8) -> Result<Option<String>, String> {
     Ok(inspect(&dump, &masquerade.rules()).problem())
 }
 
-impl Reconciler for Masquerade {
-    /// The rules do not depend on the Services: every pass only checks, and
-    /// repairs.
-    fn apply(&mut self, _desired: &Desired<'_>) -> Report {
-        match self.sync() {
-            Ok(changes) => Report {
-                changes,
-                ..Report::default()
-            },
-            Err(error) => {
-                warn!(error = %crate::report::chain(&error), "cannot write the masquerade rules; retrying");
-                Report {
-                    other_failures: 1,
-                    ..Report::default()
-                }
-            }
+impl Masquerade {
+    /// The periodic task: the rules do not depend on the Services, so each
+    /// period only checks them, and repairs what someone else changed.
+    pub fn repair(&mut self) {
+        if let Err(error) = self.sync() {
+            warn!(error = %crate::report::chain(&error), "cannot write the masquerade rules; retrying next period");
         }
     }
 }
@@ -362,7 +351,7 @@ fn script(rules: &[String], jumps: &[String]) -> String {
 
 /// `cleanup`: removes our chains and the jumps to them from both back
 /// ends (the node may have switched since), and nothing else.
-pub fn cleanup() -> Result<(), CleanupError> {
+pub fn cleanup() -> Result<(), IptablesError> {
     let mut found = false;
     for mode in [Mode::Legacy, Mode::Nft] {
         let Some(backend) = Backend::find(mode) else {

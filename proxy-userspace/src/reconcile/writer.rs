@@ -491,4 +491,4 @@ fn describe(error: &MapError) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

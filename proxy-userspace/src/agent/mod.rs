@@ -1,0 +1,557 @@
+//! The agent's loop: source events in, through the model, out to the
+//! reconcilers, plus timers.
+//!
+//! Level-triggered and incremental: events update the model's objects, the
+//! model recomputes the Services they touched and says which frontends of
+//! each table changed, and each table's reconciler writes their
+//! difference, retrying what failed on its own timer. Nothing is written
+//! before the source's view is complete, bursts of events are coalesced
+//! into one pass (and spaced by `--min-sync-period`). What the passes did
+//! to slots and backends goes on to the jobs that follow them: the
+//! per-slot counts and the sockets of departed backends. The masquerade
+//! rules, the devices and the guard of the datapath run on timers of their
+//! own.
+
+mod attachment;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, PoisonError},
+    time::{Duration, Instant, SystemTime},
+};
+
+use proxy_common::{Backend, ServiceKey, ServiceValue};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc::UnboundedReceiver,
+    time::sleep_until,
+};
+use tracing::{info, warn};
+
+use self::attachment::Attachment;
+use crate::{
+    datapath::{Datapath, DatapathError, MapSizes, Pins, ProgramSettings, SizedTable},
+    devices,
+    health::{Health, HealthEndpoints, SharedHealth},
+    metrics::Metrics,
+    model::{Model, ModelConfig, Problem},
+    reconcile::{
+        counts::SlotCounts,
+        masquerade::Masquerade,
+        table::{TableEvent, TableReconciler},
+    },
+    service_health::ServiceHealthServers,
+    source::{Change, EventSink, Source, SourceError, SourceEvent},
+    stale_sockets::{StaleSockets, Termination, Translations},
+};
+
+/// Syncs closer together than this are a burst, and are coalesced.
+const BURST_WINDOW: Duration = Duration::from_millis(20);
+/// A removal under the pin directory comes as a burst of events (`rm -rf`
+/// removes one pin at a time): the guard looks once it has settled.
+const GUARD_SETTLE: Duration = Duration::from_millis(100);
+
+/// Everything `run` needs, from its flags and kube-proxy's config file.
+pub struct AgentConfig {
+    pub cgroup: PathBuf,
+    pub pins: Pins,
+    pub sizes: MapSizes,
+    pub min_sync_period: Duration,
+    pub healthz_bind_address: SocketAddr,
+    pub metrics_bind_address: SocketAddr,
+    pub health_stale_after: Duration,
+    pub model: ModelConfig,
+    /// `--iptables-masquerade-bit`.
+    pub masquerade_bit: u8,
+    /// `--cluster-cidr`, its IPv4 range.
+    pub cluster_cidr: Option<crate::model::Cidr>,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
+    /// Whether the masquerade fallback is kept.
+    pub install_iptables_rules: bool,
+    /// How often the masquerade rules and the devices are looked at.
+    pub iptables_sync_period: Duration,
+    /// `--devices`.
+    pub devices: Vec<String>,
+    /// `--tcx` and `--trace`.
+    pub programs: ProgramOptions,
+    /// `--terminate-udp`, `--terminate-tcp`.
+    pub termination: Termination,
+}
+
+/// How the programs are attached and loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgramOptions {
+    /// `--tcx`: TCX links for the tc programs where the kernel has them.
+    pub tcx: bool,
+    /// `--trace`: the programs log each translation.
+    pub trace: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("cannot read the pinned maps")]
+    Adopt(#[source] aya::maps::MapError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("the source stopped")]
+    SourceStopped,
+    #[error("cannot listen for signals")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot follow the programs' log records")]
+    Trace(#[source] std::io::Error),
+    #[error("cannot serve {what} on {address}")]
+    Listen {
+        what: &'static str,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether the source has given a complete view yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum View {
+    /// Not yet: nothing may be written.
+    Partial,
+    /// Complete, but some input could not be read: pinned frontends no
+    /// object claims are kept.
+    Incomplete,
+    Complete,
+}
+
+/// A frontend table: a services map and its backends map.
+type FrontendTable =
+    TableReconciler<SizedTable<ServiceKey, ServiceValue>, SizedTable<u32, Backend>>;
+
+struct Loop {
+    model: Model,
+    view: View,
+    /// The socket programs' table: ClusterIPs, and the outside frontends
+    /// as the node's own sockets reach them.
+    sockets: FrontendTable,
+    /// The tc programs' table: NodePorts, externalIPs and load-balancer
+    /// IPs reached from outside.
+    tc: FrontendTable,
+    /// Follows the tables' slots; `None` when the map cannot be opened.
+    counts: Option<SlotCounts>,
+    /// Follows the backends that leave; `None` with `--terminate-udp=false`
+    /// and `--terminate-tcp=false`.
+    stale_sockets: Option<StaleSockets>,
+    attachment: Attachment,
+    /// `None` with `--install-iptables-rules=false`.
+    masquerade: Option<Masquerade>,
+    service_health: ServiceHealthServers,
+    health: SharedHealth,
+    metrics: Metrics,
+    sizes: MapSizes,
+    /// When the EndpointSlice changes waiting to be applied were made.
+    triggers: Vec<SystemTime>,
+    /// Problems already logged.
+    reported: BTreeSet<Problem>,
+}
+
+/// Loads and attaches the datapath, then follows `source` until SIGTERM or
+/// SIGINT. The pinned datapath keeps serving after the agent exits.
+pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), AgentError> {
+    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+
+    let (mut datapath, sockets, tc) = load(&config)?;
+    if config.programs.trace {
+        follow_trace(&mut datapath)?;
+    }
+    let counts = datapath
+        .take_counts()
+        .inspect_err(|error| warn!(error = %crate::report::chain(error), "the per-slot counts are not kept tidy"))
+        .ok()
+        .map(SlotCounts::new);
+
+    let health = Health::shared(config.health_stale_after);
+    let metrics = Metrics::new(config.pins.clone());
+    serve_endpoints(&config, &health, &metrics).await?;
+
+    let (sink, mut events) = EventSink::channel();
+    source.start(sink)?;
+    let (guard_changes, mut guard_events) = tokio::sync::mpsc::unbounded_channel();
+    let stale_sockets = start_stale_sockets(&config);
+    let mut state = Loop {
+        model: Model::new(config.model.clone()),
+        view: View::Partial,
+        sockets: if stale_sockets.is_some() {
+            sockets.reporting_departures()
+        } else {
+            sockets
+        },
+        tc,
+        counts,
+        stale_sockets,
+        attachment: Attachment::new(datapath, config.devices.clone()),
+        masquerade: config
+            .install_iptables_rules
+            .then(|| Masquerade::new(config.masquerade_bit)),
+        service_health: ServiceHealthServers::new(health.clone()),
+        health: health.clone(),
+        metrics,
+        sizes: config.sizes,
+        triggers: Vec::new(),
+        reported: BTreeSet::new(),
+    };
+    // Before the first sync, so that it already has the node's addresses
+    // (a second sync just for them would be wasted).
+    state.housekeeping();
+    let mut housekeeping = housekeeping_timer(config.iptables_sync_period);
+    let mut last_sync: Option<Instant> = None;
+    // A sync held back by --min-sync-period, and when it is due.
+    let mut deferred: Option<Instant> = None;
+    loop {
+        let wake = [state.sockets.retry_at(), state.tc.retry_at(), deferred]
+            .into_iter()
+            .flatten()
+            .min();
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else {
+                    return Err(AgentError::SourceStopped);
+                };
+                state.take(event);
+                drain(&mut events, &mut state);
+            }
+            () = async { sleep_until(wake.expect("guarded").into()).await }, if wake.is_some() => {
+                let now = Instant::now();
+                state.sockets.wake(now);
+                state.tc.wake(now);
+            }
+            _ = housekeeping.tick() => state.housekeeping(),
+            Some(()) = guard_events.recv() => state.guard_settled(&mut guard_events).await,
+            _ = terminate.recv() => {
+                info!("SIGTERM: exiting; the pinned datapath keeps serving");
+                return Ok(());
+            }
+            _ = interrupt.recv() => {
+                info!("SIGINT: exiting; the pinned datapath keeps serving");
+                return Ok(());
+            }
+        }
+        if state.view == View::Partial {
+            continue;
+        }
+        // kube-proxy's minSyncPeriod: changes that come sooner wait, and
+        // are applied together. Even at 0, a change that comes within
+        // BURST_WINDOW of the last sync is part of a burst (a rollout, a
+        // relist) and waits for the window to end, so 1,000 changes make a
+        // few applies, while a change after a quiet moment is applied at
+        // once.
+        if let Some(last) = last_sync {
+            let due = last + config.min_sync_period.max(BURST_WINDOW);
+            if Instant::now() < due {
+                deferred = Some(due);
+                continue;
+            }
+        }
+        deferred = None;
+        if state.sync() {
+            last_sync = Some(Instant::now());
+        }
+        // Attach only once the maps hold the services, so no socket ever
+        // sees a half-filled datapath.
+        if !state.attachment.is_attached() {
+            state
+                .attachment
+                .attach(&config.cgroup, config.pins.root(), &guard_changes)?;
+            // The devices follow the NodePort addresses, which the first
+            // sync has just computed: choose them now, not a period later.
+            state.housekeeping();
+            state.health().set_attached();
+        }
+    }
+}
+
+/// Loads the datapath and adopts its pinned maps: the socket programs'
+/// table and the tc programs', each with a reconciler of its own.
+fn load(config: &AgentConfig) -> Result<(Datapath, FrontendTable, FrontendTable), AgentError> {
+    let mut datapath = Datapath::load(
+        config.pins.clone(),
+        config.sizes,
+        ProgramSettings {
+            masquerade_mark: 1 << config.masquerade_bit,
+            cluster_cidr: config.cluster_cidr,
+            masquerade_all: config.masquerade_all,
+            trace: config.programs.trace,
+        },
+    )?;
+    let maps = datapath.take_service_maps()?;
+    let sockets = TableReconciler::adopt("sockets", maps.services, maps.backends)
+        .map_err(AgentError::Adopt)?;
+    let maps = datapath.take_external_maps()?;
+    let tc =
+        TableReconciler::adopt("tc", maps.services, maps.backends).map_err(AgentError::Adopt)?;
+    datapath.set_tcx(config.programs.tcx);
+    let (frontends, backends) = sockets.sizes();
+    let (external, _) = tc.sizes();
+    info!(frontends, backends, external, "adopted the pinned maps");
+    Ok((datapath, sockets, tc))
+}
+
+/// `--trace`: the programs' log records, read twenty times a second on a
+/// thread of their own (a debugging mode: the polling costs nothing that
+/// matters, and the loop never waits for the log).
+fn follow_trace(datapath: &mut Datapath) -> Result<(), AgentError> {
+    let mut reader = datapath.trace_reader()?;
+    std::thread::Builder::new()
+        .name("trace".to_owned())
+        .spawn(move || {
+            loop {
+                reader.flush();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .map_err(AgentError::Trace)?;
+    info!("tracing every translation (--trace): expect a line per connection");
+    Ok(())
+}
+
+/// The thread that ends sockets of departed backends; without it (the
+/// storage map cannot be opened, say) the agent goes on, and says so.
+fn start_stale_sockets(config: &AgentConfig) -> Option<StaleSockets> {
+    if !config.termination.any() {
+        return None;
+    }
+    match Translations::open(&config.pins)
+        .and_then(|translations| StaleSockets::start(translations, config.termination))
+    {
+        Ok(stale_sockets) => Some(stale_sockets),
+        Err(error) => {
+            warn!(%error, "cannot end sockets of backends that leave their Service; connected UDP sockets keep their backend");
+            None
+        }
+    }
+}
+
+/// Starts /healthz, /livez and /metrics.
+async fn serve_endpoints(
+    config: &AgentConfig,
+    health: &SharedHealth,
+    metrics: &Metrics,
+) -> Result<(), AgentError> {
+    for (what, address, responder) in [
+        (
+            "healthz",
+            config.healthz_bind_address,
+            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn crate::health::Responder>,
+        ),
+        (
+            "metrics",
+            config.metrics_bind_address,
+            Arc::new(metrics.clone()),
+        ),
+    ] {
+        crate::health::serve(what, address, responder)
+            .await
+            .map_err(|source| AgentError::Listen {
+                what,
+                address,
+                source,
+            })?;
+    }
+
+    Ok(())
+}
+
+/// The masquerade rules and the node's addresses are looked at on this
+/// timer: a flushed rule set is repaired within one period.
+fn housekeeping_timer(period: Duration) -> tokio::time::Interval {
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
+}
+
+/// Takes every event already waiting, so a burst becomes one apply.
+fn drain(events: &mut UnboundedReceiver<SourceEvent>, state: &mut Loop) {
+    while let Ok(event) = events.try_recv() {
+        state.take(event);
+    }
+}
+
+impl Loop {
+    fn take(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Changes(changes) => {
+                for change in changes {
+                    match &change {
+                        Change::EndpointSlice(_, Some(slice)) => {
+                            if let Some(time) = slice
+                                .object
+                                .trigger_time
+                                .as_deref()
+                                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                                .and_then(|t| u64::try_from(t.as_millisecond()).ok())
+                            {
+                                self.triggers
+                                    .push(SystemTime::UNIX_EPOCH + Duration::from_millis(time));
+                            }
+                        }
+                        Change::Node(node) => self
+                            .health()
+                            .node_deleting(node.as_ref().is_some_and(|n| n.deleting)),
+                        _ => {}
+                    }
+                    self.model.apply(change);
+                }
+                self.health().pending();
+            }
+            SourceEvent::Synced { complete } => {
+                let view = if complete {
+                    View::Complete
+                } else {
+                    View::Incomplete
+                };
+                if view != self.view {
+                    // The first view, and each change of completeness,
+                    // reconciles everything the pins hold.
+                    self.view = view;
+                    self.sockets.view(complete);
+                    self.tc.view(complete);
+                    if !complete {
+                        warn!(
+                            "some input could not be read: frontends in the maps that no object claims are kept until it can"
+                        );
+                    }
+                }
+            }
+            SourceEvent::Status(None) => {
+                info!("the source works again");
+                self.health().source_status(None);
+            }
+            SourceEvent::Status(Some(error)) => {
+                warn!(%error, "the source fails");
+                self.health().source_status(Some(error));
+            }
+        }
+    }
+
+    /// The periodic tasks: the masquerade rules, then the node's
+    /// interfaces and addresses (NodePorts follow the addresses, the
+    /// devices both), then the guard.
+    fn housekeeping(&mut self) {
+        if let Some(masquerade) = &mut self.masquerade {
+            masquerade.repair();
+        }
+        match devices::read() {
+            Ok(interfaces) => {
+                self.model
+                    .set_host_addresses(devices::host_addresses(&interfaces));
+                // Devices follow the NodePort addresses as last computed;
+                // an address change is seen one period later at worst.
+                self.attachment
+                    .follow_devices(interfaces, &self.model.external().node_addresses);
+            }
+            Err(error) => {
+                warn!(error = %crate::report::chain(&error), "cannot read the interfaces");
+            }
+        }
+        self.guard();
+    }
+
+    /// [`Loop::guard`] once a burst of changes has settled.
+    async fn guard_settled(&mut self, changes: &mut UnboundedReceiver<()>) {
+        tokio::time::sleep(GUARD_SETTLE).await;
+        while changes.try_recv().is_ok() {}
+        self.guard();
+    }
+
+    /// Puts back what went from under the datapath, and tells `/healthz`
+    /// while it is not attached where it should be.
+    fn guard(&mut self) {
+        self.attachment.guard();
+        let problem = self.attachment.problem().map(str::to_owned);
+        self.health().datapath_problem(problem);
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Brings both tables up to date; `false` when there was nothing to do.
+    fn sync(&mut self) -> bool {
+        if !self.model.is_dirty() && !self.sockets.has_work() && !self.tc.has_work() {
+            return false;
+        }
+        let started = Instant::now();
+        let changes = self.model.recompute();
+        self.log_problems();
+        self.sockets.changed(changes.sockets);
+        self.tc.changed(changes.tc);
+        self.service_health
+            .update(&self.model.external().health_checks);
+        let (mut socket_events, mut tc_events) = (Vec::new(), Vec::new());
+        let sockets = self
+            .sockets
+            .reconcile(self.model.desired(), &mut socket_events);
+        let tc = self.tc.reconcile(self.model.tc_desired(), &mut tc_events);
+        self.follow(&socket_events, &tc_events);
+        let failures = sockets.failures + tc.failures;
+        info!(
+            frontends = self.model.desired().frontends.len(),
+            external = self.model.tc_desired().frontends.len(),
+            changed = sockets.looked_at + tc.looked_at,
+            changes = sockets.changes + tc.changes,
+            failures,
+            took_us = started.elapsed().as_micros(),
+            "applied"
+        );
+        self.observe_sync(started.elapsed());
+        if failures == 0 {
+            let now = SystemTime::now();
+            for trigger in self.triggers.drain(..) {
+                if let Ok(latency) = now.duration_since(trigger) {
+                    self.metrics.observe_programming(latency);
+                }
+            }
+            self.health().synced();
+        } else {
+            self.metrics.sync_error("map_write", failures);
+        }
+        true
+    }
+
+    /// The jobs that follow the tables: counts end with their slots, and
+    /// sockets translated to backends that left are ended (off the loop's
+    /// thread).
+    fn follow(&mut self, socket_events: &[TableEvent], tc_events: &[TableEvent]) {
+        if let Some(counts) = &mut self.counts {
+            counts.forget(socket_events, tc_events, |slot| {
+                self.tc.holds_frontend(slot)
+            });
+        }
+        if let Some(stale_sockets) = &self.stale_sockets {
+            stale_sockets.follow(socket_events);
+        }
+    }
+
+    fn observe_sync(&self, took: Duration) {
+        self.metrics.observe_sync(took);
+        let (frontends, backends) = self.sockets.sizes();
+        self.metrics.programmed(frontends, backends);
+        self.metrics.map_fill(
+            proxy_common::SERVICES_MAP,
+            self.sockets.service_entries(),
+            self.sizes.services,
+        );
+        self.metrics
+            .map_fill(proxy_common::BACKENDS_MAP, backends, self.sizes.backends);
+    }
+
+    /// Each problem is logged once, not again with every unrelated edit.
+    fn log_problems(&mut self) {
+        let problems = self.model.problems();
+        for problem in problems.difference(&self.reported) {
+            warn!("{problem}; skipped");
+        }
+        self.reported = problems;
+    }
+}

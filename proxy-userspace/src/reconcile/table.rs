@@ -1,0 +1,318 @@
+//! One frontend table (a services map and its backends map) kept equal to
+//! the model's desired state for it, in the manner of Cilium's
+//! `bpf_reconciler`: the reconciler owns what is still to be written (the
+//! frontends changed since the last pass, and those whose write failed),
+//! the retry of failures with backoff, and the choice between a pass over
+//! the changed frontends and a pass over everything. The socket programs'
+//! table and the tc programs' are two instances of it.
+//!
+//! What a pass did that others must follow is handed out as
+//! [`TableEvent`]s: a slot that went (its translation count is over) and a
+//! backend that left a frontend (sockets translated to it must end). The
+//! jobs that follow them subscribe to the events, not to the writer.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use aya::maps::MapError;
+use proxy_common::{Backend, ServiceKey, ServiceValue};
+use tracing::{debug, warn};
+
+use super::writer::{ApplyStats, MapWriter};
+use crate::{
+    maps::table::Table,
+    model::{DesiredState, L4Addr},
+};
+
+/// The first retry of a failed write comes after this, then twice as long
+/// each time, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What a pass changed that other jobs follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableEvent {
+    /// A slot was deleted or given another backend: what was counted
+    /// under it is over.
+    SlotGone(ServiceKey),
+    /// A frontend no longer has this backend (written: the frontend's
+    /// write succeeded).
+    BackendLeft { frontend: L4Addr, backend: L4Addr },
+}
+
+/// What one [`TableReconciler::reconcile`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Entries written or deleted.
+    pub changes: usize,
+    /// Frontends left as they were after a failure, and failures not tied
+    /// to a frontend; all are retried.
+    pub failures: usize,
+    /// Frontends the pass looked at.
+    pub looked_at: usize,
+}
+
+/// One frontend table and what it still owes the desired state.
+pub struct TableReconciler<S, B> {
+    /// For the log: which table.
+    name: &'static str,
+    writer: MapWriter<S, B>,
+    /// Frontends changed since the last pass, or whose write failed.
+    pending: BTreeSet<L4Addr>,
+    /// A pass over everything is owed: the first complete view, a change
+    /// of completeness, or a failure not tied to one frontend.
+    full_pass_owed: bool,
+    /// Whether a pass over everything deletes what nothing desires: only
+    /// while the source's view is complete, or a file that does not parse
+    /// would take its Services down.
+    prune: bool,
+    /// When failed writes are tried again; `None` while nothing waits for
+    /// a retry.
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+    /// Whether [`TableEvent::BackendLeft`] is wanted: finding them costs a
+    /// look at each changed frontend's backends before it is written.
+    report_departures: bool,
+}
+
+impl<S, B> TableReconciler<S, B>
+where
+    S: Table<ServiceKey, ServiceValue>,
+    B: Table<u32, Backend>,
+{
+    /// Takes over the table with whatever it already holds; nothing is
+    /// written before the first [`TableReconciler::view`].
+    pub fn adopt(name: &'static str, services: S, backends: B) -> Result<Self, MapError> {
+        Ok(Self {
+            name,
+            writer: MapWriter::adopt(services, backends)?,
+            pending: BTreeSet::new(),
+            full_pass_owed: false,
+            prune: false,
+            retry_at: None,
+            retry_delay: RETRY_FIRST,
+            report_departures: false,
+        })
+    }
+
+    /// Hands out [`TableEvent::BackendLeft`] from now on.
+    #[must_use]
+    pub fn reporting_departures(mut self) -> Self {
+        self.report_departures = true;
+        self
+    }
+
+    /// The source's view became complete (`true`) or incomplete: the next
+    /// pass compares everything, and deletes what nothing desires only
+    /// when complete.
+    pub fn view(&mut self, complete: bool) {
+        self.full_pass_owed = true;
+        self.prune = complete;
+    }
+
+    /// These frontends' desired state changed.
+    pub fn changed(&mut self, frontends: impl IntoIterator<Item = L4Addr>) {
+        self.pending.extend(frontends);
+    }
+
+    /// Whether a pass now would do something: a full pass is owed, or
+    /// frontends wait and no retry timer holds them back.
+    #[must_use]
+    pub fn has_work(&self) -> bool {
+        self.full_pass_owed || (!self.pending.is_empty() && self.retry_at.is_none())
+    }
+
+    /// When failed writes are due again.
+    #[must_use]
+    pub const fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Lets failed writes go again once their time has come.
+    pub fn wake(&mut self, now: Instant) {
+        if self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+        }
+    }
+
+    /// Brings the table to `desired`: everything when a full pass is owed,
+    /// else the frontends pending. What went is appended to `events`.
+    pub fn reconcile(&mut self, desired: &DesiredState, events: &mut Vec<TableEvent>) -> Pass {
+        let full = std::mem::take(&mut self.full_pass_owed);
+        let looked_at;
+        let departures;
+        let stats = if full {
+            looked_at = desired.frontends.len();
+            // Which sockets a full pass strands is unknown: only a change
+            // says which backend left.
+            departures = Vec::new();
+            self.writer.apply_all(desired, self.prune)
+        } else {
+            looked_at = self.pending.len();
+            departures = if self.report_departures {
+                self.departures(desired)
+            } else {
+                Vec::new()
+            };
+            self.writer.apply_changed(desired, &self.pending)
+        };
+        events.extend(
+            self.writer
+                .take_slots_gone()
+                .into_iter()
+                .map(TableEvent::SlotGone),
+        );
+        events.extend(
+            departures
+                .into_iter()
+                .filter(|(frontend, _)| !stats.failed.contains(frontend))
+                .map(|(frontend, backend)| TableEvent::BackendLeft { frontend, backend }),
+        );
+        self.settle(&stats);
+        Pass {
+            changes: stats.changes(),
+            failures: stats.failures(),
+            looked_at,
+        }
+    }
+
+    /// Keeps what failed for a retry after a backoff; failures not tied to
+    /// one frontend owe a full pass.
+    fn settle(&mut self, stats: &ApplyStats) {
+        self.pending.clone_from(&stats.failed);
+        if stats.other_failures > 0 {
+            self.full_pass_owed = true;
+        }
+        if stats.failures() == 0 {
+            self.retry_at = None;
+            self.retry_delay = RETRY_FIRST;
+            return;
+        }
+        warn!(
+            table = self.name,
+            failed = stats.failures(),
+            retry_in_ms = self.retry_delay.as_millis(),
+            "some writes failed; retrying"
+        );
+        debug!(table = self.name, frontends = ?stats.failed, "failed frontends");
+        self.retry_at = Some(Instant::now() + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+    }
+
+    /// The backends the table gives each pending frontend that `desired`
+    /// no longer does.
+    fn departures(&self, desired: &DesiredState) -> Vec<(L4Addr, L4Addr)> {
+        let mut out = Vec::new();
+        for frontend in &self.pending {
+            let staying = desired
+                .frontends
+                .get(frontend)
+                .map_or(&[][..], |f| f.backends.as_slice());
+            for backend in self.writer.backends_of(*frontend) {
+                if let Some(backend) = L4Addr::from_backend(backend)
+                    && !staying.contains(&backend)
+                {
+                    out.push((*frontend, backend));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the table holds the frontend of `slot` (any of its slots).
+    #[must_use]
+    pub fn holds_frontend(&self, slot: ServiceKey) -> bool {
+        self.writer.holds_frontend(slot)
+    }
+
+    /// How many frontends and backends the table holds.
+    #[must_use]
+    pub fn sizes(&self) -> (usize, usize) {
+        self.writer.sizes()
+    }
+
+    /// How many entries the services map holds.
+    #[must_use]
+    pub fn service_entries(&self) -> usize {
+        self.writer.service_entries()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, rc::Rc};
+
+    use super::*;
+    use crate::reconcile::writer::tests::{Backends, Kernel, Services, state, tcp};
+
+    fn table(kernel: &Rc<RefCell<Kernel>>) -> TableReconciler<Services, Backends> {
+        TableReconciler::adopt("test", Services(kernel.clone()), Backends(kernel.clone())).unwrap()
+    }
+
+    #[test]
+    fn nothing_is_written_before_a_view_and_a_view_owes_a_full_pass() {
+        let kernel = Rc::default();
+        let mut table = table(&kernel);
+        assert!(!table.has_work());
+        table.view(true);
+        assert!(table.has_work());
+        let desired = state(&[(tcp(100, 80), &[tcp(1, 8080)])]);
+        let pass = table.reconcile(&desired, &mut Vec::new());
+        assert_eq!((pass.changes, pass.failures, pass.looked_at), (3, 0, 1));
+        assert!(!table.has_work());
+    }
+
+    #[test]
+    fn a_changed_pass_reports_the_slots_and_backends_that_went() {
+        let kernel = Rc::default();
+        let mut table = table(&kernel).reporting_departures();
+        let frontend = tcp(100, 80);
+        table.view(true);
+        table.reconcile(
+            &state(&[(frontend, &[tcp(1, 8080), tcp(2, 8080)])]),
+            &mut Vec::new(),
+        );
+        table.changed([frontend]);
+        let mut events = Vec::new();
+        table.reconcile(&state(&[(frontend, &[tcp(1, 8080)])]), &mut events);
+        assert!(
+            events.contains(&TableEvent::BackendLeft {
+                frontend,
+                backend: tcp(2, 8080)
+            }),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, TableEvent::SlotGone(slot) if slot.backend_slot == 2)),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn failed_frontends_wait_for_their_retry_and_are_written_then() {
+        let kernel: Rc<RefCell<Kernel>> = Rc::default();
+        let mut table = table(&kernel);
+        table.view(true);
+        table.reconcile(&state(&[]), &mut Vec::new());
+        // Room for nothing: the frontend's write fails.
+        kernel.borrow_mut().services_capacity = Some(0);
+        let frontend = tcp(100, 80);
+        let desired = state(&[(frontend, &[tcp(1, 8080)])]);
+        table.changed([frontend]);
+        let pass = table.reconcile(&desired, &mut Vec::new());
+        assert!(pass.failures > 0);
+        let retry_at = table.retry_at().expect("a retry is due");
+        assert!(!table.has_work(), "held back until the retry");
+        kernel.borrow_mut().services_capacity = None;
+        table.wake(retry_at);
+        assert!(table.has_work());
+        let pass = table.reconcile(&desired, &mut Vec::new());
+        assert_eq!(pass.failures, 0);
+        assert_eq!(table.retry_at(), None);
+        assert_eq!(kernel.borrow().view()[&frontend], [tcp(1, 8080)]);
+    }
+}
