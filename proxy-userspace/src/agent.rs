@@ -27,6 +27,7 @@ use crate::{
     datapath::{Counts, Datapath, DatapathError, MapSizes, Pins, ProgramSettings, SizedTable},
     devices::{self, DeviceWatch},
     health::{Health, HealthEndpoints, SharedHealth},
+    listener::{Connections, HEALTHZ_CONNECTIONS, METRICS_CONNECTIONS, Responder},
     metrics::Metrics,
     model::{DesiredState, L4Addr, Model, ModelConfig, Problem},
     reconcile::{Desired, Reconciler, Scope, iptables::Masquerade},
@@ -376,19 +377,21 @@ async fn serve_endpoints(
     health: &SharedHealth,
     metrics: &Metrics,
 ) -> Result<(), AgentError> {
-    for (what, address, responder) in [
+    for (what, address, responder, connections) in [
         (
             "healthz",
             config.healthz_bind_address,
-            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn crate::health::Responder>,
+            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn Responder>,
+            HEALTHZ_CONNECTIONS,
         ),
         (
             "metrics",
             config.metrics_bind_address,
             Arc::new(metrics.clone()),
+            METRICS_CONNECTIONS,
         ),
     ] {
-        crate::health::serve(what, address, responder)
+        crate::listener::serve(what, address, responder, Connections::new(connections))
             .await
             .map_err(|source| AgentError::Listen {
                 what,

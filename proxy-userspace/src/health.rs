@@ -1,29 +1,20 @@
-//! `/healthz` and `/livez` as kube-proxy serves them (default port 10256),
-//! and the small HTTP responder that also serves `/metrics`.
+//! `/healthz` and `/livez` as kube-proxy serves them (default port 10256).
 //!
 //! `/healthz` is what load balancers and the DaemonSet's readiness probe
 //! ask: 200 while the datapath is attached and the maps are not behind the
 //! source, 503 otherwise and while the Node is being deleted (KEP-3836), so
 //! traffic drains from a node that is going away. `/livez` is 200 as long
 //! as the process answers, Node deletion or not.
-//!
-//! Probes send one GET and read one answer, so a hand-written HTTP/1.1
-//! responder (one request per connection, bounded and timed) is all that
-//! is needed; a full HTTP stack would add a server the agent does not use.
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
-use tracing::{debug, info};
+
+use crate::listener::Responder;
 
 /// What the loop tells the health endpoint.
 #[derive(Debug)]
@@ -149,12 +140,6 @@ impl Health {
     }
 }
 
-/// What an HTTP listener answers.
-pub trait Responder: Send + Sync + 'static {
-    /// Status, content type and body for a GET of `path`.
-    fn respond(&self, path: &str) -> (u16, &'static str, String);
-}
-
 /// The health endpoints.
 pub struct HealthEndpoints(pub SharedHealth);
 
@@ -170,95 +155,6 @@ impl Responder for HealthEndpoints {
             _ => (404, "text/plain", "not found\n".to_owned()),
         }
     }
-}
-
-/// Binds `address` and answers GETs with `responder` in the background.
-/// Returns the bound address (port 0 picks a free one).
-pub async fn serve(
-    name: &'static str,
-    address: SocketAddr,
-    responder: Arc<dyn Responder>,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(address).await?;
-    let bound = listener.local_addr()?;
-    info!(%bound, "{name} listening");
-    accept(name, listener, responder);
-    Ok(bound)
-}
-
-/// [`serve`] for listeners that come and go: binds at once (inside the
-/// runtime) and returns the task, to abort when the port is no longer
-/// served.
-pub fn serve_std(
-    name: &'static str,
-    address: SocketAddr,
-    responder: Arc<dyn Responder>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
-    Ok(accept(name, TcpListener::from_std(listener)?, responder))
-}
-
-fn accept(
-    name: &'static str,
-    listener: TcpListener,
-    responder: Arc<dyn Responder>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let responder = responder.clone();
-            tokio::spawn(async move {
-                if let Err(error) = answer(stream, responder.as_ref()).await {
-                    debug!(%peer, %error, "{name}: request failed");
-                }
-            });
-        }
-    })
-}
-
-/// Reads one request (at most 8 KiB, within 5 s) and writes one answer.
-async fn answer(mut stream: TcpStream, responder: &dyn Responder) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(512);
-    let mut buffer = [0_u8; 1024];
-    let read = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-            let n = stream.read(&mut buffer).await?;
-            if n == 0 {
-                break;
-            }
-            request.extend_from_slice(&buffer[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let line = request.split(|b| *b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split(' ');
-    let (status, content_type, body) = match (words.next(), words.next()) {
-        (Some("GET"), Some(target)) => {
-            responder.respond(target.split('?').next().unwrap_or_default())
-        }
-        _ => (405, "text/plain", "only GET is served\n".to_owned()),
-    };
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{datapath::Pins, health::Responder};
+use crate::{datapath::Pins, listener::Responder};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},

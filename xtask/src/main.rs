@@ -192,7 +192,15 @@ fn test(filter: Option<&str>) -> Result<()> {
     // Unit tests of every crate; the privileged tests are #[ignore]d there.
     run_checked(cargo().args(["test", "--workspace"]))?;
     let mut args = vec!["test", "--package", "xtask"];
-    args.extend(["--test", "datapath", "--test", "kube_proxy", "--"]);
+    args.extend([
+        "--test",
+        "datapath",
+        "--test",
+        "kube_proxy",
+        "--test",
+        "listeners",
+        "--",
+    ]);
     args.extend(filter);
     // Two labs at a time: each runs nginx pods and an agent, and the
     // machine has two cores.
