@@ -454,10 +454,12 @@ impl Loop {
             }
             SourceEvent::Status(None) => {
                 info!("the source works again");
+                self.metrics.source_failing(false);
                 self.health().source_status(None);
             }
             SourceEvent::Status(Some(error)) => {
-                warn!(%error, "the source fails");
+                warn!(%error, "the source fails; the maps keep what they hold");
+                self.metrics.source_failing(true);
                 self.health().source_status(Some(error));
             }
         }

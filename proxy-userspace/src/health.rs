@@ -1,10 +1,14 @@
 //! `/healthz` and `/livez` as kube-proxy serves them (default port 10256).
 //!
 //! `/healthz` is what load balancers and the DaemonSet's readiness probe
-//! ask: 200 while the datapath is attached and the maps are not behind the
-//! source, 503 otherwise and while the Node is being deleted (KEP-3836), so
-//! traffic drains from a node that is going away. `/livez` is 200 as long
-//! as the process answers, Node deletion or not.
+//! ask, and it means what kube-proxy's means: 503 only while a change has
+//! waited longer than `--health-stale-after` to reach the maps, before the
+//! datapath is attached, and while the Node is being deleted (KEP-3836), so
+//! traffic drains from a node that is going away. A source that fails with
+//! nothing waiting (the API server away, the maps as they were) is no
+//! reason to drain every node at once: it is logged, counted in the
+//! metrics and named in the body, and the status stays 200. `/livez` is 200
+//! as long as the process answers, Node deletion or not.
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
@@ -32,7 +36,8 @@ pub struct Health {
 /// Shared between the loop and the HTTP tasks.
 pub type SharedHealth = Arc<Mutex<Health>>;
 
-/// kube-proxy's `/healthz` body, plus why it is unhealthy.
+/// kube-proxy's `/healthz` body, plus why it is unhealthy, and what fails
+/// without making it so.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct HealthzBody {
@@ -41,6 +46,8 @@ struct HealthzBody {
     node_eligible: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_error: Option<String>,
 }
 
 impl Health {
@@ -83,28 +90,33 @@ impl Health {
         self.node_deleting = deleting;
     }
 
-    /// Whether `/healthz` answers 200; healthCheckNodePorts say it as
-    /// `serviceProxyHealthy`.
+    /// Whether `/healthz` answers 200.
     #[must_use]
     pub fn is_healthy(&self) -> bool {
         self.problem().is_none()
     }
 
+    /// The proxy's own health, whatever the Node's state: what
+    /// healthCheckNodePorts say as `serviceProxyHealthy`, as kube-proxy's
+    /// do (the endpoints of a Node being deleted leave by themselves).
+    #[must_use]
+    pub fn proxy_healthy(&self) -> bool {
+        self.proxy_problem().is_none()
+    }
+
     /// Why the node should not get traffic, if it should not.
     fn problem(&self) -> Option<String> {
+        self.proxy_problem().or_else(|| {
+            self.node_deleting
+                .then(|| "the Node is being deleted".to_owned())
+        })
+    }
+
+    /// Why the maps cannot be trusted, if they cannot: not in use yet, or
+    /// a change has waited too long to reach them.
+    fn proxy_problem(&self) -> Option<String> {
         if !self.attached {
             return Some("the datapath is not attached yet".to_owned());
-        }
-        if self.node_deleting {
-            return Some("the Node is being deleted".to_owned());
-        }
-        if let Some((error, since)) = &self.source_error
-            && since.elapsed() >= self.stale_after
-        {
-            return Some(format!(
-                "the source has failed for {}s: {error}",
-                since.elapsed().as_secs()
-            ));
         }
         if let Some(since) = self.pending_since
             && since.elapsed() >= self.stale_after
@@ -131,8 +143,11 @@ impl Health {
             current_time: timestamp(SystemTime::now()),
             node_eligible: !self.node_deleting,
             reason: reason.clone(),
+            source_error: self.source_error.as_ref().map(|(error, since)| {
+                format!("failing for {}s: {error}", since.elapsed().as_secs())
+            }),
         };
-        let status = if reason.is_some() { 503 } else { 200 };
+        let status = if self.is_healthy() { 200 } else { 503 };
         (
             status,
             serde_json::to_string(&body).unwrap_or_default() + "\n",
@@ -162,36 +177,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn healthz_follows_the_datapath_the_source_and_the_node() {
+    fn healthz_follows_the_datapath_waiting_changes_and_the_node() {
         let health = Health::shared(Duration::ZERO);
         let status = || health.lock().unwrap().healthz().0;
         assert_eq!(status(), 503, "not attached yet");
+        assert!(!health.lock().unwrap().proxy_healthy());
         health.lock().unwrap().set_attached();
         health.lock().unwrap().synced();
         assert_eq!(status(), 200);
-        health
-            .lock()
-            .unwrap()
-            .source_status(Some("connection refused".into()));
-        assert_eq!(status(), 503, "stale at once with a zero threshold");
+        health.lock().unwrap().pending();
+        assert_eq!(status(), 503, "late at once with a zero threshold");
         let body = health.lock().unwrap().healthz().1;
-        assert!(body.contains("connection refused"), "{body}");
-        health.lock().unwrap().source_status(None);
+        assert!(body.contains("changes have waited"), "{body}");
+        assert!(!health.lock().unwrap().proxy_healthy());
+        health.lock().unwrap().synced();
         assert_eq!(status(), 200);
         health.lock().unwrap().node_deleting(true);
         assert_eq!(status(), 503);
+        let body = health.lock().unwrap().healthz().1;
+        assert!(body.contains("\"nodeEligible\":false"), "{body}");
+        assert!(body.contains("the Node is being deleted"), "{body}");
         assert!(
-            health
-                .lock()
-                .unwrap()
-                .healthz()
-                .1
-                .contains("\"nodeEligible\":false")
+            health.lock().unwrap().proxy_healthy(),
+            "healthCheckNodePorts ignore the Node's state, as kube-proxy's do"
         );
     }
 
     #[test]
-    fn a_recent_source_error_is_tolerated() {
+    fn a_failing_source_with_nothing_waiting_is_healthy() {
+        let health = Health::shared(Duration::ZERO);
+        let mut h = health.lock().unwrap();
+        h.set_attached();
+        h.synced();
+        h.source_status(Some("connection refused".into()));
+        let (status, body) = h.healthz();
+        assert_eq!(status, 200, "{body}");
+        assert!(h.proxy_healthy());
+        assert!(
+            body.contains("\"sourceError\":\"failing for 0s: connection refused\""),
+            "{body}"
+        );
+        assert!(!body.contains("reason"), "{body}");
+        h.source_status(None);
+        assert!(!h.healthz().1.contains("sourceError"));
+    }
+
+    #[test]
+    fn a_recent_change_is_tolerated() {
         let health = Health::shared(Duration::from_mins(1));
         let mut h = health.lock().unwrap();
         h.set_attached();

@@ -1,9 +1,10 @@
 //! healthCheckNodePorts: for each Service of externalTrafficPolicy Local
 //! (type LoadBalancer), an HTTP server on its healthCheckNodePort that a
 //! cloud load balancer probes, answering as kube-proxy does: 200 while this
-//! node has a ready endpoint of the Service and the proxy is healthy, 503
-//! otherwise, with kube-proxy's JSON body. Any path is answered. The ports
-//! share one pool of connections.
+//! node has a ready endpoint of the Service and the proxy itself is healthy
+//! (`/healthz`'s rule without the Node's state), 503 otherwise, with
+//! kube-proxy's JSON body. Any path is answered. The ports share one pool
+//! of connections.
 
 use std::{
     collections::BTreeMap,
@@ -124,7 +125,7 @@ impl Responder for PortResponder {
             .health
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_healthy();
+            .proxy_healthy();
         let checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(check) = checks.get(&self.port) else {
             return (404, "text/plain", "no such service\n".to_owned());
