@@ -73,8 +73,9 @@ pub struct RunArgs {
     /// working; flags of the same meaning override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// /healthz turns 503 when the source has failed, or changes have
-    /// waited for the maps, this long.
+    /// /healthz turns 503 when changes have waited this long to reach the
+    /// maps; a failing source with nothing waiting does not turn it, as in
+    /// kube-proxy.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_go_duration)]
     pub health_stale_after: Duration,
     /// Entries of the services map: one per Service port plus one per

@@ -1,29 +1,24 @@
-//! `/healthz` and `/livez` as kube-proxy serves them (default port 10256),
-//! and the small HTTP responder that also serves `/metrics`.
+//! `/healthz` and `/livez` as kube-proxy serves them (default port 10256).
 //!
 //! `/healthz` is what load balancers and the DaemonSet's readiness probe
-//! ask: 200 while the datapath is attached and the maps are not behind the
-//! source, 503 otherwise and while the Node is being deleted (KEP-3836), so
-//! traffic drains from a node that is going away. `/livez` is 200 as long
-//! as the process answers, Node deletion or not.
-//!
-//! Probes send one GET and read one answer, so a hand-written HTTP/1.1
-//! responder (one request per connection, bounded and timed) is all that
-//! is needed; a full HTTP stack would add a server the agent does not use.
+//! ask, and it means what kube-proxy's means: 503 only while a change has
+//! waited longer than `--health-stale-after` to reach the maps, before the
+//! datapath is attached, and while the Node is being deleted (KEP-3836), so
+//! traffic drains from a node that is going away. A source that fails with
+//! nothing waiting (the API server away, the maps as they were) is no
+//! reason to drain every node at once: it is logged, counted in the
+//! metrics and named in the body, and the status stays 200. `/livez` is 200
+//! as long as the process answers, Node deletion or not.
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
-use tracing::{debug, info};
+
+use crate::listener::Responder;
 
 /// What the loop tells the health endpoint.
 #[derive(Debug)]
@@ -43,7 +38,8 @@ pub struct Health {
 /// Shared between the loop and the HTTP tasks.
 pub type SharedHealth = Arc<Mutex<Health>>;
 
-/// kube-proxy's `/healthz` body, plus why it is unhealthy.
+/// kube-proxy's `/healthz` body, plus why it is unhealthy, and what fails
+/// without making it so.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct HealthzBody {
@@ -52,6 +48,8 @@ struct HealthzBody {
     node_eligible: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_error: Option<String>,
 }
 
 impl Health {
@@ -101,31 +99,37 @@ impl Health {
         self.node_deleting = deleting;
     }
 
-    /// Whether `/healthz` answers 200; healthCheckNodePorts say it as
-    /// `serviceProxyHealthy`.
+    /// Whether `/healthz` answers 200.
     #[must_use]
     pub fn is_healthy(&self) -> bool {
         self.problem().is_none()
     }
 
+    /// The proxy's own health, whatever the Node's state: what
+    /// healthCheckNodePorts say as `serviceProxyHealthy`, as kube-proxy's
+    /// do (the endpoints of a Node being deleted leave by themselves).
+    #[must_use]
+    pub fn proxy_healthy(&self) -> bool {
+        self.proxy_problem().is_none()
+    }
+
     /// Why the node should not get traffic, if it should not.
     fn problem(&self) -> Option<String> {
+        self.proxy_problem().or_else(|| {
+            self.node_deleting
+                .then(|| "the Node is being deleted".to_owned())
+        })
+    }
+
+    /// Why the maps cannot be trusted, if they cannot: not in use yet, not
+    /// attached where they should be, or a change has waited too long to
+    /// reach them.
+    fn proxy_problem(&self) -> Option<String> {
         if !self.attached {
             return Some("the datapath is not attached yet".to_owned());
         }
         if let Some(problem) = &self.datapath_problem {
             return Some(problem.clone());
-        }
-        if self.node_deleting {
-            return Some("the Node is being deleted".to_owned());
-        }
-        if let Some((error, since)) = &self.source_error
-            && since.elapsed() >= self.stale_after
-        {
-            return Some(format!(
-                "the source has failed for {}s: {error}",
-                since.elapsed().as_secs()
-            ));
         }
         if let Some(since) = self.pending_since
             && since.elapsed() >= self.stale_after
@@ -152,19 +156,16 @@ impl Health {
             current_time: timestamp(SystemTime::now()),
             node_eligible: !self.node_deleting,
             reason: reason.clone(),
+            source_error: self.source_error.as_ref().map(|(error, since)| {
+                format!("failing for {}s: {error}", since.elapsed().as_secs())
+            }),
         };
-        let status = if reason.is_some() { 503 } else { 200 };
+        let status = if self.is_healthy() { 200 } else { 503 };
         (
             status,
             serde_json::to_string(&body).unwrap_or_default() + "\n",
         )
     }
-}
-
-/// What an HTTP listener answers.
-pub trait Responder: Send + Sync + 'static {
-    /// Status, content type and body for a GET of `path`.
-    fn respond(&self, path: &str) -> (u16, &'static str, String);
 }
 
 /// The health endpoints.
@@ -184,115 +185,25 @@ impl Responder for HealthEndpoints {
     }
 }
 
-/// Binds `address` and answers GETs with `responder` in the background.
-/// Returns the bound address (port 0 picks a free one).
-pub async fn serve(
-    name: &'static str,
-    address: SocketAddr,
-    responder: Arc<dyn Responder>,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(address).await?;
-    let bound = listener.local_addr()?;
-    info!(%bound, "{name} listening");
-    accept(name, listener, responder);
-    Ok(bound)
-}
-
-/// [`serve`] for listeners that come and go: binds at once (inside the
-/// runtime) and returns the task, to abort when the port is no longer
-/// served.
-pub fn serve_std(
-    name: &'static str,
-    address: SocketAddr,
-    responder: Arc<dyn Responder>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
-    Ok(accept(name, TcpListener::from_std(listener)?, responder))
-}
-
-fn accept(
-    name: &'static str,
-    listener: TcpListener,
-    responder: Arc<dyn Responder>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let responder = responder.clone();
-            tokio::spawn(async move {
-                if let Err(error) = answer(stream, responder.as_ref()).await {
-                    debug!(%peer, %error, "{name}: request failed");
-                }
-            });
-        }
-    })
-}
-
-/// Reads one request (at most 8 KiB, within 5 s) and writes one answer.
-async fn answer(mut stream: TcpStream, responder: &dyn Responder) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(512);
-    let mut buffer = [0_u8; 1024];
-    let read = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-            let n = stream.read(&mut buffer).await?;
-            if n == 0 {
-                break;
-            }
-            request.extend_from_slice(&buffer[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let line = request.split(|b| *b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split(' ');
-    let (status, content_type, body) = match (words.next(), words.next()) {
-        (Some("GET"), Some(target)) => {
-            responder.respond(target.split('?').next().unwrap_or_default())
-        }
-        _ => (405, "text/plain", "only GET is served\n".to_owned()),
-    };
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn healthz_follows_the_datapath_the_source_and_the_node() {
+    fn healthz_follows_the_datapath_waiting_changes_and_the_node() {
         let health = Health::shared(Duration::ZERO);
         let status = || health.lock().unwrap().healthz().0;
         assert_eq!(status(), 503, "not attached yet");
+        assert!(!health.lock().unwrap().proxy_healthy());
         health.lock().unwrap().set_attached();
         health.lock().unwrap().synced();
         assert_eq!(status(), 200);
-        health
-            .lock()
-            .unwrap()
-            .source_status(Some("connection refused".into()));
-        assert_eq!(status(), 503, "stale at once with a zero threshold");
+        health.lock().unwrap().pending();
+        assert_eq!(status(), 503, "late at once with a zero threshold");
         let body = health.lock().unwrap().healthz().1;
-        assert!(body.contains("connection refused"), "{body}");
-        health.lock().unwrap().source_status(None);
+        assert!(body.contains("changes have waited"), "{body}");
+        assert!(!health.lock().unwrap().proxy_healthy());
+        health.lock().unwrap().synced();
         assert_eq!(status(), 200);
         health
             .lock()
@@ -304,18 +215,36 @@ mod tests {
         assert_eq!(status(), 200);
         health.lock().unwrap().node_deleting(true);
         assert_eq!(status(), 503);
+        let body = health.lock().unwrap().healthz().1;
+        assert!(body.contains("\"nodeEligible\":false"), "{body}");
+        assert!(body.contains("the Node is being deleted"), "{body}");
         assert!(
-            health
-                .lock()
-                .unwrap()
-                .healthz()
-                .1
-                .contains("\"nodeEligible\":false")
+            health.lock().unwrap().proxy_healthy(),
+            "healthCheckNodePorts ignore the Node's state, as kube-proxy's do"
         );
     }
 
     #[test]
-    fn a_recent_source_error_is_tolerated() {
+    fn a_failing_source_with_nothing_waiting_is_healthy() {
+        let health = Health::shared(Duration::ZERO);
+        let mut h = health.lock().unwrap();
+        h.set_attached();
+        h.synced();
+        h.source_status(Some("connection refused".into()));
+        let (status, body) = h.healthz();
+        assert_eq!(status, 200, "{body}");
+        assert!(h.proxy_healthy());
+        assert!(
+            body.contains("\"sourceError\":\"failing for 0s: connection refused\""),
+            "{body}"
+        );
+        assert!(!body.contains("reason"), "{body}");
+        h.source_status(None);
+        assert!(!h.healthz().1.contains("sourceError"));
+    }
+
+    #[test]
+    fn a_recent_change_is_tolerated() {
         let health = Health::shared(Duration::from_mins(1));
         let mut h = health.lock().unwrap();
         h.set_attached();

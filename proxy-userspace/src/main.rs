@@ -18,6 +18,7 @@ mod health;
 mod iptables;
 mod kube_proxy_cleanup;
 mod kube_proxy_config;
+mod listener;
 mod listing;
 mod maps;
 mod metrics;
@@ -39,7 +40,7 @@ mod testing;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::config::{PinDir, RunArgs};
 
@@ -163,6 +164,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
+            raise_open_file_limit();
             // Everything is checked before anything is made on the node.
             let (config, source) = args.resolve()?;
             // Before any thread starts: capabilities are per thread.
@@ -256,6 +258,48 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, as Go programs
+/// (kube-proxy among them) do at start: the usual soft limit of 1,024 is
+/// for select(2), which the agent does not use, and an agent that holds
+/// its listeners' connections, the maps and the API watches must not run
+/// short of descriptors.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(error) => {
+            warn!(%error, "cannot read the limit of open files");
+            return;
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                debug!(
+                    from = soft,
+                    to = hard,
+                    "raised the soft limit of open files"
+                );
+                hard
+            }
+            Err(error) => {
+                warn!(%error, soft, hard, "cannot raise the soft limit of open files");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    let listeners = u64::try_from(listener::ALL_CONNECTIONS).unwrap_or(u64::MAX);
+    if limit < 2 * listeners {
+        warn!(
+            limit,
+            listeners,
+            "the limit of open files leaves little room beside the listeners' connections; raise its hard limit (LimitNOFILE, ulimit -Hn)"
+        );
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{datapath::Pins, health::Responder};
+use crate::{datapath::Pins, listener::Responder};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -44,6 +44,7 @@ pub struct Metrics {
     backends: Gauge,
     map_fill: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     sync_errors: Family<KindLabel, Counter>,
+    source_failing: Gauge,
 }
 
 impl Metrics {
@@ -87,6 +88,12 @@ impl Metrics {
             "Failures while syncing, by kind",
             sync_errors.clone(),
         );
+        let source_failing = Gauge::default();
+        registry.register(
+            "source_failing",
+            "1 while the source (the API server, the manifests) fails; /healthz stays 200 unless changes wait",
+            source_failing.clone(),
+        );
         registry.register_collector(Box::new(DatapathCounters(pins.clone())));
         registry.register_collector(Box::new(FrontendCounts(pins)));
         Self {
@@ -97,6 +104,7 @@ impl Metrics {
             backends,
             map_fill,
             sync_errors,
+            source_failing,
         }
     }
 
@@ -128,6 +136,10 @@ impl Metrics {
         self.sync_errors
             .get_or_create(&KindLabel { kind })
             .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    pub fn source_failing(&self, failing: bool) {
+        self.source_failing.set(i64::from(failing));
     }
 
     fn render(&self) -> String {

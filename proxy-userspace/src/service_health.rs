@@ -1,8 +1,10 @@
 //! healthCheckNodePorts: for each Service of externalTrafficPolicy Local
 //! (type LoadBalancer), an HTTP server on its healthCheckNodePort that a
 //! cloud load balancer probes, answering as kube-proxy does: 200 while this
-//! node has a ready endpoint of the Service and the proxy is healthy, 503
-//! otherwise, with kube-proxy's JSON body. Any path is answered.
+//! node has a ready endpoint of the Service and the proxy itself is healthy
+//! (`/healthz`'s rule without the Node's state), 503 otherwise, with
+//! kube-proxy's JSON body. Any path is answered. The ports share one pool
+//! of connections.
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +17,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
-    health::{Responder, SharedHealth},
+    health::SharedHealth,
+    listener::{Connections, HEALTH_CHECK_CONNECTIONS, Responder},
     model::HealthCheck,
 };
 
@@ -24,6 +27,7 @@ pub struct ServiceHealthServers {
     health: SharedHealth,
     checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>,
     listeners: BTreeMap<u16, JoinHandle<()>>,
+    connections: Arc<Connections>,
     /// Ports that could not be bound, warned about once.
     failed: BTreeMap<u16, String>,
 }
@@ -35,6 +39,7 @@ impl ServiceHealthServers {
             health,
             checks: Arc::default(),
             listeners: BTreeMap::new(),
+            connections: Connections::new(HEALTH_CHECK_CONNECTIONS),
             failed: BTreeMap::new(),
         }
     }
@@ -62,10 +67,11 @@ impl ServiceHealthServers {
                 health: self.health.clone(),
             });
             let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
-            match crate::health::serve_std(
+            match crate::listener::serve_std(
                 "healthCheckNodePort",
                 address,
                 responder as Arc<dyn Responder>,
+                self.connections.clone(),
             ) {
                 Ok(listener) => {
                     self.failed.remove(port);
@@ -119,7 +125,7 @@ impl Responder for PortResponder {
             .health
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_healthy();
+            .proxy_healthy();
         let checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(check) = checks.get(&self.port) else {
             return (404, "text/plain", "no such service\n".to_owned());

@@ -419,7 +419,7 @@ impl Lab {
 
     /// [`Lab::start_agent`] with more `run` flags.
     pub fn start_agent_with(&self, binary: &Path, flags: &[&str]) -> Result<Agent> {
-        self.spawn_agent(self.agent_command(binary), binary, flags)
+        self.start_agent_command(self.agent_command(binary), binary, flags)
     }
 
     /// Starts the agent on the Kubernetes source, against the API server
@@ -444,7 +444,7 @@ impl Lab {
         let kubeconfig = kubeconfig.display().to_string();
         let mut all = vec!["--kubeconfig", &kubeconfig, "--hostname-override", node];
         all.extend(flags);
-        self.spawn_agent(self.agent_command_without_source(binary), binary, &all)
+        self.start_agent_command(self.agent_command_without_source(binary), binary, &all)
     }
 
     /// A command run in the node namespace, outside the lab's cgroup: what
@@ -495,6 +495,21 @@ impl Lab {
         bpffs: &Path,
         flags: &[&str],
     ) -> Result<Agent> {
+        let mut command = self.agent_in_node_command_on(binary, bpffs);
+        command.arg("--manifests").arg(self.manifests_dir());
+        self.start_agent_command_on(command, binary, bpffs, flags)
+    }
+
+    /// [`Lab::start_agent_in_node`]'s command with no source: add
+    /// `--kubeconfig` and the node's name for the Kubernetes source (whose
+    /// API server must then listen in the node namespace, see
+    /// [`Lab::in_node_netns`]).
+    #[must_use]
+    pub fn agent_in_node_command(&self, binary: &Path) -> Command {
+        self.agent_in_node_command_on(binary, &self.bpffs)
+    }
+
+    fn agent_in_node_command_on(&self, binary: &Path, bpffs: &Path) -> Command {
         let mut command = self.in_node(binary);
         command
             .arg("run")
@@ -503,17 +518,49 @@ impl Lab {
             .arg("--bpffs")
             .arg(bpffs)
             .args(["--healthz-bind-address", "127.0.0.1:0"])
-            .args(["--metrics-bind-address", "127.0.0.1:0"])
-            .arg("--manifests")
-            .arg(self.manifests_dir());
-        self.spawn_agent_on(command, binary, bpffs, flags)
+            .args(["--metrics-bind-address", "127.0.0.1:0"]);
+        command
     }
 
-    fn spawn_agent(&self, command: Command, binary: &Path, flags: &[&str]) -> Result<Agent> {
-        self.spawn_agent_on(command, binary, &self.bpffs, flags)
+    /// Runs `f` on a thread of its own inside the node namespace: sockets it
+    /// makes (a test API server's listener, a client's connection) are the
+    /// node's, and the test's own threads stay in the host's namespace.
+    pub fn in_node_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = Path::new("/run/netns").join(&self.node_netns);
+        let netns =
+            fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on a valid descriptor changes only this
+                    // thread's network namespace; the thread ends with `f`.
+                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        bail!(
+                            "cannot enter {}: {}",
+                            path.display(),
+                            io::Error::last_os_error()
+                        );
+                    }
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
-    fn spawn_agent_on(
+    /// Starts the agent with `command` (one of the `agent_*command`s, with
+    /// whatever the test adds to it) and `flags`, and waits until its
+    /// datapath is ready.
+    pub fn start_agent_command(
+        &self,
+        command: Command,
+        binary: &Path,
+        flags: &[&str],
+    ) -> Result<Agent> {
+        self.start_agent_command_on(command, binary, &self.bpffs, flags)
+    }
+
+    fn start_agent_command_on(
         &self,
         mut command: Command,
         binary: &Path,
@@ -1015,6 +1062,53 @@ impl Agent {
             .context("no VmHWM in the agent's status")
     }
 
+    /// How many files the agent has open now.
+    pub fn open_files(&self) -> Result<usize> {
+        Ok(fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
+    }
+
+    /// The agent's soft and hard limits of open files.
+    pub fn open_file_limits(&self) -> Result<(u64, u64)> {
+        let limits = fs::read_to_string(format!("/proc/{}/limits", self.pid()))?;
+        let line = limits
+            .lines()
+            .find(|line| line.starts_with("Max open files"))
+            .context("no open-file limit in the agent's limits")?;
+        let mut values = line
+            .trim_start_matches("Max open files")
+            .split_whitespace()
+            .map(str::parse);
+        match (values.next(), values.next()) {
+            (Some(Ok(soft)), Some(Ok(hard))) => Ok((soft, hard)),
+            _ => bail!("cannot read {line:?}"),
+        }
+    }
+
+    /// The CPU time the agent has used so far, user and system.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // The fields after the command's ")": state is field 3, utime 14
+        // and stime 15, in clock ticks.
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let ticks = |index: usize| -> Result<u64> {
+            fields
+                .get(index - 3)
+                .and_then(|field| field.parse().ok())
+                .context("cannot read the agent's CPU time")
+        };
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .unwrap_or(100)
+            .max(1);
+        let total = ticks(14)? + ticks(15)?;
+        Ok(Duration::from_millis(total * 1000 / per_second))
+    }
+
     #[must_use]
     pub fn is_running(&self) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
@@ -1102,6 +1196,46 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts `command` with open-file limits `soft` and `hard`, as a
+/// container runtime or systemd would start the agent.
+pub fn limit_open_files(command: &mut Command, soft: u64, hard: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit is async-signal-safe and reads only `limit`, a copy
+    // owned by the closure.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit, for
+/// a test that holds thousands of connections; returns the new limit.
+pub fn raise_open_file_limit() -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only read or write `limit`, which outlives them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
+            bail!("getrlimit: {}", io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+            bail!("setrlimit: {}", io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// The agent binary the tests and the demo run: `$PROXY_AGENT`, or the

@@ -199,6 +199,8 @@ fn test(filter: Option<&str>) -> Result<()> {
         "kube_proxy",
         "--test",
         "lifecycle",
+        "--test",
+        "listeners",
         "--",
     ]);
     args.extend(filter);

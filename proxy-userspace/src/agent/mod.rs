@@ -35,6 +35,7 @@ use crate::{
     datapath::{Datapath, DatapathError, MapSizes, Pins, ProgramSettings, SizedTable},
     devices,
     health::{Health, HealthEndpoints, SharedHealth},
+    listener::{Connections, HEALTHZ_CONNECTIONS, METRICS_CONNECTIONS, Responder},
     metrics::Metrics,
     model::{Model, ModelConfig, Problem},
     reconcile::{
@@ -338,19 +339,21 @@ async fn serve_endpoints(
     health: &SharedHealth,
     metrics: &Metrics,
 ) -> Result<(), AgentError> {
-    for (what, address, responder) in [
+    for (what, address, responder, connections) in [
         (
             "healthz",
             config.healthz_bind_address,
-            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn crate::health::Responder>,
+            Arc::new(HealthEndpoints(health.clone())) as Arc<dyn Responder>,
+            HEALTHZ_CONNECTIONS,
         ),
         (
             "metrics",
             config.metrics_bind_address,
             Arc::new(metrics.clone()),
+            METRICS_CONNECTIONS,
         ),
     ] {
-        crate::health::serve(what, address, responder)
+        crate::listener::serve(what, address, responder, Connections::new(connections))
             .await
             .map_err(|source| AgentError::Listen {
                 what,
@@ -425,10 +428,12 @@ impl Loop {
             }
             SourceEvent::Status(None) => {
                 info!("the source works again");
+                self.metrics.source_failing(false);
                 self.health().source_status(None);
             }
             SourceEvent::Status(Some(error)) => {
-                warn!(%error, "the source fails");
+                warn!(%error, "the source fails; the maps keep what they hold");
+                self.metrics.source_failing(true);
                 self.health().source_status(Some(error));
             }
         }

@@ -288,7 +288,7 @@ fn sync(cx: &Context) -> Check {
         NAME,
         Status::Fail,
         format!("/healthz {status} at {address}: {reason} ({age})"),
-        "read the agent's log for the failing source or write; the source check below says whether the source answers",
+        "read the agent's log for the failing writes or the Node's deletion; the source check below says whether the source answers",
     )
 }
 
@@ -371,7 +371,7 @@ async fn source(cx: &Context<'_>) -> (Check, Option<Snapshot>) {
                     NAME,
                     Status::Fail,
                     format!("{what}: {}", chain(&error)),
-                    "fix the source's error above; the agent reports the same on /healthz",
+                    "fix the source's error above; the agent names it in /healthz's body (sourceError) and its metrics (source_failing)",
                 ),
                 None,
             );
