@@ -1467,6 +1467,43 @@ fn the_agent_follows_the_kubernetes_api_and_a_restarted_server_flushes_nothing()
     wait_for_backends(&agent, WEB_VIP, &[], Duration::from_secs(5));
 }
 
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn after_an_api_restart_storm_a_change_is_applied_within_five_seconds() {
+    let (lab, pods, mut api) = api_lab("");
+    let (a, b) = (&pods[0], &pods[1]);
+    let agent = lab
+        .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
+        .unwrap();
+    wait_for_backends(&agent, WEB_VIP, &[a.ip, b.ip], Duration::from_secs(5));
+
+    // Twenty seconds of a server that is away more than it is there: every
+    // watcher fails over and over, and its back-off grows.
+    let storm = Instant::now();
+    let mut round = 0;
+    while storm.elapsed() < Duration::from_secs(20) {
+        api.stop();
+        thread::sleep(Duration::from_millis(700));
+        if round % 3 == 0 {
+            // Connections dropped and history compacted: watches get 410.
+            api.restart().unwrap();
+        } else {
+            api.resume().unwrap();
+        }
+        thread::sleep(Duration::from_millis(500));
+        round += 1;
+    }
+    api.restart().unwrap();
+    let last_restart = Instant::now();
+    api.apply_yaml(&web_manifest(&[a])).unwrap();
+    wait_for_backends(&agent, WEB_VIP, &[a.ip], Duration::from_secs(5));
+    eprintln!(
+        "the change after the storm reached the maps {:?} after the last restart",
+        last_restart.elapsed()
+    );
+    assert_eq!(request_counts(&lab, WEB_VIP, 20).get("pod-a"), Some(&20));
+}
+
 /// A lab of two nginx pods and a test API server holding the web Service
 /// over both and Node node-1 (`node_extra` is added to its metadata).
 fn api_lab(node_extra: &str) -> (Lab, Vec<Pod>, xtask::apiserver::ApiServer) {
