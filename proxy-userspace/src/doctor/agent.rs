@@ -1,13 +1,25 @@
 //! Whether an agent holds the pins, and whether it syncs: its /healthz.
 
 use std::{
-    fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    error::Error,
+    fs, io,
+    net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper::{Request, client::conn::http1, header};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
 use super::{Check, Context, Status};
+use crate::report::chain;
+
+/// How long /healthz may take to accept the connection, and then to answer.
+const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most of a /healthz body read: the agent's is a short JSON object.
+const HEALTHZ_BODY_LIMIT: usize = 64 * 1024;
 
 pub(super) fn agent(cx: &Context) -> Check {
     const NAME: &str = "agent";
@@ -43,16 +55,16 @@ struct Healthz {
     reason: Option<String>,
 }
 
-pub(super) fn sync(cx: &Context) -> Check {
+pub(super) async fn sync(cx: &Context<'_>) -> Check {
     const NAME: &str = "sync";
     let address = cx.args.healthz_address;
-    let (status, body) = match http_get(address, "/healthz") {
+    let (status, body) = match http_get(address, "/healthz").await {
         Ok(answer) => answer,
         Err(error) => {
             return Check::problem(
                 NAME,
                 Status::Fail,
-                format!("no answer from /healthz at {address}: {error}"),
+                format!("no answer from /healthz at {address}: {}", chain(&*error)),
                 if cx.holder.is_some() {
                     "pass the agent's --healthz-bind-address as --healthz-address".to_owned()
                 } else {
@@ -92,26 +104,36 @@ pub(super) fn sync(cx: &Context) -> Check {
     )
 }
 
-/// One GET, one answer: the agent's responder serves one request per
-/// connection.
-fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let timeout = Duration::from_secs(2);
-    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.take(64 * 1024).read_to_string(&mut response)?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("not an HTTP answer"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+/// One GET on a connection of its own, closed after the answer.
+async fn http_get(
+    address: SocketAddr,
+    path: &str,
+) -> Result<(u16, String), Box<dyn Error + Send + Sync>> {
+    let stream = tokio::time::timeout(HEALTHZ_TIMEOUT, TcpStream::connect(address))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))??;
+    let exchange = async {
+        let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        // Reads and writes the socket while the answer is awaited below.
+        tokio::spawn(connection);
+        let request = Request::get(path)
+            .header(header::HOST, address.to_string())
+            .header(header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())?;
+        let response = match sender.send_request(request).await {
+            Err(error) if error.is_parse() => {
+                return Err(format!("not an HTTP answer: {error}").into());
+            }
+            answer => answer?,
+        };
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), HEALTHZ_BODY_LIMIT)
+            .collect()
+            .await?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(HEALTHZ_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer within {HEALTHZ_TIMEOUT:?}"))?
 }

@@ -185,7 +185,7 @@ pub async fn run(args: &DoctorArgs) -> Report {
     let (source_check, snapshot) = source::source(&cx).await;
     let checks = vec![
         agent::agent(&cx),
-        agent::sync(&cx),
+        agent::sync(&cx).await,
         source_check,
         kernel::kernel(&cx),
         programs::programs(&cx),
