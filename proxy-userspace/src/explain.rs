@@ -16,7 +16,7 @@ use crate::{
     listing,
     model::{
         L4Addr, Protocol,
-        candidates::{Candidate, Claim, Condition},
+        candidates::{Candidate, Claim, Condition, Exclusion},
     },
 };
 
@@ -201,24 +201,43 @@ fn verdict(frontend: L4Addr, maps: Option<&Vec<String>>) -> (Verdict, String) {
 }
 
 fn view(candidate: &Candidate, claim: &Claim) -> EndpointView {
+    // Ready endpoints a rule passed over do not hold back terminating ones.
     let ready_exists = claim
         .candidates
         .iter()
-        .any(|c| c.condition == Condition::Ready);
-    let why = match (candidate.condition, candidate.chosen) {
-        (Condition::Ready, true) => "ready".to_owned(),
-        (Condition::Terminating, true) => {
+        .any(|c| c.condition == Condition::Ready && c.excluded.is_none());
+    let others_on_other_nodes = claim
+        .candidates
+        .iter()
+        .any(|c| c.excluded == Some(Exclusion::OtherNode));
+    let why = match (candidate.condition, candidate.chosen, candidate.excluded) {
+        (Condition::Ready, true, _) => "ready".to_owned(),
+        (Condition::Terminating, true, _) if others_on_other_nodes => {
+            "terminating but serving, and no endpoint of this node is ready: kept as a fallback"
+                .to_owned()
+        }
+        (Condition::Terminating, true, _) => {
             "terminating but serving, and no endpoint is ready: kept as a fallback".to_owned()
         }
-        (Condition::Terminating, false) if ready_exists => {
+        (_, false, Some(Exclusion::OtherNode)) => {
+            "not on this node: internalTrafficPolicy Local uses only this node's endpoints"
+                .to_owned()
+        }
+        (_, false, Some(Exclusion::OtherZone)) => match &claim.hinted_zone {
+            Some(zone) => format!(
+                "not hinted for this node's zone {zone}: topology hints keep traffic in the zone"
+            ),
+            None => "not hinted for this node's zone".to_owned(),
+        },
+        (Condition::Terminating, false, None) if ready_exists => {
             "terminating: used only while no endpoint is ready, and some are".to_owned()
         }
-        (Condition::NotReady, false) => "not ready and not serving".to_owned(),
-        (Condition::ServiceAddress, _) => {
+        (Condition::NotReady, false, None) => "not ready and not serving".to_owned(),
+        (Condition::ServiceAddress, _, _) => {
             "its address is a Service's ClusterIP, which no pod can have: refused".to_owned()
         }
-        (_, true) => "chosen".to_owned(),
-        (_, false) => "not among the frontend's backends".to_owned(),
+        (_, true, _) => "chosen".to_owned(),
+        (_, false, _) => "not among the frontend's backends".to_owned(),
     };
     EndpointView {
         slice: candidate.slice.to_string(),
@@ -270,5 +289,113 @@ impl Explanation {
             let _ = writeln!(out, "Note: {note}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{Model, ModelConfig},
+        source::{Change, NodeObject, manifests::changes_of},
+    };
+
+    /// What `explain 10.96.0.10:80` says of each endpoint on node-1, in
+    /// zone-a, with no datapath: backend, candidate, why.
+    fn reasons(spec: &str, endpoints: &str) -> Vec<(String, bool, String)> {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}]{spec}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}"
+        );
+        let mut model = Model::new(ModelConfig {
+            node_name: "node-1".to_owned(),
+            ..ModelConfig::default()
+        });
+        for change in changes_of("test.yaml", &yaml).unwrap() {
+            model.apply(change);
+        }
+        model.apply(Change::Node(Some(NodeObject {
+            name: "node-1".to_owned(),
+            zone: Some("zone-a".to_owned()),
+            ..NodeObject::default()
+        })));
+        model.recompute();
+        let snapshot = Snapshot {
+            model,
+            complete: true,
+            error: None,
+        };
+        let explanation = explain(
+            "10.96.0.10:80".parse().unwrap(),
+            Protocol::Tcp,
+            &snapshot,
+            &Pins::new("/nonexistent/ebpf-proxy"),
+        );
+        explanation
+            .endpoints
+            .into_iter()
+            .map(|e| (e.backend, e.candidate, e.why))
+            .collect()
+    }
+
+    #[test]
+    fn an_endpoint_on_another_node_under_local_policy_says_so() {
+        let found = reasons(
+            ", internalTrafficPolicy: Local",
+            "- {addresses: [10.244.0.10], nodeName: node-1}\n\
+             - {addresses: [10.244.0.11], nodeName: node-2}\n\
+             - {addresses: [10.244.0.12]}\n",
+        );
+        assert_eq!(found[0], ("10.244.0.10:8080".into(), true, "ready".into()));
+        for (backend, candidate, why) in &found[1..] {
+            assert!(!candidate, "{backend}");
+            assert!(
+                why.contains("not on this node") && why.contains("internalTrafficPolicy Local"),
+                "{backend}: {why}"
+            );
+        }
+        // Another node's ready endpoint does not keep this node's
+        // terminating one from serving.
+        let found = reasons(
+            ", internalTrafficPolicy: Local",
+            "- {addresses: [10.244.0.10], nodeName: node-1, \
+                conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.244.0.11], nodeName: node-2}\n",
+        );
+        assert!(found[0].1, "{found:?}");
+        assert!(
+            found[0].2.contains("no endpoint of this node is ready"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_hinted_for_another_zone_says_so() {
+        let found = reasons(
+            "",
+            "- {addresses: [10.244.0.10], hints: {forZones: [{name: zone-a}]}}\n\
+             - {addresses: [10.244.0.11], hints: {forZones: [{name: zone-b}]}}\n\
+             - {addresses: [10.244.0.12], conditions: {ready: false}}\n",
+        );
+        assert_eq!(
+            found,
+            [
+                ("10.244.0.10:8080".into(), true, "ready".into()),
+                (
+                    "10.244.0.11:8080".into(),
+                    false,
+                    "not hinted for this node's zone zone-a: topology hints keep traffic in the zone"
+                        .into()
+                ),
+                (
+                    "10.244.0.12:8080".into(),
+                    false,
+                    "not ready and not serving".into()
+                ),
+            ]
+        );
     }
 }

@@ -239,6 +239,40 @@ struct Selection<'a> {
     zone: Option<&'a str>,
 }
 
+impl<'a> Selection<'a> {
+    /// The zone whose hints narrow the ready endpoints, if they do: never
+    /// under internalTrafficPolicy Local, and only when the hints are
+    /// complete and name this node's zone (see [`prefers_zone`]).
+    fn hinted_zone<'e>(
+        self,
+        endpoints: impl Iterator<Item = &'e CheckedEndpoint>,
+    ) -> Option<&'a str> {
+        self.zone
+            .filter(|zone| !self.local_only && prefers_zone(endpoints, zone))
+    }
+
+    /// Why these rules pass over `endpoint` before its readiness counts,
+    /// `hinted_zone` being what [`Self::hinted_zone`] gave for the
+    /// endpoints of its port. The zone holds back only ready endpoints: when
+    /// none is ready, the terminating ones serve whatever their zone.
+    fn passes_over(
+        self,
+        endpoint: &CheckedEndpoint,
+        hinted_zone: Option<&str>,
+    ) -> Option<candidates::Exclusion> {
+        if self.local_only && !endpoint.local {
+            Some(candidates::Exclusion::OtherNode)
+        } else if let Some(zone) = hinted_zone
+            && matches!(endpoint.readiness, Readiness::Ready)
+            && !endpoint.zone_hints.iter().any(|z| z == zone)
+        {
+            Some(candidates::Exclusion::OtherZone)
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Readiness {
     Ready,
@@ -589,10 +623,7 @@ impl Model {
         };
         let (slices, refused) = self.slices_of_service(&service.name);
         let slices: Vec<&CheckedSlice> = slices.iter().map(AsRef::as_ref).collect();
-        let selection = Selection {
-            local_only: service.internal_traffic_policy.as_deref() == Some("Local"),
-            zone: self.node.as_ref().and_then(|node| node.zone.as_deref()),
-        };
+        let selection = self.selection(service);
         let affinity = match session_affinity(service) {
             Ok(affinity) => affinity,
             Err(message) => {
@@ -644,6 +675,14 @@ impl Model {
     /// Service's ClusterIP (no pod has one: a VIP as a backend would loop,
     /// or reach whatever the node serves on it), and a problem naming the
     /// slice for each such endpoint. Slices without any are borrowed.
+    /// How `service` picks its endpoints on this node.
+    fn selection(&self, service: &ServiceObject) -> Selection<'_> {
+        Selection {
+            local_only: service.internal_traffic_policy.as_deref() == Some("Local"),
+            zone: self.node.as_ref().and_then(|node| node.zone.as_deref()),
+        }
+    }
+
     fn slices_of_service(
         &self,
         service: &ObjectName,
@@ -869,26 +908,24 @@ fn backends(
                 .map(|&(_, _, port)| (port, slice.endpoints.as_slice()))
                 .into_iter()
                 .flat_map(|(port, endpoints)| endpoints.iter().map(move |e| (port, e)))
-                .filter(move |(_, e)| !selection.local_only || e.local)
         })
     };
-    let zone = selection
-        .zone
-        .filter(|zone| !selection.local_only && prefers_zone(endpoints().map(|(_, e)| e), zone));
-    let in_zone =
-        |e: &CheckedEndpoint| zone.is_none_or(|zone| e.zone_hints.iter().any(|z| z == zone));
+    let zone = selection.hinted_zone(endpoints().map(|(_, e)| e));
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for (port, endpoint) in endpoints() {
+        if selection.passes_over(endpoint, zone).is_some() {
+            continue;
+        }
         let addr = L4Addr {
             ip: endpoint.ip,
             port,
             protocol,
         };
         match endpoint.readiness {
-            Readiness::Ready if in_zone(endpoint) => ready.insert(addr),
+            Readiness::Ready => ready.insert(addr),
             Readiness::Terminating => terminating.insert(addr),
-            Readiness::Ready | Readiness::Unusable => false,
+            Readiness::Unusable => false,
         };
     }
     let chosen = if ready.is_empty() { terminating } else { ready };

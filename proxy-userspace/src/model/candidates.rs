@@ -2,12 +2,14 @@
 //! model's side of `explain`.
 //!
 //! The verdict on each endpoint is read from the desired state itself (is
-//! it among the frontend's backends?), so it stays true whatever the
-//! selection rules become; the reasons come from the endpoint's conditions.
+//! it among the frontend's backends?); the reasons are the endpoint's
+//! conditions and the rule of the Service that passed it over, if one did
+//! (internalTrafficPolicy Local, topology hints), taken from the same
+//! rules the desired state is computed with.
 
 use std::net::Ipv4Addr;
 
-use super::{L4Addr, Model, Readiness, frontend};
+use super::{CheckedEndpoint, L4Addr, Model, Readiness, Selection, frontend};
 use crate::source::ObjectName;
 
 /// What an endpoint's conditions say.
@@ -35,6 +37,18 @@ impl Condition {
     }
 }
 
+/// Why a Service's selection rules pass over an endpoint whatever its
+/// condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exclusion {
+    /// internalTrafficPolicy Local, and the endpoint's nodeName is not this
+    /// node (or it has none).
+    OtherNode,
+    /// Topology hints narrow the ready endpoints to those for this node's
+    /// zone ([`Claim::hinted_zone`]), and this ready one is not hinted for it.
+    OtherZone,
+}
+
 /// One endpoint of one slice of a Service, for one of its ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
@@ -43,8 +57,9 @@ pub struct Candidate {
     pub condition: Condition,
     /// Whether the desired state has it among the frontend's backends.
     pub chosen: bool,
-    // Node-local (internalTrafficPolicy) and zone (hints) reasons go here
-    // once the model selects by them.
+    /// The rule that passed it over, if one did. `None` for an endpoint at
+    /// a Service's ClusterIP: it is refused before the rules apply.
+    pub excluded: Option<Exclusion>,
 }
 
 /// A Service that asks for a frontend.
@@ -59,6 +74,9 @@ pub struct Claim {
     /// Every endpoint its slices list for the port, in slice and address
     /// order.
     pub candidates: Vec<Candidate>,
+    /// This node's zone, when topology hints narrow the port's ready
+    /// endpoints to those hinted for it.
+    pub hinted_zone: Option<String>,
 }
 
 impl Model {
@@ -75,18 +93,27 @@ impl Model {
             .filter_map(|name| {
                 let service = &self.services.get(name)?.service.object;
                 let ip = self.cluster_ip(service).ok()??;
+                // Of two ports on one frontend (the API server refuses
+                // that, a manifest may not), the desired state serves the
+                // last.
                 let port = service
                     .ports
                     .iter()
-                    .find(|p| frontend_of(ip, p) == Some(frontend))?;
+                    .rfind(|p| frontend_of(ip, p) == Some(frontend))?;
                 let is_owner = owner.as_ref() == Some(name);
+                let (candidates, hinted_zone) = self.candidates(
+                    name,
+                    self.selection(service),
+                    &port.name,
+                    frontend,
+                    |backend| is_owner && chosen.is_some_and(|f| f.backends.contains(&backend)),
+                );
                 Some(Claim {
                     service: name.clone(),
                     port_name: port.name.clone(),
                     owner: is_owner,
-                    candidates: self.candidates(name, &port.name, frontend, |backend| {
-                        is_owner && chosen.is_some_and(|f| f.backends.contains(&backend))
-                    }),
+                    candidates,
+                    hinted_zone: hinted_zone.map(str::to_owned),
                 })
             })
             .collect();
@@ -115,14 +142,17 @@ impl Model {
             .collect()
     }
 
-    fn candidates(
-        &self,
+    /// The candidates of one Service port, and the zone whose hints
+    /// narrowed them, if any.
+    fn candidates<'a>(
+        &'a self,
         service: &ObjectName,
+        selection: Selection<'a>,
         port_name: &str,
         frontend: L4Addr,
         chosen: impl Fn(L4Addr) -> bool,
-    ) -> Vec<Candidate> {
-        let mut candidates = Vec::new();
+    ) -> (Vec<Candidate>, Option<&'a str>) {
+        let mut listed = Vec::new();
         for slice_name in self.slices_of.get(service).into_iter().flatten() {
             let Some(slice) = self.slices.get(slice_name) else {
                 continue;
@@ -134,28 +164,45 @@ impl Model {
             else {
                 continue;
             };
-            for endpoint in &slice.endpoints {
+            listed.extend(slice.endpoints.iter().map(|e| (slice_name, port, e)));
+        }
+        let at_service_ip = |e: &CheckedEndpoint| self.service_ips.contains_key(&e.ip);
+        // Over the endpoints the desired state was chosen from: those at a
+        // Service's address are refused before.
+        let hinted_zone = selection.hinted_zone(
+            listed
+                .iter()
+                .map(|&(_, _, e)| e)
+                .filter(|e| !at_service_ip(e)),
+        );
+        let candidates = listed
+            .into_iter()
+            .map(|(slice_name, port, endpoint)| {
                 let backend = L4Addr {
                     ip: endpoint.ip,
                     port,
                     protocol: frontend.protocol,
                 };
-                candidates.push(Candidate {
-                    slice: slice_name.clone(),
-                    backend,
-                    condition: match endpoint.readiness {
-                        _ if self.service_ips.contains_key(&endpoint.ip) => {
-                            Condition::ServiceAddress
-                        }
+                let (condition, excluded) = if at_service_ip(endpoint) {
+                    (Condition::ServiceAddress, None)
+                } else {
+                    let condition = match endpoint.readiness {
                         Readiness::Ready => Condition::Ready,
                         Readiness::Terminating => Condition::Terminating,
                         Readiness::Unusable => Condition::NotReady,
-                    },
+                    };
+                    (condition, selection.passes_over(endpoint, hinted_zone))
+                };
+                Candidate {
+                    slice: slice_name.clone(),
+                    backend,
+                    condition,
                     chosen: chosen(backend),
-                });
-            }
-        }
-        candidates
+                    excluded,
+                }
+            })
+            .collect();
+        (candidates, hinted_zone)
     }
 }
 
@@ -167,8 +214,9 @@ fn frontend_of(ip: Ipv4Addr, port: &crate::source::objects::ServicePortObject) -
 mod tests {
     use super::*;
     use crate::{
-        model::{ModelConfig, Protocol},
-        source::manifests::changes_of,
+        model::{ModelConfig, Protocol, tests::random_change},
+        source::{Change, NodeObject, manifests::changes_of},
+        testing::XorShift,
     };
 
     fn model(yaml: &str) -> Model {
@@ -258,6 +306,140 @@ mod tests {
                 (12, Condition::NotReady, false)
             ]
         );
+    }
+
+    /// `yaml` seen from node-1, in `zone`.
+    fn model_on_node(yaml: &str, zone: Option<&str>) -> Model {
+        let mut model = Model::new(ModelConfig {
+            node_name: "node-1".to_owned(),
+            ..ModelConfig::default()
+        });
+        for change in changes_of("test.yaml", yaml).unwrap() {
+            model.apply(change);
+        }
+        model.apply(Change::Node(Some(NodeObject {
+            name: "node-1".to_owned(),
+            zone: zone.map(str::to_owned),
+            ..NodeObject::default()
+        })));
+        model.recompute();
+        model
+    }
+
+    /// Each endpoint's last octet, whether it is chosen, and the rule that
+    /// passed it over.
+    fn exclusions(model: &Model) -> Vec<(u8, bool, Option<Exclusion>)> {
+        model.claims_of(WEB)[0]
+            .candidates
+            .iter()
+            .map(|c| (c.backend.ip.octets()[3], c.chosen, c.excluded))
+            .collect()
+    }
+
+    #[test]
+    fn under_internal_traffic_policy_local_other_nodes_endpoints_say_so() {
+        let local = SERVICE.replace("}]}", "}], internalTrafficPolicy: Local}");
+        let model = model_on_node(
+            &(local
+                + &slice(
+                    "- {addresses: [10.244.0.10], nodeName: node-1}\n\
+                     - {addresses: [10.244.0.11], nodeName: node-2}\n\
+                     - {addresses: [10.244.0.12]}\n\
+                     - {addresses: [10.244.0.13], nodeName: node-2, conditions: {ready: false}}\n",
+                )),
+            Some("zone-a"),
+        );
+        let other_node = Some(Exclusion::OtherNode);
+        assert_eq!(
+            exclusions(&model),
+            [
+                (10, true, None),
+                (11, false, other_node),
+                (12, false, other_node),
+                (13, false, other_node),
+            ]
+        );
+        // Hints play no part under Local.
+        assert_eq!(model.claims_of(WEB)[0].hinted_zone, None);
+    }
+
+    #[test]
+    fn with_topology_hints_ready_endpoints_of_other_zones_say_so() {
+        let endpoints = "- {addresses: [10.244.0.10], hints: {forZones: [{name: zone-a}]}}\n\
+             - {addresses: [10.244.0.11], hints: {forZones: [{name: zone-b}]}}\n\
+             - {addresses: [10.244.0.12], hints: {forZones: [{name: zone-b}]}, \
+                conditions: {ready: false, serving: true, terminating: true}}\n";
+        let model = model_on_node(&(SERVICE.to_owned() + &slice(endpoints)), Some("zone-a"));
+        // The terminating one is not used because others are ready, not
+        // because of its zone.
+        assert_eq!(
+            exclusions(&model),
+            [
+                (10, true, None),
+                (11, false, Some(Exclusion::OtherZone)),
+                (12, false, None),
+            ]
+        );
+        assert_eq!(
+            model.claims_of(WEB)[0].hinted_zone.as_deref(),
+            Some("zone-a")
+        );
+        // A node in a zone no hint names uses every ready endpoint.
+        let model = model_on_node(&(SERVICE.to_owned() + &slice(endpoints)), Some("zone-c"));
+        assert_eq!(
+            exclusions(&model),
+            [(10, true, None), (11, true, None), (12, false, None)]
+        );
+        assert_eq!(model.claims_of(WEB)[0].hinted_zone, None);
+    }
+
+    /// The reasons come from the rules the desired state is chosen with:
+    /// whatever the objects, an endpoint is chosen exactly when no rule
+    /// passed it over and its condition makes it one of the backends.
+    #[test]
+    fn the_reasons_agree_with_the_desired_state() {
+        let mut rng = XorShift(0x5eed_cafe);
+        let mut model = Model::new(ModelConfig {
+            node_name: "node-1".to_owned(),
+            ..ModelConfig::default()
+        });
+        let mut checked = 0;
+        for round in 0..400 {
+            model.apply(random_change(&mut rng));
+            model.recompute();
+            for &frontend in model.desired().frontends.keys() {
+                let claims = model.claims_of(frontend);
+                let Some(owner) = claims.iter().find(|c| c.owner) else {
+                    continue;
+                };
+                let ready_exists = owner
+                    .candidates
+                    .iter()
+                    .any(|c| c.excluded.is_none() && c.condition == Condition::Ready);
+                let would_choose = |c: &Candidate| {
+                    c.excluded.is_none()
+                        && match c.condition {
+                            Condition::Ready => true,
+                            Condition::Terminating => !ready_exists,
+                            Condition::NotReady | Condition::ServiceAddress => false,
+                        }
+                };
+                for candidate in &owner.candidates {
+                    // An endpoint two slices list is one backend.
+                    let expected = owner
+                        .candidates
+                        .iter()
+                        .filter(|c| c.backend == candidate.backend)
+                        .any(would_choose);
+                    assert_eq!(
+                        candidate.chosen, expected,
+                        "round {round}, {frontend}: {candidate:?} in {owner:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1000, "only {checked} candidates checked");
     }
 
     #[test]

@@ -573,7 +573,7 @@ fn the_result_does_not_depend_on_the_order_of_objects() {
 
 const ZONES: [Option<&str>; 3] = [Some("zone-a"), Some("zone-b"), None];
 
-fn random_change(rng: &mut XorShift) -> Change {
+pub(super) fn random_change(rng: &mut XorShift) -> Change {
     let sourced = |object| Sourced {
         origin: "random".into(),
         object,
