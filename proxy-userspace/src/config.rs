@@ -1,5 +1,5 @@
 //! The agent's configuration: `run`'s flags, checked before anything on
-//! the system is touched.
+//! the system is changed.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -163,7 +163,9 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The agent's configuration and its source, or an error that says
-    /// which flag is wrong. Touches nothing on the system.
+    /// which flag is wrong. It reads what it checks (the --config file, the
+    /// capabilities, /proc/mounts, the cgroup's file system, the host name)
+    /// and changes nothing, so a wrong flag leaves the node as it was.
     pub fn resolve(self) -> Result<(AgentConfig, SourceArgs)> {
         let file = match &self.config {
             Some(path) => {
