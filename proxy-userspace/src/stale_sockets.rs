@@ -94,7 +94,7 @@ pub struct Translations {
 
 impl Translations {
     /// Opens the maps from their pins.
-    pub fn open(pins: &crate::datapath::Pins) -> io::Result<Self> {
+    pub fn open(pins: &crate::maps::Pins) -> io::Result<Self> {
         let invalid = |error: aya::maps::MapError| io::Error::other(error.to_string());
         let storage = crate::bpf_sys::obj_get(&pins.map(proxy_common::SOCK_REV_NAT_MAP))?;
         let udp_connected = MapData::from_pin(pins.map(proxy_common::UDP_CONNECTED_MAP))

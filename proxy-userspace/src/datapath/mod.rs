@@ -38,11 +38,14 @@ use proxy_common::{
 };
 use tracing::{info, warn};
 
-pub use crate::maps::{
-    Counts, Pins, PinsError, SizedTable, open_pinned, open_pinned_counts, open_pinned_events,
-    open_pinned_external,
+// doctor/ still reaches these through here; it imports them from
+// crate::maps when it is split.
+pub use crate::maps::{Pins, open_pinned, open_pinned_events};
+use crate::{
+    bpf_sys,
+    maps::{Counts, MapsError, PinsError, SizedTable, table::typed_map},
+    model::Cidr,
 };
-use crate::{bpf_sys, maps::table::typed_map, model::Cidr};
 
 pub mod btf;
 mod guard;
@@ -57,6 +60,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJ
 pub enum DatapathError {
     #[error(transparent)]
     Pins(#[from] PinsError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
     #[error(
         "the pinned map {path} is {found}, but this agent's {name} is {expected}; it was made \
          by another program or version. Run `proxy-userspace cleanup --bpffs {root}` to \
