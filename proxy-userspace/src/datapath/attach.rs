@@ -14,7 +14,7 @@ use aya::programs::{
     links::FdLink,
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
-use proxy_common::{PROGRAMS, TC_PROGRAMS};
+use proxy_common::{PROGRAMS, TC_PROGRAMS, TcHook};
 use tracing::{info, warn};
 
 use super::{
@@ -91,7 +91,7 @@ impl Datapath {
     /// A device that fails is logged and skipped; the others still go on.
     pub fn attach_devices(&mut self, devices: &BTreeSet<String>, all: &[String]) {
         for device in devices {
-            for (name, attach_type) in TC_HOOKS {
+            for (name, attach_type) in tc_hooks() {
                 if let Err(error) = self.attach_device(name, device, attach_type) {
                     warn!(program = name, device, error = %crate::report::chain(&error), "cannot attach to the device");
                 }
@@ -279,11 +279,16 @@ fn swap_pinned(
     }
 }
 
-/// The tc programs and the hooks they go on.
-const TC_HOOKS: [(&str, TcAttachType); 2] = [
-    ("tc_ingress", TcAttachType::Ingress),
-    ("tc_egress", TcAttachType::Egress),
-];
+/// The tc programs, each with the hook it goes on as aya names it.
+fn tc_hooks() -> impl Iterator<Item = (&'static str, TcAttachType)> {
+    TC_PROGRAMS.into_iter().map(|program| {
+        let attach_type = match program.hook {
+            TcHook::Ingress => TcAttachType::Ingress,
+            TcHook::Egress => TcAttachType::Egress,
+        };
+        (program.name, attach_type)
+    })
+}
 
 /// Where the clsact filters go: a priority and handle of this project's
 /// own, so that a restart finds its filter and replaces the program in
@@ -336,7 +341,7 @@ fn attach_clsact(
 /// there were any.
 pub(super) fn detach_clsact(device: &str) -> bool {
     let mut detached = false;
-    for (name, attach_type) in TC_HOOKS {
+    for (name, attach_type) in tc_hooks() {
         match tc::qdisc_detach_program(device, attach_type, name) {
             Ok(()) => detached = true,
             Err(tc::TcError::IoError(error)) if error.kind() == io::ErrorKind::NotFound => {}
@@ -352,7 +357,10 @@ pub(super) fn detach_clsact(device: &str) -> bool {
 fn tc_link_device(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
     let (program, device) = name.split_once('@')?;
-    TC_PROGRAMS.contains(&program).then(|| device.to_owned())
+    TC_PROGRAMS
+        .iter()
+        .any(|tc| tc.name == program)
+        .then(|| device.to_owned())
 }
 
 /// The pinned tc links and the device each is on.

@@ -7,9 +7,10 @@ use aya::{
     programs::{CgroupSock, CgroupSockAddr, Program, ProgramError, SchedClassifier},
 };
 use proxy_common::{
-    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES,
-    EXT_SERVICES_MAP, EXT_SERVICES_MAX_ENTRIES, FLOWS_MAP, FLOWS_MAX_ENTRIES, MAPS, PROGRAMS,
-    SERVICES_MAP, SERVICES_MAX_ENTRIES, TC_PROGRAMS,
+    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, CLUSTER_CIDR_ADDR_GLOBAL, CLUSTER_CIDR_MASK_GLOBAL,
+    EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAP, EXT_SERVICES_MAX_ENTRIES,
+    FLOWS_MAP, FLOWS_MAX_ENTRIES, MAPS, MASQUERADE_ALL_GLOBAL, MASQUERADE_MARK_GLOBAL, PROGRAMS,
+    SERVICES_MAP, SERVICES_MAX_ENTRIES, TC_PROGRAMS, TcProgram,
 };
 use tracing::warn;
 
@@ -128,10 +129,10 @@ impl ProgramSettings {
             ((u32::from(cidr.addr) & mask).to_be(), mask.to_be())
         });
         [
-            ("MASQUERADE_MARK", self.masquerade_mark),
-            ("CLUSTER_CIDR_ADDR", addr),
-            ("CLUSTER_CIDR_MASK", mask),
-            ("MASQUERADE_ALL", u32::from(self.masquerade_all)),
+            (MASQUERADE_MARK_GLOBAL, self.masquerade_mark),
+            (CLUSTER_CIDR_ADDR_GLOBAL, addr),
+            (CLUSTER_CIDR_MASK_GLOBAL, mask),
+            (MASQUERADE_ALL_GLOBAL, u32::from(self.masquerade_all)),
         ]
     }
 }
@@ -165,7 +166,7 @@ impl Datapath {
         } else {
             0
         };
-        loader.override_global("AYA_LOG_LEVEL", &log_level, true);
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for name in MAPS {
             // Opens the pinned map when there is one, else creates and pins it.
             loader.map_pin_path(name, pins.map(name));
@@ -207,7 +208,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     for name in PROGRAMS {
         cgroup_program(ebpf, name)?.load()?;
     }
-    for name in TC_PROGRAMS {
+    for TcProgram { name, .. } in TC_PROGRAMS {
         classifier(ebpf, name)?
             .load()
             .map_err(|source| LoadError::Program { name, source })?;
@@ -290,7 +291,7 @@ pub(super) fn classifier<'a>(
 pub fn probe_load() -> Result<(), DatapathError> {
     let mut loader = EbpfLoader::new();
     // As an agent without --trace loads them (see `Datapath::load`).
-    loader.override_global("AYA_LOG_LEVEL", &0_u8, true);
+    loader.override_global(aya_log::LEVEL, &0_u8, true);
     // The sized maps made small (socket storage has no size, and the
     // events array keeps its own); nothing is pinned.
     let tc_maps = [EXT_SERVICES_MAP, EXT_BACKENDS_MAP, proxy_common::FLOWS_MAP];
@@ -332,7 +333,13 @@ mod tests {
             .collect();
         assert_eq!(maps, MAPS.into_iter().collect());
         let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
-        assert_eq!(programs, PROGRAMS.into_iter().chain(TC_PROGRAMS).collect());
+        assert_eq!(
+            programs,
+            PROGRAMS
+                .into_iter()
+                .chain(TC_PROGRAMS.map(|program| program.name))
+                .collect()
+        );
 
         let events = &object.maps[EVENTS_MAP];
         assert_eq!(events.max_entries() as usize, Event::ALL.len());
