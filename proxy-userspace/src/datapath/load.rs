@@ -122,12 +122,9 @@ pub struct ProgramSettings {
 impl ProgramSettings {
     /// The tc ingress program's globals and their values.
     fn globals(&self) -> [(&'static str, u32); 4] {
-        let (addr, mask) = self.cluster_cidr.map_or((0, 0), |cidr| {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(cidr.prefix))
-                .unwrap_or(0);
-            ((u32::from(cidr.addr) & mask).to_be(), mask.to_be())
-        });
+        let (addr, mask) = self
+            .cluster_cidr
+            .map_or((0, 0), crate::model::Cidr::network_and_mask_be);
         [
             (MASQUERADE_MARK_GLOBAL, self.masquerade_mark),
             (CLUSTER_CIDR_ADDR_GLOBAL, addr),
