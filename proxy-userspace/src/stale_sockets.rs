@@ -28,10 +28,7 @@ use std::{
     collections::BTreeSet,
     fs, io,
     net::Ipv4Addr,
-    os::{
-        fd::{AsFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
     sync::mpsc,
 };
@@ -87,7 +84,7 @@ const UDP_CONNECTED_V1_MAP: &str = "lb4_udp_conn_v1";
 /// Where the translations of sockets are: each TCP socket's storage, and
 /// the connected UDP sockets' map.
 pub struct Translations {
-    pub storage: OwnedFd,
+    pub storage: MapData,
     pub udp_connected: HashMap<MapData, u64, RevNatPair>,
     /// [`UDP_CONNECTED_V1_MAP`], while an upgraded datapath keeps it.
     pub udp_connected_v1: Option<HashMap<MapData, u64, RevNatPair>>,
@@ -97,7 +94,8 @@ impl Translations {
     /// Opens the maps from their pins.
     pub fn open(pins: &crate::maps::Pins) -> io::Result<Self> {
         let invalid = |error: aya::maps::MapError| io::Error::other(error.to_string());
-        let storage = crate::bpf_sys::obj_get(&pins.map(proxy_common::SOCK_REV_NAT_MAP))?;
+        let storage =
+            MapData::from_pin(pins.map(proxy_common::SOCK_REV_NAT_MAP)).map_err(invalid)?;
         let udp_connected = MapData::from_pin(pins.map(proxy_common::UDP_CONNECTED_MAP))
             .map_err(invalid)
             .and_then(|data| HashMap::try_from(Map::HashMap(data)).map_err(invalid))?;
@@ -269,7 +267,7 @@ fn end_in_this_namespace(
     let diag = SockDiag::open()?;
     // Connected UDP sockets are in TCP_ESTABLISHED; TCP: all but listeners.
     let (states, storage) = if proto == PROTO_TCP {
-        (!(1 << TCP_LISTEN), Some(translations.storage.as_fd()))
+        (!(1 << TCP_LISTEN), Some(translations.storage.fd().as_fd()))
     } else {
         (1 << TCP_ESTABLISHED, None)
     };

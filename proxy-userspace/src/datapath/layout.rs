@@ -2,6 +2,7 @@
 
 use std::{io, path::PathBuf};
 
+use aya::maps::MapData;
 use proxy_common::MAPS;
 
 use super::{DatapathError, EBPF_OBJECT, LoadError, Pins, btf};
@@ -119,8 +120,9 @@ pub(super) fn check_layouts(pins: &Pins, check: Check) -> Result<(), DatapathErr
             value_size: def.value_size(),
             flags: def.map_flags(),
         };
-        let info = bpf_sys::obj_get(&path)
-            .and_then(bpf_sys::map_info)
+        let info = MapData::from_pin(&path)
+            .map_err(io::Error::other)
+            .and_then(|map| bpf_sys::map_info(map.fd()))
             .map_err(|source| LayoutError::MapInfo {
                 path: path.clone(),
                 source,
