@@ -90,9 +90,43 @@ pub const PROGRAMS: [&str; 5] = [
     "getpeername4",
 ];
 
+/// Which of a device's tc hooks a program goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    Ingress,
+    Egress,
+}
+
+/// A tc program, by the name of its function, and its hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcProgram {
+    pub name: &'static str,
+    pub hook: TcHook,
+}
+
 /// The tc programs, attached to every device NodePort traffic arrives on;
 /// their links are pinned as `<program>@<device>`.
-pub const TC_PROGRAMS: [&str; 2] = ["tc_ingress", "tc_egress"];
+pub const TC_PROGRAMS: [TcProgram; 2] = [
+    TcProgram {
+        name: "tc_ingress",
+        hook: TcHook::Ingress,
+    },
+    TcProgram {
+        name: "tc_egress",
+        hook: TcHook::Egress,
+    },
+];
+
+/// The tc ingress program's globals, by the names of its statics: the agent
+/// sets them when it loads the programs, from its flags. See
+/// `MASQUERADE_MARK` and the others in proxy-ebpf's `tc_ingress.rs`.
+pub const MASQUERADE_MARK_GLOBAL: &str = "MASQUERADE_MARK";
+/// See [`MASQUERADE_MARK_GLOBAL`].
+pub const CLUSTER_CIDR_ADDR_GLOBAL: &str = "CLUSTER_CIDR_ADDR";
+/// See [`MASQUERADE_MARK_GLOBAL`].
+pub const CLUSTER_CIDR_MASK_GLOBAL: &str = "CLUSTER_CIDR_MASK";
+/// See [`MASQUERADE_MARK_GLOBAL`].
+pub const MASQUERADE_ALL_GLOBAL: &str = "MASQUERADE_ALL";
 
 /// Default sizes of the tc programs' maps: room for 16k outside frontends
 /// of 4 endpoints, and 256k flows in both directions.

@@ -26,7 +26,8 @@ const _: () = {
     assert!(eq(proxy_common::COUNTS_MAP, "lb4_counts_v1"));
 };
 
-const fn eq(a: &str, b: &str) -> bool {
+/// `==` on strings, which is not yet `const`.
+pub(crate) const fn eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

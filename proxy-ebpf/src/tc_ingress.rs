@@ -22,8 +22,23 @@ use proxy_common::{
 
 use crate::{
     lb::{Pick, pick},
-    maps::{BACKENDS, EXT_BACKENDS, EXT_SERVICES, FLOWS, SERVICES, record},
+    maps::{BACKENDS, EXT_BACKENDS, EXT_SERVICES, FLOWS, SERVICES, eq, record},
     packet::{DROP, IcmpError, PASS, Packet, Parsed, Side, parse},
+};
+
+// `no_mangle` takes the static's own name; these keep the names equal to
+// the shared ones the agent sets them by.
+const _: () = {
+    assert!(eq(proxy_common::MASQUERADE_MARK_GLOBAL, "MASQUERADE_MARK"));
+    assert!(eq(
+        proxy_common::CLUSTER_CIDR_ADDR_GLOBAL,
+        "CLUSTER_CIDR_ADDR"
+    ));
+    assert!(eq(
+        proxy_common::CLUSTER_CIDR_MASK_GLOBAL,
+        "CLUSTER_CIDR_MASK"
+    ));
+    assert!(eq(proxy_common::MASQUERADE_ALL_GLOBAL, "MASQUERADE_ALL"));
 };
 
 /// The masquerade mark (kube-proxy's `--iptables-masquerade-bit`), set by

@@ -10,8 +10,9 @@ use tracing::{info, warn};
 
 use crate::{
     agent::AgentConfig,
-    datapath::{MapSizes, Pins},
+    datapath::MapSizes,
     kube_proxy_config::{self, KubeProxyConfig, NodePortAddress, parse_go_duration},
+    maps::Pins,
     model::{Cidr, ModelConfig, PortRange},
     source::{Source, SourceError, kube::KubeSource, manifests::ManifestDir},
 };

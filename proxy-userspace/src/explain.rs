@@ -11,9 +11,9 @@ use std::{fmt::Write as _, net::SocketAddrV4};
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, Pins},
     doctor::snapshot::Snapshot,
     listing,
+    maps::{self, Pins},
     model::{
         L4Addr, Protocol,
         candidates::{Candidate, Claim, Condition, Exclusion},
@@ -74,7 +74,7 @@ pub fn explain(
     };
     let mut notes = Vec::new();
     let key = format!("{}:{}", frontend.ip, frontend.port);
-    let maps = match datapath::open_pinned(pins)
+    let maps = match maps::open_pinned(pins)
         .map_err(|e| crate::report::chain(&e))
         .and_then(|maps| listing::list(&maps, None).map_err(|e| crate::report::chain(&e)))
     {

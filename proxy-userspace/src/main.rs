@@ -133,15 +133,15 @@ enum Output {
 
 /// `services`: both frontend maps, with `stats` their counts.
 fn print_services(pins: &PinDir, output: Output, stats: bool) -> Result<()> {
-    let maps = datapath::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
+    let maps = maps::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
     let counts = if stats {
-        Some(datapath::open_pinned_counts(&pins.pins()).with_context(|| pins.hint())?)
+        Some(maps::open_pinned_counts(&pins.pins()).with_context(|| pins.hint())?)
     } else {
         None
     };
     let mut services = listing::list(&maps, counts.as_ref())?;
     // Pins of an agent from before the tc programs have no such maps.
-    if let Ok(external) = datapath::open_pinned_external(&pins.pins()) {
+    if let Ok(external) = maps::open_pinned_external(&pins.pins()) {
         services.extend(listing::list_external(&external, counts.as_ref())?);
     }
     match output {
@@ -195,8 +195,7 @@ fn main() -> Result<()> {
             stats,
         } => print_services(&pins, output, stats),
         Command::Stats { pins, output } => {
-            let counters =
-                datapath::open_pinned_events(&pins.pins()).with_context(|| pins.hint())?;
+            let counters = maps::open_pinned_events(&pins.pins()).with_context(|| pins.hint())?;
             let events = listing::events(&counters)?;
             match output {
                 Output::Table => print!("{}", events.table()),

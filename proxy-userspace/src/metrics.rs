@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{datapath::Pins, listener::Responder};
+use crate::{listener::Responder, maps::Pins};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -173,7 +173,7 @@ struct FrontendCounts(Pins);
 
 impl Collector for FrontendCounts {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let Ok(counts) = crate::datapath::open_pinned_counts(&self.0) else {
+        let Ok(counts) = crate::maps::open_pinned_counts(&self.0) else {
             return Ok(());
         };
         let mut per_frontend: std::collections::BTreeMap<String, u64> =
@@ -205,7 +205,7 @@ struct DatapathCounters(Pins);
 
 impl Collector for DatapathCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let Ok(map) = crate::datapath::open_pinned_events(&self.0) else {
+        let Ok(map) = crate::maps::open_pinned_events(&self.0) else {
             return Ok(());
         };
         let Ok(events) = crate::listing::events(&map) else {

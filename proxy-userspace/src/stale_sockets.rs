@@ -28,10 +28,7 @@ use std::{
     collections::BTreeSet,
     fs, io,
     net::Ipv4Addr,
-    os::{
-        fd::{AsFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
     sync::mpsc,
 };
@@ -41,6 +38,7 @@ use proxy_common::{PROTO_TCP, PROTO_UDP, RevNatPair, SockRevNat};
 use tracing::{debug, info, warn};
 
 use crate::{
+    maps::encoding::rev_nat_addresses,
     reconcile::table::TableEvent,
     sock_diag::{Listed, SockDiag, SocketId, enter_network_namespace},
 };
@@ -86,7 +84,7 @@ const UDP_CONNECTED_V1_MAP: &str = "lb4_udp_conn_v1";
 /// Where the translations of sockets are: each TCP socket's storage, and
 /// the connected UDP sockets' map.
 pub struct Translations {
-    pub storage: OwnedFd,
+    pub storage: MapData,
     pub udp_connected: HashMap<MapData, u64, RevNatPair>,
     /// [`UDP_CONNECTED_V1_MAP`], while an upgraded datapath keeps it.
     pub udp_connected_v1: Option<HashMap<MapData, u64, RevNatPair>>,
@@ -94,9 +92,10 @@ pub struct Translations {
 
 impl Translations {
     /// Opens the maps from their pins.
-    pub fn open(pins: &crate::datapath::Pins) -> io::Result<Self> {
+    pub fn open(pins: &crate::maps::Pins) -> io::Result<Self> {
         let invalid = |error: aya::maps::MapError| io::Error::other(error.to_string());
-        let storage = crate::bpf_sys::obj_get(&pins.map(proxy_common::SOCK_REV_NAT_MAP))?;
+        let storage =
+            MapData::from_pin(pins.map(proxy_common::SOCK_REV_NAT_MAP)).map_err(invalid)?;
         let udp_connected = MapData::from_pin(pins.map(proxy_common::UDP_CONNECTED_MAP))
             .map_err(invalid)
             .and_then(|data| HashMap::try_from(Map::HashMap(data)).map_err(invalid))?;
@@ -268,7 +267,7 @@ fn end_in_this_namespace(
     let diag = SockDiag::open()?;
     // Connected UDP sockets are in TCP_ESTABLISHED; TCP: all but listeners.
     let (states, storage) = if proto == PROTO_TCP {
-        (!(1 << TCP_LISTEN), Some(translations.storage.as_fd()))
+        (!(1 << TCP_LISTEN), Some(translations.storage.fd().as_fd()))
     } else {
         (1 << TCP_ESTABLISHED, None)
     };
@@ -298,32 +297,19 @@ fn end_in_this_namespace(
 /// them of the backend it is connected to).
 fn is_stale(translations: &[RevNatPair], departures: &[&Departure]) -> bool {
     departures.iter().any(|departure| {
-        translations.iter().any(|pair| {
-            pair.backend_addr_be != 0
-                && address(pair.frontend_addr_be, pair.frontend_port_be) == departure.frontend
-                && address(pair.backend_addr_be, pair.backend_port_be) == departure.backend
-        })
+        translations
+            .iter()
+            .filter_map(rev_nat_addresses)
+            .any(|(frontend, backend)| {
+                frontend == departure.frontend && backend == departure.backend
+            })
     })
-}
-
-fn address(addr_be: u32, port_be: u16) -> (Ipv4Addr, u16) {
-    (Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A listed socket connected to 10.244.0.10:5353, its storage naming
-    /// `pairs` of (frontend, backend).
-    fn pair(frontend: (Ipv4Addr, u16), backend: (Ipv4Addr, u16)) -> RevNatPair {
-        RevNatPair {
-            frontend_addr_be: u32::from(frontend.0).to_be(),
-            frontend_port_be: frontend.1.to_be(),
-            backend_addr_be: u32::from(backend.0).to_be(),
-            backend_port_be: backend.1.to_be(),
-        }
-    }
+    use crate::maps::encoding::rev_nat_pair;
 
     #[test]
     fn only_sockets_translated_from_the_frontend_to_the_departed_backend_are_stale() {
@@ -334,17 +320,20 @@ mod tests {
             backend,
             proto: PROTO_UDP,
         };
-        assert!(is_stale(&[pair(frontend, backend)], &[&departed]));
+        assert!(is_stale(&[rev_nat_pair(frontend, backend)], &[&departed]));
         // Straight to the pod: no translation names it.
         assert!(!is_stale(&[], &[&departed]));
         assert!(!is_stale(&[RevNatPair::default()], &[&departed]));
         // Through another Service that keeps this backend.
         let other = (Ipv4Addr::new(10, 96, 0, 11), 53);
-        assert!(!is_stale(&[pair(other, backend)], &[&departed]));
+        assert!(!is_stale(&[rev_nat_pair(other, backend)], &[&departed]));
         // An unconnected socket's several translations, one of them stale.
         let elsewhere = (Ipv4Addr::new(10, 244, 0, 11), 5353);
         assert!(is_stale(
-            &[pair(other, elsewhere), pair(frontend, backend)],
+            &[
+                rev_nat_pair(other, elsewhere),
+                rev_nat_pair(frontend, backend)
+            ],
             &[&departed]
         ));
     }

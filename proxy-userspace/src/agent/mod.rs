@@ -32,10 +32,11 @@ use tracing::{info, warn};
 
 use self::attachment::Attachment;
 use crate::{
-    datapath::{Datapath, DatapathError, MapSizes, Pins, ProgramSettings, SizedTable},
+    datapath::{Datapath, DatapathError, MapSizes, ProgramSettings},
     devices,
     health::{Health, HealthEndpoints, SharedHealth},
     listener::{Connections, HEALTHZ_CONNECTIONS, METRICS_CONNECTIONS, Responder},
+    maps::{Pins, SizedTable},
     metrics::Metrics,
     model::{Model, ModelConfig, Problem},
     reconcile::{

@@ -20,8 +20,18 @@ use std::{
 use proxy_common::{MAPS, PROGRAMS};
 use tracing::{error, warn};
 
-use super::{Datapath, DatapathError, Pins, open_cgroup};
+use super::{AttachError, Datapath, DatapathError, Pins, attach::open_cgroup};
 use crate::bpf_sys;
+
+/// A map or link the agent pinned or adopted that it could not open again
+/// to keep a descriptor of its own.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open {path}, just pinned, to hold it")]
+pub struct HoldError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
 
 /// The agent's own descriptors of what it pinned or adopted.
 #[derive(Default)]
@@ -41,8 +51,7 @@ impl Held {
         let mut maps = Vec::new();
         for name in MAPS {
             let path = pins.map(name);
-            let fd =
-                bpf_sys::obj_get(&path).map_err(|source| DatapathError::Hold { path, source })?;
+            let fd = bpf_sys::obj_get(&path).map_err(|source| HoldError { path, source })?;
             maps.push((name, fd));
         }
         Ok(Self {
@@ -204,7 +213,7 @@ impl Datapath {
             let pin = self.pins.link(name);
             match fs::remove_file(&pin) {
                 Err(source) if source.kind() != io::ErrorKind::NotFound => {
-                    return Err(DatapathError::Remove { path: pin, source });
+                    return Err(AttachError::RemoveDefunct { path: pin, source }.into());
                 }
                 _ => {}
             }

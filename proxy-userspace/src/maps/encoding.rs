@@ -3,9 +3,9 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{Backend, PROTO_TCP, PROTO_UDP, ServiceKey};
+use proxy_common::{Backend, PROTO_TCP, PROTO_UDP, RevNatPair, ServiceKey};
 
-use crate::model::{L4Addr, Protocol};
+use crate::model::{Cidr, L4Addr, Protocol};
 
 impl Protocol {
     #[must_use]
@@ -74,6 +74,55 @@ impl L4Addr {
     }
 }
 
+/// An address and port, as a socket's reverse translations name them.
+pub type HostPort = (Ipv4Addr, u16);
+
+/// A socket's reverse translation as its storage holds it: the frontend
+/// it asked for, and the backend it was sent to. Only the programs write
+/// these; tests make them as the programs would.
+#[cfg(test)]
+#[must_use]
+pub fn rev_nat_pair(frontend: HostPort, backend: HostPort) -> RevNatPair {
+    RevNatPair {
+        backend_addr_be: addr_be(backend.0),
+        frontend_addr_be: addr_be(frontend.0),
+        backend_port_be: backend.1.to_be(),
+        frontend_port_be: frontend.1.to_be(),
+    }
+}
+
+/// The frontend and backend of a reverse translation; `None` for a free
+/// pair.
+#[must_use]
+pub fn rev_nat_addresses(pair: &RevNatPair) -> Option<(HostPort, HostPort)> {
+    (pair.backend_addr_be != 0).then(|| {
+        (
+            (
+                ip_from_be(pair.frontend_addr_be),
+                u16::from_be(pair.frontend_port_be),
+            ),
+            (
+                ip_from_be(pair.backend_addr_be),
+                u16::from_be(pair.backend_port_be),
+            ),
+        )
+    })
+}
+
+impl Cidr {
+    /// The network address and netmask as the tc programs compare them.
+    #[must_use]
+    pub fn network_and_mask_be(self) -> (u32, u32) {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        (
+            addr_be(Ipv4Addr::from(u32::from(self.addr) & mask)),
+            addr_be(Ipv4Addr::from(mask)),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytemuck::bytes_of;
@@ -132,6 +181,29 @@ mod tests {
         // A socket's storage starts zeroed, which must read as "no pairs".
         let fresh: SockRevNat = bytemuck::pod_read_unaligned(&[0; size_of::<SockRevNat>()]);
         assert!(fresh.pairs.iter().all(|p| p.backend_addr_be == 0));
+    }
+
+    #[test]
+    fn reverse_translations_and_the_cluster_cidr_are_in_network_byte_order() {
+        let frontend = (Ipv4Addr::new(10, 96, 0, 10), 53);
+        let backend = (Ipv4Addr::new(10, 244, 1, 7), 8080);
+        let pair = rev_nat_pair(frontend, backend);
+        assert_eq!(
+            bytes_of(&pair),
+            [10, 244, 1, 7, 10, 96, 0, 10, 0x1f, 0x90, 0, 53]
+        );
+        assert_eq!(rev_nat_addresses(&pair), Some((frontend, backend)));
+        assert_eq!(rev_nat_addresses(&RevNatPair::default()), None);
+
+        let cidr = Cidr {
+            addr: Ipv4Addr::new(10, 244, 1, 7),
+            prefix: 16,
+        };
+        let (network, mask) = cidr.network_and_mask_be();
+        assert_eq!(network.to_ne_bytes(), [10, 244, 0, 0]);
+        assert_eq!(mask.to_ne_bytes(), [255, 255, 0, 0]);
+        let everything = Cidr { prefix: 0, ..cidr };
+        assert_eq!(everything.network_and_mask_be(), (0, 0));
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! depends on the other.
 
 pub mod encoding;
+pub mod error;
 pub mod pins;
 pub mod table;
 
+pub use error::MapsError;
 pub use pins::{Pins, PinsError};
 pub use table::{
     BatchError, Counts, FrontendSlots, ServiceMaps, SizedTable, Table, open_pinned,

@@ -13,8 +13,8 @@ use proxy_common::{
     ServiceKey, ServiceValue,
 };
 
-use super::pins::Pins;
-use crate::{bpf_sys, datapath::DatapathError, sorted_vec::VecMap};
+use super::{error::MapsError, pins::Pins};
+use crate::{bpf_sys, sorted_vec::VecMap};
 
 pub type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
 pub type BackendsMap = BpfHashMap<MapData, u32, Backend>;
@@ -216,13 +216,13 @@ impl<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod> Table<K, V> for S
 pub fn typed_map<K: aya::Pod, V: aya::Pod>(
     map: Map,
     name: &'static str,
-) -> Result<BpfHashMap<MapData, K, V>, DatapathError> {
-    BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+) -> Result<BpfHashMap<MapData, K, V>, MapsError> {
+    BpfHashMap::try_from(map).map_err(|source| MapsError::Open { name, source })
 }
 
 /// Opens the pinned service maps without loading anything: for reading the
 /// datapath while the agent runs, or after it is gone.
-pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
+pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, MapsError> {
     Ok(ServiceMaps {
         services: typed_map(open_pin(pins, SERVICES_MAP, Map::HashMap)?, SERVICES_MAP)?,
         backends: typed_map(open_pin(pins, BACKENDS_MAP, Map::HashMap)?, BACKENDS_MAP)?,
@@ -231,7 +231,7 @@ pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
 
 /// Opens the tc programs' pinned frontend maps, as [`open_pinned`] does
 /// the socket programs'.
-pub fn open_pinned_external(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
+pub fn open_pinned_external(pins: &Pins) -> Result<ServiceMaps, MapsError> {
     Ok(ServiceMaps {
         services: typed_map(
             open_pin(pins, EXT_SERVICES_MAP, Map::HashMap)?,
@@ -248,9 +248,9 @@ pub fn open_pinned_external(pins: &Pins) -> Result<ServiceMaps, DatapathError> {
 pub type Counts = aya::maps::HashMap<MapData, ServiceKey, u64>;
 
 /// Opens the pinned per-slot counts ([`proxy_common::COUNTS_MAP`]).
-pub fn open_pinned_counts(pins: &Pins) -> Result<Counts, DatapathError> {
+pub fn open_pinned_counts(pins: &Pins) -> Result<Counts, MapsError> {
     let map = open_pin(pins, proxy_common::COUNTS_MAP, Map::HashMap)?;
-    Counts::try_from(map).map_err(|source| DatapathError::Map {
+    Counts::try_from(map).map_err(|source| MapsError::Open {
         name: proxy_common::COUNTS_MAP,
         source,
     })
@@ -276,26 +276,22 @@ pub fn slot_count(counts: &Counts, slot: ServiceKey, counted_by: &[u8]) -> u64 {
 }
 
 /// Opens the pinned per-CPU event counters, indexed by [`proxy_common::Event`].
-pub fn open_pinned_events(pins: &Pins) -> Result<PerCpuArray<MapData, u64>, DatapathError> {
+pub fn open_pinned_events(pins: &Pins) -> Result<PerCpuArray<MapData, u64>, MapsError> {
     let map = open_pin(pins, EVENTS_MAP, Map::PerCpuArray)?;
-    PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
+    PerCpuArray::try_from(map).map_err(|source| MapsError::Open {
         name: EVENTS_MAP,
         source,
     })
 }
 
-fn open_pin(
-    pins: &Pins,
-    name: &'static str,
-    kind: fn(MapData) -> Map,
-) -> Result<Map, DatapathError> {
+fn open_pin(pins: &Pins, name: &'static str, kind: fn(MapData) -> Map) -> Result<Map, MapsError> {
     let path = pins.map(name);
     if !path.exists() {
-        return Err(DatapathError::MissingMap { name, path });
+        return Err(MapsError::Missing { name, path });
     }
     MapData::from_pin(&path)
         .map(kind)
-        .map_err(|source| DatapathError::Map { name, source })
+        .map_err(|source| MapsError::Open { name, source })
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 use xtask::btf_map::BtfBuilder;
 
 use super::*;
-use crate::datapath::{EBPF_OBJECT, MAPS};
+use proxy_common::MAPS;
+
+use crate::datapath::EBPF_OBJECT;
 
 /// The integers Rust emits, then a key like ours with `port` of the given
 /// type; returns the blob and the key's id.
