@@ -21,10 +21,7 @@ use proxy_common::{
 };
 use tracing::info;
 
-use crate::maps::{Counts, MapsError, PinsError, SizedTable, table::typed_map};
-// doctor/ still reaches these through here; it imports them from
-// crate::maps when it is split.
-pub use crate::maps::{Pins, open_pinned, open_pinned_events};
+use crate::maps::{Counts, MapsError, Pins, PinsError, SizedTable, table::typed_map};
 
 mod attach;
 pub mod btf;

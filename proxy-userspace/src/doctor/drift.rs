@@ -8,7 +8,6 @@ use std::{
 
 use super::{Check, Context, Status, snapshot::Snapshot};
 use crate::{
-    datapath,
     listing::{self, ListedService},
     report::chain,
 };
@@ -104,7 +103,7 @@ pub(super) fn drift(cx: &Context, snapshot: Option<&Snapshot>) -> Check {
         );
     };
     let read_maps = || -> Result<Frontends, String> {
-        let maps = datapath::open_pinned(&cx.pins).map_err(|e| chain(&e))?;
+        let maps = crate::maps::open_pinned(&cx.pins).map_err(|e| chain(&e))?;
         Ok(listed_frontends(
             &listing::list(&maps, None).map_err(|e| chain(&e))?,
         ))

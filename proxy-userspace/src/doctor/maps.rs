@@ -2,14 +2,14 @@
 //! event counters.
 
 use super::{Check, Context, Status};
-use crate::{bpf_sys, datapath, listing, report::chain};
+use crate::{bpf_sys, listing, maps, report::chain};
 
 /// A map this full warns; a full one fails.
 const FILL_WARN_PERCENT: u64 = 90;
 
 pub(super) fn maps(cx: &Context) -> Check {
     const NAME: &str = "maps";
-    let maps = match datapath::open_pinned(&cx.pins) {
+    let maps = match maps::open_pinned(&cx.pins) {
         Ok(maps) => maps,
         Err(error) => {
             return Check::problem(NAME, Status::Fail, chain(&error), cx.restart.clone());
@@ -66,7 +66,7 @@ pub(super) fn maps(cx: &Context) -> Check {
 
 pub(super) fn counters(cx: &Context) -> Check {
     const NAME: &str = "counters";
-    let counts = match datapath::open_pinned_events(&cx.pins)
+    let counts = match maps::open_pinned_events(&cx.pins)
         .map_err(|e| chain(&e))
         .and_then(|map| listing::events(&map).map_err(|e| chain(&e)))
     {

@@ -18,7 +18,7 @@ use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
 use clap::Args;
 use serde::Serialize;
 
-use crate::{config::PinDir, datapath::Pins};
+use crate::{config::PinDir, maps::Pins};
 
 mod agent;
 mod drift;
