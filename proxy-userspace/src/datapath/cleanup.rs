@@ -11,6 +11,7 @@ use tracing::warn;
 use super::{
     DatapathError, Pins,
     attach::{detach_clsact, tc_links},
+    layout::stale_maps,
 };
 use crate::maps::PinsError;
 
@@ -27,25 +28,6 @@ pub enum CleanupError {
         #[source]
         source: io::Error,
     },
-}
-
-/// Pinned maps of ours that this build does not use: other layout versions
-/// of its maps (`lb4_svc_v1` after an upgrade to `lb4_svc_v2`).
-pub(super) fn stale_maps(pins: &Pins) -> Vec<PathBuf> {
-    let Ok(dir) = fs::read_dir(pins.maps_dir()) else {
-        return Vec::new();
-    };
-    let mut stale: Vec<PathBuf> = dir
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("lb4_") && !MAPS.contains(&name.as_ref())
-        })
-        .map(|entry| entry.path())
-        .collect();
-    stale.sort();
-    stale
 }
 
 /// Detaches the programs (by dropping their pinned links) and removes the

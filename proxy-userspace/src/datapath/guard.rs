@@ -11,55 +11,16 @@
 //! defunct.
 
 use std::{
-    collections::BTreeMap,
     fs, io,
     os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
-use proxy_common::{MAPS, PROGRAMS};
+use proxy_common::PROGRAMS;
 use tracing::{error, warn};
 
-use super::{AttachError, Datapath, DatapathError, Pins, attach::open_cgroup};
+use super::{AttachError, Datapath, DatapathError, attach::open_cgroup};
 use crate::bpf_sys;
-
-/// A map or link the agent pinned or adopted that it could not open again
-/// to keep a descriptor of its own.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot open {path}, just pinned, to hold it")]
-pub struct HoldError {
-    pub path: PathBuf,
-    #[source]
-    pub source: io::Error,
-}
-
-/// The agent's own descriptors of what it pinned or adopted.
-#[derive(Default)]
-pub(super) struct Held {
-    maps: Vec<(&'static str, OwnedFd)>,
-    pub(super) cgroup_links: Vec<(&'static str, OwnedFd)>,
-    /// The cgroup the links are on, with its inode when they were made.
-    pub(super) cgroup: Option<(PathBuf, u64)>,
-    /// By their pins' paths.
-    pub(super) tc_links: BTreeMap<PathBuf, OwnedFd>,
-}
-
-impl Held {
-    /// Opens every pinned map once more, right after loading: the maps the
-    /// programs use, whatever becomes of the pins.
-    pub(super) fn maps_of(pins: &Pins) -> Result<Self, DatapathError> {
-        let mut maps = Vec::new();
-        for name in MAPS {
-            let path = pins.map(name);
-            let fd = bpf_sys::obj_get(&path).map_err(|source| HoldError { path, source })?;
-            maps.push((name, fd));
-        }
-        Ok(Self {
-            maps,
-            ..Self::default()
-        })
-    }
-}
 
 /// What one look at the datapath found and did.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! Whether a pinned map is laid out as the programs expect.
 
-use std::{io, path::PathBuf};
+use std::{fs, io, path::PathBuf};
 
 use aya::maps::MapData;
 use proxy_common::MAPS;
@@ -208,4 +208,23 @@ fn foreign(pins: &Pins, problem: ForeignMap) -> DatapathError {
         problem,
     }
     .into()
+}
+
+/// Pinned maps of ours that this build does not use: other layout versions
+/// of its maps (`lb4_svc_v1` after an upgrade to `lb4_svc_v2`).
+pub(super) fn stale_maps(pins: &Pins) -> Vec<PathBuf> {
+    let Ok(dir) = fs::read_dir(pins.maps_dir()) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<PathBuf> = dir
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("lb4_") && !MAPS.contains(&name.as_ref())
+        })
+        .map(|entry| entry.path())
+        .collect();
+    stale.sort();
+    stale
 }

@@ -15,10 +15,8 @@ use proxy_common::{
 use tracing::warn;
 
 use super::{
-    Datapath, DatapathError, EBPF_OBJECT, Pins,
-    cleanup::stale_maps,
-    guard,
-    layout::{Check, check_layouts},
+    Datapath, DatapathError, EBPF_OBJECT, Pins, held,
+    layout::{Check, check_layouts, stale_maps},
 };
 use crate::model::Cidr;
 
@@ -190,7 +188,7 @@ impl Datapath {
             }
         }
         load_programs(&mut ebpf)?;
-        let held = guard::Held::maps_of(&pins)?;
+        let held = held::Held::maps_of(&pins)?;
         Ok(Self {
             ebpf,
             pins,

@@ -27,12 +27,14 @@ mod attach;
 pub mod btf;
 mod cleanup;
 mod guard;
+mod held;
 mod layout;
 mod load;
 
 pub use attach::{AttachError, check_cgroup, tc_links};
 pub use cleanup::{CleanupError, cleanup};
-pub use guard::{GuardWatch, HoldError};
+pub use guard::GuardWatch;
+pub use held::HoldError;
 pub use layout::{LayoutError, check_pinned_maps};
 pub use load::{LoadError, MapSizes, ProgramSettings, probe_load, size_flag};
 
@@ -78,7 +80,7 @@ pub struct Datapath {
     /// The agent's own descriptors of its maps and links: the programs
     /// stay attached while it runs, whatever happens to the pins, and what
     /// is unpinned under it is pinned again from these.
-    held: guard::Held,
+    held: held::Held,
 }
 
 impl Datapath {
