@@ -396,7 +396,7 @@ fn node_port_demo(agent_binary: &Path) -> Result<()> {
     }
     let endpoints: Vec<_> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     let manifest = manifests::documents(&[
-        manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), ""),
+        manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), |_| ()),
         manifests::endpoint_slice_on_nodes("web-1", "web", &[("http", 8080, "TCP")], &endpoints),
     ]);
     // Both agents read the same Services, as they would from one API server.

@@ -2224,10 +2224,13 @@ fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, String) {
                 "LoadBalancer",
                 "10.96.0.30",
                 (80, 30080),
-                "  externalTrafficPolicy: Local\n  healthCheckNodePort: 31999\n",
+                |spec| {
+                    manifests::local_traffic(spec);
+                    spec.health_check_node_port = Some(31999);
+                },
             ),
             manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &endpoints),
-            manifests::node_port_service("low", "NodePort", "10.96.0.31", (80, 8080), ""),
+            manifests::node_port_service("low", "NodePort", "10.96.0.31", (80, 8080), |_| ()),
         ]),
     )
     .expect("manifest");
@@ -2336,14 +2339,14 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
     lab.write_manifest(
         "web.yaml",
         &manifests::documents(&[
-            manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), ""),
+            manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), |_| ()),
             manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &endpoints),
             manifests::node_port_service(
                 "local",
                 "NodePort",
                 "10.96.0.41",
                 (80, 30081),
-                "  externalTrafficPolicy: Local\n",
+                manifests::local_traffic,
             ),
             manifests::endpoint_slice_on_nodes("local-1", "local", HTTP_BACKEND, &endpoints[..1]),
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\n\
@@ -2678,7 +2681,7 @@ fn edge_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
             "NodePort",
             "10.96.0.56",
             (80, 30096),
-            "  sessionAffinity: ClientIP\n",
+            |spec| spec.session_affinity = Some("ClientIP".to_owned()),
         ),
         manifests::endpoint_slice_on_nodes("sticky-1", "sticky", HTTP_BACKEND, endpoints),
     ])
@@ -2909,7 +2912,7 @@ fn clsact_filters_and_devices_that_come_later() {
     lab.write_manifest(
         "web.yaml",
         &manifests::documents(&[
-            manifests::node_port_service("web", "NodePort", "10.96.0.60", (80, 30080), ""),
+            manifests::node_port_service("web", "NodePort", "10.96.0.60", (80, 30080), |_| ()),
             manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &[(pod.ip, "node-1")]),
         ]),
     )

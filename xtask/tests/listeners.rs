@@ -327,15 +327,10 @@ const HEALTH_CHECK_PORT: u16 = 31999;
 fn local_load_balancer(pods: &[&Pod]) -> String {
     let endpoints: Vec<(Ipv4Addr, &str)> = pods.iter().map(|p| (p.ip, "node-1")).collect();
     manifests::documents(&[
-        manifests::node_port_service(
-            "web",
-            "LoadBalancer",
-            LB_VIP,
-            (80, 30080),
-            &format!(
-                "  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_CHECK_PORT}\n"
-            ),
-        ),
+        manifests::node_port_service("web", "LoadBalancer", LB_VIP, (80, 30080), |spec| {
+            manifests::local_traffic(spec);
+            spec.health_check_node_port = Some(HEALTH_CHECK_PORT.into());
+        }),
         manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &endpoints),
     ])
 }
