@@ -34,7 +34,7 @@ enum Task {
         api: bool,
     },
     /// Set up the machine, then run the unit tests and the privileged
-    /// tests (datapath, kube-proxy cleanup). Needs root.
+    /// tests (a file per area in xtask/tests/). Needs root.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -194,13 +194,21 @@ fn test(filter: Option<&str>) -> Result<()> {
     let mut args = vec!["test", "--package", "xtask"];
     args.extend([
         "--test",
-        "datapath",
+        "api",
+        "--test",
+        "clusterip",
+        "--test",
+        "doctor",
+        "--test",
+        "hostile",
         "--test",
         "kube_proxy",
         "--test",
         "lifecycle",
         "--test",
         "listeners",
+        "--test",
+        "nodeport",
         "--",
     ]);
     args.extend(filter);

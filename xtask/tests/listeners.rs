@@ -6,6 +6,8 @@
 //! They need root, so they are `#[ignore]`d in a plain `cargo test`;
 //! `cargo xtask test` builds the agent and runs them with `--ignored`.
 
+mod common;
+
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -18,24 +20,15 @@ use xtask::{
     lab::{Agent, Lab, Pod, agent_binary, limit_open_files, manifests, raise_open_file_limit},
 };
 
-const WEB_VIP: &str = "10.96.0.10";
+use common::{HTTP, HTTP_BACKEND, WEB_VIP, web_manifest};
+
 const EXTRA_VIP: &str = "10.96.0.20";
-const HTTP: &[(&str, i64, &str)] = &[("http", 80, "TCP")];
-const HTTP_BACKEND: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
 /// The flood of the findings: 4,000 idle connections, four times the
 /// usual soft limit of open files.
 const FLOOD: usize = 4000;
 /// The usual soft limit of open files (systemd's, most container
 /// runtimes').
 const SOFT_LIMIT: u64 = 1024;
-
-fn web_manifest(pods: &[&Pod]) -> String {
-    let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|p| (p.ip, true)).collect();
-    manifests::documents(&[
-        manifests::service("web", WEB_VIP, HTTP),
-        manifests::endpoint_slice("web-1", "web", HTTP_BACKEND, &endpoints),
-    ])
-}
 
 /// A second Service, `extra`, over `pod`: the change made while a
 /// listener is flooded.
