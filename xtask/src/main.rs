@@ -228,7 +228,7 @@ fn demo_manifest(pods: &[lab::Pod]) -> String {
 }
 
 /// The Node the agent of `demo --api` runs as.
-const DEMO_NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n";
+const DEMO_NODE: &str = "node-1";
 
 /// Who answers `count` requests to the demo's ClusterIP ("refused" for a
 /// request that got no answer).
@@ -314,13 +314,14 @@ fn demo(api: bool) -> Result<()> {
     let mut api_server = None;
     let agent = if api {
         let server = ApiServer::start()?;
-        server.apply_yaml(&format!("{DEMO_NODE}---\n{manifest}"))?;
+        let node = manifests::node(DEMO_NODE, |_| ());
+        server.apply_yaml(&format!("{node}---\n{manifest}"))?;
         println!(
-            "\n# applied to a test API server at {} (kubeconfig {})\n{DEMO_NODE}---\n{manifest}",
+            "\n# applied to a test API server at {} (kubeconfig {})\n{node}---\n{manifest}",
             server.url(),
             server.kubeconfig().display()
         );
-        let agent = lab.start_agent_on_api(&agent_binary, server.kubeconfig(), "node-1")?;
+        let agent = lab.start_agent_on_api(&agent_binary, server.kubeconfig(), DEMO_NODE)?;
         api_server = Some(server);
         agent
     } else {

@@ -8,10 +8,12 @@
 mod common;
 
 use std::{
+    collections::BTreeMap,
     thread,
     time::{Duration, Instant},
 };
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use xtask::lab::{Agent, Lab, Pod, agent_binary, manifests};
 
 use common::{
@@ -150,8 +152,7 @@ fn the_agent_follows_the_kubernetes_api_and_a_restarted_server_flushes_nothing()
     let (a, b, c) = (&pods[0], &pods[1], &pods[2]);
     let mut api = ApiServer::start().expect("test API server");
     api.apply_yaml(&web_manifest(&[a, b])).unwrap();
-    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n")
-        .unwrap();
+    api.apply_yaml(&manifests::node("node-1", |_| ())).unwrap();
     let agent = lab
         .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
         .unwrap();
@@ -182,7 +183,7 @@ fn the_agent_follows_the_kubernetes_api_and_a_restarted_server_flushes_nothing()
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn after_an_api_restart_storm_a_change_is_applied_within_five_seconds() {
-    let (lab, pods, mut api) = api_lab("");
+    let (lab, pods, mut api) = api_lab();
     let (a, b) = (&pods[0], &pods[1]);
     let agent = lab
         .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
@@ -217,16 +218,13 @@ fn after_an_api_restart_storm_a_change_is_applied_within_five_seconds() {
 }
 
 /// A lab of two nginx pods and a test API server holding the web Service
-/// over both and Node node-1 (`node_extra` is added to its metadata).
-fn api_lab(node_extra: &str) -> (Lab, Vec<Pod>, xtask::apiserver::ApiServer) {
+/// over both and Node node-1.
+fn api_lab() -> (Lab, Vec<Pod>, xtask::apiserver::ApiServer) {
     let (lab, pods) = web_lab(&["pod-a", "pod-b"]);
     let api = xtask::apiserver::ApiServer::start().expect("test API server");
     api.apply_yaml(&web_manifest(&pods.iter().collect::<Vec<_>>()))
         .unwrap();
-    api.apply_yaml(&format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: node-1{node_extra}}}\n"
-    ))
-    .unwrap();
+    api.apply_yaml(&manifests::node("node-1", |_| ())).unwrap();
     (lab, pods, api)
 }
 
@@ -250,7 +248,7 @@ fn wait_for_healthz(agent: &Agent, status: u16, within: Duration) -> String {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_node_being_deleted_is_not_eligible_and_keeps_serving() {
-    let (lab, pods, api) = api_lab("");
+    let (lab, pods, api) = api_lab();
     let agent = lab
         .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
         .unwrap();
@@ -263,10 +261,10 @@ fn a_node_being_deleted_is_not_eligible_and_keeps_serving() {
     let body = wait_for_healthz(&agent, 200, Duration::from_secs(2));
     assert!(body.contains("\"nodeEligible\":true"), "{body}");
 
-    api.apply_yaml(
-        "apiVersion: v1\nkind: Node\nmetadata: {name: node-1, \
-         deletionTimestamp: \"2026-01-01T00:00:00Z\", finalizers: [example.com/hold]}\n",
-    )
+    api.apply_yaml(&manifests::node("node-1", |node| {
+        node.deletion_timestamp = Some(Time("2026-01-01T00:00:00Z".parse().unwrap()));
+        node.finalizers = Some(vec!["example.com/hold".to_owned()]);
+    }))
     .unwrap();
     let body = wait_for_healthz(&agent, 503, Duration::from_secs(2));
     assert!(body.contains("\"nodeEligible\":false"), "{body}");
@@ -278,14 +276,17 @@ fn a_node_being_deleted_is_not_eligible_and_keeps_serving() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_service_of_another_proxy_is_not_served() {
-    let (lab, pods, api) = api_lab("");
+    let (lab, pods, api) = api_lab();
     let other = |proxy: &str| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: other\n  namespace: default\n  \
-             labels: {{service.kubernetes.io/service-proxy-name: {proxy}}}\n\
-             spec:\n  clusterIP: 10.96.0.11\n  ports: [{{name: http, port: 80}}]\n---\n{}",
-            manifests::endpoint_slice("other-1", "other", HTTP_BACKEND, &[(pods[0].ip, true)])
-        )
+        let mut service = manifests::service_object("other", "10.96.0.11", HTTP);
+        service.metadata.labels = Some(BTreeMap::from([(
+            "service.kubernetes.io/service-proxy-name".to_owned(),
+            proxy.to_owned(),
+        )]));
+        manifests::documents(&[
+            manifests::yaml(&service),
+            manifests::endpoint_slice("other-1", "other", HTTP_BACKEND, &[(pods[0].ip, true)]),
+        ])
     };
     api.apply_yaml(&other("other")).unwrap();
     let agent = lab

@@ -17,6 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::{
+    api::core::v1::{ClientIPConfig, Service, ServicePort, ServiceSpec, SessionAffinityConfig},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use xtask::{
     bpf_stats::{RunTimeStats, cost_of},
     lab::{Agent, Lab, Pod, agent_binary, manifests},
@@ -84,13 +88,7 @@ fn getpeername_shows_the_vip_and_other_addresses_are_untouched() {
 
     let probe = |host: &str, port: u16| {
         let out = lab
-            .python(&format!(
-                "import socket\n\
-                 s = socket.create_connection(('{host}', {port}), timeout=2)\n\
-                 s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
-                 body = s.recv(4096).split(b'\\r\\n\\r\\n', 1)[1].strip().decode()\n\
-                 print(*s.getpeername(), body)"
-            ))
+            .python(include_str!("clients/peer.py"), &[host, &port.to_string()])
             .unwrap();
         assert!(
             out.status.success(),
@@ -159,22 +157,7 @@ fn udp_dns_through_clusterip_answers_from_the_vip() {
     // An unconnected socket (sendto/recvfrom: sendmsg4 and recvmsg4), then
     // a connected one (connect4, recvmsg4 and getpeername4).
     let out = lab
-        .python(
-            "import socket, struct\n\
-             query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
-                 + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
-             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             s.settimeout(3)\n\
-             s.sendto(query, ('10.96.0.53', 53))\n\
-             reply, (host, port) = s.recvfrom(512)\n\
-             print(host, port, reply[:2].hex(), b'dns-a' in reply)\n\
-             c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             c.settimeout(3)\n\
-             c.connect(('10.96.0.53', 53))\n\
-             c.send(query)\n\
-             reply, (host, port) = c.recvfrom(512)\n\
-             print(host, port, *c.getpeername(), b'dns-a' in reply)",
-        )
+        .python(include_str!("clients/dns_both_ways.py"), &["10.96.0.53"])
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -231,25 +214,8 @@ fn five_thousand_connected_udp_sockets_all_show_the_vip() {
     // their reply from the VIP (recvmsg4).
     let out = lab
         .python(
-            "import resource, socket, struct\n\
-             resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))\n\
-             query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
-                 + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
-             socks = []\n\
-             for _ in range(5000):\n\
-             \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             \x20   s.connect(('10.96.1.1', 53))\n\
-             \x20   socks.append(s)\n\
-             peers = {}\n\
-             for s in socks:\n\
-             \x20   peer = '%s:%d' % s.getpeername()\n\
-             \x20   peers[peer] = peers.get(peer, 0) + 1\n\
-             print(peers)\n\
-             for s in (socks[0], socks[-1]):\n\
-             \x20   s.settimeout(3)\n\
-             \x20   s.send(query)\n\
-             \x20   reply, (host, port) = s.recvfrom(512)\n\
-             \x20   print(host, port, b'dns-a' in reply)",
+            include_str!("clients/many_connected_udp.py"),
+            &["10.96.1.1", "5000"],
         )
         .unwrap();
     assert_eq!(
@@ -280,18 +246,8 @@ fn an_unconnected_udp_socket_past_its_pairs_evicts_the_oldest_and_counts_it() {
     // that reply shows its backend's address.
     let out = lab
         .python(
-            "import socket, struct\n\
-             query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
-                 + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
-             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             s.settimeout(3)\n\
-             for i in range(1, 6):\n\
-             \x20   s.sendto(query, ('10.96.1.%d' % i, 53))\n\
-             seen = []\n\
-             for _ in range(5):\n\
-             \x20   reply, (host, port) = s.recvfrom(512)\n\
-             \x20   seen.append('%s:%d %s' % (host, port, reply[-5:].decode()))\n\
-             print('\\n'.join(sorted(seen)))",
+            include_str!("clients/one_socket_many_services.py"),
+            &[&names.len().to_string()],
         )
         .unwrap();
     let mut expected: Vec<String> = names
@@ -391,23 +347,9 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
 
     // UDP connect() runs connect4 and sends nothing, so no backend needs to
     // exist; 2,000 sockets at once, each asked for its peer twice.
-    let sockets = |first: &str, step: u32| {
-        format!(
-            "import resource, socket, ipaddress\n\
-             resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))\n\
-             base = int(ipaddress.ip_address('{first}'))\n\
-             socks = []\n\
-             for i in range(2000):\n\
-             \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             \x20   s.connect((str(ipaddress.ip_address(base + (i * {step}) % 10000)), 53))\n\
-             \x20   socks.append(s)\n\
-             for s in socks * 2:\n\
-             \x20   s.getpeername()\n"
-        )
-    };
-    let measure = |label: &str, program: &str, script: &str| {
+    let measure = |label: &str, program: &str, sockets: &[&str]| {
         let (cost, calls) = cost_of(&lab, &[program], || {
-            let out = lab.python(script)?;
+            let out = lab.python(include_str!("clients/udp_connects.py"), sockets)?;
             assert!(
                 out.status.success(),
                 "{}",
@@ -421,10 +363,10 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
     };
     // One VIP over and over, as a client of one Service does (and as the
     // bench measures), then 2,000 VIPs, each met cold.
-    let one_vip = sockets("10.100.0.1", 0);
-    let translated = sockets("10.100.0.1", 7);
+    let one_vip = ["10.100.0.1", "0"];
+    let translated = ["10.100.0.1", "7"];
     // On the bridge, so routable, but no Service.
-    let untranslated = sockets("10.244.0.150", 0);
+    let untranslated = ["10.244.0.150", "0"];
     let connect_service = measure("connect4, one Service", "connect4", &one_vip);
     measure("connect4, 2,000 Services", "connect4", &translated);
     let connect_other = measure("connect4, other address", "connect4", &untranslated);
@@ -467,14 +409,8 @@ fn service_without_endpoints_refuses_at_once() {
 
     let out = lab
         .python(
-            "import socket, time\n\
-             for attempt in range(20):\n\
-             \x20   started = time.monotonic()\n\
-             \x20   try:\n\
-             \x20       socket.create_connection(('10.96.0.20', 80), timeout=5)\n\
-             \x20       print('connected')\n\
-             \x20   except ConnectionRefusedError:\n\
-             \x20       print('refused', round((time.monotonic() - started) * 1000, 3))",
+            include_str!("clients/refusal_time.py"),
+            &["10.96.0.20", "80", "20"],
         )
         .unwrap();
     let lines = String::from_utf8_lossy(&out.stdout);
@@ -502,15 +438,9 @@ fn service_without_endpoints_refuses_at_once() {
     );
 }
 
-/// Issue 8: a connected UDP socket translated to a backend that leaves
-/// the Service is ended (the client's next send fails, and a new socket
-/// reaches the backend that stays), while a socket that
-/// talks to that pod's address on its own is left alone, as kube-proxy
-/// flushes only the Service's conntrack entries. The clients run in a pod
-/// of their own, another network namespace than the agent's.
-#[test]
-#[ignore = "needs root: run with cargo xtask test"]
-fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
+/// A lab of two dnsmasq pods on port 5353, dns-a and dns-b, and a pod of
+/// its own for the clients: another network namespace than the agent's.
+fn dns_pair_lab() -> (Lab, Vec<Pod>, Pod) {
     let mut lab = Lab::new().unwrap();
     let pods: Vec<Pod> = ["dns-a", "dns-b"]
         .iter()
@@ -521,66 +451,59 @@ fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
         })
         .collect();
     let client = lab.add_pod("client").unwrap();
-    let manifest = |endpoints: &[&Pod]| {
-        manifests::documents(&[
-            manifests::service("dns", "10.96.2.53", &[("dns", 53, "UDP")]),
-            manifests::endpoint_slice(
-                "dns-1",
-                "dns",
-                &[("dns", 5353, "UDP")],
-                &endpoints.iter().map(|p| (p.ip, true)).collect::<Vec<_>>(),
-            ),
-        ])
-    };
-    lab.write_manifest("dns.yaml", &manifest(&[&pods[0], &pods[1]]))
+    (lab, pods, client)
+}
+
+/// The UDP Service `dns` at `vip`:53 over `endpoints`' port 5353.
+fn dns_manifest(vip: &str, endpoints: &[&Pod]) -> String {
+    manifests::documents(&[
+        manifests::service("dns", vip, &[("dns", 53, "UDP")]),
+        manifests::endpoint_slice(
+            "dns-1",
+            "dns",
+            &[("dns", 5353, "UDP")],
+            &endpoints.iter().map(|p| (p.ip, true)).collect::<Vec<_>>(),
+        ),
+    ])
+}
+
+/// Connected UDP sockets in `client`, held open across a change of the
+/// Service `vip` (see `clients/held_udp.py` for each `mode`); each
+/// [`Conversation::ask`] has every socket ask once more.
+fn held_udp_sockets(lab: &Lab, client: &Pod, mode: &str, vip: &str, dns_a: &Pod) -> Conversation {
+    let mut command = lab.pod_client(client, "python3");
+    command.args([
+        "-c",
+        include_str!("clients/held_udp.py"),
+        mode,
+        vip,
+        &dns_a.ip.to_string(),
+    ]);
+    Conversation::start(command)
+}
+
+/// Issue 8: a connected UDP socket translated to a backend that leaves
+/// the Service is ended (the client's next send fails, and a new socket
+/// reaches the backend that stays), while a socket that
+/// talks to that pod's address on its own is left alone, as kube-proxy
+/// flushes only the Service's conntrack entries.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
+    const VIP: &str = "10.96.2.53";
+    let (lab, pods, client) = dns_pair_lab();
+    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[0], &pods[1]]))
         .unwrap();
     let agent = lab.start_agent(&agent_binary()).unwrap();
-    wait_for_vip(&agent, "10.96.2.53:53");
+    wait_for_vip(&agent, &format!("{VIP}:53"));
 
-    // First a Service socket that landed on dns-a (the backend that will
-    // leave) and one straight to dns-a; then, for each line on stdin, ask
-    // on both again. A socket that fails is replaced by a new one, which
-    // asks once more.
-    let script = format!(
-        "import errno, socket, struct, sys\n\
-         query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
-             + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
-         def connected(target):\n    \
-             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    \
-             s.settimeout(2)\n    \
-             s.connect(target)\n    \
-             return s\n\
-         def ask(s):\n    \
-             s.send(query)\n    \
-             answer = s.recv(512)\n    \
-             return 'dns-a' if b'dns-a' in answer else 'dns-b' if b'dns-b' in answer else '?'\n\
-         targets = [('10.96.2.53', 53), ('{}', 5353)]\n\
-         for _ in range(100):\n    \
-             service = connected(targets[0])\n    \
-             if ask(service) == 'dns-a':\n        \
-                 break\n    \
-             service.close()\n\
-         socks = [service, connected(targets[1])]\n\
-         for _ in sys.stdin:\n    \
-             words = []\n    \
-             for i, t in enumerate(targets):\n        \
-                 try:\n            \
-                     words.append(ask(socks[i]))\n        \
-                 except OSError as error:\n            \
-                     words.append(errno.errorcode[error.errno])\n            \
-                     socks[i] = connected(t)\n            \
-                     words.append(ask(socks[i]))\n    \
-             print(' '.join(words), flush=True)\n",
-        pods[0].ip
-    );
-    let mut held = Conversation::start({
-        let mut command = lab.pod_client(&client, "python3");
-        command.args(["-c", &script]);
-        command
-    });
+    // A Service socket that landed on dns-a (the backend that will leave)
+    // and one straight to dns-a; a socket that fails is replaced by a new
+    // one, which asks once more.
+    let mut held = held_udp_sockets(&lab, &client, "service-and-pod", VIP, &pods[0]);
     assert_eq!(held.ask(), "dns-a dns-a");
 
-    lab.write_manifest("dns.yaml", &manifest(&[&pods[1]]))
+    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[1]]))
         .unwrap();
     agent
         .wait_for_log("ended sockets still connected", Duration::from_secs(10))
@@ -604,75 +527,22 @@ fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn short_lived_udp_sockets_leave_the_map_and_evict_no_live_one() {
-    let mut lab = Lab::new().unwrap();
-    let pods: Vec<Pod> = ["dns-a", "dns-b"]
-        .iter()
-        .map(|name| {
-            let pod = lab.add_pod(name).unwrap();
-            lab.serve_dns(&pod, 5353).unwrap();
-            pod
-        })
-        .collect();
-    let client = lab.add_pod("client").unwrap();
-    let manifest = |endpoints: &[&Pod]| {
-        manifests::documents(&[
-            manifests::service("dns", "10.96.2.54", &[("dns", 53, "UDP")]),
-            manifests::endpoint_slice(
-                "dns-1",
-                "dns",
-                &[("dns", 5353, "UDP")],
-                &endpoints.iter().map(|p| (p.ip, true)).collect::<Vec<_>>(),
-            ),
-        ])
-    };
-    lab.write_manifest("dns.yaml", &manifest(&[&pods[0], &pods[1]]))
+    const VIP: &str = "10.96.2.54";
+    let (lab, pods, client) = dns_pair_lab();
+    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[0], &pods[1]]))
         .unwrap();
     let agent = lab.start_agent(&agent_binary()).unwrap();
-    wait_for_vip(&agent, "10.96.2.54:53");
+    wait_for_vip(&agent, &format!("{VIP}:53"));
 
     // Two sockets that landed on dns-a through the Service; the second
-    // then connects straight to dns-a and prints its peer. For each line
-    // on stdin, both ask again.
-    let script = format!(
-        "import errno, socket, struct, sys\n\
-         query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
-             + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
-         def ask(s):\n    \
-             s.send(query)\n    \
-             answer = s.recv(512)\n    \
-             return 'dns-a' if b'dns-a' in answer else 'dns-b' if b'dns-b' in answer else '?'\n\
-         def on_dns_a():\n    \
-             for _ in range(100):\n        \
-                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n        \
-                 s.settimeout(2)\n        \
-                 s.connect(('10.96.2.54', 53))\n        \
-                 if ask(s) == 'dns-a':\n            \
-                     return s\n        \
-                 s.close()\n\
-         held, moved = on_dns_a(), on_dns_a()\n\
-         moved.connect(('{}', 5353))\n\
-         print('%s:%d' % moved.getpeername(), flush=True)\n\
-         for _ in sys.stdin:\n    \
-             words = []\n    \
-             for s in (held, moved):\n        \
-                 try:\n            \
-                     words.append(ask(s))\n        \
-                 except OSError as error:\n            \
-                     words.append(errno.errorcode[error.errno])\n    \
-             print(' '.join(words), flush=True)\n",
-        pods[0].ip
-    );
-    let mut held = Conversation::start({
-        let mut command = lab.pod_client(&client, "python3");
-        command.args(["-c", &script]);
-        command
-    });
+    // then connects straight to dns-a and prints its peer.
+    let mut held = held_udp_sockets(&lab, &client, "service-then-pod", VIP, &pods[0]);
     assert_eq!(held.line(), format!("{}:5353", pods[0].ip));
     assert_eq!(held.ask(), "dns-a dns-a");
 
-    short_lived_connected_udp_sockets(&lab, &client, 300_000);
+    short_lived_connected_udp_sockets(&lab, &client, VIP, 300_000);
 
-    lab.write_manifest("dns.yaml", &manifest(&[&pods[1]]))
+    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[1]]))
         .unwrap();
     // Ending is asynchronous; it is logged once done (when anything was).
     let _ = agent.wait_for_log("ended sockets still connected", Duration::from_secs(10));
@@ -694,24 +564,19 @@ fn short_lived_udp_sockets_leave_the_map_and_evict_no_live_one() {
     assert!(stats.contains(r#""udp_connected_full":0"#), "{stats}");
 }
 
-/// Connects `count` UDP sockets from `client` to 10.96.2.54:53 one after
+/// Connects `count` UDP sockets from `client` to `vip`:53 one after
 /// another, each sending one byte (which dnsmasq drops unanswered) and
 /// closing; prints how long that took.
-fn short_lived_connected_udp_sockets(lab: &Lab, client: &Pod, count: u32) {
+fn short_lived_connected_udp_sockets(lab: &Lab, client: &Pod, vip: &str, count: u32) {
     let started = Instant::now();
     let out = lab
         .pod_client(client, "python3")
         .args([
             "-c",
-            &format!(
-                "import socket\n\
-                 for _ in range({count}):\n    \
-                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    \
-                     s.connect(('10.96.2.54', 53))\n    \
-                     s.send(b'x')\n    \
-                     s.close()\n\
-                 print('done')"
-            ),
+            include_str!("clients/short_lived_udp.py"),
+            vip,
+            "53",
+            &count.to_string(),
         ])
         .output()
         .unwrap();
@@ -735,28 +600,9 @@ fn short_lived_connected_udp_sockets(lab: &Lab, client: &Pod, count: u32) {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn connected_udp_sockets_of_before_an_upgrade_are_still_ended() {
-    let mut lab = Lab::new().unwrap();
-    let pods: Vec<Pod> = ["dns-a", "dns-b"]
-        .iter()
-        .map(|name| {
-            let pod = lab.add_pod(name).unwrap();
-            lab.serve_dns(&pod, 5353).unwrap();
-            pod
-        })
-        .collect();
-    let client = lab.add_pod("client").unwrap();
-    let manifest = |endpoints: &[&Pod]| {
-        manifests::documents(&[
-            manifests::service("dns", "10.96.2.55", &[("dns", 53, "UDP")]),
-            manifests::endpoint_slice(
-                "dns-1",
-                "dns",
-                &[("dns", 5353, "UDP")],
-                &endpoints.iter().map(|p| (p.ip, true)).collect::<Vec<_>>(),
-            ),
-        ])
-    };
-    lab.write_manifest("dns.yaml", &manifest(&[&pods[0], &pods[1]]))
+    const VIP: &str = "10.96.2.55";
+    let (lab, pods, client) = dns_pair_lab();
+    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[0], &pods[1]]))
         .unwrap();
     let maps = lab.bpffs().join("maps");
     DirBuilder::new()
@@ -775,31 +621,11 @@ fn connected_udp_sockets_of_before_an_upgrade_are_still_ended() {
         .unwrap();
     assert!(status.success());
     let agent = lab.start_agent(&agent_binary()).unwrap();
-    wait_for_vip(&agent, "10.96.2.55:53");
+    wait_for_vip(&agent, &format!("{VIP}:53"));
 
     // Connected to dns-a as the earlier connect4 left it; prints its
-    // cookie (SO_COOKIE), then asks once for each line on stdin.
-    let script = format!(
-        "import errno, socket, struct, sys\n\
-         query = struct.pack('>6H', 0x1234, 0x0100, 1, 0, 0, 0) \
-             + b'\\x06whoami\\x03lab\\x00' + struct.pack('>2H', 16, 1)\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         s.settimeout(2)\n\
-         s.connect(('{}', 5353))\n\
-         print(' '.join('%02x' % b for b in s.getsockopt(socket.SOL_SOCKET, 57, 8)), flush=True)\n\
-         for _ in sys.stdin:\n    \
-             try:\n        \
-                 s.send(query)\n        \
-                 print('dns-a' if b'dns-a' in s.recv(512) else '?', flush=True)\n    \
-             except OSError as error:\n        \
-                 print(errno.errorcode[error.errno], flush=True)\n",
-        pods[0].ip
-    );
-    let mut held = Conversation::start({
-        let mut command = lab.pod_client(&client, "python3");
-        command.args(["-c", &script]);
-        command
-    });
+    // cookie (SO_COOKIE).
+    let mut held = held_udp_sockets(&lab, &client, "pod", VIP, &pods[0]);
     let cookie = held.line();
     // RevNatPair: backend address, frontend address, backend port,
     // frontend port, all in network byte order.
@@ -807,7 +633,7 @@ fn connected_udp_sockets_of_before_an_upgrade_are_still_ended() {
         .ip
         .octets()
         .into_iter()
-        .chain([10, 96, 2, 55])
+        .chain(VIP.parse::<Ipv4Addr>().unwrap().octets())
         .chain(5353_u16.to_be_bytes())
         .chain(53_u16.to_be_bytes())
         .map(|b| format!("{b:02x}"))
@@ -826,7 +652,7 @@ fn connected_udp_sockets_of_before_an_upgrade_are_still_ended() {
     assert!(status.success());
     assert_eq!(held.ask(), "dns-a");
 
-    lab.write_manifest("dns.yaml", &manifest(&[&pods[1]]))
+    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[1]]))
         .unwrap();
     agent
         .wait_for_log("ended sockets still connected", Duration::from_secs(10))
@@ -878,27 +704,9 @@ fn terminate_tcp_ends_connections_to_a_backend_that_leaves() {
     );
     // A keep-alive connection that landed on pod-a; then, per line on
     // stdin, one more request on it (or, once it failed, on a new one).
-    let script = format!(
-        "import errno, http.client, sys\n\
-         def get(c):\n    \
-             c.request('GET', '/held')\n    \
-             return c.getresponse().read().decode().strip()\n\
-         for _ in range(100):\n    \
-             held = http.client.HTTPConnection('{WEB_VIP}', 80, timeout=3)\n    \
-             if get(held) == 'pod-a':\n        \
-                 break\n    \
-             held.close()\n\
-         print('pod-a', flush=True)\n\
-         for _ in sys.stdin:\n    \
-             try:\n        \
-                 print(get(held), flush=True)\n    \
-             except OSError as error:\n        \
-                 held = http.client.HTTPConnection('{WEB_VIP}', 80, timeout=3)\n        \
-                 print(errno.errorcode.get(error.errno, 'closed'), get(held), flush=True)\n"
-    );
     let mut held = Conversation::start({
         let mut command = lab.pod_client(&client, "python3");
-        command.args(["-c", &script]);
+        command.args(["-c", include_str!("clients/held_http.py"), WEB_VIP]);
         command
     });
     assert_eq!(held.line(), "pod-a");
@@ -917,15 +725,30 @@ fn terminate_tcp_ends_connections_to_a_backend_that_leaves() {
 
 /// A ClusterIP Service of one HTTP port with sessionAffinity ClientIP and,
 /// if given, its timeout.
-fn sticky_service(name: &str, cluster_ip: &str, timeout: Option<u32>) -> String {
-    let config = timeout.map_or_else(String::new, |seconds| {
-        format!("  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {seconds}\n")
-    });
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
-         spec:\n  clusterIP: {cluster_ip}\n  sessionAffinity: ClientIP\n{config}  ports:\n  \
-         - name: http\n    port: 80\n"
-    )
+fn sticky_service(name: &str, cluster_ip: &str, timeout: Option<i32>) -> String {
+    manifests::yaml(&Service {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("default".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.to_owned()),
+            session_affinity: Some("ClientIP".to_owned()),
+            session_affinity_config: timeout.map(|seconds| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(seconds),
+                }),
+            }),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: 80,
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    })
 }
 
 /// Issue 6: sessionAffinity ClientIP keeps each client (a network

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
 use xtask::lab::{agent_binary, manifests};
 
 use common::{
@@ -137,24 +138,30 @@ fn doctor_names_a_dead_agent_a_service_added_meanwhile_an_unpinned_link_and_kube
 )]
 fn explain_says_why_each_endpoint_is_a_candidate_or_not_and_what_passes_untouched() {
     let (lab, pods) = web_lab(&["pod-a"]);
-    let slice = |endpoints: &str| {
-        format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
-             namespace: default\n  labels:\n    kubernetes.io/service-name: web\n\
-             addressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n{endpoints}"
-        )
+    let endpoint = |address: &str, ready: bool, serving: Option<bool>| Endpoint {
+        addresses: vec![address.to_owned()],
+        conditions: Some(EndpointConditions {
+            ready: Some(ready),
+            serving,
+            terminating: serving.map(|_| true),
+        }),
+        ..Endpoint::default()
     };
-    let ready_yaml = format!(
-        "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n",
-        pods[0].ip
-    );
-    let terminating_yaml = "- addresses: [\"10.244.0.50\"]\n  conditions: {ready: false, serving: true, terminating: true}\n";
-    let not_ready_yaml = "- addresses: [\"10.244.0.51\"]\n  conditions: {ready: false}\n";
+    let slice = |endpoints: Vec<Endpoint>| {
+        manifests::endpoint_slice_of("web-1", "web", HTTP_BACKEND, endpoints)
+    };
+    let ready_pod = endpoint(&pods[0].ip.to_string(), true, None);
+    let terminating_pod = endpoint("10.244.0.50", false, Some(true));
+    let not_ready_pod = endpoint("10.244.0.51", false, None);
     lab.write_manifest(
         "web.yaml",
         &manifests::documents(&[
             manifests::service("web", WEB_VIP, HTTP),
-            slice(&format!("{ready_yaml}{terminating_yaml}{not_ready_yaml}")),
+            slice(vec![
+                ready_pod,
+                terminating_pod.clone(),
+                not_ready_pod.clone(),
+            ]),
         ]),
     )
     .unwrap();
@@ -209,7 +216,7 @@ fn explain_says_why_each_endpoint_is_a_candidate_or_not_and_what_passes_untouche
         "web.yaml",
         &manifests::documents(&[
             manifests::service("web", WEB_VIP, HTTP),
-            slice(&format!("{terminating_yaml}{not_ready_yaml}")),
+            slice(vec![terminating_pod, not_ready_pod.clone()]),
         ]),
     )
     .unwrap();
@@ -230,7 +237,7 @@ fn explain_says_why_each_endpoint_is_a_candidate_or_not_and_what_passes_untouche
         "web.yaml",
         &manifests::documents(&[
             manifests::service("web", WEB_VIP, HTTP),
-            slice(not_ready_yaml),
+            slice(vec![not_ready_pod]),
         ]),
     )
     .unwrap();

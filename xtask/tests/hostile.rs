@@ -93,7 +93,7 @@ fn endpoint_addresses_no_pod_can_have_are_refused_by_name() {
     // listening on loopback only.
     let _loopback_server = ChildGuard(
         lab.in_node("python3")
-            .args(["-c", LOOPBACK_SERVER])
+            .args(["-c", include_str!("clients/loopback_server.py")])
             .stdin(Stdio::null())
             .spawn()
             .expect("python3"),
@@ -141,21 +141,6 @@ fn endpoint_addresses_no_pod_can_have_are_refused_by_name() {
     }
     assert!(agent.is_running());
 }
-
-/// Answers every GET with "node-loopback" on 127.0.0.1:8080 only.
-const LOOPBACK_SERVER: &str = r#"
-import http.server
-class Answer(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"node-loopback\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", 8080), Answer).serve_forever()
-"#;
 
 /// Kills a background process when the test ends, however it ends.
 struct ChildGuard(std::process::Child);

@@ -199,8 +199,7 @@ fn idle_connections_leave_the_api_watches_working() {
     let mut api = ApiServer::start().expect("test API server");
     api.apply_yaml(&web_manifest(&[&pods[0], &pods[1]]))
         .unwrap();
-    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n")
-        .unwrap();
+    api.apply_yaml(&manifests::node("node-1", |_| ())).unwrap();
     let hard = raise_open_file_limit().unwrap();
     assert!(
         hard > SOFT_LIMIT,
@@ -354,8 +353,7 @@ fn an_api_outage_keeps_health_checks_200_and_a_later_change_is_applied() {
     let (lab, pods) = Lab::with_web_pods(&["pod-a", "pod-b"], 8080).expect("lab");
     let mut api = NodeApiServer::start(&lab);
     api.apply_yaml(&local_load_balancer(&[&pods[0]])).unwrap();
-    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n")
-        .unwrap();
+    api.apply_yaml(&manifests::node("node-1", |_| ())).unwrap();
     let kubeconfig = api.kubeconfig().display().to_string();
     let agent = lab
         .start_agent_command(

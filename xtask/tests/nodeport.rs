@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use xtask::lab::{Agent, Lab, Pod, TwoNodeLab, agent_binary, manifests};
 
 use common::{Conversation, HTTP_BACKEND, assert_check, doctor_in};
@@ -228,10 +229,7 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
                 manifests::local_traffic,
             ),
             manifests::endpoint_slice_on_nodes("local-1", "local", HTTP_BACKEND, &endpoints[..1]),
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\n\
-             spec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - name: dns\n    \
-             port: 53\n    protocol: UDP\n    nodePort: 30053\n"
-                .to_owned(),
+            manifests::udp_node_port_service("dns", "10.96.0.53", (53, 30053)),
             manifests::endpoint_slice_on_nodes(
                 "dns-1",
                 "dns",
@@ -538,30 +536,37 @@ fn outside_frontends_lab() -> (TwoNodeLab, Vec<Agent>) {
 
 /// `edge` over `endpoints`, and `closed` over node 1's first one.
 fn edge_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let mut edge = manifests::node_port_service_object(
+        "edge",
+        "LoadBalancer",
+        "10.96.0.50",
+        (80, 30090),
+        |spec| {
+            spec.external_ips = Some(vec!["192.168.200.10".to_owned()]);
+        },
+    );
+    edge.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some("192.168.200.20".to_owned()),
+                ..LoadBalancerIngress::default()
+            }]),
+        }),
+        ..ServiceStatus::default()
+    });
     manifests::documents(&[
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: edge\n  namespace: default\n\
-         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  externalIPs: [\"192.168.200.10\"]\n  \
-         ports:\n  - name: http\n    port: 80\n    nodePort: 30090\n\
-         status:\n  loadBalancer:\n    ingress:\n    - ip: 192.168.200.20\n"
-            .to_owned(),
+        manifests::yaml(&edge),
         manifests::endpoint_slice_on_nodes("edge-1", "edge", HTTP_BACKEND, endpoints),
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: closed\n  namespace: default\n\
-         spec:\n  type: NodePort\n  clusterIP: 10.96.0.55\n  ports:\n  - name: dns\n    \
-         port: 53\n    protocol: UDP\n    nodePort: 30055\n"
-            .to_owned(),
+        manifests::udp_node_port_service("closed", "10.96.0.55", (53, 30055)),
         manifests::endpoint_slice_on_nodes(
             "closed-1",
             "closed",
             &[("dns", 5399, "UDP")],
             &endpoints[..1],
         ),
-        manifests::node_port_service(
-            "sticky",
-            "NodePort",
-            "10.96.0.56",
-            (80, 30096),
-            |spec| spec.session_affinity = Some("ClientIP".to_owned()),
-        ),
+        manifests::node_port_service("sticky", "NodePort", "10.96.0.56", (80, 30096), |spec| {
+            spec.session_affinity = Some("ClientIP".to_owned());
+        }),
         manifests::endpoint_slice_on_nodes("sticky-1", "sticky", HTTP_BACKEND, endpoints),
     ])
 }
@@ -625,33 +630,14 @@ fn assert_direct_flow_after_a_frontend_flow_on_one_port(lab: &TwoNodeLab) {
     // Through the NodePort until web-1a answers (so the two flows share
     // their reply direction), then straight to web-1a. SO_REUSEADDR: each
     // connection may leave the port in TIME_WAIT.
-    let script = format!(
-        "import socket\n\
-         def get(target):\n    \
-             s = socket.socket()\n    \
-             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n    \
-             s.bind(('', 40123))\n    \
-             s.settimeout(5)\n    \
-             try:\n        \
-                 s.connect(target)\n        \
-                 s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n        \
-                 return s.makefile().read().split()[-1]\n    \
-             except OSError as error:\n        \
-                 return str(error)\n    \
-             finally:\n        \
-                 s.close()\n\
-         for _ in range(30):\n    \
-             first = get(('{}', 30090))\n    \
-             if first == 'web-1a':\n        \
-                 break\n\
-         print(first)\n\
-         print(get(('{}', 8080)))\n",
-        lab.node_ip(1),
-        lab.node(1).pods()[0].ip
-    );
     let out = lab
         .external("python3")
-        .args(["-c", &script])
+        .args([
+            "-c",
+            include_str!("clients/one_source_port.py"),
+            &lab.node_ip(1).to_string(),
+            &lab.node(1).pods()[0].ip.to_string(),
+        ])
         .output()
         .expect("python3");
     let answers = String::from_utf8_lossy(&out.stdout);
@@ -667,18 +653,14 @@ fn assert_direct_flow_after_a_frontend_flow_on_one_port(lab: &TwoNodeLab) {
 /// pod is taken out of the Service (as conntrack keeps an established
 /// connection under kube-proxy), while new connections go to the other.
 fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) {
-    let script = format!(
-        "import http.client, sys\n\
-         c = http.client.HTTPConnection('{}', 30090, timeout=5)\n\
-         for _ in range(2):\n    \
-             c.request('GET', '/held')\n    \
-             print(c.getresponse().read().decode().strip(), flush=True)\n    \
-             sys.stdin.readline()\n",
-        lab.node_ip(1)
-    );
     let mut held = Conversation::start({
         let mut command = lab.external("python3");
-        command.args(["-c", &script]);
+        command.args([
+            "-c",
+            include_str!("clients/held_keepalive.py"),
+            &lab.node_ip(1).to_string(),
+            "30090",
+        ]);
         command
     });
     let first = held.line();
@@ -714,20 +696,14 @@ fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) {
 /// pod's "port unreachable" comes back as the NodePort's, so the client's
 /// connected socket gets ECONNREFUSED rather than waiting.
 fn assert_udp_refusal_reaches_the_client(lab: &TwoNodeLab) {
-    let script = format!(
-        "import socket\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         s.settimeout(3)\n\
-         s.connect(('{}', 30055))\n\
-         s.send(b'anyone?')\n\
-         try:\n    s.recv(100)\n    print('answered')\n\
-         except ConnectionRefusedError:\n    print('refused')\n\
-         except TimeoutError:\n    print('timed out')\n",
-        lab.node_ip(1)
-    );
     let out = lab
         .external("python3")
-        .args(["-c", &script])
+        .args([
+            "-c",
+            include_str!("clients/udp_refusal.py"),
+            &lab.node_ip(1).to_string(),
+            "30055",
+        ])
         .output()
         .expect("python3");
     assert_eq!(

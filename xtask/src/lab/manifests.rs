@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
+        core::v1::{Node, Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -38,7 +38,13 @@ fn port_number(port: i64) -> i32 {
 /// A ClusterIP Service; `ports` are `(name, port, protocol)`.
 #[must_use]
 pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, i64, &str)]) -> String {
-    yaml(&Service {
+    yaml(&service_object(name, cluster_ip, ports))
+}
+
+/// [`service`] as the object, for a test to add to.
+#[must_use]
+pub fn service_object(name: &str, cluster_ip: &str, ports: &[(&str, i64, &str)]) -> Service {
+    Service {
         metadata: metadata(name),
         spec: Some(ServiceSpec {
             cluster_ip: Some(cluster_ip.to_owned()),
@@ -56,11 +62,13 @@ pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, i64, &str)]) -> Str
             ..ServiceSpec::default()
         }),
         ..Service::default()
-    })
+    }
 }
 
-/// The EndpointSlice `name` of `service` over `endpoints`.
-fn slice(
+/// The EndpointSlice `name` of `service` over `endpoints`, as the test
+/// made them.
+#[must_use]
+pub fn endpoint_slice_of(
     name: &str,
     service: &str,
     ports: &[(&str, u16, &str)],
@@ -113,7 +121,7 @@ pub fn endpoint_slice(
         .iter()
         .map(|&(address, ready)| endpoint(address, ready, None))
         .collect();
-    slice(name, service, ports, endpoints)
+    endpoint_slice_of(name, service, ports, endpoints)
 }
 
 /// An EndpointSlice whose endpoints (all ready) name their node.
@@ -128,7 +136,7 @@ pub fn endpoint_slice_on_nodes(
         .iter()
         .map(|&(address, node)| endpoint(address, true, Some(node)))
         .collect();
-    slice(name, service, ports, endpoints)
+    endpoint_slice_of(name, service, ports, endpoints)
 }
 
 /// A Service of `type_` (NodePort, LoadBalancer) with one port `http` and
@@ -141,6 +149,20 @@ pub fn node_port_service(
     port: (i64, i64),
     more: impl FnOnce(&mut ServiceSpec),
 ) -> String {
+    yaml(&node_port_service_object(
+        name, type_, cluster_ip, port, more,
+    ))
+}
+
+/// [`node_port_service`] as the object, for a test to add to.
+#[must_use]
+pub fn node_port_service_object(
+    name: &str,
+    type_: &str,
+    cluster_ip: &str,
+    port: (i64, i64),
+    more: impl FnOnce(&mut ServiceSpec),
+) -> Service {
     let mut spec = ServiceSpec {
         type_: Some(type_.to_owned()),
         cluster_ip: Some(cluster_ip.to_owned()),
@@ -153,10 +175,36 @@ pub fn node_port_service(
         ..ServiceSpec::default()
     };
     more(&mut spec);
-    yaml(&Service {
+    Service {
         metadata: metadata(name),
         spec: Some(spec),
         ..Service::default()
+    }
+}
+
+/// A NodePort Service whose one port is DNS: `port.0` and nodePort
+/// `port.1`, UDP.
+#[must_use]
+pub fn udp_node_port_service(name: &str, cluster_ip: &str, port: (i64, i64)) -> String {
+    node_port_service(name, "NodePort", cluster_ip, port, |spec| {
+        for service_port in spec.ports.iter_mut().flatten() {
+            service_port.name = Some("dns".to_owned());
+            service_port.protocol = Some("UDP".to_owned());
+        }
+    })
+}
+
+/// The Node `name`; `more` adds to its metadata.
+#[must_use]
+pub fn node(name: &str, more: impl FnOnce(&mut ObjectMeta)) -> String {
+    let mut metadata = ObjectMeta {
+        name: Some(name.to_owned()),
+        ..ObjectMeta::default()
+    };
+    more(&mut metadata);
+    yaml(&Node {
+        metadata,
+        ..Node::default()
     })
 }
 

@@ -301,8 +301,11 @@ impl Lab {
 
     /// Runs Python in the lab's client cgroup: the tests' probe for what an
     /// application sees (getpeername, errno and timing of connect).
-    pub fn python(&self, script: &str) -> Result<Output> {
-        self.run_client("python3", &["-c", script])
+    /// `args` are the script's `sys.argv[1:]`.
+    pub fn python(&self, script: &str, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["-c", script];
+        all.extend(args);
+        self.run_client("python3", &all)
     }
 
     /// Writes a manifest file atomically, so the agent never reads half.
