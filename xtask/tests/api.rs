@@ -333,10 +333,16 @@ fn the_scale_bench_runs_and_coalesces_a_burst() {
     eprintln!("{result:?}");
     assert!(result.full_sync < Duration::from_secs(20), "{result:?}");
     assert!(result.change_p99 < Duration::from_secs(1), "{result:?}");
-    // A burst is applied in a few syncs, not one per change.
-    assert!(result.burst_applies >= 1, "{result:?}");
+    // A burst is applied in a few syncs, not one per change, and none of
+    // its changes is lost on the way.
     assert!(result.burst_applies <= 20, "{result:?}");
-    assert!(result.peak_rss_kib > 0, "{result:?}");
+    assert_eq!(result.burst_lost, 0, "{result:?}");
+    // VmHWM, read in KiB: a debug agent at 200 Services holds some 40 MiB,
+    // a bare process a few; the design allows 100 MiB at 30,000 Services.
+    assert!(
+        (4 * 1024..100 * 1024).contains(&result.peak_rss_kib),
+        "{result:?}"
+    );
 }
 
 #[test]

@@ -288,15 +288,13 @@ fn wait_for_vip(agent: &Agent, vip: &str) {
     }
 }
 
-/// Measures what the hooks cost per call at 10,000 Services x 4 endpoints
-/// and prints it; `PROXY_AGENT=<binary>` measures another build. Holds the
-/// paths every socket on the node pays (a connect to a non-Service address,
-/// a getpeername on a socket never translated, the release of a socket
-/// never translated) to three times their design
-/// target of 100 ns: generous for a shared machine, and still below the
-/// 430-550 ns the LRU-map design cost there. A translated connect is held
-/// only to a ceiling against regressions: creating the socket's storage
-/// costs about 1.4 us of it.
+/// At 10,000 Services x 4 endpoints, each hook runs on every call of its
+/// kind (a connect to a Service or elsewhere, a getpeername on a socket
+/// translated or not, the release of either) and its run time is counted;
+/// what it costs per call is printed (`PROXY_AGENT=<binary>` measures
+/// another build). Nanoseconds depend on the machine and its load, so
+/// `cargo xtask bench` measures them and reports them against their
+/// targets; this test does not hold them to a ceiling.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn hot_path_cost_per_call_at_ten_thousand_services() {
@@ -347,7 +345,10 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
 
     // UDP connect() runs connect4 and sends nothing, so no backend needs to
     // exist; 2,000 sockets at once, each asked for its peer twice.
-    let measure = |label: &str, program: &str, sockets: &[&str]| {
+    // The python that makes the calls is alone in the lab's cgroup: each
+    // program runs at least once for each of its calls (python asks for a
+    // connected socket's peer on its own as well) and not on other sockets.
+    let measure = |label: &str, program: &str, sockets: &[&str], expected_calls: u64| {
         let (cost, calls) = cost_of(&lab, &[program], || {
             let out = lab.python(include_str!("clients/udp_connects.py"), sockets)?;
             assert!(
@@ -359,7 +360,11 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
         })
         .unwrap()[0];
         println!("{label}: {cost:.0} ns per call over {calls} calls");
-        cost
+        assert!(
+            (expected_calls..=2 * expected_calls).contains(&calls),
+            "{label}: {program} ran {calls} times for {expected_calls} calls"
+        );
+        assert!(cost > 0.0, "{label}: no run time counted");
     };
     // One VIP over and over, as a client of one Service does (and as the
     // bench measures), then 2,000 VIPs, each met cold.
@@ -367,29 +372,36 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
     let translated = ["10.100.0.1", "7"];
     // On the bridge, so routable, but no Service.
     let untranslated = ["10.244.0.150", "0"];
-    let connect_service = measure("connect4, one Service", "connect4", &one_vip);
-    measure("connect4, 2,000 Services", "connect4", &translated);
-    let connect_other = measure("connect4, other address", "connect4", &untranslated);
-    let peer_service = measure(
+    measure("connect4, one Service", "connect4", &one_vip, 2000);
+    measure("connect4, 2,000 Services", "connect4", &translated, 2000);
+    measure("connect4, other address", "connect4", &untranslated, 2000);
+    measure(
         "getpeername4, translated socket",
         "getpeername4",
         &translated,
+        4000,
     );
-    let peer_other = measure("getpeername4, other socket", "getpeername4", &untranslated);
+    measure(
+        "getpeername4, other socket",
+        "getpeername4",
+        &untranslated,
+        4000,
+    );
     // Every socket of the cgroup pays it on close: one socket-storage
     // lookup for a UDP socket never translated; a translated one's entry
     // is looked up and deleted.
-    measure("sock_release, translated UDP", "sock_release", &translated);
-    let release_other = measure("sock_release, other UDP", "sock_release", &untranslated);
-    for (what, cost, ceiling) in [
-        ("connect4 to a Service", connect_service, 4000.0),
-        ("connect4 elsewhere", connect_other, 300.0),
-        ("getpeername4, never translated", peer_other, 300.0),
-        ("getpeername4, translated", peer_service, 900.0),
-        ("sock_release, never translated", release_other, 300.0),
-    ] {
-        assert!(cost <= ceiling, "{what}: {cost:.0} ns");
-    }
+    measure(
+        "sock_release, translated UDP",
+        "sock_release",
+        &translated,
+        2000,
+    );
+    measure(
+        "sock_release, other UDP",
+        "sock_release",
+        &untranslated,
+        2000,
+    );
 }
 
 #[test]
