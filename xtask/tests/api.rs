@@ -14,7 +14,10 @@ use std::{
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use xtask::lab::{Agent, Lab, Pod, agent_binary, manifests};
+use xtask::{
+    apiserver::ApiServer,
+    lab::{Agent, Lab, Pod, agent_binary, manifests},
+};
 
 use common::{
     HTTP, HTTP_BACKEND, WEB_VIP, request_counts, wait_for_backends, wait_for_frontend, web_lab,
@@ -147,7 +150,7 @@ fn a_file_rewritten_in_two_steps_loses_no_connection() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_agent_follows_the_kubernetes_api_and_a_restarted_server_flushes_nothing() {
-    use xtask::apiserver::{ApiServer, Resource};
+    use xtask::apiserver::Resource;
     let (lab, pods) = web_lab(&["pod-a", "pod-b", "pod-c"]);
     let (a, b, c) = (&pods[0], &pods[1], &pods[2]);
     let mut api = ApiServer::start().expect("test API server");
@@ -219,13 +222,28 @@ fn after_an_api_restart_storm_a_change_is_applied_within_five_seconds() {
 
 /// A lab of two nginx pods and a test API server holding the web Service
 /// over both and Node node-1.
-fn api_lab() -> (Lab, Vec<Pod>, xtask::apiserver::ApiServer) {
+fn api_lab() -> (Lab, Vec<Pod>, ApiServer) {
     let (lab, pods) = web_lab(&["pod-a", "pod-b"]);
-    let api = xtask::apiserver::ApiServer::start().expect("test API server");
+    let api = ApiServer::start().expect("test API server");
     api.apply_yaml(&web_manifest(&pods.iter().collect::<Vec<_>>()))
         .unwrap();
     api.apply_yaml(&manifests::node("node-1", |_| ())).unwrap();
     (lab, pods, api)
+}
+
+/// The agent of [`api_lab`]'s node, once it serves the web Service over
+/// both pods.
+fn start_agent_as_node_1(lab: &Lab, pods: &[Pod], api: &ApiServer) -> Agent {
+    let agent = lab
+        .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
+        .unwrap();
+    wait_for_backends(
+        &agent,
+        WEB_VIP,
+        &[pods[0].ip, pods[1].ip],
+        Duration::from_secs(2),
+    );
+    agent
 }
 
 /// Polls `/healthz` until it answers `status`; returns the body.
@@ -249,15 +267,7 @@ fn wait_for_healthz(agent: &Agent, status: u16, within: Duration) -> String {
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_node_being_deleted_is_not_eligible_and_keeps_serving() {
     let (lab, pods, api) = api_lab();
-    let agent = lab
-        .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
-        .unwrap();
-    wait_for_backends(
-        &agent,
-        WEB_VIP,
-        &[pods[0].ip, pods[1].ip],
-        Duration::from_secs(2),
-    );
+    let agent = start_agent_as_node_1(&lab, &pods, &api);
     let body = wait_for_healthz(&agent, 200, Duration::from_secs(2));
     assert!(body.contains("\"nodeEligible\":true"), "{body}");
 
@@ -289,17 +299,9 @@ fn a_service_of_another_proxy_is_not_served() {
         ])
     };
     api.apply_yaml(&other("other")).unwrap();
-    let agent = lab
-        .start_agent_on_api(&agent_binary(), api.kubeconfig(), "node-1")
-        .unwrap();
     // The web Service is served: the view is complete, yet no frontend for
     // the other proxy's Service.
-    wait_for_backends(
-        &agent,
-        WEB_VIP,
-        &[pods[0].ip, pods[1].ip],
-        Duration::from_secs(2),
-    );
+    let agent = start_agent_as_node_1(&lab, &pods, &api);
     let json = agent.services_json().unwrap();
     assert!(!json.contains("10.96.0.11"), "{json}");
     let counts = request_counts(&lab, "10.96.0.11", 3);

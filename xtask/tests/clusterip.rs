@@ -9,9 +9,7 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    fs::DirBuilder,
     net::Ipv4Addr,
-    os::unix::fs::DirBuilderExt as _,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -27,8 +25,8 @@ use xtask::{
 };
 
 use common::{
-    Conversation, HTTP, HTTP_BACKEND, WEB_VIP, request_counts, wait_for_backends, web_lab,
-    web_manifest,
+    Conversation, HTTP, HTTP_BACKEND, WEB_VIP, assert_printed, assert_succeeded, pin_bpftool_map,
+    request_counts, wait_for_backends, web_lab, web_manifest,
 };
 
 #[test]
@@ -90,11 +88,7 @@ fn getpeername_shows_the_vip_and_other_addresses_are_untouched() {
         let out = lab
             .python(include_str!("clients/peer.py"), &[host, &port.to_string()])
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     assert_eq!(probe(WEB_VIP, 80), format!("{WEB_VIP} 80 pod-a"));
@@ -159,11 +153,9 @@ fn udp_dns_through_clusterip_answers_from_the_vip() {
     let out = lab
         .python(include_str!("clients/dns_both_ways.py"), &["10.96.0.53"])
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+    assert_printed(
+        &out,
         "10.96.0.53 53 1234 True\n10.96.0.53 53 10.96.0.53 53 True",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -218,11 +210,9 @@ fn five_thousand_connected_udp_sockets_all_show_the_vip() {
             &["10.96.1.1", "5000"],
         )
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+    assert_printed(
+        &out,
         "{'10.96.1.1:53': 5000}\n10.96.1.1 53 True\n10.96.1.1 53 True",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let stats = agent.stats_json().unwrap();
     assert!(
@@ -258,12 +248,7 @@ fn an_unconnected_udp_socket_past_its_pairs_evicts_the_oldest_and_counts_it() {
         .collect();
     expected.push(format!("{}:5353 dns-a", pods[0].ip));
     expected.sort();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        expected.join("\n"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_printed(&out, &expected.join("\n"));
     let stats = agent.stats_json().unwrap();
     assert!(
         stats.contains(r#""forwarded":5,"#) && stats.contains(r#""rev_nat_evicted":1"#),
@@ -351,11 +336,7 @@ fn hot_path_cost_per_call_at_ten_thousand_services() {
     let measure = |label: &str, program: &str, sockets: &[&str], expected_calls: u64| {
         let (cost, calls) = cost_of(&lab, &[program], || {
             let out = lab.python(include_str!("clients/udp_connects.py"), sockets)?;
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_succeeded(&out);
             Ok(())
         })
         .unwrap()[0];
@@ -450,9 +431,10 @@ fn service_without_endpoints_refuses_at_once() {
     );
 }
 
-/// A lab of two dnsmasq pods on port 5353, dns-a and dns-b, and a pod of
-/// its own for the clients: another network namespace than the agent's.
-fn dns_pair_lab() -> (Lab, Vec<Pod>, Pod) {
+/// A lab of two dnsmasq pods on port 5353, dns-a and dns-b, behind the UDP
+/// Service `vip`:53, and a pod of its own for the clients: another network
+/// namespace than the agent's.
+fn dns_pair_lab(vip: &str) -> (Lab, Vec<Pod>, Pod) {
     let mut lab = Lab::new().unwrap();
     let pods: Vec<Pod> = ["dns-a", "dns-b"]
         .iter()
@@ -463,6 +445,8 @@ fn dns_pair_lab() -> (Lab, Vec<Pod>, Pod) {
         })
         .collect();
     let client = lab.add_pod("client").unwrap();
+    lab.write_manifest("dns.yaml", &dns_manifest(vip, &[&pods[0], &pods[1]]))
+        .unwrap();
     (lab, pods, client)
 }
 
@@ -503,9 +487,7 @@ fn held_udp_sockets(lab: &Lab, client: &Pod, mode: &str, vip: &str, dns_a: &Pod)
 #[ignore = "needs root: run with cargo xtask test"]
 fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
     const VIP: &str = "10.96.2.53";
-    let (lab, pods, client) = dns_pair_lab();
-    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[0], &pods[1]]))
-        .unwrap();
+    let (lab, pods, client) = dns_pair_lab(VIP);
     let agent = lab.start_agent(&agent_binary()).unwrap();
     wait_for_vip(&agent, &format!("{VIP}:53"));
 
@@ -540,9 +522,7 @@ fn connected_udp_sockets_leave_a_backend_that_leaves_the_service() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn short_lived_udp_sockets_leave_the_map_and_evict_no_live_one() {
     const VIP: &str = "10.96.2.54";
-    let (lab, pods, client) = dns_pair_lab();
-    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[0], &pods[1]]))
-        .unwrap();
+    let (lab, pods, client) = dns_pair_lab(VIP);
     let agent = lab.start_agent(&agent_binary()).unwrap();
     wait_for_vip(&agent, &format!("{VIP}:53"));
 
@@ -592,12 +572,7 @@ fn short_lived_connected_udp_sockets(lab: &Lab, client: &Pod, vip: &str, count: 
         ])
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "done",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_printed(&out, "done");
     eprintln!(
         "{count} short-lived connected UDP sockets took {:?}",
         started.elapsed()
@@ -613,25 +588,14 @@ fn short_lived_connected_udp_sockets(lab: &Lab, client: &Pod, vip: &str, count: 
 #[ignore = "needs root: run with cargo xtask test"]
 fn connected_udp_sockets_of_before_an_upgrade_are_still_ended() {
     const VIP: &str = "10.96.2.55";
-    let (lab, pods, client) = dns_pair_lab();
-    lab.write_manifest("dns.yaml", &dns_manifest(VIP, &[&pods[0], &pods[1]]))
-        .unwrap();
-    let maps = lab.bpffs().join("maps");
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&maps)
-        .unwrap();
-    let v1 = maps.join("lb4_udp_conn_v1");
-    let status = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&v1)
-        .args([
+    let (lab, pods, client) = dns_pair_lab(VIP);
+    let v1 = lab.bpffs().join("maps").join("lb4_udp_conn_v1");
+    pin_bpftool_map(
+        &v1,
+        [
             "type", "lru_hash", "key", "8", "value", "12", "entries", "16", "name", "old",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+        ],
+    );
     let agent = lab.start_agent(&agent_binary()).unwrap();
     wait_for_vip(&agent, &format!("{VIP}:53"));
 
@@ -683,11 +647,7 @@ fn udp_connected_entries(lab: &Lab) -> usize {
         )
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
         .unwrap()
         .len()

@@ -25,7 +25,7 @@ use xtask::{
     lab::{Agent, Lab, agent_binary},
 };
 
-use common::{WEB_VIP, request_counts, wait_for_backends, web_lab, web_manifest};
+use common::{WEB_VIP, pin_bpftool_map, request_counts, wait_for_backends, web_lab, web_manifest};
 
 /// A lab with one nginx pod behind the ClusterIP [`WEB_VIP`], and its agent.
 fn served_web_lab() -> (Lab, Agent) {
@@ -45,6 +45,22 @@ fn served(lab: &Lab) -> bool {
         &["-s", "--max-time", "2", "--connect-timeout", "2", &url],
     )
     .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"pod-a"))
+}
+
+/// Another agent on `agent`'s pins is refused, naming the one that holds
+/// them, which keeps running.
+fn assert_a_second_agent_is_refused(lab: &Lab, agent: &Agent) {
+    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{} is in use by another agent (pid {})",
+            lab.bpffs().display(),
+            agent.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(agent.is_running());
 }
 
 /// Every pin of a running agent: its cgroup links and its maps.
@@ -140,17 +156,7 @@ fn the_pin_directory_removed_under_traffic_is_pinned_again_and_still_locked() {
     );
     assert_eq!(agent.http_get("healthz", "/healthz").unwrap().0, 200);
 
-    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
-    assert!(!ok);
-    assert!(
-        stderr.contains(&format!(
-            "{} is in use by another agent (pid {})",
-            lab.bpffs().display(),
-            agent.pid()
-        )),
-        "{stderr}"
-    );
-    assert!(agent.is_running());
+    assert_a_second_agent_is_refused(&lab, &agent);
     assert!(served(&lab));
 }
 
@@ -392,22 +398,8 @@ fn assert_nothing_attached(bpffs: &Path) {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_second_agent_on_the_same_pins_is_refused_naming_the_first() {
-    let (lab, pods) = web_lab(&["pod-a"]);
-    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
-        .unwrap();
-    let agent = lab.start_agent(&agent_binary()).unwrap();
-
-    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
-    assert!(!ok);
-    assert!(
-        stderr.contains(&format!(
-            "{} is in use by another agent (pid {})",
-            lab.bpffs().display(),
-            agent.pid()
-        )),
-        "{stderr}"
-    );
-    assert!(agent.is_running());
+    let (lab, agent) = served_web_lab();
+    assert_a_second_agent_is_refused(&lab, &agent);
     assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
 }
 
@@ -417,22 +409,13 @@ fn a_pinned_map_of_another_layout_is_refused_naming_cleanup() {
     let (lab, pods) = web_lab(&["pod-a"]);
     lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
         .unwrap();
-    let maps = lab.bpffs().join("maps");
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&maps)
-        .unwrap();
     // The right name, the wrong key: 8 bytes where the programs read 12.
-    let status = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(maps.join("lb4_svc_v2"))
-        .args([
+    pin_bpftool_map(
+        &lab.bpffs().join("maps").join("lb4_svc_v2"),
+        [
             "type", "hash", "key", "8", "value", "8", "entries", "16", "name", "x",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+        ],
+    );
 
     let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
     assert!(!ok);
@@ -479,11 +462,7 @@ fn pinned_services_map(bpffs: &Path) -> (PathBuf, serde_json::Value) {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_pinned_map_of_the_right_sizes_but_another_btf_layout_is_refused() {
-    let (lab, pods) = web_lab(&["pod-a"]);
-    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
-        .unwrap();
-    let mut agent = lab.start_agent(&agent_binary()).unwrap();
-    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    let (lab, mut agent) = served_web_lab();
     agent.kill();
 
     // Replace the services map with one of the same type, sizes and flags
@@ -554,11 +533,7 @@ fn a_pinned_map_of_the_right_sizes_but_another_btf_layout_is_refused() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_pinned_map_without_btf_is_judged_by_its_sizes() {
-    let (lab, pods) = web_lab(&["pod-a"]);
-    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
-        .unwrap();
-    let mut agent = lab.start_agent(&agent_binary()).unwrap();
-    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    let (lab, mut agent) = served_web_lab();
     agent.kill();
     let (path, def) = pinned_services_map(lab.bpffs());
     let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
@@ -566,22 +541,23 @@ fn a_pinned_map_without_btf_is_judged_by_its_sizes() {
 
     // What bpftool makes has no BTF; with the programs' sizes and flags it
     // is adopted, and the agent fills it.
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let status = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&path)
-        .args(["type", "hash", "key"])
-        .arg(def["bytes_key"].to_string())
-        .arg("value")
-        .arg(def["bytes_value"].to_string())
-        .arg("entries")
-        .arg(def["max_entries"].to_string())
-        .arg("flags")
-        .arg(def["flags"].to_string())
-        .args(["name", "by_hand"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    pin_bpftool_map(
+        &path,
+        [
+            "type".to_owned(),
+            "hash".to_owned(),
+            "key".to_owned(),
+            def["bytes_key"].to_string(),
+            "value".to_owned(),
+            def["bytes_value"].to_string(),
+            "entries".to_owned(),
+            def["max_entries"].to_string(),
+            "flags".to_owned(),
+            def["flags"].to_string(),
+            "name".to_owned(),
+            "by_hand".to_owned(),
+        ],
+    );
     let _agent = lab.start_agent(&agent_binary()).unwrap();
     assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
     let (_, def) = pinned_services_map(lab.bpffs());
@@ -594,23 +570,14 @@ fn maps_of_an_older_layout_are_left_alone_and_cleanup_removes_them() {
     let (lab, pods) = web_lab(&["pod-a"]);
     lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
         .unwrap();
-    let maps = lab.bpffs().join("maps");
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&maps)
-        .unwrap();
     // What an agent of the previous layout leaves pinned.
-    let old = maps.join("lb4_svc_v1");
-    let status = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&old)
-        .args([
+    let old = lab.bpffs().join("maps").join("lb4_svc_v1");
+    pin_bpftool_map(
+        &old,
+        [
             "type", "hash", "key", "12", "value", "8", "entries", "16", "name", "old",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+        ],
+    );
 
     let mut agent = lab.start_agent(&agent_binary()).unwrap();
     assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
@@ -666,20 +633,12 @@ fn a_pin_directory_that_others_control_is_refused() {
     refused("symlink");
 
     // cleanup does not follow links/ to another datapath's links either.
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&victim)
-        .unwrap();
-    let status = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(victim.join("connect4"))
-        .args([
+    pin_bpftool_map(
+        &victim.join("connect4"),
+        [
             "type", "array", "key", "4", "value", "4", "entries", "1", "name", "victim",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+        ],
+    );
     std::os::unix::fs::symlink(&victim, root.join("links")).unwrap();
     let (ok, stderr) = run_to_exit(cleanup_command(&root, true));
     assert!(!ok && stderr.contains("symlink"), "{stderr}");

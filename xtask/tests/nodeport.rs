@@ -18,7 +18,9 @@ use std::{
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use xtask::lab::{Agent, Lab, Pod, TwoNodeLab, agent_binary, manifests};
 
-use common::{Conversation, HTTP_BACKEND, assert_check, doctor_in};
+use common::{
+    Conversation, HTTP_BACKEND, assert_check, assert_printed, assert_succeeded, doctor_in,
+};
 
 /// `iptables-save` without what changes by itself: comments (a date) and
 /// packet counters.
@@ -317,12 +319,7 @@ fn nodeport_from_outside_cluster_and_local_policies() {
             &["-s", "--max-time", "5", &format!("http://{node2}:30081/")],
         )
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "web-1a",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_printed(&out, "web-1a");
 
     // Hairpin: node 1's pod reaches its own Service, the only endpoint of
     // `local`, through the ClusterIP and through the NodePort.
@@ -468,11 +465,7 @@ fn cleanup_in_node(node: &Lab) {
         .arg(node.bpffs())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
 }
 
 /// Node 1's agent, started again as `TwoNodeLab::start_agents` starts it,
@@ -706,12 +699,7 @@ fn assert_udp_refusal_reaches_the_client(lab: &TwoNodeLab) {
         ])
         .output()
         .expect("python3");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "refused",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_printed(&out, "refused");
 }
 
 /// The far client downloads `/big` through node 1's NodePort. Its router

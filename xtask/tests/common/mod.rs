@@ -8,8 +8,12 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
+    fs::DirBuilder,
     net::Ipv4Addr,
-    process::{Command, Stdio},
+    os::unix::fs::DirBuilderExt as _,
+    path::Path,
+    process::{Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -209,4 +213,41 @@ impl Drop for Conversation {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Pins at `path` a map that bpftool makes from `definition` (type, key,
+/// value, entries, flags, name), its directory made as the agent makes it:
+/// what an agent of another layout, or another datapath, left behind.
+pub fn pin_bpftool_map<S: AsRef<OsStr>>(path: &Path, definition: impl IntoIterator<Item = S>) {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path.parent().expect("a pin has a directory"))
+        .unwrap();
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(path)
+        .args(definition)
+        .status()
+        .unwrap();
+    assert!(status.success(), "bpftool map create {}", path.display());
+}
+
+/// `out` printed `expected` (trimmed); its stderr says why not.
+pub fn assert_printed(out: &Output, expected: &str) {
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        expected,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `out` is of a command that succeeded; its stderr says why not.
+pub fn assert_succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
