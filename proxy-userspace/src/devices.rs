@@ -228,9 +228,22 @@ mod tests {
         assert_eq!(watch.update(&later, &none), Some(&set(&["bond0"])));
     }
 
+    /// What the kernel lists here comes back one entry per interface, each
+    /// with its own index and its IPv4 addresses: loopback, and only
+    /// loopback, is flagged as such and holds 127.0.0.1.
     #[test]
-    fn this_namespace_has_a_loopback_interface() {
+    fn this_namespace_is_read_one_interface_each_with_its_addresses() {
         let interfaces = read().unwrap();
-        assert!(interfaces.iter().any(|i| i.loopback), "{interfaces:?}");
+        let loopbacks: Vec<&Interface> = interfaces.iter().filter(|i| i.loopback).collect();
+        let [loopback] = loopbacks.as_slice() else {
+            panic!("one loopback interface: {interfaces:?}");
+        };
+        assert!(
+            loopback.addresses.contains(&Ipv4Addr::LOCALHOST),
+            "{interfaces:?}"
+        );
+        let indexes: BTreeSet<u32> = interfaces.iter().map(|i| i.index).collect();
+        assert_eq!(indexes.len(), interfaces.len(), "{interfaces:?}");
+        assert!(!indexes.contains(&0), "{interfaces:?}");
     }
 }

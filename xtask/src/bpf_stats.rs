@@ -1,10 +1,17 @@
 //! What each of a lab's eBPF programs costs per call, from the kernel's
-//! own run-time statistics (`run_time_ns` and `run_cnt`, as `bpftool prog
-//! show` reports them).
+//! own run-time statistics (`run_time_ns` and `run_cnt`), read through
+//! aya.
 
-use std::process::Command;
+use std::os::fd::OwnedFd;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs,
+    },
+    sys::{Stats, enable_stats},
+};
 
 use crate::lab::Lab;
 
@@ -13,31 +20,13 @@ use crate::lab::Lab;
 /// `kernel.bpf_stats_enabled` sysctl, so labs running side by side cannot
 /// turn it off under each other.
 pub struct RunTimeStats {
-    _fd: std::os::fd::OwnedFd,
+    _fd: OwnedFd,
 }
 
 impl RunTimeStats {
     pub fn enable() -> Result<Self> {
-        use std::os::fd::FromRawFd as _;
-        /// `BPF_ENABLE_STATS` and `BPF_STATS_RUN_TIME` in linux/bpf.h.
-        const BPF_ENABLE_STATS: libc::c_long = 32;
-        const BPF_STATS_RUN_TIME: u32 = 0;
-        let attr = BPF_STATS_RUN_TIME;
-        // SAFETY: the attribute is the u32 the command reads.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_ENABLE_STATS,
-                std::ptr::from_ref(&attr),
-                size_of::<u32>(),
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("BPF_ENABLE_STATS");
-        }
-        // SAFETY: a new descriptor that nothing else owns.
         Ok(Self {
-            _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd)?) },
+            _fd: enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS")?,
         })
     }
 }
@@ -53,14 +42,19 @@ impl RunTime {
     /// The totals of the program behind the lab agent's pinned link
     /// `program` (a name from `proxy_common::PROGRAMS`).
     pub fn of(lab: &Lab, program: &str) -> Result<Self> {
-        let link = lab.bpffs().join("links").join(program);
-        let link = bpftool(&["link", "show", "pinned", &link.display().to_string()])?;
-        let id = link["prog_id"].to_string();
-        let prog = bpftool(&["prog", "show", "id", &id])?;
-        let field = |name: &str| prog[name].as_u64().unwrap_or(0);
+        let pin = lab.bpffs().join("links").join(program);
+        let link = PinnedLink::from_pin(&pin)
+            .with_context(|| format!("cannot open the link pinned at {}", pin.display()))?;
+        let id = FdLink::from(link).info()?.program_id();
+        // Other labs load and unload programs meanwhile: one that went
+        // between listing and reading is theirs, not an error.
+        let info = loaded_programs()
+            .filter_map(Result::ok)
+            .find(|info| info.id() == id)
+            .with_context(|| format!("program {id} behind {} is gone", pin.display()))?;
         Ok(Self {
-            nanoseconds: field("run_time_ns"),
-            calls: field("run_cnt"),
+            nanoseconds: u64::try_from(info.run_time().as_nanos())?,
+            calls: info.run_count(),
         })
     }
 
@@ -91,19 +85,4 @@ pub fn cost_of(
         .zip(before)
         .map(|(program, before)| Ok(before.until(RunTime::of(lab, program)?)))
         .collect()
-}
-
-fn bpftool(args: &[&str]) -> Result<serde_json::Value> {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .context("cannot run bpftool")?;
-    if !out.status.success() {
-        bail!(
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
 }

@@ -3,6 +3,11 @@
 //! `map create` cannot attach BTF, so this loads the blob itself
 //! (BPF_BTF_LOAD), creates the map with its key and value types
 //! (BPF_MAP_CREATE) and pins it (BPF_OBJ_PIN).
+//!
+//! aya 0.14 cannot do it: it loads BTF only from an object's `.BTF`
+//! section (its BPF_BTF_LOAD wrapper is crate-private), and the
+//! `aya_obj::Map::Btf` that `MapData::create` takes with type ids can only
+//! be made by aya-obj's own ELF parser (its fields are crate-private).
 
 use std::{
     ffi::CString,

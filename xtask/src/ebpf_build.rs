@@ -1,6 +1,13 @@
 //! How the eBPF object is built. Shared, by `#[path]`, between
 //! `cargo xtask build-ebpf` and the agent's build script, so that both build
 //! the same object the same way. Only `std` may be used here.
+//!
+//! Not aya-build (in the lock through aya-ebpf's build scripts): it wants
+//! the eBPF crate as a build-dependency, so a host-buildable library in a
+//! crate that builds only for bpfel; it keeps its target directory under
+//! the build script's OUT_DIR, so `cargo xtask build-ebpf` and the agent's
+//! build could no longer share one build at one fixed path; and it checks
+//! none of nightly, rust-src and bpf-linker before it starts.
 
 use std::{
     path::{Path, PathBuf},

@@ -34,7 +34,7 @@ enum Task {
         api: bool,
     },
     /// Set up the machine, then run the unit tests and the privileged
-    /// tests (datapath, kube-proxy cleanup). Needs root.
+    /// tests (a file per area in xtask/tests/). Needs root.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -194,13 +194,21 @@ fn test(filter: Option<&str>) -> Result<()> {
     let mut args = vec!["test", "--package", "xtask"];
     args.extend([
         "--test",
-        "datapath",
+        "api",
+        "--test",
+        "clusterip",
+        "--test",
+        "doctor",
+        "--test",
+        "hostile",
         "--test",
         "kube_proxy",
         "--test",
         "lifecycle",
         "--test",
         "listeners",
+        "--test",
+        "nodeport",
         "--",
     ]);
     args.extend(filter);
@@ -220,7 +228,7 @@ fn demo_manifest(pods: &[lab::Pod]) -> String {
 }
 
 /// The Node the agent of `demo --api` runs as.
-const DEMO_NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n";
+const DEMO_NODE: &str = "node-1";
 
 /// Who answers `count` requests to the demo's ClusterIP ("refused" for a
 /// request that got no answer).
@@ -306,13 +314,14 @@ fn demo(api: bool) -> Result<()> {
     let mut api_server = None;
     let agent = if api {
         let server = ApiServer::start()?;
-        server.apply_yaml(&format!("{DEMO_NODE}---\n{manifest}"))?;
+        let node = manifests::node(DEMO_NODE, |_| ());
+        server.apply_yaml(&format!("{node}---\n{manifest}"))?;
         println!(
-            "\n# applied to a test API server at {} (kubeconfig {})\n{DEMO_NODE}---\n{manifest}",
+            "\n# applied to a test API server at {} (kubeconfig {})\n{node}---\n{manifest}",
             server.url(),
             server.kubeconfig().display()
         );
-        let agent = lab.start_agent_on_api(&agent_binary, server.kubeconfig(), "node-1")?;
+        let agent = lab.start_agent_on_api(&agent_binary, server.kubeconfig(), DEMO_NODE)?;
         api_server = Some(server);
         agent
     } else {
@@ -396,7 +405,7 @@ fn node_port_demo(agent_binary: &Path) -> Result<()> {
     }
     let endpoints: Vec<_> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     let manifest = manifests::documents(&[
-        manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), ""),
+        manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), |_| ()),
         manifests::endpoint_slice_on_nodes("web-1", "web", &[("http", 8080, "TCP")], &endpoints),
     ]);
     // Both agents read the same Services, as they would from one API server.

@@ -71,6 +71,9 @@ pub struct ScaleResult {
     pub burst: usize,
     /// "applied" lines the burst caused.
     pub burst_applies: usize,
+    /// Services the burst changed whose frontend, once the probe moved,
+    /// still lists the backend the burst took out: changes coalesced away.
+    pub burst_lost: usize,
     pub peak_rss_kib: u64,
 }
 
@@ -174,6 +177,7 @@ pub fn measure(
     prober.moved_to(&last.name)?;
     std::thread::sleep(Duration::from_millis(200));
     let burst_applies = applied_lines(&agent).len() - applied_before;
+    let burst_lost = burst_lost(&agent, services, options.burst)?;
 
     let peak_rss_kib = agent.peak_rss_kib()?;
     let (change_p50, change_p99) = percentiles(&mut latencies);
@@ -189,8 +193,32 @@ pub fn measure(
         applied_p99,
         burst: options.burst,
         burst_applies,
+        burst_lost,
         peak_rss_kib,
     })
+}
+
+/// How many of the fillers the burst flipped still have all their
+/// endpoints in the maps (the burst takes each one's first endpoint out).
+fn burst_lost(agent: &Agent, services: usize, burst: usize) -> Result<usize> {
+    let listed: Vec<Value> = serde_json::from_str(&agent.services_json()?)?;
+    let fillers = services.saturating_sub(1).max(1);
+    let flipped: std::collections::BTreeSet<usize> = (0..burst)
+        .map(|change| change % fillers + 1)
+        .filter(|&index| index < services)
+        .collect();
+    Ok(flipped
+        .into_iter()
+        .filter(|&index| {
+            let frontend = format!("{}:80", filler_ip(index));
+            let backends = listed
+                .iter()
+                .find(|service| service["frontend"] == frontend.as_str())
+                .and_then(|service| service["backends"].as_array())
+                .map_or(0, Vec::len);
+            backends != ENDPOINTS_PER_SERVICE as usize - 1
+        })
+        .count())
 }
 
 /// The markdown table the README shows.
@@ -275,8 +303,12 @@ fn applied_lines(agent: &Agent) -> Vec<Duration> {
 
 /// Filler Service `index` (1-based) at 10.100.0.0 + index, with endpoints
 /// at 10.64.0.0 + 4 * index + k: addresses that are never dialled.
+fn filler_ip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + as_u32(index))
+}
+
 fn filler(index: usize) -> [Value; 2] {
-    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + as_u32(index));
+    let ip = filler_ip(index);
     [
         service(&format!("svc-{index}"), &ip.to_string()),
         filler_slice(index, true),

@@ -77,7 +77,10 @@ struct Image {
 /// Kinds with no namespace, which kustomize's `namespace` leaves alone.
 const CLUSTER_SCOPED: &[&str] = &["ClusterRole", "ClusterRoleBinding", "Namespace"];
 
-/// What `kustomize build dir` yields, as untyped objects.
+/// What `kustomize build dir` yields, as untyped objects. Rendered here,
+/// not by `kubectl kustomize`: Debian packages kubectl only as
+/// kubernetes-client 1.20, whose kustomize is v2, and a plain `cargo test`
+/// must pass on a machine with no kubectl at all.
 fn render(dir: &Path) -> Vec<Value> {
     let kustomization: Kustomization = serde_saphyr::from_str(
         &std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization.yaml"),

@@ -1,14 +1,18 @@
 //! Privileged tests of the agent guarding its datapath while it runs: pins,
 //! the pin directory and the cgroup taken away under it, and a `cleanup`
-//! beside another agent of the same node.
+//! beside another agent of the same node; restarts that adopt the pinned
+//! state, pinned maps of other layouts, a second agent on the same pins,
+//! `cleanup`, bad arguments and the capabilities the agent keeps.
 //!
 //! They need root, so they are `#[ignore]`d in a plain `cargo test`;
 //! `cargo xtask test` builds the agent and runs them with `--ignored`.
 
+mod common;
+
 use std::{
-    fs,
+    fs::{self, DirBuilder},
     io::Read as _,
-    net::Ipv4Addr,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -16,26 +20,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::lab::{Agent, Lab, Pod, agent_binary, manifests};
+use xtask::{
+    btf_map::{self, BtfBuilder, MAP_TYPE_HASH, MapSpec},
+    lab::{Agent, Lab, agent_binary},
+};
 
-const WEB_VIP: &str = "10.96.0.10";
+use common::{WEB_VIP, pin_bpftool_map, request_counts, wait_for_backends, web_lab, web_manifest};
 
 /// A lab with one nginx pod behind the ClusterIP [`WEB_VIP`], and its agent.
-fn web_lab() -> (Lab, Agent) {
-    let (lab, pods) = Lab::with_web_pods(&["pod-a"], 8080).expect("a lab of nginx pods");
-    lab.write_manifest("web.yaml", &web_manifest(&pods[0]))
+fn served_web_lab() -> (Lab, Agent) {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
         .unwrap();
     let agent = lab.start_agent(&agent_binary()).unwrap();
     assert!(served(&lab), "not served at the start");
     (lab, agent)
-}
-
-fn web_manifest(pod: &Pod) -> String {
-    let endpoints: Vec<(Ipv4Addr, bool)> = vec![(pod.ip, true)];
-    manifests::documents(&[
-        manifests::service("web", WEB_VIP, &[("http", 80, "TCP")]),
-        manifests::endpoint_slice("web-1", "web", &[("http", 8080, "TCP")], &endpoints),
-    ])
 }
 
 /// One request to the ClusterIP from the lab's cgroup, answered by the pod.
@@ -46,6 +45,22 @@ fn served(lab: &Lab) -> bool {
         &["-s", "--max-time", "2", "--connect-timeout", "2", &url],
     )
     .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"pod-a"))
+}
+
+/// Another agent on `agent`'s pins is refused, naming the one that holds
+/// them, which keeps running.
+fn assert_a_second_agent_is_refused(lab: &Lab, agent: &Agent) {
+    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{} is in use by another agent (pid {})",
+            lab.bpffs().display(),
+            agent.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(agent.is_running());
 }
 
 /// Every pin of a running agent: its cgroup links and its maps.
@@ -62,37 +77,6 @@ fn missing_pins(bpffs: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Runs a command that should exit at once; whether it succeeded, and its
-/// stderr.
-fn run_to_exit(mut cmd: Command) -> (bool, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} was still running after 20 s");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
-    (status.success(), stderr)
-}
-
 /// Issue 16: `rm -rf` of the pin directory under traffic. The agent holds
 /// its links, so the programs stay attached; it puts the pins back, and
 /// the directory's lock, which never lived in it, still refuses a second
@@ -100,7 +84,7 @@ fn run_to_exit(mut cmd: Command) -> (bool, String) {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_pin_directory_removed_under_traffic_is_pinned_again_and_still_locked() {
-    let (lab, agent) = web_lab();
+    let (lab, agent) = served_web_lab();
     let stop = AtomicBool::new(false);
     let (requests, health, repinned) = thread::scope(|scope| {
         let traffic = scope.spawn(|| {
@@ -172,17 +156,7 @@ fn the_pin_directory_removed_under_traffic_is_pinned_again_and_still_locked() {
     );
     assert_eq!(agent.http_get("healthz", "/healthz").unwrap().0, 200);
 
-    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
-    assert!(!ok);
-    assert!(
-        stderr.contains(&format!(
-            "{} is in use by another agent (pid {})",
-            lab.bpffs().display(),
-            agent.pid()
-        )),
-        "{stderr}"
-    );
-    assert!(agent.is_running());
+    assert_a_second_agent_is_refused(&lab, &agent);
     assert!(served(&lab));
 }
 
@@ -193,7 +167,7 @@ fn the_pin_directory_removed_under_traffic_is_pinned_again_and_still_locked() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_cgroup_removed_and_made_again_is_attached_to_again() {
-    let (mut lab, agent) = web_lab();
+    let (mut lab, agent) = served_web_lab();
     lab.remove_cgroup().unwrap();
     let cgroup = lab.cgroup().display().to_string();
     let removed = Instant::now();
@@ -307,4 +281,511 @@ fn cleanup_keeps_the_masquerade_rules_while_another_agent_of_the_node_runs() {
     let stderr = cleanup(&other.0);
     assert!(!other.0.exists());
     assert!(!chains(), "the chains outlived the last agent: {stderr}");
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn sigkilled_agent_loses_no_connection_and_a_restart_adopts_the_state() {
+    let (lab, pods) = web_lab(&["pod-a", "pod-b", "pod-c"]);
+    lab.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))
+        .unwrap();
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+
+    let total = 3000;
+    let traffic = thread::scope(|scope| {
+        let traffic = scope.spawn(|| request_counts(&lab, WEB_VIP, total));
+        thread::sleep(Duration::from_millis(300));
+        agent.kill();
+        traffic.join().unwrap()
+    });
+    assert_eq!(
+        traffic.get(""),
+        None,
+        "connections failed while the agent died: {traffic:?}"
+    );
+    assert_eq!(traffic.values().sum::<usize>(), total);
+    // The listing reads the pins, so it works with no agent running.
+    assert!(agent.services_json().unwrap().contains("\"10.96.0.10:80\""));
+
+    // A new agent adopts the pinned maps and links while traffic flows, and
+    // finds nothing to change.
+    let traffic = thread::scope(|scope| {
+        let traffic = scope.spawn(|| request_counts(&lab, WEB_VIP, total));
+        thread::sleep(Duration::from_millis(300));
+        agent = lab.start_agent(&agent_binary()).unwrap();
+        traffic.join().unwrap()
+    });
+    assert_eq!(
+        traffic.get(""),
+        None,
+        "connections failed during the restart: {traffic:?}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("adopted the pinned maps frontends=1 backends=3"),
+        "{log}"
+    );
+    assert!(
+        log.contains("changes=0"),
+        "the restart rewrote the maps:\n{log}"
+    );
+    assert!(
+        log.contains("swapped the program behind the pinned link"),
+        "{log}"
+    );
+
+    // And it stays correct: it follows the next edit.
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    wait_for_backends(&agent, WEB_VIP, &[pods[0].ip], Duration::from_secs(1));
+    let counts = request_counts(&lab, WEB_VIP, 30);
+    assert_eq!(counts.get("pod-a"), Some(&30), "{counts:?}");
+}
+
+/// Runs a command that must exit on its own (an agent that refuses to
+/// start) and returns whether it succeeded and what it wrote to stderr.
+fn run_to_exit(mut cmd: Command) -> (bool, String) {
+    let mut child = cmd
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} was still running after 20 s: it did not refuse");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    (status.success(), stderr)
+}
+
+fn cleanup_command(bpffs: &Path, force: bool) -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.args(["cleanup", "--bpffs"]).arg(bpffs);
+    if force {
+        cmd.arg("--force");
+    }
+    cmd
+}
+
+/// Nothing was attached: no link is pinned.
+fn assert_nothing_attached(bpffs: &Path) {
+    for program in proxy_common::PROGRAMS {
+        let link = bpffs.join("links").join(program);
+        assert!(
+            fs::symlink_metadata(&link).is_err(),
+            "{} was pinned",
+            link.display()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_second_agent_on_the_same_pins_is_refused_naming_the_first() {
+    let (lab, agent) = served_web_lab();
+    assert_a_second_agent_is_refused(&lab, &agent);
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pinned_map_of_another_layout_is_refused_naming_cleanup() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    // The right name, the wrong key: 8 bytes where the programs read 12.
+    pin_bpftool_map(
+        &lab.bpffs().join("maps").join("lb4_svc_v2"),
+        [
+            "type", "hash", "key", "8", "value", "8", "entries", "16", "name", "x",
+        ],
+    );
+
+    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+    assert!(!ok);
+    assert!(
+        stderr.contains("lb4_svc_v2")
+            && stderr.contains("8-byte keys")
+            && stderr.contains(&format!(
+                "proxy-userspace cleanup --bpffs {}",
+                lab.bpffs().display()
+            )),
+        "{stderr}"
+    );
+    assert_nothing_attached(lab.bpffs());
+
+    // The way out it names works.
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(ok, "{stderr}");
+    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+}
+
+/// The pinned services map (whatever version its name carries), with its
+/// definition as `bpftool map show` reports it.
+fn pinned_services_map(bpffs: &Path) -> (PathBuf, serde_json::Value) {
+    let path = fs::read_dir(bpffs.join("maps"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("lb4_svc_")
+        })
+        .expect("a pinned services map");
+    let out = Command::new("bpftool")
+        .args(["--json", "map", "show", "pinned"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (path, serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pinned_map_of_the_right_sizes_but_another_btf_layout_is_refused() {
+    let (lab, mut agent) = served_web_lab();
+    agent.kill();
+
+    // Replace the services map with one of the same type, sizes and flags
+    // whose key is an older layout: no backend slot, a u32 port.
+    let (path, def) = pinned_services_map(lab.bpffs());
+    let size = |field: &str| u32::try_from(def[field].as_u64().unwrap()).unwrap();
+    assert_eq!(def["type"], "hash");
+    let mut btf = BtfBuilder::new();
+    let u8_ = btf.int("u8", 1, false);
+    let u16_ = btf.int("u16", 2, false);
+    let u32_ = btf.int("u32", 4, false);
+    let pad = btf.array(u8_, u32_, 2);
+    let key = btf.structure(
+        "ServiceKey",
+        size("bytes_key"),
+        &[
+            ("addr_be", u32_, 0),
+            ("port_be", u32_, 32),
+            ("proto", u8_, 64),
+            ("scope", u8_, 72),
+            ("pad", pad, 80),
+        ],
+    );
+    let value = btf.structure(
+        "ServiceValue",
+        size("bytes_value"),
+        &[
+            ("backend_id", u32_, 0),
+            ("count", u16_, 32),
+            ("flags", u16_, 48),
+        ],
+    );
+    fs::remove_file(&path).unwrap();
+    let spec = MapSpec {
+        map_type: MAP_TYPE_HASH,
+        key_size: size("bytes_key"),
+        value_size: size("bytes_value"),
+        max_entries: 16,
+        flags: size("flags"),
+        key_type_id: key,
+        value_type_id: value,
+    };
+    btf_map::pin_map(&path, &btf.bytes(), spec).unwrap();
+
+    let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+    assert!(!ok);
+    let name = path.file_name().unwrap().to_string_lossy();
+    assert!(
+        stderr.contains(&format!("is laid out otherwise than this agent's {name}"))
+            && stderr.contains("key member `port_be` at offset 4 is u32, expected u16")
+            && stderr.contains(&format!(
+                "proxy-userspace cleanup --bpffs {}",
+                lab.bpffs().display()
+            )),
+        "{stderr}"
+    );
+    // Refusing touched nothing: the last agent's programs still serve
+    // from the map they were loaded with.
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+
+    // The way out it names works.
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(ok, "{stderr}");
+    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pinned_map_without_btf_is_judged_by_its_sizes() {
+    let (lab, mut agent) = served_web_lab();
+    agent.kill();
+    let (path, def) = pinned_services_map(lab.bpffs());
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(ok, "{stderr}");
+
+    // What bpftool makes has no BTF; with the programs' sizes and flags it
+    // is adopted, and the agent fills it.
+    pin_bpftool_map(
+        &path,
+        [
+            "type".to_owned(),
+            "hash".to_owned(),
+            "key".to_owned(),
+            def["bytes_key"].to_string(),
+            "value".to_owned(),
+            def["bytes_value"].to_string(),
+            "entries".to_owned(),
+            def["max_entries"].to_string(),
+            "flags".to_owned(),
+            def["flags"].to_string(),
+            "name".to_owned(),
+            "by_hand".to_owned(),
+        ],
+    );
+    let _agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    let (_, def) = pinned_services_map(lab.bpffs());
+    assert_eq!(def["name"], "by_hand", "the map made by hand was adopted");
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn maps_of_an_older_layout_are_left_alone_and_cleanup_removes_them() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    // What an agent of the previous layout leaves pinned.
+    let old = lab.bpffs().join("maps").join("lb4_svc_v1");
+    pin_bpftool_map(
+        &old,
+        [
+            "type", "hash", "key", "12", "value", "8", "entries", "16", "name", "old",
+        ],
+    );
+
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    agent
+        .wait_for_log("older layout", Duration::from_secs(5))
+        .unwrap();
+    assert!(old.exists());
+    agent.kill();
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(ok, "{stderr}");
+    assert!(
+        !lab.bpffs().exists(),
+        "cleanup left {}",
+        lab.bpffs().display()
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pin_directory_that_others_control_is_refused() {
+    let lab = Lab::new().unwrap();
+    let root = lab.bpffs().to_owned();
+    let refused = |reason: &str| {
+        let (ok, stderr) = run_to_exit(lab.agent_command(&agent_binary()));
+        assert!(!ok);
+        assert!(
+            stderr.contains("refusing the pin directory") && stderr.contains(reason),
+            "expected {reason:?}: {stderr}"
+        );
+        assert_nothing_attached(&root);
+        fs::remove_dir_all(&root).unwrap();
+    };
+
+    // Made in advance by nobody, who could then unpin the links.
+    fs::create_dir(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
+    refused("owned by uid 65534");
+
+    // Root's, but anyone may write to it.
+    fs::create_dir(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+    refused("mode 777");
+
+    // maps/ pointing at another datapath's maps, which the agent would
+    // then rewrite.
+    let victim = root.join("victim");
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&victim)
+        .unwrap();
+    std::os::unix::fs::symlink(&victim, root.join("maps")).unwrap();
+    refused("symlink");
+
+    // cleanup does not follow links/ to another datapath's links either.
+    pin_bpftool_map(
+        &victim.join("connect4"),
+        [
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "victim",
+        ],
+    );
+    std::os::unix::fs::symlink(&victim, root.join("links")).unwrap();
+    let (ok, stderr) = run_to_exit(cleanup_command(&root, true));
+    assert!(!ok && stderr.contains("symlink"), "{stderr}");
+    assert!(
+        victim.join("connect4").exists(),
+        "cleanup removed through a symlink"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn cleanup_is_refused_while_an_agent_runs_unless_forced() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), false));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("pid {}", agent.pid())) && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+
+    let (ok, stderr) = run_to_exit(cleanup_command(lab.bpffs(), true));
+    assert!(ok, "{stderr}");
+    assert!(!lab.bpffs().exists());
+    // Detached: the ClusterIP is no longer translated.
+    assert_eq!(request_counts(&lab, WEB_VIP, 3).get(""), Some(&3));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn bad_arguments_and_missing_privileges_are_refused_before_anything_is_made() {
+    let lab = Lab::new().unwrap();
+    let run = |wrapper: &[&str], cgroup: &Path, extra: &[&str]| {
+        let binary = agent_binary();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&binary);
+                cmd
+            }
+            None => Command::new(&binary),
+        };
+        cmd.args(["run", "--manifests"])
+            .arg(lab.manifests_dir())
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--bpffs")
+            .arg(lab.bpffs())
+            .args(extra);
+        run_to_exit(cmd)
+    };
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let cases: [(&[&str], &Path, &[&str], &str); 5] = [
+        (
+            &[],
+            Path::new("/tmp"),
+            &[],
+            "--cgroup /tmp is not a cgroup v2 directory",
+        ),
+        (
+            &[],
+            Path::new("/nonexistent"),
+            &[],
+            "cannot open the cgroup /nonexistent",
+        ),
+        (
+            &[],
+            lab.cgroup(),
+            &["--backends-map-size", "0"],
+            "--backends-map-size must be at least 1",
+        ),
+        (
+            &nobody,
+            lab.cgroup(),
+            &[],
+            "needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN",
+        ),
+        (
+            &["setpriv", "--bounding-set=-bpf", "--inh-caps=-bpf"],
+            lab.cgroup(),
+            &[],
+            "(missing: CAP_BPF)",
+        ),
+    ];
+    for (wrapper, cgroup, extra, message) in cases {
+        let (ok, stderr) = run(wrapper, cgroup, extra);
+        assert!(
+            !ok && stderr.contains(message),
+            "expected {message:?}: {stderr}"
+        );
+        assert!(
+            !lab.bpffs().exists(),
+            "{} was made before the refusal: {stderr}",
+            lab.bpffs().display()
+        );
+    }
+}
+
+/// The agent's effective, permitted and bounding sets are exactly
+/// `capabilities` (CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_SYS_PTRACE 19,
+/// CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39), and it can pass on none.
+fn assert_holds(agent: &Agent, capabilities: &[u32]) {
+    let documented: u64 = capabilities.iter().map(|bit| 1u64 << bit).sum();
+    let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let set = |name: &str| {
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {status}"));
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    };
+    for name in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(set(name), documented, "{name}: {status}");
+    }
+    for name in ["CapInh", "CapAmb"] {
+        assert_eq!(set(name), 0, "{name}: {status}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_running_agent_holds_only_the_documented_capabilities() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+
+    // What the agent keeps of the DaemonSet's grant, with CAP_SYS_PTRACE
+    // and CAP_SYS_ADMIN for ending stale sockets in the pods' namespaces
+    // (`--terminate-udp`, on by default); without that, four.
+    assert_holds(&agent, &[12, 13, 19, 21, 38, 39]);
+    drop(agent);
+    let agent = lab
+        .start_agent_with(&agent_binary(), &["--terminate-udp", "false"])
+        .unwrap();
+    assert_holds(&agent, &[12, 13, 38, 39]);
+    // And it works with them: it follows an edit and traffic flows.
+    assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
+    lab.remove_manifest("web.yaml").unwrap();
+    wait_for_backends(&agent, WEB_VIP, &[], Duration::from_secs(2));
 }

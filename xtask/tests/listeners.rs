@@ -6,6 +6,8 @@
 //! They need root, so they are `#[ignore]`d in a plain `cargo test`;
 //! `cargo xtask test` builds the agent and runs them with `--ignored`.
 
+mod common;
+
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -18,24 +20,15 @@ use xtask::{
     lab::{Agent, Lab, Pod, agent_binary, limit_open_files, manifests, raise_open_file_limit},
 };
 
-const WEB_VIP: &str = "10.96.0.10";
+use common::{HTTP, HTTP_BACKEND, WEB_VIP, web_manifest};
+
 const EXTRA_VIP: &str = "10.96.0.20";
-const HTTP: &[(&str, i64, &str)] = &[("http", 80, "TCP")];
-const HTTP_BACKEND: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
 /// The flood of the findings: 4,000 idle connections, four times the
 /// usual soft limit of open files.
 const FLOOD: usize = 4000;
 /// The usual soft limit of open files (systemd's, most container
 /// runtimes').
 const SOFT_LIMIT: u64 = 1024;
-
-fn web_manifest(pods: &[&Pod]) -> String {
-    let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|p| (p.ip, true)).collect();
-    manifests::documents(&[
-        manifests::service("web", WEB_VIP, HTTP),
-        manifests::endpoint_slice("web-1", "web", HTTP_BACKEND, &endpoints),
-    ])
-}
 
 /// A second Service, `extra`, over `pod`: the change made while a
 /// listener is flooded.
@@ -206,8 +199,7 @@ fn idle_connections_leave_the_api_watches_working() {
     let mut api = ApiServer::start().expect("test API server");
     api.apply_yaml(&web_manifest(&[&pods[0], &pods[1]]))
         .unwrap();
-    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n")
-        .unwrap();
+    api.apply_yaml(&manifests::node("node-1", |_| ())).unwrap();
     let hard = raise_open_file_limit().unwrap();
     assert!(
         hard > SOFT_LIMIT,
@@ -327,15 +319,10 @@ const HEALTH_CHECK_PORT: u16 = 31999;
 fn local_load_balancer(pods: &[&Pod]) -> String {
     let endpoints: Vec<(Ipv4Addr, &str)> = pods.iter().map(|p| (p.ip, "node-1")).collect();
     manifests::documents(&[
-        manifests::node_port_service(
-            "web",
-            "LoadBalancer",
-            LB_VIP,
-            (80, 30080),
-            &format!(
-                "  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_CHECK_PORT}\n"
-            ),
-        ),
+        manifests::node_port_service("web", "LoadBalancer", LB_VIP, (80, 30080), |spec| {
+            manifests::local_traffic(spec);
+            spec.health_check_node_port = Some(HEALTH_CHECK_PORT.into());
+        }),
         manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &endpoints),
     ])
 }
@@ -366,8 +353,7 @@ fn an_api_outage_keeps_health_checks_200_and_a_later_change_is_applied() {
     let (lab, pods) = Lab::with_web_pods(&["pod-a", "pod-b"], 8080).expect("lab");
     let mut api = NodeApiServer::start(&lab);
     api.apply_yaml(&local_load_balancer(&[&pods[0]])).unwrap();
-    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n")
-        .unwrap();
+    api.apply_yaml(&manifests::node("node-1", |_| ())).unwrap();
     let kubeconfig = api.kubeconfig().display().to_string();
     let agent = lab
         .start_agent_command(

@@ -310,10 +310,11 @@ impl Prepared {
 
 /// What the eBPF programs cost per call, in the eBPF lab at this size:
 /// connects through the ClusterIP (translated, and asked for their peer),
-/// then straight to a pod (not a Service).
+/// then straight to a pod (not a Service); each socket's release too, which
+/// every socket of the node pays.
 fn hot_path(ebpf: &Prepared, services: usize) -> Result<HotPath> {
     let _stats = RunTimeStats::enable()?;
-    let programs = ["connect4", "getpeername4"];
+    let programs = ["connect4", "getpeername4", "sock_release"];
     let mut costs = Vec::new();
     for (what, target) in [
         ("through the ClusterIP", ebpf.target),

@@ -42,7 +42,7 @@ pub fn node_port(agent_binary: &Path, options: &BenchOptions) -> Result<Vec<Meas
                 "NodePort",
                 "10.96.0.20",
                 (80, LOCAL_NODE_PORT.into()),
-                "  externalTrafficPolicy: Local\n",
+                manifests::local_traffic,
             ),
             manifests::endpoint_slice_on_nodes("local-1", "local", &backend, &endpoints),
             manifests::node_port_service(
@@ -50,7 +50,7 @@ pub fn node_port(agent_binary: &Path, options: &BenchOptions) -> Result<Vec<Meas
                 "NodePort",
                 "10.96.0.21",
                 (80, CLUSTER_NODE_PORT.into()),
-                "",
+                |_| (),
             ),
             manifests::endpoint_slice_on_nodes("cluster-1", "cluster", &backend, &endpoints),
         ]),

@@ -82,7 +82,7 @@ pub fn hot_paths(hot_paths: &[HotPath]) -> String {
     }
     out.push_str(
         "\nTargets: connect4 ≤ 300 ns translated and ≤ 100 ns for other addresses; \
-         getpeername4 ≤ 100 ns for sockets never translated.\n",
+         getpeername4 and sock_release ≤ 100 ns for sockets never translated.\n",
     );
     out
 }

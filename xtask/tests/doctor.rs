@@ -1,0 +1,267 @@
+//! Privileged tests of `doctor` and `explain` on a real lab.
+//!
+//! They need root, so they are `#[ignore]`d in a plain `cargo test`;
+//! `cargo xtask test` builds the agent and runs them with `--ignored`.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    fs::{self},
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+use xtask::lab::{agent_binary, manifests};
+
+use common::{
+    HTTP, HTTP_BACKEND, WEB_VIP, assert_check, doctor, doctor_in, wait_for_backends, web_lab,
+    web_manifest,
+};
+
+fn assert_all_ok(ok: bool, checks: &BTreeMap<String, (String, String)>) {
+    let bad: Vec<_> = checks.iter().filter(|(_, (s, _))| s != "OK").collect();
+    assert!(ok && bad.is_empty(), "not all OK: {bad:#?}");
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_is_all_ok_on_a_healthy_lab_and_names_a_map_entry_deleted_behind_the_agent() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let healthz = agent.address("healthz").unwrap();
+    let (ok, checks) = doctor(&lab, &healthz);
+    assert_all_ok(ok, &checks);
+    assert_check(&checks, "drift", "OK", "1 frontends");
+    assert_check(&checks, "sync", "OK", "last sync");
+
+    // Slot 0 of 10.96.0.10:80/TCP, as the kernel stores the key.
+    let map = lab.bpffs().join("maps").join(proxy_common::SERVICES_MAP);
+    let status = Command::new("bpftool")
+        .args(["map", "delete", "pinned"])
+        .arg(&map)
+        .args([
+            "key", "10", "96", "0", "10", "0", "80", "0", "0", "6", "0", "0", "0",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (ok, checks) = doctor(&lab, &healthz);
+    assert!(!ok, "a FAIL exits 1");
+    assert_check(
+        &checks,
+        "drift",
+        "FAIL",
+        "missing 10.96.0.10:80/TCP (default/web:http)",
+    );
+    // The agent cannot see it: it is up and believes the maps are right.
+    assert_check(&checks, "sync", "OK", "/healthz 200");
+
+    // The fix doctor gives: a restarted agent rewrites what differs.
+    drop(agent);
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let (ok, checks) = doctor(&lab, &agent.address("healthz").unwrap());
+    assert_all_ok(ok, &checks);
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_names_a_dead_agent_a_service_added_meanwhile_an_unpinned_link_and_kube_proxy() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+    let healthz = agent.address("healthz").unwrap();
+
+    agent.kill();
+    lab.write_manifest(
+        "api.yaml",
+        &manifests::documents(&[
+            manifests::service("api", "10.96.0.20", HTTP),
+            manifests::endpoint_slice("api-1", "api", HTTP_BACKEND, &[(pods[0].ip, true)]),
+        ]),
+    )
+    .unwrap();
+    let (ok, checks) = doctor(&lab, &healthz);
+    assert!(!ok);
+    assert_check(&checks, "agent", "FAIL", "no agent holds");
+    assert_check(&checks, "sync", "FAIL", "no answer from /healthz");
+    assert_check(
+        &checks,
+        "drift",
+        "FAIL",
+        "missing 10.96.0.20:80/TCP (default/api:http)",
+    );
+    // What the dead agent left keeps serving, and says so.
+    assert_check(&checks, "programs", "OK", "connect4");
+
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+    let healthz = agent.address("healthz").unwrap();
+    assert_all_ok(doctor(&lab, &healthz).0, &doctor(&lab, &healthz).1);
+    // A running agent pins again what is removed under it (see the
+    // lifecycle tests); with none, the program goes with its pin.
+    agent.kill();
+    fs::remove_file(lab.bpffs().join("links/connect4")).unwrap();
+    let (ok, checks) = doctor(&lab, &healthz);
+    assert!(!ok);
+    assert_check(&checks, "programs", "FAIL", "connect4: no pinned link");
+
+    // kube-proxy's chain where it matters: the node's network namespace.
+    let created = lab
+        .run_client("iptables-legacy", &["-t", "nat", "-N", "KUBE-SERVICES"])
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let mut in_node = lab.client(&agent_binary().display().to_string());
+    in_node.stdin(Stdio::null());
+    let (ok, checks) = doctor_in(in_node, &lab, &healthz);
+    assert!(!ok);
+    assert_check(&checks, "kube-proxy", "FAIL", "nat/KUBE-SERVICES");
+    // The host's own rules are not the node's.
+    assert_check(
+        &doctor(&lab, &healthz).1,
+        "kube-proxy",
+        "OK",
+        "no KUBE-SERVICES",
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one lab, taken through ready, fallback and refused in turn"
+)]
+fn explain_says_why_each_endpoint_is_a_candidate_or_not_and_what_passes_untouched() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    let endpoint = |address: &str, ready: bool, serving: Option<bool>| Endpoint {
+        addresses: vec![address.to_owned()],
+        conditions: Some(EndpointConditions {
+            ready: Some(ready),
+            serving,
+            terminating: serving.map(|_| true),
+        }),
+        ..Endpoint::default()
+    };
+    let slice = |endpoints: Vec<Endpoint>| {
+        manifests::endpoint_slice_of("web-1", "web", HTTP_BACKEND, endpoints)
+    };
+    let ready_pod = endpoint(&pods[0].ip.to_string(), true, None);
+    let terminating_pod = endpoint("10.244.0.50", false, Some(true));
+    let not_ready_pod = endpoint("10.244.0.51", false, None);
+    lab.write_manifest(
+        "web.yaml",
+        &manifests::documents(&[
+            manifests::service("web", WEB_VIP, HTTP),
+            slice(vec![
+                ready_pod,
+                terminating_pod.clone(),
+                not_ready_pod.clone(),
+            ]),
+        ]),
+    )
+    .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let explain = |address: &str| {
+        let out = Command::new(agent_binary())
+            .args(["explain", address, "--output", "json", "--bpffs"])
+            .arg(lab.bpffs())
+            .arg("--manifests")
+            .arg(lab.manifests_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let endpoint = |json: &serde_json::Value, backend: &str| {
+        json["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["backend"] == backend)
+            .unwrap_or_else(|| panic!("no endpoint {backend}: {json:#}"))
+            .clone()
+    };
+
+    let json = explain("10.96.0.10:80");
+    assert_eq!(json["verdict"], "forwarded", "{json:#}");
+    assert_eq!(json["service"], "default/web:http");
+    assert_eq!(
+        json["maps"],
+        serde_json::json!([format!("{}:8080", pods[0].ip)])
+    );
+    let ready = endpoint(&json, &format!("{}:8080", pods[0].ip));
+    assert_eq!(
+        (&ready["candidate"], &ready["why"]),
+        (&true.into(), &"ready".into())
+    );
+    let terminating = endpoint(&json, "10.244.0.50:8080");
+    assert_eq!(terminating["candidate"], false);
+    assert!(
+        terminating["why"]
+            .as_str()
+            .unwrap()
+            .contains("no endpoint is ready")
+    );
+    let not_ready = endpoint(&json, "10.244.0.51:8080");
+    assert_eq!(not_ready["candidate"], false);
+    assert_eq!(not_ready["why"], "not ready and not serving");
+
+    // The ready pod goes: the terminating one is the fallback.
+    lab.write_manifest(
+        "web.yaml",
+        &manifests::documents(&[
+            manifests::service("web", WEB_VIP, HTTP),
+            slice(vec![terminating_pod, not_ready_pod.clone()]),
+        ]),
+    )
+    .unwrap();
+    wait_for_backends(
+        &agent,
+        WEB_VIP,
+        &[Ipv4Addr::new(10, 244, 0, 50)],
+        Duration::from_secs(5),
+    );
+    let json = explain("10.96.0.10:80");
+    assert_eq!(json["verdict"], "forwarded", "{json:#}");
+    let terminating = endpoint(&json, "10.244.0.50:8080");
+    assert_eq!(terminating["candidate"], true, "{json:#}");
+    assert!(terminating["why"].as_str().unwrap().contains("fallback"));
+
+    // Nothing ready or serving: refused.
+    lab.write_manifest(
+        "web.yaml",
+        &manifests::documents(&[
+            manifests::service("web", WEB_VIP, HTTP),
+            slice(vec![not_ready_pod]),
+        ]),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let json = loop {
+        let json = explain("10.96.0.10:80");
+        if json["verdict"] == "refused" || started.elapsed() > Duration::from_secs(5) {
+            break json;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(json["verdict"], "refused", "{json:#}");
+    assert_eq!(endpoint(&json, "10.244.0.51:8080")["candidate"], false);
+
+    let json = explain("10.96.0.99:80");
+    assert_eq!(json["verdict"], "untouched", "{json:#}");
+    assert!(json["summary"].as_str().unwrap().contains("pass untouched"));
+    let json = explain("10.96.0.10:81");
+    assert_eq!(json["verdict"], "untouched", "{json:#}");
+    assert!(
+        json["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("ClusterIP of Service default/web"),
+        "{json:#}"
+    );
+}
