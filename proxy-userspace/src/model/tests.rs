@@ -419,38 +419,38 @@ endpoints:
     );
 }
 
+/// Service default/web at 10.96.0.20:80 and its slice web-1 with these
+/// endpoint addresses on port 8080.
+fn web_with_endpoints(addresses: &[&str]) -> Vec<Change> {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n",
+    );
+    for address in addresses {
+        let _ = writeln!(yaml, "- addresses: [{address}]");
+    }
+    snapshot(&yaml)
+}
+
 #[test]
 fn endpoint_addresses_no_pod_can_have_are_problems_and_are_skipped() {
-    let yaml = r"
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: other}
-spec: {clusterIP: 10.96.0.21, ports: [{port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints:
-- addresses: [127.0.0.1]
-- addresses: [0.0.0.0]
-- addresses: [255.255.255.255]
-- addresses: [224.0.0.1]
-- addresses: [169.254.1.1]
-- addresses: [169.254.169.254]
-- addresses: [10.96.0.21]
-- addresses: [10.96.0.20]
-- addresses: [10.244.0.9]
-";
-    let (state, problems) = desired_state(&snapshot(yaml));
+    let other = service_at("other", "10.96.0.21");
+    let web = web_with_endpoints(&[
+        "127.0.0.1",
+        "0.0.0.0",
+        "255.255.255.255",
+        "224.0.0.1",
+        "169.254.1.1",
+        "169.254.169.254",
+        "10.96.0.21",
+        "10.96.0.20",
+        "10.244.0.9",
+    ]);
+    let changes: Vec<Change> = other.into_iter().chain(web).collect();
+    let (state, problems) = desired_state(&changes);
     assert_eq!(
         state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
         [addr("10.244.0.9", 8080, Protocol::Tcp)],
@@ -479,25 +479,9 @@ endpoints:
 
 #[test]
 fn an_endpoint_follows_whether_its_address_is_a_services() {
-    let web = r"
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints:
-- addresses: [10.96.5.5]
-- addresses: [10.244.0.9]
-";
+    let web = web_with_endpoints(&["10.96.5.5", "10.244.0.9"]);
     let mut model = Model::new(config());
-    for change in snapshot(web) {
+    for change in web {
         model.apply(change);
     }
     model.recompute();
