@@ -206,10 +206,12 @@ where
     fn departures(&self, desired: &DesiredState) -> Vec<(L4Addr, L4Addr)> {
         let mut out = Vec::new();
         for frontend in &self.pending {
-            let staying = desired
+            // A set: a frontend may hold tens of thousands of backends.
+            let staying: BTreeSet<&L4Addr> = desired
                 .frontends
                 .get(frontend)
-                .map_or(&[][..], |f| f.backends.as_slice());
+                .map(|f| f.backends.iter().collect())
+                .unwrap_or_default();
             for backend in self.writer.backends_of(*frontend) {
                 if let Some(backend) = L4Addr::from_backend(backend)
                     && !staying.contains(&backend)
