@@ -9,7 +9,6 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
@@ -17,7 +16,9 @@ use std::{
 
 use xtask::{
     apiserver::ApiServer,
-    lab::{Agent, Lab, Pod, agent_binary, limit_open_files, manifests, raise_open_file_limit},
+    lab::{
+        Agent, Lab, Pod, agent_binary, http_get, limit_open_files, manifests, raise_open_file_limit,
+    },
 };
 
 use common::{HTTP, HTTP_BACKEND, WEB_VIP, web_manifest};
@@ -60,38 +61,10 @@ fn idle_connections(address: SocketAddr, count: usize, within: Duration) -> Vec<
     held
 }
 
-/// One GET of `path` on a new connection, answered within `within`:
-/// status and body.
-fn get(address: SocketAddr, path: &str, within: Duration) -> Result<(u16, String), String> {
-    let deadline = Instant::now() + within;
-    let left = || deadline.saturating_duration_since(Instant::now());
-    let mut stream =
-        TcpStream::connect_timeout(&address, left()).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(left().max(Duration::from_millis(1))))
-        .map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read: {e} (after {response:?})"))?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// `/healthz` answers 200 to one request within `within`.
 fn assert_healthz_answers(agent: &Agent, address: SocketAddr, within: Duration) {
     let started = Instant::now();
-    match get(address, "/healthz", within) {
+    match http_get(address, "/healthz", within) {
         Ok((200, _)) => eprintln!("/healthz answered in {:?}", started.elapsed()),
         other => panic!(
             "/healthz did not answer 200 within {within:?}: {other:?}; agent log:\n{}",
@@ -289,7 +262,8 @@ fn an_agent_out_of_file_descriptors_backs_off_and_recovers() {
 
     drop(flood);
     let released = Instant::now();
-    while get(healthz, "/healthz", Duration::from_millis(500)).map(|(status, _)| status) != Ok(200)
+    while http_get(healthz, "/healthz", Duration::from_millis(500)).map(|(status, _)| status)
+        != Ok(200)
     {
         assert!(
             released.elapsed() < Duration::from_secs(3),
@@ -334,7 +308,7 @@ fn node_health(lab: &Lab, healthz: SocketAddr) -> [(u16, String); 2] {
     lab.in_node_netns(|| {
         [healthz, check].map(|address| {
             let path = if address == healthz { "/healthz" } else { "/" };
-            get(address, path, Duration::from_secs(1)).unwrap_or_else(|e| (0, e))
+            http_get(address, path, Duration::from_secs(1)).unwrap_or_else(|e| (0, e))
         })
     })
     .expect("node namespace")
@@ -445,7 +419,7 @@ fn an_api_outage_keeps_health_checks_200_and_a_later_change_is_applied() {
 fn source_failing(lab: &Lab, agent: &Agent) -> String {
     let metrics: SocketAddr = agent.address("metrics").unwrap().parse().unwrap();
     let (status, text) = lab
-        .in_node_netns(|| get(metrics, "/metrics", Duration::from_secs(2)))
+        .in_node_netns(|| http_get(metrics, "/metrics", Duration::from_secs(2)))
         .unwrap()
         .expect("/metrics");
     assert_eq!(status, 200, "{text}");

@@ -149,22 +149,8 @@ impl Agent {
 
     /// One HTTP GET to the agent's `what` listener: status and body.
     pub fn http_get(&self, what: &str, path: &str) -> Result<(u16, String)> {
-        use std::io::Write as _;
-        let mut stream = std::net::TcpStream::connect(self.address(what)?)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("not an HTTP response: {response:?}"))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        let address = self.address(what)?.parse()?;
+        http_get(address, path, Duration::from_secs(5)).map_err(anyhow::Error::msg)
     }
 
     /// Runs `proxy-userspace services --output json` against the lab's pins.
@@ -250,4 +236,38 @@ pub fn agent_binary() -> PathBuf {
         || crate::workspace_root().join("target/debug/proxy-userspace"),
         PathBuf::from,
     )
+}
+
+/// One GET of `path` on a new connection to `address`, answered within
+/// `within`: status and body, or what went wrong (connect, write, read, or
+/// an answer that is not HTTP).
+pub fn http_get(
+    address: std::net::SocketAddr,
+    path: &str,
+    within: Duration,
+) -> std::result::Result<(u16, String), String> {
+    use std::io::{Read as _, Write as _};
+    let deadline = std::time::Instant::now() + within;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
+    let mut stream = std::net::TcpStream::connect_timeout(&address, left())
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(left().max(Duration::from_millis(1))))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e} (after {response:?})"))?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }

@@ -31,7 +31,7 @@ pub mod manifests;
 mod node;
 mod two_nodes;
 
-pub use agent::{Agent, agent_binary, limit_open_files, raise_open_file_limit};
+pub use agent::{Agent, agent_binary, http_get, limit_open_files, raise_open_file_limit};
 pub use node::{BIG_BODY, Lab, Pod};
 pub use two_nodes::{FAR_CLIENT, TwoNodeLab};
 
