@@ -14,10 +14,61 @@
 //! as well as its id, so `connect()` picks a backend with one random number
 //! and two lookups, not three; [`BACKENDS_MAP`] stays for the agent (ids are
 //! shared by every slot naming the same endpoint) and for readers.
+//!
+//! Every type that holds an address is generic over it ([`Address`]): the
+//! IPv4 maps (`lb4_*`) hold [`Ip4`], the IPv6 maps (`lb6_*`) [`Ip6`], in
+//! the same layout, so one program and one writer serve both families.
+//! The parameter defaults to IPv4.
 #![no_std]
 #![deny(unsafe_code)]
 
+use core::{fmt::Debug, hash::Hash};
+
 use bytemuck::{Pod, Zeroable};
+
+/// An IPv4 address as the kernel hands it to the programs: the four octets
+/// in network order, read as one `u32`.
+pub type Ip4 = u32;
+/// An IPv6 address as the kernel hands it to the programs (`user_ip6`, the
+/// IPv6 header): the sixteen octets in network order, read as four `u32`s.
+pub type Ip6 = [u32; 4];
+
+/// The address of one family, as the maps hold it. Sealed in practice: the
+/// layouts below are checked for these two only.
+pub trait Address: Pod + Default + Eq + Ord + Hash + Debug {
+    /// Padding that makes `u64 + address + 4 bytes` a multiple of 8 bytes
+    /// (the affinity maps' entries) without implicit padding, which a hash
+    /// key must not have: none for IPv4, four bytes for IPv6.
+    type TailPad: Pod + Default + Eq + Ord + Hash + Debug;
+    /// The names of this family's maps.
+    const MAPS: FamilyMaps;
+}
+
+impl Address for Ip4 {
+    type TailPad = [u8; 0];
+    const MAPS: FamilyMaps = IPV4_MAPS;
+}
+
+impl Address for Ip6 {
+    type TailPad = [u8; 4];
+    const MAPS: FamilyMaps = IPV6_MAPS;
+}
+
+/// `::ffff:a.b.c.d`: how an IPv6 socket names an IPv4 address.
+#[must_use]
+pub const fn ipv4_mapped(addr_be: Ip4) -> Ip6 {
+    [0, 0, 0xffff_u32.to_be(), addr_be]
+}
+
+/// The IPv4 address an IPv4-mapped IPv6 address stands for.
+#[must_use]
+pub const fn mapped_ipv4(addr: Ip6) -> Option<Ip4> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffff_u32.to_be() {
+        Some(addr[3])
+    } else {
+        None
+    }
+}
 
 /// Map names carry a version. Bump it whenever a key or value layout changes,
 /// so that a new agent never reads an old pinned map with the wrong layout.
@@ -64,8 +115,74 @@ pub const COUNTED_BY_SOCKETS: u8 = 0;
 /// See [`COUNTS_MAP`].
 pub const COUNTED_BY_TC: u8 = 1;
 
+/// The IPv6 twins of the maps above, in the same layouts over [`Ip6`].
+/// Apart, as Cilium keeps `lb6_*`: an IPv4 lookup never hashes the wider
+/// key, so the IPv4 path costs what it did.
+pub const SERVICES6_MAP: &str = "lb6_svc_v1";
+/// See [`SERVICES6_MAP`].
+pub const BACKENDS6_MAP: &str = "lb6_be_v1";
+/// See [`SERVICES6_MAP`]. IPv6 sockets' reverse translations, IPv4-mapped
+/// addresses among them.
+pub const SOCK_REV_NAT6_MAP: &str = "lb6_sk_rnat_v1";
+/// See [`SERVICES6_MAP`].
+pub const EXT_SERVICES6_MAP: &str = "lb6_ext_svc_v1";
+/// See [`SERVICES6_MAP`].
+pub const EXT_BACKENDS6_MAP: &str = "lb6_ext_be_v1";
+/// See [`SERVICES6_MAP`].
+pub const FLOWS6_MAP: &str = "lb6_flows_v1";
+/// See [`SERVICES6_MAP`]. IPv6 sockets connected to IPv6 Services.
+pub const UDP_CONNECTED6_MAP: &str = "lb6_udp_conn_v1";
+/// See [`SERVICES6_MAP`].
+pub const AFFINITY6_MAP: &str = "lb6_affinity_v1";
+/// See [`SERVICES6_MAP`].
+pub const COUNTS6_MAP: &str = "lb6_counts_v1";
+
+/// The names of one family's maps, for code generic over [`Address`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyMaps {
+    /// `"IPv4"` or `"IPv6"`, as Kubernetes spells the families.
+    pub family: &'static str,
+    pub services: &'static str,
+    pub backends: &'static str,
+    pub sock_rev_nat: &'static str,
+    pub ext_services: &'static str,
+    pub ext_backends: &'static str,
+    pub flows: &'static str,
+    pub udp_connected: &'static str,
+    pub affinity: &'static str,
+    pub counts: &'static str,
+}
+
+/// See [`FamilyMaps`].
+pub const IPV4_MAPS: FamilyMaps = FamilyMaps {
+    family: "IPv4",
+    services: SERVICES_MAP,
+    backends: BACKENDS_MAP,
+    sock_rev_nat: SOCK_REV_NAT_MAP,
+    ext_services: EXT_SERVICES_MAP,
+    ext_backends: EXT_BACKENDS_MAP,
+    flows: FLOWS_MAP,
+    udp_connected: UDP_CONNECTED_MAP,
+    affinity: AFFINITY_MAP,
+    counts: COUNTS_MAP,
+};
+
+/// See [`FamilyMaps`].
+pub const IPV6_MAPS: FamilyMaps = FamilyMaps {
+    family: "IPv6",
+    services: SERVICES6_MAP,
+    backends: BACKENDS6_MAP,
+    sock_rev_nat: SOCK_REV_NAT6_MAP,
+    ext_services: EXT_SERVICES6_MAP,
+    ext_backends: EXT_BACKENDS6_MAP,
+    flows: FLOWS6_MAP,
+    udp_connected: UDP_CONNECTED6_MAP,
+    affinity: AFFINITY6_MAP,
+    counts: COUNTS6_MAP,
+};
+
 /// Every map of the object; all are pinned.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 19] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REV_NAT_MAP,
@@ -76,18 +193,31 @@ pub const MAPS: [&str; 10] = [
     UDP_CONNECTED_MAP,
     AFFINITY_MAP,
     COUNTS_MAP,
+    SERVICES6_MAP,
+    BACKENDS6_MAP,
+    SOCK_REV_NAT6_MAP,
+    EXT_SERVICES6_MAP,
+    EXT_BACKENDS6_MAP,
+    FLOWS6_MAP,
+    UDP_CONNECTED6_MAP,
+    AFFINITY6_MAP,
+    COUNTS6_MAP,
 ];
 
 /// The cgroup programs, by the names of their functions: the
 /// socket-address hooks, and `sock_release`, which takes a closing
 /// socket's entry out of [`UDP_CONNECTED_MAP`]. `sock_release` comes first
 /// so that it is attached before a new `connect4` writes any entry.
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 9] = [
     "sock_release",
     "connect4",
     "sendmsg4",
     "recvmsg4",
     "getpeername4",
+    "connect6",
+    "sendmsg6",
+    "recvmsg6",
+    "getpeername6",
 ];
 
 /// Which of a device's tc hooks a program goes on.
@@ -264,10 +394,13 @@ pub const PROTO_ICMP: u8 = 1;
 
 /// One slot of a Service frontend.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct ServiceKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
+pub struct ServiceKey<A = Ip4>
+where
+    A: Address,
+{
     /// The frontend address (ClusterIP), network byte order.
-    pub addr_be: u32,
+    pub addr_be: A,
     /// The frontend port, network byte order.
     pub port_be: u16,
     /// 0 for the frontend entry, `1..=count` for the backend slots.
@@ -280,10 +413,10 @@ pub struct ServiceKey {
     pub pad: [u8; 2],
 }
 
-impl ServiceKey {
+impl<A: Address> ServiceKey<A> {
     /// The slot-0 key of a frontend.
     #[must_use]
-    pub const fn frontend(addr_be: u32, port_be: u16, proto: u8) -> Self {
+    pub const fn frontend(addr_be: A, port_be: u16, proto: u8) -> Self {
         Self {
             addr_be,
             port_be,
@@ -307,14 +440,17 @@ impl ServiceKey {
 /// The value of a [`ServiceKey`]. Which fields mean something depends on the
 /// slot, as in Cilium's `lb4_service`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ServiceValue {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Zeroable)]
+pub struct ServiceValue<A = Ip4>
+where
+    A: Address,
+{
     /// Slots `1..=count`: the backend id in [`BACKENDS_MAP`]. Slot 0: the
     /// sessionAffinity ClientIP timeout in seconds; 0 for none.
     pub backend_id: u32,
     /// Slots `1..=count`: the backend's address, network byte order, copied
     /// from [`BACKENDS_MAP`] so the programs need not look it up. Slot 0: 0.
-    pub addr_be: u32,
+    pub addr_be: A,
     /// Slots `1..=count`: the backend's port, network byte order. Slot 0: 0.
     pub port_be: u16,
     /// Slot 0: how many backend slots follow. 0 means the Service has no
@@ -326,14 +462,14 @@ pub struct ServiceValue {
     pub pad: u16,
 }
 
-impl ServiceValue {
+impl<A: Address> ServiceValue<A> {
     /// The slot-0 value; `affinity` is the sessionAffinity timeout in
     /// seconds (0: none).
     #[must_use]
-    pub const fn frontend(count: u16, flags: u16, affinity: u32) -> Self {
+    pub fn frontend(count: u16, flags: u16, affinity: u32) -> Self {
         Self {
             backend_id: affinity,
-            addr_be: 0,
+            addr_be: A::default(),
             port_be: 0,
             count,
             flags,
@@ -343,7 +479,7 @@ impl ServiceValue {
 
     /// A backend slot's value.
     #[must_use]
-    pub const fn backend(backend_id: u32, backend: &Backend) -> Self {
+    pub const fn backend(backend_id: u32, backend: &Backend<A>) -> Self {
         Self {
             backend_id,
             addr_be: backend.addr_be,
@@ -357,10 +493,13 @@ impl ServiceValue {
 
 /// Where a backend listens. Keyed by a `u32` backend id.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct Backend {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
+pub struct Backend<A = Ip4>
+where
+    A: Address,
+{
     /// The endpoint address, network byte order.
-    pub addr_be: u32,
+    pub addr_be: A,
     /// The endpoint port, network byte order.
     pub port_be: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
@@ -376,12 +515,15 @@ pub const SOCK_REV_NAT_SLOTS: usize = 4;
 
 /// One reverse translation: replies from `backend` show as `frontend`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RevNatPair {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Zeroable)]
+pub struct RevNatPair<A = Ip4>
+where
+    A: Address,
+{
     /// The backend address, network byte order; 0 marks a free pair.
-    pub backend_addr_be: u32,
+    pub backend_addr_be: A,
     /// The frontend address, network byte order.
-    pub frontend_addr_be: u32,
+    pub frontend_addr_be: A,
     /// The backend port, network byte order.
     pub backend_port_be: u16,
     /// The frontend port, network byte order.
@@ -392,10 +534,13 @@ pub struct RevNatPair {
 /// ([`SOCK_REV_NAT_MAP`]): made on the first translated `connect` or
 /// `sendmsg`, freed by the kernel with the socket.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct SockRevNat {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Zeroable)]
+pub struct SockRevNat<A = Ip4>
+where
+    A: Address,
+{
     /// Pairs in no particular order; free ones have a zero backend address.
-    pub pairs: [RevNatPair; SOCK_REV_NAT_SLOTS],
+    pub pairs: [RevNatPair<A>; SOCK_REV_NAT_SLOTS],
     /// The pair to replace when all are taken (round robin).
     pub next: u32,
 }
@@ -409,10 +554,13 @@ pub const FLOW_REPLY: u8 = 1;
 /// it: forward (client to frontend, as it arrives) or reply (backend to
 /// client, as it leaves).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct FlowKey {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Zeroable)]
+pub struct FlowKey<A = Ip4>
+where
+    A: Address,
+{
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
@@ -426,9 +574,12 @@ pub struct FlowKey {
 /// What a [`FlowKey`] is translated to: the backend (forward) or the
 /// frontend (reply).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct FlowNat {
-    pub addr_be: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Zeroable)]
+pub struct FlowNat<A = Ip4>
+where
+    A: Address,
+{
+    pub addr_be: A,
     pub port_be: u16,
     /// Forward: the frontend's flags when the flow began
     /// ([`FRONTEND_MASQUERADE`], [`FLOW_CLUSTER_IP`]). Reply: 0.
@@ -443,14 +594,19 @@ pub struct FlowNat {
 /// source address is known (every pod has its own, as it has its own IP),
 /// or the source address with [`AFFINITY_CLIENT_IP`] set for tc.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct AffinityKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Zeroable)]
+pub struct AffinityKey<A = Ip4>
+where
+    A: Address,
+{
     pub client: u64,
-    pub frontend_addr_be: u32,
+    pub frontend_addr_be: A,
     pub frontend_port_be: u16,
     pub proto: u8,
     /// Explicit padding, always zero.
     pub pad: u8,
+    /// See [`Address::TailPad`]; always zero.
+    pub pad_tail: A::TailPad,
 }
 
 /// See [`AffinityKey::client`].
@@ -459,13 +615,18 @@ pub const AFFINITY_CLIENT_IP: u64 = 1 << 63;
 /// A client's backend: the slot it was in and its address, so that a
 /// backend gone from the slot (the Service changed) is not followed.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct AffinityValue {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Zeroable)]
+pub struct AffinityValue<A = Ip4>
+where
+    A: Address,
+{
     /// `bpf_ktime_get_ns` of the client's last choice.
     pub chosen_ns: u64,
-    pub addr_be: u32,
+    pub addr_be: A,
     pub port_be: u16,
     pub slot: u16,
+    /// See [`Address::TailPad`]; always zero.
+    pub pad_tail: A::TailPad,
 }
 
 /// [`FlowNat`] flag of a flow to a ClusterIP that arrived from outside the
@@ -473,45 +634,43 @@ pub struct AffinityValue {
 /// from [`SERVICES_MAP`], so its backend id is one of [`BACKENDS_MAP`]'s.
 pub const FLOW_CLUSTER_IP: u16 = 0x8000;
 
-#[cfg(feature = "user")]
-mod user {
-    /// aya's own marker for map keys and values; sound for exactly the types
-    /// that are bytemuck `Pod`, which this macro demands at compile time.
-    macro_rules! aya_pod {
-        ($($ty:ty),*) => {$(
-            const _: fn() = || {
-                fn is_bytemuck_pod<T: bytemuck::Pod>() {}
-                is_bytemuck_pod::<$ty>();
-            };
-            // SAFETY: bytemuck::Pod (checked above) guarantees what
-            // aya::Pod asks: Copy, no padding, every bit pattern valid.
-            #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
-            unsafe impl aya::Pod for $ty {}
-        )*};
-    }
-    aya_pod!(
-        super::ServiceKey,
-        super::ServiceValue,
-        super::Backend,
-        super::SockRevNat,
-        super::RevNatPair,
-        super::FlowKey,
-        super::FlowNat,
-        super::AffinityKey,
-        super::AffinityValue
-    );
+/// Declares each layout `Pod` for both families, checking that its size is
+/// the sum of its fields' sizes: no padding, so every byte is a field, and
+/// the kernel sees these sizes (a change is a layout change, see
+/// [`SERVICES_MAP`], and must fail the build until the map names are
+/// bumped). bytemuck's derive refuses generic types; this is its check,
+/// spelled out per family.
+macro_rules! layouts {
+    ($($ty:ident { $ip4:expr, $ip6:expr })*) => {$(
+        const _: () = assert!(size_of::<$ty<Ip4>>() == $ip4);
+        const _: () = assert!(size_of::<$ty<Ip6>>() == $ip6);
+        // SAFETY: `#[repr(C)]`, every field `Pod`, and (checked above) no
+        // padding: any bit pattern is a valid value.
+        #[expect(unsafe_code, reason = "bytemuck cannot derive Pod for generic types")]
+        unsafe impl Pod for $ty<Ip4> {}
+        // SAFETY: as above.
+        #[expect(unsafe_code, reason = "bytemuck cannot derive Pod for generic types")]
+        unsafe impl Pod for $ty<Ip6> {}
+        #[cfg(feature = "user")]
+        // SAFETY: aya::Pod asks what bytemuck::Pod guarantees.
+        #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+        unsafe impl aya::Pod for $ty<Ip4> {}
+        #[cfg(feature = "user")]
+        // SAFETY: as above.
+        #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+        unsafe impl aya::Pod for $ty<Ip6> {}
+    )*};
 }
 
-// The kernel sees these sizes; a change here is a layout change (see
-// SERVICES_MAP) and must fail the build until the map names are bumped.
-const _: () = {
-    assert!(size_of::<ServiceKey>() == 12);
-    assert!(size_of::<ServiceValue>() == 16);
-    assert!(size_of::<Backend>() == 8);
-    assert!(size_of::<RevNatPair>() == 12);
-    assert!(size_of::<SockRevNat>() == 52);
-    assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<FlowNat>() == 12);
-    assert!(size_of::<AffinityKey>() == 16);
-    assert!(size_of::<AffinityValue>() == 16);
-};
+// Sizes as sums of the fields, IPv4 then IPv6.
+layouts! {
+    ServiceKey { 4 + 2 + 2 + 1 + 1 + 2, 16 + 2 + 2 + 1 + 1 + 2 }
+    ServiceValue { 4 + 4 + 2 + 2 + 2 + 2, 4 + 16 + 2 + 2 + 2 + 2 }
+    Backend { 4 + 2 + 1 + 1, 16 + 2 + 1 + 1 }
+    RevNatPair { 4 + 4 + 2 + 2, 16 + 16 + 2 + 2 }
+    SockRevNat { 4 * 12 + 4, 4 * 36 + 4 }
+    FlowKey { 4 + 4 + 2 + 2 + 1 + 1 + 2, 16 + 16 + 2 + 2 + 1 + 1 + 2 }
+    FlowNat { 4 + 2 + 2 + 4, 16 + 2 + 2 + 4 }
+    AffinityKey { 8 + 4 + 2 + 1 + 1, 8 + 16 + 2 + 1 + 1 + 4 }
+    AffinityValue { 8 + 4 + 2 + 2, 8 + 16 + 2 + 2 + 4 }
+}

@@ -8,5 +8,5 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
     reason = "the program macro hands the context over by value"
 )]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    crate::lb::forward(&ctx, crate::lb::Call::Connect)
+    crate::lb::forward::<proxy_common::Ip4>(&ctx, crate::lb::Call::Connect)
 }

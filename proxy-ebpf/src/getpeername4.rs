@@ -9,5 +9,5 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
     reason = "the program macro hands the context over by value"
 )]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    crate::lb::reverse(&ctx)
+    crate::lb::reverse::<proxy_common::Ip4>(&ctx)
 }

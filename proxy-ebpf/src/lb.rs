@@ -1,6 +1,11 @@
 //! The translation shared by the hooks: frontend to a random backend on the
 //! way out, backend back to the frontend on the way in.
 //!
+//! One implementation for both families: the maps are reached through the
+//! address type ([`FamilyMaps`]), and what differs at the socket hooks
+//! (where the address sits in the context, IPv4-mapped addresses) is in
+//! `sock_addr`.
+//!
 //! Costs, since every socket on the node pays them: a non-Service address
 //! costs one hash lookup on the way out (and a UDP connect to it one failed
 //! socket-storage lookup, a pointer test in the kernel, on a socket never
@@ -16,13 +21,15 @@ use aya_ebpf::{
     },
     programs::SockAddrContext,
 };
-use aya_log_ebpf::info;
 use proxy_common::{
-    AffinityKey, AffinityValue, COUNTED_BY_SOCKETS, ECONNREFUSED, Event, PROTO_UDP, RevNatPair,
-    SOCK_REV_NAT_SLOTS, ServiceKey, ServiceValue, SockRevNat,
+    AffinityKey, AffinityValue, ECONNREFUSED, Event, PROTO_UDP, RevNatPair, SOCK_REV_NAT_SLOTS,
+    ServiceKey, ServiceValue, SockRevNat,
 };
 
-use crate::maps::{AFFINITY, SERVICES, SOCK_REV_NAT, UDP_CONNECTED, count, record};
+use crate::{
+    maps::{FamilyMaps, count, record},
+    sock_addr::SocketAddress,
+};
 
 /// Let the system call go on.
 pub const ALLOW: i32 = 1;
@@ -30,7 +37,7 @@ pub const ALLOW: i32 = 1;
 pub const REJECT: i32 = 0;
 
 /// What a frontend lookup found.
-pub enum Pick {
+pub enum Pick<A: FamilyMaps> {
     /// The address is not a frontend: leave it alone.
     NotService,
     /// A frontend without backends.
@@ -39,7 +46,10 @@ pub enum Pick {
     /// says which lookup lost.
     Lost(Event),
     /// The chosen backend slot, and the frontend's slot-0 flags.
-    Backend { backend: ServiceValue, flags: u16 },
+    Backend {
+        backend: ServiceValue<A>,
+        flags: u16,
+    },
 }
 
 /// Looks a frontend up and picks one of its backends uniformly at random:
@@ -53,12 +63,12 @@ pub enum Pick {
     reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
 )]
 #[inline(always)]
-pub fn pick<const N: usize>(
-    services: &HashMap<ServiceKey, ServiceValue, N>,
-    frontend: ServiceKey,
+pub fn pick<A: FamilyMaps, const N: usize>(
+    services: &HashMap<ServiceKey<A>, ServiceValue<A>, N>,
+    frontend: ServiceKey<A>,
     counted_by: u8,
     client: impl FnOnce() -> u64,
-) -> Pick {
+) -> Pick<A> {
     // SAFETY: map values are read once and copied; nothing keeps a reference.
     let Some(slot0) = (unsafe { services.get(frontend) }).copied() else {
         return Pick::NotService;
@@ -103,17 +113,17 @@ fn random_slot(count: u16) -> u16 {
     reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
 )]
 #[inline(always)]
-fn backend_in<const N: usize>(
-    services: &HashMap<ServiceKey, ServiceValue, N>,
-    frontend: ServiceKey,
+fn backend_in<A: FamilyMaps, const N: usize>(
+    services: &HashMap<ServiceKey<A>, ServiceValue<A>, N>,
+    frontend: ServiceKey<A>,
     slot: u16,
     flags: u16,
-) -> Pick {
+) -> Pick<A> {
     // SAFETY: as in `pick`.
     let Some(backend) = (unsafe { services.get(frontend.slot(slot)) }).copied() else {
         return Pick::Lost(Event::NoBackendSlot);
     };
-    if backend.addr_be == 0 {
+    if backend.addr_be.same(A::default()) {
         return Pick::Lost(Event::NoBackend);
     }
     Pick::Backend { backend, flags }
@@ -128,23 +138,25 @@ fn backend_in<const N: usize>(
     reason = "inlined into each hook, whose verifier sees one program"
 )]
 #[inline(always)]
-fn pick_with_affinity<const N: usize>(
-    services: &HashMap<ServiceKey, ServiceValue, N>,
-    frontend: ServiceKey,
-    slot0: ServiceValue,
+fn pick_with_affinity<A: FamilyMaps, const N: usize>(
+    services: &HashMap<ServiceKey<A>, ServiceValue<A>, N>,
+    frontend: ServiceKey<A>,
+    slot0: ServiceValue<A>,
     client: u64,
-) -> (u16, Pick) {
+) -> (u16, Pick<A>) {
+    let affinity = A::affinity();
     let key = AffinityKey {
         client,
         frontend_addr_be: frontend.addr_be,
         frontend_port_be: frontend.port_be,
         proto: frontend.proto,
         pad: 0,
+        pad_tail: A::TailPad::default(),
     };
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(slot0.backend_id).wrapping_mul(1_000_000_000);
-    if let Some(entry) = AFFINITY.get_ptr_mut(key)
+    if let Some(entry) = affinity.get_ptr_mut(key)
         // SAFETY: a map value, copied out at once.
         && let held = unsafe { *entry }
         && now.wrapping_sub(held.chosen_ns) < timeout_ns
@@ -152,7 +164,7 @@ fn pick_with_affinity<const N: usize>(
         && held.slot <= slot0.count
         && let Pick::Backend { backend, flags } =
             backend_in(services, frontend, held.slot, slot0.flags)
-        && backend.addr_be == held.addr_be
+        && backend.addr_be.same(held.addr_be)
         && backend.port_be == held.port_be
     {
         // Renewed in place: no second lookup. A racing writer on another
@@ -169,8 +181,9 @@ fn pick_with_affinity<const N: usize>(
             addr_be: backend.addr_be,
             port_be: backend.port_be,
             slot,
+            pad_tail: A::TailPad::default(),
         };
-        let _ = AFFINITY.insert(key, held, 0);
+        let _ = affinity.insert(key, held, 0);
     }
     (slot, picked)
 }
@@ -189,7 +202,7 @@ pub enum Call {
     clippy::cast_possible_truncation,
     reason = "user_port holds a 16-bit port in a 32-bit field"
 )]
-const fn user_port(addr: &bpf_sock_addr) -> u16 {
+pub const fn user_port(addr: &bpf_sock_addr) -> u16 {
     addr.user_port as u16
 }
 
@@ -198,7 +211,7 @@ const fn user_port(addr: &bpf_sock_addr) -> u16 {
 /// socket's storage for the reverse direction. A Service without ready
 /// endpoints refuses the connection at once, as kube-proxy's REJECT rule
 /// does.
-pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
+pub fn forward<A: SocketAddress>(ctx: &SockAddrContext, call: Call) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
     // The protocol is a u32 in the context; anything but TCP or UDP (SCTP,
@@ -206,15 +219,17 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     let Ok(proto) = u8::try_from(addr.protocol) else {
         return ALLOW;
     };
-    let frontend = ServiceKey::frontend(addr.user_ip4, user_port(addr), proto);
+    let frontend_ip = A::of(addr);
+    let frontend_port = user_port(addr);
+    let frontend = ServiceKey::frontend(frontend_ip, frontend_port, proto);
     // The client, for session affinity: the socket's network namespace
     // (a pod's own), since the source address is not chosen yet.
     // SAFETY: a plain helper call on this program's context.
     let client = || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let backend = match pick(&SERVICES, frontend, COUNTED_BY_SOCKETS, client) {
+    let backend = match A::choose(frontend, client) {
         Pick::NotService => {
             if call == Call::Connect && proto == PROTO_UDP {
-                forget(ctx);
+                forget::<A>(ctx);
             }
             return ALLOW;
         }
@@ -222,12 +237,7 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
             // SAFETY: a plain helper call; connect and sendmsg hooks may set it.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             record(Event::Refused);
-            info!(
-                ctx,
-                "refused {:i}:{}: no endpoints",
-                u32::from_be(addr.user_ip4),
-                u16::from_be(user_port(addr))
-            );
+            A::trace_refused(ctx, frontend_ip, frontend_port);
             return REJECT;
         }
         // The Service shrank under us: the socket is left alone, as after
@@ -240,9 +250,9 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     };
     let pair = RevNatPair {
         backend_addr_be: backend.addr_be,
-        frontend_addr_be: addr.user_ip4,
+        frontend_addr_be: frontend_ip,
         backend_port_be: backend.port_be,
-        frontend_port_be: user_port(addr),
+        frontend_port_be: frontend_port,
     };
     if !remember(ctx, call, pair) {
         record(Event::RevNatNotStored);
@@ -259,26 +269,12 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
         // Replaces the entry of an earlier connect of the same socket.
         // Only the ending of stale sockets depends on it: a full map (that
         // many connected sockets open at once) leaves this one out.
-        if UDP_CONNECTED.insert(cookie, pair, 0).is_err() {
+        if A::udp_connected().insert(cookie, pair, 0).is_err() {
             record(Event::UdpConnectedFull);
         }
     }
-    // `run --trace` only: otherwise the log level is 0, a constant the
-    // verifier prunes this with.
-    info!(
-        ctx,
-        "{} {:i}:{} -> {:i}:{}",
-        if call == Call::Connect {
-            "connect"
-        } else {
-            "sendmsg"
-        },
-        u32::from_be(addr.user_ip4),
-        u16::from_be(user_port(addr)),
-        u32::from_be(backend.addr_be),
-        u16::from_be(backend.port_be)
-    );
-    addr.user_ip4 = backend.addr_be;
+    A::trace_forwarded(ctx, call, &pair);
+    backend.addr_be.write_to(addr);
     addr.user_port = u32::from(backend.port_be);
     record(Event::Forwarded);
     ALLOW
@@ -286,10 +282,10 @@ pub fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
 
 /// Stores `pair` in the socket's storage, making it on first use; false
 /// when the kernel could not make it.
-fn remember(ctx: &SockAddrContext, call: Call, pair: RevNatPair) -> bool {
+fn remember<A: SocketAddress>(ctx: &SockAddrContext, call: Call, pair: RevNatPair<A>) -> bool {
     // SAFETY: the helper reads the context's socket, which the kernel keeps
     // alive for the program's run.
-    let storage = unsafe { SOCK_REV_NAT.get_or_insert_ptr_mut(ctx, None) };
+    let storage = unsafe { A::sock_rev_nat().get_or_insert_ptr_mut(ctx, None) };
     // SAFETY: the kernel returns null or this socket's zero-initialised
     // value, which only this socket's programs touch.
     let Some(storage) = (unsafe { storage.as_mut() }) else {
@@ -310,13 +306,13 @@ fn remember(ctx: &SockAddrContext, call: Call, pair: RevNatPair) -> bool {
     }
     let mut free = None;
     for (i, held) in storage.pairs.iter_mut().enumerate() {
-        if held.backend_addr_be == pair.backend_addr_be
+        if held.backend_addr_be.same(pair.backend_addr_be)
             && held.backend_port_be == pair.backend_port_be
         {
             *held = pair;
             return true;
         }
-        if free.is_none() && held.backend_addr_be == 0 {
+        if free.is_none() && held.backend_addr_be.same(A::default()) {
             free = Some(i);
         }
     }
@@ -339,9 +335,9 @@ fn remember(ctx: &SockAddrContext, call: Call, pair: RevNatPair) -> bool {
 /// address on its own, even when that is a pod of the Service). Costs a
 /// socket never translated one failed socket-storage lookup. Not for TCP,
 /// whose connect on a connected socket fails (EISCONN) after this hook.
-fn forget(ctx: &SockAddrContext) {
+fn forget<A: SocketAddress>(ctx: &SockAddrContext) {
     // SAFETY: as in `reverse`: no storage is made.
-    let storage = unsafe { SOCK_REV_NAT.get_ptr_mut(ctx) };
+    let storage = unsafe { A::sock_rev_nat().get_ptr_mut(ctx) };
     // SAFETY: null or this socket's value.
     let Some(storage) = (unsafe { storage.as_mut() }) else {
         return;
@@ -349,15 +345,15 @@ fn forget(ctx: &SockAddrContext) {
     *storage = SockRevNat::default();
     // SAFETY: a plain helper call on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let _ = UDP_CONNECTED.remove(cookie);
+    let _ = A::udp_connected().remove(cookie);
 }
 
 /// Rewrites a backend address seen by a socket back to the frontend that
 /// socket asked for, so replies and `getpeername` show the Service.
-pub fn reverse(ctx: &SockAddrContext) -> i32 {
+pub fn reverse<A: SocketAddress>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as in `remember`, without making storage: a socket that was
     // never translated has none, and that is the common case.
-    let storage = unsafe { SOCK_REV_NAT.get_ptr_mut(ctx) };
+    let storage = unsafe { A::sock_rev_nat().get_ptr_mut(ctx) };
     // SAFETY: null or this socket's value.
     let Some(storage) = (unsafe { storage.as_ref() }) else {
         return ALLOW;
@@ -365,9 +361,10 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
     let port = user_port(addr);
+    let ip = A::of(addr);
     for held in &storage.pairs {
-        if held.backend_addr_be == addr.user_ip4 && held.backend_port_be == port {
-            addr.user_ip4 = held.frontend_addr_be;
+        if held.backend_addr_be.same(ip) && held.backend_port_be == port {
+            held.frontend_addr_be.write_to(addr);
             addr.user_port = u32::from(held.frontend_port_be);
             record(Event::Reversed);
             break;

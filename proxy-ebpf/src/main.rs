@@ -18,12 +18,17 @@
 )]
 
 mod connect4;
+mod connect6;
 mod getpeername4;
+mod getpeername6;
 mod lb;
 mod maps;
 mod packet;
 mod recvmsg4;
+mod recvmsg6;
 mod sendmsg4;
+mod sendmsg6;
+mod sock_addr;
 mod sock_release;
 mod tc_egress;
 mod tc_ingress;

@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
+    AFFINITY_MAX_ENTRIES, Address, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
     COUNTS_MAX_ENTRIES, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event,
-    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey,
+    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, Ip4, Ip6, RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey,
     ServiceValue, SockRevNat, UDP_CONNECTED_MAX_ENTRIES,
 };
 
@@ -24,7 +24,105 @@ const _: () = {
     assert!(eq(proxy_common::UDP_CONNECTED_MAP, "lb4_udp_conn_v2"));
     assert!(eq(proxy_common::AFFINITY_MAP, "lb4_affinity_v1"));
     assert!(eq(proxy_common::COUNTS_MAP, "lb4_counts_v1"));
+    assert!(eq(proxy_common::SERVICES6_MAP, "lb6_svc_v1"));
+    assert!(eq(proxy_common::BACKENDS6_MAP, "lb6_be_v1"));
+    assert!(eq(proxy_common::SOCK_REV_NAT6_MAP, "lb6_sk_rnat_v1"));
+    assert!(eq(proxy_common::EXT_SERVICES6_MAP, "lb6_ext_svc_v1"));
+    assert!(eq(proxy_common::EXT_BACKENDS6_MAP, "lb6_ext_be_v1"));
+    assert!(eq(proxy_common::FLOWS6_MAP, "lb6_flows_v1"));
+    assert!(eq(proxy_common::UDP_CONNECTED6_MAP, "lb6_udp_conn_v1"));
+    assert!(eq(proxy_common::AFFINITY6_MAP, "lb6_affinity_v1"));
+    assert!(eq(proxy_common::COUNTS6_MAP, "lb6_counts_v1"));
 };
+
+/// A frontend map of either family: the socket programs' or the tc
+/// programs'.
+pub type ServicesMap<A> =
+    HashMap<ServiceKey<A>, ServiceValue<A>, { SERVICES_MAX_ENTRIES as usize }>;
+/// The tc programs' frontends of either family.
+pub type ExtServicesMap<A> =
+    HashMap<ServiceKey<A>, ServiceValue<A>, { EXT_SERVICES_MAX_ENTRIES as usize }>;
+
+/// The maps one family's code reaches by type, so that one generic
+/// implementation serves IPv4 and IPv6, each on its own maps.
+pub trait FamilyMaps: Address {
+    /// `==`, spelled out: on an IPv6 address `==` becomes a call to
+    /// `bcmp`, a loop the verifier walks byte by byte.
+    fn same(self, other: Self) -> bool;
+    fn services() -> &'static ServicesMap<Self>;
+    fn sock_rev_nat() -> &'static SkStorage<SockRevNat<Self>>;
+    fn udp_connected()
+    -> &'static HashMap<u64, RevNatPair<Self>, { UDP_CONNECTED_MAX_ENTRIES as usize }>;
+    fn affinity() -> &'static LruHashMap<
+        AffinityKey<Self>,
+        AffinityValue<Self>,
+        { AFFINITY_MAX_ENTRIES as usize },
+    >;
+    fn counts() -> &'static HashMap<ServiceKey<Self>, u64, { COUNTS_MAX_ENTRIES as usize }>;
+}
+
+impl FamilyMaps for Ip4 {
+    #[expect(
+        clippy::inline_always,
+        reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+    )]
+    #[inline(always)]
+    fn same(self, other: Self) -> bool {
+        self == other
+    }
+    fn services() -> &'static ServicesMap<Self> {
+        &SERVICES
+    }
+    fn sock_rev_nat() -> &'static SkStorage<SockRevNat<Self>> {
+        &SOCK_REV_NAT
+    }
+    fn udp_connected()
+    -> &'static HashMap<u64, RevNatPair<Self>, { UDP_CONNECTED_MAX_ENTRIES as usize }> {
+        &UDP_CONNECTED
+    }
+    fn affinity() -> &'static LruHashMap<
+        AffinityKey<Self>,
+        AffinityValue<Self>,
+        { AFFINITY_MAX_ENTRIES as usize },
+    > {
+        &AFFINITY
+    }
+    fn counts() -> &'static HashMap<ServiceKey<Self>, u64, { COUNTS_MAX_ENTRIES as usize }> {
+        &COUNTS
+    }
+}
+
+impl FamilyMaps for Ip6 {
+    #[expect(
+        clippy::inline_always,
+        reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+    )]
+    #[inline(always)]
+    fn same(self, other: Self) -> bool {
+        (self[0] ^ other[0]) | (self[1] ^ other[1]) | (self[2] ^ other[2]) | (self[3] ^ other[3])
+            == 0
+    }
+    fn services() -> &'static ServicesMap<Self> {
+        &SERVICES6
+    }
+    fn sock_rev_nat() -> &'static SkStorage<SockRevNat<Self>> {
+        &SOCK_REV_NAT6
+    }
+    fn udp_connected()
+    -> &'static HashMap<u64, RevNatPair<Self>, { UDP_CONNECTED_MAX_ENTRIES as usize }> {
+        &UDP_CONNECTED6
+    }
+    fn affinity() -> &'static LruHashMap<
+        AffinityKey<Self>,
+        AffinityValue<Self>,
+        { AFFINITY_MAX_ENTRIES as usize },
+    > {
+        &AFFINITY6
+    }
+    fn counts() -> &'static HashMap<ServiceKey<Self>, u64, { COUNTS_MAX_ENTRIES as usize }> {
+        &COUNTS6
+    }
+}
 
 /// `==` on strings, which is not yet `const`.
 pub(crate) const fn eq(a: &str, b: &str) -> bool {
@@ -47,8 +145,7 @@ pub(crate) const fn eq(a: &str, b: &str) -> bool {
 /// never waits on the allocator, and the agent's writes cannot fail for
 /// memory once the map exists.
 #[btf_map(name = "lb4_svc_v2")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX_ENTRIES as usize }> =
-    HashMap::new();
+pub static SERVICES: ServicesMap<Ip4> = HashMap::new();
 
 /// Backend id to address. The programs do not read it (slots carry the
 /// address); the agent shares ids through it and readers list it.
@@ -64,8 +161,7 @@ pub static SOCK_REV_NAT: SkStorage<SockRevNat> = SkStorage::new();
 /// externalIPs and load-balancer IPs, with the backends their
 /// externalTrafficPolicy allows.
 #[btf_map(name = "lb4_ext_svc_v1")]
-pub static EXT_SERVICES: HashMap<ServiceKey, ServiceValue, { EXT_SERVICES_MAX_ENTRIES as usize }> =
-    HashMap::new();
+pub static EXT_SERVICES: ExtServicesMap<Ip4> = HashMap::new();
 
 /// Backend id to address for [`EXT_SERVICES`]. The ingress program asks it
 /// whether a UDP flow's backend is still serving.
@@ -104,14 +200,52 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRI
 #[btf_map(name = "lb4_counts_v1")]
 pub static COUNTS: HashMap<ServiceKey, u64, { COUNTS_MAX_ENTRIES as usize }> = HashMap::new();
 
+// The IPv6 twins of the maps above, documented there.
+
+#[btf_map(name = "lb6_svc_v1")]
+pub static SERVICES6: ServicesMap<Ip6> = HashMap::new();
+
+#[btf_map(name = "lb6_be_v1")]
+pub static BACKENDS6: HashMap<u32, Backend<Ip6>, { BACKENDS_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "lb6_sk_rnat_v1")]
+pub static SOCK_REV_NAT6: SkStorage<SockRevNat<Ip6>> = SkStorage::new();
+
+#[btf_map(name = "lb6_ext_svc_v1")]
+pub static EXT_SERVICES6: ExtServicesMap<Ip6> = HashMap::new();
+
+#[btf_map(name = "lb6_ext_be_v1")]
+pub static EXT_BACKENDS6: HashMap<u32, Backend<Ip6>, { EXT_BACKENDS_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "lb6_flows_v1")]
+pub static FLOWS6: LruHashMap<FlowKey<Ip6>, FlowNat<Ip6>, { FLOWS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "lb6_udp_conn_v1")]
+pub static UDP_CONNECTED6: HashMap<u64, RevNatPair<Ip6>, { UDP_CONNECTED_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "lb6_affinity_v1")]
+pub static AFFINITY6: LruHashMap<
+    AffinityKey<Ip6>,
+    AffinityValue<Ip6>,
+    { AFFINITY_MAX_ENTRIES as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "lb6_counts_v1")]
+pub static COUNTS6: HashMap<ServiceKey<Ip6>, u64, { COUNTS_MAX_ENTRIES as usize }> = HashMap::new();
+
 /// Counts one translation to `slot`.
 #[expect(
     clippy::inline_always,
     reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
 )]
 #[inline(always)]
-pub fn count(slot: ServiceKey) {
-    if let Some(counter) = COUNTS.get_ptr_mut(slot) {
+pub fn count<A: FamilyMaps>(slot: ServiceKey<A>) {
+    let counts = A::counts();
+    if let Some(counter) = counts.get_ptr_mut(slot) {
         // SAFETY: a map value, valid while the program runs; other CPUs
         // add to it too, atomically (BPF_ATOMIC | BPF_ADD: the bpf target
         // has no compare-and-swap, so core offers no `fetch_add`).
@@ -129,7 +263,7 @@ pub fn count(slot: ServiceKey) {
     } else {
         // The slot's first: a racing first on another CPU may win, and
         // this one is lost.
-        let _ = COUNTS.insert(slot, 1_u64, 0);
+        let _ = counts.insert(slot, 1_u64, 0);
     }
 }
 

@@ -7,10 +7,11 @@ use aya::{
     programs::{CgroupSock, CgroupSockAddr, Program, ProgramError, SchedClassifier},
 };
 use proxy_common::{
-    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, CLUSTER_CIDR_ADDR_GLOBAL, CLUSTER_CIDR_MASK_GLOBAL,
-    EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAP, EXT_SERVICES_MAX_ENTRIES,
-    FLOWS_MAP, FLOWS_MAX_ENTRIES, MAPS, MASQUERADE_ALL_GLOBAL, MASQUERADE_MARK_GLOBAL, PROGRAMS,
-    SERVICES_MAP, SERVICES_MAX_ENTRIES, TC_PROGRAMS, TcProgram,
+    BACKENDS_MAP, BACKENDS_MAX_ENTRIES, BACKENDS6_MAP, CLUSTER_CIDR_ADDR_GLOBAL,
+    CLUSTER_CIDR_MASK_GLOBAL, EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES, EXT_BACKENDS6_MAP,
+    EXT_SERVICES_MAP, EXT_SERVICES_MAX_ENTRIES, EXT_SERVICES6_MAP, FLOWS_MAP, FLOWS_MAX_ENTRIES,
+    FLOWS6_MAP, MAPS, MASQUERADE_ALL_GLOBAL, MASQUERADE_MARK_GLOBAL, PROGRAMS, SERVICES_MAP,
+    SERVICES_MAX_ENTRIES, SERVICES6_MAP, TC_PROGRAMS, TcProgram,
 };
 use tracing::warn;
 
@@ -80,13 +81,20 @@ impl MapSizes {
         Ok(())
     }
 
-    fn by_name(self) -> [(&'static str, u32); 5] {
+    /// Each flag sizes the map of both families, as Cilium's
+    /// `--bpf-lb-map-max` does.
+    fn by_name(self) -> [(&'static str, u32); 10] {
         [
             (SERVICES_MAP, self.services),
             (BACKENDS_MAP, self.backends),
             (EXT_SERVICES_MAP, self.external_services),
             (EXT_BACKENDS_MAP, self.external_backends),
             (FLOWS_MAP, self.flows),
+            (SERVICES6_MAP, self.services),
+            (BACKENDS6_MAP, self.backends),
+            (EXT_SERVICES6_MAP, self.external_services),
+            (EXT_BACKENDS6_MAP, self.external_backends),
+            (FLOWS6_MAP, self.flows),
         ]
     }
 }
@@ -95,11 +103,11 @@ impl MapSizes {
 #[must_use]
 pub fn size_flag(map: &str) -> &'static str {
     match map {
-        SERVICES_MAP => "--services-map-size",
-        BACKENDS_MAP => "--backends-map-size",
-        EXT_SERVICES_MAP => "--external-services-map-size",
-        EXT_BACKENDS_MAP => "--external-backends-map-size",
-        FLOWS_MAP => "--flow-table-size",
+        SERVICES_MAP | SERVICES6_MAP => "--services-map-size",
+        BACKENDS_MAP | BACKENDS6_MAP => "--backends-map-size",
+        EXT_SERVICES_MAP | EXT_SERVICES6_MAP => "--external-services-map-size",
+        EXT_BACKENDS_MAP | EXT_BACKENDS6_MAP => "--external-backends-map-size",
+        FLOWS_MAP | FLOWS6_MAP => "--flow-table-size",
         _ => "(fixed size)",
     }
 }

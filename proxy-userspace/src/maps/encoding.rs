@@ -175,7 +175,7 @@ mod tests {
             [4, 3, 2, 1, 10, 244, 1, 7, 0x1f, 0x90, 0, 0, 0, 0, 0, 0]
         );
         assert_eq!(
-            bytes_of(&ServiceValue::frontend(3, 0, 0)),
+            bytes_of(&ServiceValue::<proxy_common::Ip4>::frontend(3, 0, 0)),
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0]
         );
         // A socket's storage starts zeroed, which must read as "no pairs".

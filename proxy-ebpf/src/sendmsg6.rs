@@ -1,0 +1,13 @@
+//! `sendmsg()` with an address on unconnected IPv6 UDP sockets: as
+//! `sendmsg4`, on the IPv6 maps.
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+#[cgroup_sock_addr(sendmsg6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro hands the context over by value"
+)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    crate::lb::forward::<proxy_common::Ip6>(&ctx, crate::lb::Call::Sendmsg)
+}
