@@ -33,15 +33,22 @@ pub type Ip4 = u32;
 /// IPv6 header): the sixteen octets in network order, read as four `u32`s.
 pub type Ip6 = [u32; 4];
 
-/// The address of one family, as the maps hold it. Sealed in practice: the
-/// layouts below are checked for these two only.
-pub trait Address: Pod + Default + Eq + Ord + Hash + Debug {
+/// The address of one family, as the maps hold it. Sealed: the layouts
+/// below are `Pod` for any address because they are checked for these two,
+/// and there can be no other.
+pub trait Address: sealed::Sealed + Pod + Default + Eq + Ord + Hash + Debug {
     /// Padding that makes `u64 + address + 4 bytes` a multiple of 8 bytes
     /// (the affinity maps' entries) without implicit padding, which a hash
     /// key must not have: none for IPv4, four bytes for IPv6.
     type TailPad: Pod + Default + Eq + Ord + Hash + Debug;
     /// The names of this family's maps.
     const MAPS: FamilyMaps;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Ip4 {}
+    impl Sealed for super::Ip6 {}
 }
 
 impl Address for Ip4 {
@@ -634,31 +641,25 @@ where
 /// from [`SERVICES_MAP`], so its backend id is one of [`BACKENDS_MAP`]'s.
 pub const FLOW_CLUSTER_IP: u16 = 0x8000;
 
-/// Declares each layout `Pod` for both families, checking that its size is
-/// the sum of its fields' sizes: no padding, so every byte is a field, and
-/// the kernel sees these sizes (a change is a layout change, see
-/// [`SERVICES_MAP`], and must fail the build until the map names are
-/// bumped). bytemuck's derive refuses generic types; this is its check,
-/// spelled out per family.
+/// Declares each layout `Pod` for every address, checking that its size
+/// is the sum of its fields' sizes for both (the only two, [`Address`] is
+/// sealed): no padding, so every byte is a field. The kernel sees these
+/// sizes; a change is a layout change (see [`SERVICES_MAP`]) and must fail
+/// the build until the map names are bumped. bytemuck's derive refuses
+/// generic types; this is its check, spelled out per family.
 macro_rules! layouts {
     ($($ty:ident { $ip4:expr, $ip6:expr })*) => {$(
         const _: () = assert!(size_of::<$ty<Ip4>>() == $ip4);
         const _: () = assert!(size_of::<$ty<Ip6>>() == $ip6);
-        // SAFETY: `#[repr(C)]`, every field `Pod`, and (checked above) no
-        // padding: any bit pattern is a valid value.
+        // SAFETY: `#[repr(C)]`, every field `Pod`, and (checked above, for
+        // each of the two addresses there are) no padding: any bit pattern
+        // is a valid value.
         #[expect(unsafe_code, reason = "bytemuck cannot derive Pod for generic types")]
-        unsafe impl Pod for $ty<Ip4> {}
-        // SAFETY: as above.
-        #[expect(unsafe_code, reason = "bytemuck cannot derive Pod for generic types")]
-        unsafe impl Pod for $ty<Ip6> {}
+        unsafe impl<A: Address> Pod for $ty<A> {}
         #[cfg(feature = "user")]
         // SAFETY: aya::Pod asks what bytemuck::Pod guarantees.
         #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
-        unsafe impl aya::Pod for $ty<Ip4> {}
-        #[cfg(feature = "user")]
-        // SAFETY: as above.
-        #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
-        unsafe impl aya::Pod for $ty<Ip6> {}
+        unsafe impl<A: Address> aya::Pod for $ty<A> {}
     )*};
 }
 

@@ -250,7 +250,7 @@ impl RunArgs {
                 .iptables_masquerade_bit
                 .or(file.masquerade_bit)
                 .unwrap_or(14),
-            cluster_cidr: ipv4_cluster_cidr(&cluster_cidrs)?,
+            cluster_cidrs: one_per_family(&cluster_cidrs)?,
             masquerade_all: self.masquerade_all || file.masquerade_all,
             iptables_sync_period: self.iptables_sync_period,
             install_iptables_rules: self.install_iptables_rules,
@@ -268,21 +268,20 @@ impl RunArgs {
     }
 }
 
-/// The IPv4 one of `--cluster-cidr` (dual-stack clusters give one of each
-/// family; the datapath is IPv4).
-fn ipv4_cluster_cidr(cidrs: &[kube_proxy_config::Cidr]) -> Result<Option<Cidr>> {
-    let mut ipv4 = cidrs.iter().filter_map(|cidr| match cidr.address {
-        std::net::IpAddr::V4(addr) => Some(Cidr {
-            addr,
-            prefix: cidr.prefix_len,
-        }),
-        std::net::IpAddr::V6(_) => None,
-    });
-    let first = ipv4.next();
-    if let Some(second) = ipv4.next() {
-        bail!("--cluster-cidr: one IPv4 range, not several ({second} too)");
+/// `--cluster-cidr`: at most one range per family, as kube-proxy takes it
+/// (`10.244.0.0/16,fd00:10:244::/56` on a dual-stack cluster).
+fn one_per_family(cidrs: &[Cidr]) -> Result<Vec<Cidr>> {
+    let mut out: Vec<Cidr> = Vec::new();
+    for cidr in cidrs {
+        if let Some(other) = out.iter().find(|other| other.family() == cidr.family()) {
+            bail!(
+                "--cluster-cidr: one {} range, not several ({other} and {cidr})",
+                cidr.family()
+            );
+        }
+        out.push(*cidr);
     }
-    Ok(first)
+    Ok(out)
 }
 
 /// Where Services and EndpointSlices come from: flags shared by `run`,

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
@@ -23,15 +23,17 @@ pub struct Interface {
     /// name gets a new one, and the tc programs must be attached again.
     pub index: u32,
     pub loopback: bool,
-    pub addresses: BTreeSet<Ipv4Addr>,
+    pub addresses: BTreeSet<IpAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot list the network interfaces")]
 pub struct DevicesError(#[source] nix::Error);
 
-/// The interfaces of the agent's network namespace, with their IPv4
-/// addresses (an interface without one is listed too).
+/// The interfaces of the agent's network namespace, with their IPv4 and
+/// IPv6 addresses (an interface without one is listed too). Link-local
+/// IPv6 addresses are left out: every interface has one, and a NodePort
+/// is no use on an address that needs a zone to be reached.
 pub fn read() -> Result<Vec<Interface>, DevicesError> {
     let mut interfaces: BTreeMap<String, Interface> = BTreeMap::new();
     for entry in getifaddrs().map_err(DevicesError)? {
@@ -43,16 +45,23 @@ pub fn read() -> Result<Vec<Interface>, DevicesError> {
                 ..Interface::default()
             });
         interface.loopback |= entry.flags.contains(InterfaceFlags::IFF_LOOPBACK);
-        if let Some(address) = entry.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            interface.addresses.insert(address.ip());
+        let Some(address) = entry.address.as_ref() else {
+            continue;
+        };
+        if let Some(v4) = address.as_sockaddr_in() {
+            interface.addresses.insert(IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = address.as_sockaddr_in6()
+            && !v6.ip().is_unicast_link_local()
+        {
+            interface.addresses.insert(IpAddr::V6(v6.ip()));
         }
     }
     Ok(interfaces.into_values().collect())
 }
 
-/// Every IPv4 address of the node.
+/// Every address of the node.
 #[must_use]
-pub fn host_addresses(interfaces: &[Interface]) -> BTreeSet<Ipv4Addr> {
+pub fn host_addresses(interfaces: &[Interface]) -> BTreeSet<IpAddr> {
     interfaces
         .iter()
         .flat_map(|i| i.addresses.iter().copied())
@@ -73,7 +82,7 @@ pub struct Choice {
 pub fn choose(
     interfaces: &[Interface],
     requested: &[String],
-    node_addresses: &BTreeSet<Ipv4Addr>,
+    node_addresses: &BTreeSet<IpAddr>,
 ) -> Choice {
     if requested == [NO_DEVICES] {
         return Choice::default();
@@ -119,7 +128,7 @@ impl DeviceWatch {
     pub fn update(
         &mut self,
         interfaces: &[Interface],
-        node_addresses: &BTreeSet<Ipv4Addr>,
+        node_addresses: &BTreeSet<IpAddr>,
     ) -> Option<&BTreeSet<String>> {
         let choice = choose(interfaces, &self.requested, node_addresses);
         let old = self.chosen.take().unwrap_or_default();
@@ -239,7 +248,9 @@ mod tests {
             panic!("one loopback interface: {interfaces:?}");
         };
         assert!(
-            loopback.addresses.contains(&Ipv4Addr::LOCALHOST),
+            loopback
+                .addresses
+                .contains(&IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
             "{interfaces:?}"
         );
         let indexes: BTreeSet<u32> = interfaces.iter().map(|i| i.index).collect();

@@ -6,14 +6,14 @@
 //! them. Where the two disagree, both are shown: that is drift, and
 //! `doctor` names it too.
 
-use std::{fmt::Write as _, net::SocketAddrV4};
+use std::{fmt::Write as _, net::SocketAddr};
 
 use serde::Serialize;
 
 use crate::{
     doctor::snapshot::Snapshot,
     listing,
-    maps::{self, Pins},
+    maps::Pins,
     model::{
         L4Addr, Protocol,
         candidates::{Candidate, Claim, Condition, Exclusion},
@@ -62,21 +62,19 @@ pub struct EndpointView {
 /// `pins` (which may be missing: then nothing is translated).
 #[must_use]
 pub fn explain(
-    address: SocketAddrV4,
+    address: SocketAddr,
     protocol: Protocol,
     snapshot: &Snapshot,
     pins: &Pins,
 ) -> Explanation {
     let frontend = L4Addr {
-        ip: *address.ip(),
+        ip: address.ip(),
         port: address.port(),
         protocol,
     };
     let mut notes = Vec::new();
-    let key = format!("{}:{}", frontend.ip, frontend.port);
-    let maps = match maps::open_pinned(pins)
-        .map_err(|e| crate::report::chain(&e))
-        .and_then(|maps| listing::list(&maps, None).map_err(|e| crate::report::chain(&e)))
+    let key = frontend.host_port();
+    let maps = match listing::list_pinned(pins, false, false).map_err(|e| crate::report::chain(&e))
     {
         Ok(listed) => listed
             .into_iter()
@@ -106,12 +104,8 @@ pub fn explain(
         ));
     }
     let desired = model.desired().frontends.get(&frontend);
-    let desired_backends: Option<Vec<String>> = desired.map(|d| {
-        d.backends
-            .iter()
-            .map(|b| format!("{}:{}", b.ip, b.port))
-            .collect()
-    });
+    let desired_backends: Option<Vec<String>> =
+        desired.map(|d| d.backends.iter().map(L4Addr::host_port).collect());
     let endpoints = owner
         .map(|claim| claim.candidates.iter().map(|c| view(c, claim)).collect())
         .unwrap_or_default();
@@ -241,7 +235,7 @@ fn view(candidate: &Candidate, claim: &Claim) -> EndpointView {
     };
     EndpointView {
         slice: candidate.slice.to_string(),
-        backend: format!("{}:{}", candidate.backend.ip, candidate.backend.port),
+        backend: candidate.backend.host_port(),
         condition: candidate.condition.describe(),
         candidate: candidate.chosen,
         why,

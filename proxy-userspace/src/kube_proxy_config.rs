@@ -11,11 +11,11 @@
 //! something else, and guessing would run the node with settings nobody
 //! asked for.
 //!
-//! This module uses only std, serde and thiserror: the deploy test in xtask
-//! includes it by path to check the ConfigMap that `deploy/` ships.
+//! This module uses only std, serde, thiserror and `crate::cidr`: the
+//! deploy test in xtask includes both by path to check the ConfigMap that
+//! `deploy/` ships.
 
 use std::{
-    fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
@@ -58,12 +58,7 @@ pub struct KubeProxyConfig {
     pub ignored: Vec<String>,
 }
 
-/// An address range, as `10.244.0.0/16` or `fd00::/48`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub address: IpAddr,
-    pub prefix_len: u8,
-}
+pub use crate::cidr::Cidr;
 
 /// One entry of `nodePortAddresses`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,31 +393,6 @@ fn bind_address(
             field: name,
             reason: format!("{text:?} is not an IP address with an optional port"),
         })
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("{text:?} is not an address range like 10.244.0.0/16");
-        let (address, prefix_len) = text.split_once('/').ok_or_else(bad)?;
-        let address: IpAddr = address.parse().map_err(|_| bad())?;
-        let prefix_len: u8 = prefix_len.parse().map_err(|_| bad())?;
-        let max = if address.is_ipv4() { 32 } else { 128 };
-        if prefix_len > max {
-            return Err(bad());
-        }
-        Ok(Self {
-            address,
-            prefix_len,
-        })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix_len)
-    }
 }
 
 impl FromStr for NodePortAddress {

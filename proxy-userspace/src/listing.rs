@@ -11,9 +11,53 @@ use serde::Serialize;
 use proxy_common::{COUNTED_BY_SOCKETS, COUNTED_BY_TC};
 
 use crate::{
-    maps::{Counts, ServiceMaps, Table as _, read_frontends, slot_count},
+    maps::{
+        Counts, MapsError, Pins, ServiceMaps, Table as _, encoding::MapAddress, open_pinned,
+        open_pinned_counts, open_pinned_external, read_frontends, slot_count,
+    },
     model::{FrontendKind, L4Addr},
 };
+
+/// Why the pinned maps could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error(transparent)]
+    Open(#[from] MapsError),
+    #[error("cannot read the pinned maps")]
+    Read(#[from] MapError),
+}
+
+/// The frontends of both families at `pins`, IPv4 then IPv6: the socket
+/// programs', and with `external` the tc programs' too; with `stats`, the
+/// translation counts.
+pub fn list_pinned(
+    pins: &Pins,
+    stats: bool,
+    external: bool,
+) -> Result<Vec<ListedService>, ListError> {
+    let mut listed = list_family::<proxy_common::Ip4>(pins, stats, external)?;
+    listed.extend(list_family::<proxy_common::Ip6>(pins, stats, external)?);
+    Ok(listed)
+}
+
+fn list_family<A: MapAddress>(
+    pins: &Pins,
+    stats: bool,
+    external: bool,
+) -> Result<Vec<ListedService>, ListError> {
+    let maps = open_pinned::<A>(pins)?;
+    let counts = if stats {
+        Some(open_pinned_counts::<A>(pins)?)
+    } else {
+        None
+    };
+    let mut listed = list(&maps, counts.as_ref())?;
+    // Pins of an agent from before the tc programs have no such maps.
+    if external && let Ok(maps) = open_pinned_external::<A>(pins) {
+        listed.extend(list_external(&maps, counts.as_ref())?);
+    }
+    Ok(listed)
+}
 
 /// One frontend as the maps hold it.
 #[derive(Debug, Serialize)]
@@ -51,7 +95,10 @@ pub struct ListedBackend {
 /// as the node's own sockets reach them.
 /// With `counts`, each slot's translations: a ClusterIP's as the socket
 /// programs counted them and as the tc programs did (traffic from outside).
-pub fn list(maps: &ServiceMaps, counts: Option<&Counts>) -> Result<Vec<ListedService>, MapError> {
+fn list<A: MapAddress>(
+    maps: &ServiceMaps<A>,
+    counts: Option<&Counts<A>>,
+) -> Result<Vec<ListedService>, MapError> {
     list_with(maps, counts, |flags| {
         match FrontendKind::from_flags(flags) {
             None => (
@@ -64,9 +111,9 @@ pub fn list(maps: &ServiceMaps, counts: Option<&Counts>) -> Result<Vec<ListedSer
 }
 
 /// The tc programs' frontends, each with its kind and traffic policy.
-pub fn list_external(
-    maps: &ServiceMaps,
-    counts: Option<&Counts>,
+fn list_external<A: MapAddress>(
+    maps: &ServiceMaps<A>,
+    counts: Option<&Counts<A>>,
 ) -> Result<Vec<ListedService>, MapError> {
     list_with(maps, counts, |flags| {
         let kind =
@@ -82,12 +129,12 @@ pub fn list_external(
 
 /// The frontends of `maps`; `kind` names a frontend by its slot-0 flags,
 /// and says under which scopes its slots are counted.
-fn list_with(
-    maps: &ServiceMaps,
-    counts: Option<&Counts>,
+fn list_with<A: MapAddress>(
+    maps: &ServiceMaps<A>,
+    counts: Option<&Counts<A>>,
     kind: impl Fn(u16) -> (String, &'static [u8]),
 ) -> Result<Vec<ListedService>, MapError> {
-    let backends: BTreeMap<u32, proxy_common::Backend> =
+    let backends: BTreeMap<u32, proxy_common::Backend<A>> =
         maps.backends.entries()?.into_iter().collect();
     let mut listed = Vec::new();
     // Slots without a slot 0 are out of the programs' reach: not listed.
@@ -96,10 +143,7 @@ fn list_with(
             continue;
         };
         let (frontend, protocol) = match L4Addr::from_service_key(&key) {
-            Some(addr) => (
-                format!("{}:{}", addr.ip, addr.port),
-                addr.protocol.to_string(),
-            ),
+            Some(addr) => (addr.host_port(), addr.protocol.to_string()),
             None => (format!("{key:?}"), format!("proto {}", key.proto)),
         };
         let (kind, counted_by) = kind(frontend_slots.flags);
@@ -113,7 +157,7 @@ fn list_with(
                     (None, _) | (_, None) => "<missing>".to_owned(),
                     (Some(v), Some(b)) => {
                         let shown = L4Addr::from_backend(*b)
-                            .map_or_else(|| format!("{b:?}"), |b| format!("{}:{}", b.ip, b.port));
+                            .map_or_else(|| format!("{b:?}"), |b| b.host_port());
                         if v.addr_be == b.addr_be && v.port_be == b.port_be {
                             shown
                         } else {

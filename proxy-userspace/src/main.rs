@@ -9,6 +9,7 @@ mod agent;
     reason = "bpf(2), statfs(2) and mount(2) have no safe wrapper in aya or std"
 )]
 mod bpf_sys;
+mod cidr;
 mod config;
 mod datapath;
 mod devices;
@@ -107,7 +108,7 @@ enum Command {
     /// Service, which backends and why, or that it passes untouched.
     Explain {
         /// The address a client connects to, such as 10.96.0.10:80.
-        address: std::net::SocketAddrV4,
+        address: std::net::SocketAddr,
         #[arg(long, value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
         #[command(flatten)]
@@ -133,17 +134,7 @@ enum Output {
 
 /// `services`: both frontend maps, with `stats` their counts.
 fn print_services(pins: &PinDir, output: Output, stats: bool) -> Result<()> {
-    let maps = maps::open_pinned(&pins.pins()).with_context(|| pins.hint())?;
-    let counts = if stats {
-        Some(maps::open_pinned_counts(&pins.pins()).with_context(|| pins.hint())?)
-    } else {
-        None
-    };
-    let mut services = listing::list(&maps, counts.as_ref())?;
-    // Pins of an agent from before the tc programs have no such maps.
-    if let Ok(external) = maps::open_pinned_external(&pins.pins()) {
-        services.extend(listing::list_external(&external, counts.as_ref())?);
-    }
+    let services = listing::list_pinned(&pins.pins(), stats, true).with_context(|| pins.hint())?;
     match output {
         Output::Table => print!("{}", listing::table(&services)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),

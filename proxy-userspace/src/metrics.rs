@@ -173,17 +173,10 @@ struct FrontendCounts(Pins);
 
 impl Collector for FrontendCounts {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let Ok(counts) = crate::maps::open_pinned_counts(&self.0) else {
-            return Ok(());
-        };
         let mut per_frontend: std::collections::BTreeMap<String, u64> =
             std::collections::BTreeMap::new();
-        for (key, count) in counts.iter().filter_map(Result::ok) {
-            let Some(frontend) = crate::model::L4Addr::from_service_key(&key.slot(0)) else {
-                continue;
-            };
-            *per_frontend.entry(frontend.to_string()).or_default() += count;
-        }
+        add_counts::<proxy_common::Ip4>(&self.0, &mut per_frontend);
+        add_counts::<proxy_common::Ip6>(&self.0, &mut per_frontend);
         let mut family = encoder.encode_descriptor(
             "frontend_translations",
             "Connections (and unconnected UDP datagrams) the programs sent to a backend, per frontend",
@@ -196,6 +189,22 @@ impl Collector for FrontendCounts {
             counter.encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// Adds one family's pinned counts to `per_frontend`.
+fn add_counts<A: crate::maps::encoding::MapAddress>(
+    pins: &Pins,
+    per_frontend: &mut std::collections::BTreeMap<String, u64>,
+) {
+    let Ok(counts) = crate::maps::open_pinned_counts::<A>(pins) else {
+        return;
+    };
+    for (key, count) in counts.iter().filter_map(Result::ok) {
+        let Some(frontend) = crate::model::L4Addr::from_service_key(&key.slot(0)) else {
+            continue;
+        };
+        *per_frontend.entry(frontend.to_string()).or_default() += count;
     }
 }
 

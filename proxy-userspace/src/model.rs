@@ -12,13 +12,14 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
 use serde::Serialize;
 
 pub use self::external::{FrontendKind, HealthCheck, PortRange};
+pub use crate::cidr::Cidr;
 use crate::{
     kube_proxy_config::NodePortAddress,
     source::{
@@ -72,54 +73,60 @@ impl fmt::Display for Protocol {
 /// that a backend listens on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct L4Addr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
-impl fmt::Display for L4Addr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
-    }
-}
-
-/// An IPv4 prefix, as in `--service-cidr 10.96.0.0/12`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Cidr {
+impl L4Addr {
+    /// `10.96.0.10:80`, `[fd10:96::10]:80`: the address and port as a
+    /// socket address is written.
     #[must_use]
-    pub fn contains(self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+    pub fn host_port(&self) -> String {
+        std::net::SocketAddr::new(self.ip, self.port).to_string()
     }
 }
 
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let addr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
-        let prefix = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{text:?} has no valid prefix length (0-32)"))?;
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
+impl fmt::Display for L4Addr {
+    /// `10.96.0.10:80/TCP`, `[fd10:96::10]:80/TCP`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        write!(f, "{}/{}", self.host_port(), self.protocol)
+    }
+}
+
+/// An address family, as Services (`ipFamilies`) and EndpointSlices
+/// (`addressType`) name them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+impl IpFamily {
+    #[must_use]
+    pub const fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::Ipv4,
+            IpAddr::V6(_) => Self::Ipv6,
+        }
+    }
+
+    /// `IPv4` and `IPv6`; anything else (`FQDN`) is no family of ours.
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "IPv4" => Some(Self::Ipv4),
+            "IPv6" => Some(Self::Ipv6),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        }
     }
 }
 
@@ -212,6 +219,9 @@ struct CheckedSlice {
     /// Where the slice came from, for problems found later (an endpoint
     /// that turns out to be a Service's address).
     origin: Arc<str>,
+    /// `addressType`: every endpoint kept is of this family, and serves
+    /// the Service's ClusterIP of the same family only.
+    family: IpFamily,
     /// Port name, protocol and port number.
     ports: Vec<(String, Protocol, u16)>,
     endpoints: Vec<CheckedEndpoint>,
@@ -221,7 +231,7 @@ struct CheckedSlice {
 /// What endpoint selection reads of one endpoint.
 #[derive(Clone, Debug)]
 struct CheckedEndpoint {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     readiness: Readiness,
     /// On this node (its `nodeName` is ours), for internalTrafficPolicy Local.
     local: bool,
@@ -309,13 +319,13 @@ pub struct Model {
     troubled_slices: BTreeSet<ObjectName>,
     desired: DesiredState,
     dirty: BTreeSet<ObjectName>,
-    /// Every Service's IPv4 ClusterIPs, with how many Services name each:
-    /// an endpoint at one of these is no pod, and is refused.
-    service_ips: BTreeMap<Ipv4Addr, u32>,
+    /// Every Service's ClusterIPs, with how many Services name each: an
+    /// endpoint at one of these is no pod, and is refused.
+    service_ips: BTreeMap<IpAddr, u32>,
     /// ClusterIPs that became, or stopped being, some Service's since the
     /// last recompute: the Services with endpoints there must be computed
     /// again.
-    service_ips_changed: BTreeSet<Ipv4Addr>,
+    service_ips_changed: BTreeSet<IpAddr>,
     next_seen: u64,
     external: external::ExternalModel,
 }
@@ -392,7 +402,7 @@ impl Model {
         self.dirty.insert(name);
     }
 
-    fn forget_service_ip(&mut self, ip: Ipv4Addr) {
+    fn forget_service_ip(&mut self, ip: IpAddr) {
         if let Some(count) = self.service_ips.get_mut(&ip) {
             *count -= 1;
             if *count == 0 {
@@ -435,15 +445,15 @@ impl Model {
         let Some(slice) = object else {
             return;
         };
-        // Slices of other families are not ours; a slice that names no
-        // Service belongs to nobody (custom controllers make such).
+        // FQDN slices are not ours; a slice that names no Service belongs
+        // to nobody (custom controllers make such).
         let Some(service) = slice.object.service_name() else {
             return;
         };
-        if slice.object.address_type != "IPv4" {
+        let Some(family) = IpFamily::parse(&slice.object.address_type) else {
             return;
-        }
-        let checked = check_slice(&slice, &self.config.node_name);
+        };
+        let checked = check_slice(&slice, family, &self.config.node_name);
         if !checked.problems.is_empty() {
             self.troubled_slices.insert(name.clone());
         }
@@ -613,17 +623,17 @@ impl Model {
         {
             return output;
         }
-        let cluster_ip = match self.cluster_ip(service) {
-            Ok(Some(ip)) => ip,
-            Ok(None) => return output,
+        let cluster_ips = match self.cluster_ips(service) {
+            Ok(ips) => ips,
             Err(message) => {
                 problem(message);
                 return output;
             }
         };
-        let (slices, refused) = self.slices_of_service(&service.name);
-        let slices: Vec<&CheckedSlice> = slices.iter().map(AsRef::as_ref).collect();
-        let selection = self.selection(service);
+        if cluster_ips.is_empty() {
+            return output;
+        }
+        let (all_slices, refused) = self.slices_of_service(&service.name);
         let affinity = match session_affinity(service) {
             Ok(affinity) => affinity,
             Err(message) => {
@@ -631,7 +641,44 @@ impl Model {
                 0
             }
         };
+        // A dual-stack Service has a ClusterIP of each family, each served
+        // by the endpoints of its own family, as kube-proxy runs one proxier
+        // per family.
+        for &cluster_ip in &cluster_ips {
+            let family = IpFamily::of(cluster_ip);
+            let slices: Vec<&CheckedSlice> = all_slices
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|slice| slice.family == family)
+                .collect();
+            self.compute_family(sourced, cluster_ip, &slices, affinity, &mut output);
+        }
+        output.problems.extend(refused);
+        output
+    }
+
+    /// The frontends of one of a Service's ClusterIPs, from the slices of
+    /// its family.
+    fn compute_family(
+        &self,
+        sourced: &Sourced<ServiceObject>,
+        cluster_ip: IpAddr,
+        slices: &[&CheckedSlice],
+        affinity: u32,
+        output: &mut ServiceOutput,
+    ) {
+        let service = &sourced.object;
+        let selection = self.selection(service);
+        let mut problem = |message: String| {
+            output.problems.push(Problem {
+                origin: sourced.origin.to_string(),
+                object: format!("Service {}", service.name),
+                message,
+            });
+        };
         for port in &service.ports {
+            // A dual-stack Service's bad port is found for each family; the
+            // model's problems are a set, so it is reported once.
             let frontend = match frontend(cluster_ip, port) {
                 Ok(frontend) => frontend,
                 Err(message) => {
@@ -639,7 +686,7 @@ impl Model {
                     continue;
                 }
             };
-            let mut backends = backends(&slices, &port.name, frontend.protocol, selection);
+            let mut backends = backends(slices, &port.name, frontend.protocol, selection);
             if backends.len() > MAX_BACKENDS_PER_FRONTEND {
                 // Serving the first endpoints beats dropping the Service.
                 problem(format!(
@@ -664,11 +711,9 @@ impl Model {
                 },
             );
         }
-        let (external, problems) = self.compute_external(sourced, &slices, cluster_ip, &output);
-        output.external = external;
+        let (external, problems) = self.compute_external(sourced, slices, cluster_ip, output);
+        output.external.merge(external);
         output.problems.extend(problems);
-        output.problems.extend(refused);
-        output
     }
 
     /// The slices of a Service, each without its endpoints at some
@@ -720,58 +765,103 @@ impl Model {
         (slices, problems)
     }
 
-    /// The IPv4 ClusterIP, `None` for Services without one (headless,
-    /// ExternalName, not yet allocated, IPv6 only).
-    fn cluster_ip(&self, service: &ServiceObject) -> Result<Option<Ipv4Addr>, String> {
+    /// The Service's ClusterIPs, at most one per family; none for
+    /// Services without one (headless, ExternalName, not yet allocated).
+    /// Any address that is not a valid Service address refuses the whole
+    /// Service, naming the address, as the API server would have refused
+    /// it.
+    fn cluster_ips(&self, service: &ServiceObject) -> Result<Vec<IpAddr>, String> {
         if service.type_.as_deref() == Some("ExternalName") {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let mut first_v4 = None;
-        for ip in &service.cluster_ips {
-            if ip.is_empty() || ip == "None" {
-                return Ok(None);
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for text in &service.cluster_ips {
+            if text.is_empty() || text == "None" {
+                return Ok(Vec::new());
             }
-            match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(v4)) => {
-                    first_v4.get_or_insert(v4);
-                }
-                Ok(std::net::IpAddr::V6(_)) => {
-                    tracing::debug!(service = %service.name, ip, "IPv6 clusterIP skipped");
-                }
-                Err(_) => return Err(format!("invalid clusterIP {ip:?}")),
+            let ip: IpAddr = text
+                .parse()
+                .map_err(|_| format!("invalid clusterIP {text:?}"))?;
+            if let Some(other) = ips
+                .iter()
+                .find(|other| IpFamily::of(**other) == IpFamily::of(ip))
+            {
+                return Err(format!(
+                    "clusterIPs {other} and {ip} are of one family; a dual-stack Service has one of each"
+                ));
+            }
+            self.check_cluster_ip(ip)?;
+            ips.push(ip);
+        }
+        // `ipFamilies` lists the families of `clusterIPs` in order; where
+        // they disagree, one of them is wrong, and guessing which would
+        // serve an address the cluster did not mean.
+        if !service.ip_families.is_empty() && !ips.is_empty() {
+            let families: Vec<Option<IpFamily>> = service
+                .ip_families
+                .iter()
+                .map(|name| IpFamily::parse(name))
+                .collect();
+            let agree = ips.len() <= families.len()
+                && ips
+                    .iter()
+                    .zip(&families)
+                    .all(|(ip, family)| *family == Some(IpFamily::of(*ip)));
+            if !agree {
+                let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+                return Err(format!(
+                    "clusterIPs [{}] disagree with ipFamilies [{}]",
+                    ips.join(", "),
+                    service.ip_families.join(", ")
+                ));
             }
         }
-        let Some(ip) = first_v4 else {
-            return Ok(None);
-        };
+        Ok(ips)
+    }
+
+    /// Whether `ip` may be a ClusterIP: a unicast address of the cluster,
+    /// inside `--service-cidr` for its family when one is given.
+    fn check_cluster_ip(&self, ip: IpAddr) -> Result<(), String> {
         // A ClusterIP that is not a unicast address of the cluster would
         // capture traffic the node sends elsewhere (127.0.0.1:80 to a pod).
-        if ip.is_unspecified() || ip.is_loopback() || ip.is_broadcast() || ip.is_multicast() {
+        let refused = match ip {
+            IpAddr::V4(v4) => {
+                (v4.is_unspecified() || v4.is_loopback() || v4.is_broadcast() || v4.is_multicast())
+                    .then_some("loopback, unspecified, broadcast and multicast are refused")
+            }
+            IpAddr::V6(v6) => (v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some())
+            .then_some("loopback, unspecified, link-local, multicast and IPv4-mapped are refused"),
+        };
+        if let Some(why) = refused {
             return Err(format!(
-                "clusterIP {ip} is not a unicast Service address (loopback, unspecified, broadcast and multicast are refused)"
+                "clusterIP {ip} is not a unicast Service address ({why})"
             ));
         }
-        if !self.config.service_cidrs.is_empty()
-            && !self.config.service_cidrs.iter().any(|c| c.contains(ip))
-        {
-            let ranges: Vec<String> = self
-                .config
-                .service_cidrs
-                .iter()
-                .map(ToString::to_string)
-                .collect();
+        let family = IpFamily::of(ip);
+        let ranges: Vec<&Cidr> = self
+            .config
+            .service_cidrs
+            .iter()
+            .filter(|cidr| IpFamily::of(cidr.address) == family)
+            .collect();
+        if !ranges.is_empty() && !ranges.iter().any(|cidr| cidr.contains(ip)) {
+            let ranges: Vec<String> = ranges.iter().map(ToString::to_string).collect();
             return Err(format!(
                 "clusterIP {ip} is outside --service-cidr {}",
                 ranges.join(",")
             ));
         }
-        Ok(Some(ip))
+        Ok(())
     }
 }
 
-/// A Service's IPv4 ClusterIPs as written, valid as Service addresses or
-/// not: whatever a Service claims, no pod can be.
-fn service_ips(service: &ServiceObject) -> Vec<Ipv4Addr> {
+/// A Service's ClusterIPs as written, valid as Service addresses or not:
+/// whatever a Service claims, no pod can be.
+fn service_ips(service: &ServiceObject) -> Vec<IpAddr> {
     service
         .cluster_ips
         .iter()
@@ -783,23 +873,24 @@ fn service_ips(service: &ServiceObject) -> Vec<Ipv4Addr> {
 /// itself, every host, or the cloud's metadata service (169.254.169.254,
 /// whose credentials a Service must never forward to). The API server
 /// refuses them; a manifest directory must be held to the same rule.
-fn non_pod_address(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_unspecified() {
-        Some("unspecified")
-    } else if ip.is_link_local() {
-        Some("link-local (169.254.0.0/16, the cloud metadata address among them)")
-    } else if ip.is_multicast() {
-        Some("multicast")
-    } else if ip.is_broadcast() {
-        Some("the broadcast address")
-    } else {
-        None
+fn non_pod_address(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(ip) if ip.is_link_local() => {
+            Some("link-local (169.254.0.0/16, the cloud metadata address among them)")
+        }
+        IpAddr::V4(ip) if ip.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(ip) if ip.is_unicast_link_local() => Some("link-local (fe80::/10)"),
+        IpAddr::V6(ip) if ip.to_ipv4_mapped().is_some() => {
+            Some("IPv4-mapped (an IPv4 address in an IPv6 slice)")
+        }
+        ip if ip.is_loopback() => Some("loopback"),
+        ip if ip.is_unspecified() => Some("unspecified"),
+        ip if ip.is_multicast() => Some("multicast"),
+        _ => None,
     }
 }
 
-fn frontend(cluster_ip: Ipv4Addr, port: &ServicePortObject) -> Result<L4Addr, String> {
+fn frontend(cluster_ip: IpAddr, port: &ServicePortObject) -> Result<L4Addr, String> {
     Ok(L4Addr {
         ip: cluster_ip,
         port: valid_port(port.port)?,
@@ -814,7 +905,7 @@ fn valid_port(port: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("port {port} is out of range 1-65535"))
 }
 
-fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice {
+fn check_slice(sourced: &Sourced<SliceObject>, family: IpFamily, node_name: &str) -> CheckedSlice {
     let slice = &sourced.object;
     let mut checked = CheckedSlice::default();
     let mut problem = |message: String| {
@@ -841,7 +932,11 @@ fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice 
         let Some(address) = &endpoint.address else {
             continue;
         };
-        match address.parse() {
+        match address.parse::<IpAddr>() {
+            Ok(ip) if IpFamily::of(ip) != family => problem(format!(
+                "endpoint address {ip} is not of the slice's addressType {}",
+                family.name()
+            )),
             Ok(ip) if let Some(why) = non_pod_address(ip) => problem(format!(
                 "endpoint address {ip} is {why}, which no pod can have"
             )),
@@ -852,7 +947,8 @@ fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice 
                 zone_hints: endpoint.zone_hints.clone().into_boxed_slice(),
             }),
             Err(_) => problem(format!(
-                "endpoint address {address:?} is not an IPv4 address"
+                "endpoint address {address:?} is not an {} address",
+                family.name()
             )),
         }
     }
@@ -862,6 +958,7 @@ fn check_slice(sourced: &Sourced<SliceObject>, node_name: &str) -> CheckedSlice 
     checked.ports = ports;
     checked.endpoints = endpoints;
     checked.origin = sourced.origin.clone();
+    checked.family = family;
     checked
 }
 

@@ -27,7 +27,7 @@
 use std::{
     collections::BTreeSet,
     fs, io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
     sync::mpsc,
@@ -181,15 +181,22 @@ impl StaleSockets {
 
     /// Ends, soon, the sockets translated to the backends that a pass of
     /// the socket programs' table took from their frontends.
-    pub fn follow(&self, events: &[TableEvent]) {
+    pub fn follow(&self, events: &[TableEvent<proxy_common::Ip4>]) {
         let departures: Vec<Departure> = events
             .iter()
             .filter_map(|event| match *event {
-                TableEvent::BackendLeft { frontend, backend } => Some(Departure {
-                    frontend: (frontend.ip, frontend.port),
-                    backend: (backend.ip, backend.port),
-                    proto: frontend.protocol.number(),
-                }),
+                TableEvent::BackendLeft { frontend, backend } => {
+                    let (IpAddr::V4(frontend_ip), IpAddr::V4(backend_ip)) =
+                        (frontend.ip, backend.ip)
+                    else {
+                        return None;
+                    };
+                    Some(Departure {
+                        frontend: (frontend_ip, frontend.port),
+                        backend: (backend_ip, backend.port),
+                        proto: frontend.protocol.number(),
+                    })
+                }
                 TableEvent::SlotGone(_) => None,
             })
             .collect();

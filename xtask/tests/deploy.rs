@@ -7,6 +7,12 @@
 //!
 //! Unprivileged: it runs in `cargo test --workspace`.
 
+#[path = "../../proxy-userspace/src/cidr.rs"]
+#[allow(
+    dead_code,
+    reason = "included for kube_proxy_config, which uses part of it"
+)]
+mod cidr;
 #[path = "../../proxy-userspace/src/kube_proxy_config.rs"]
 mod kube_proxy_config;
 

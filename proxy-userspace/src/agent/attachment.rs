@@ -3,7 +3,7 @@
 //! addresses choose, and, from then on, a watch on the pins and the cgroup
 //! that puts back whatever goes from under them.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{error, info, warn};
@@ -76,7 +76,7 @@ impl Attachment {
     pub fn follow_devices(
         &mut self,
         interfaces: Vec<Interface>,
-        node_addresses: &BTreeSet<Ipv4Addr>,
+        node_addresses: &BTreeSet<IpAddr>,
     ) {
         if let Some(devices) = self.devices.update(&interfaces, node_addresses) {
             self.devices_wanted = Some(devices.clone());

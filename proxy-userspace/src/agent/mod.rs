@@ -13,6 +13,7 @@
 //! own.
 
 mod attachment;
+mod tables;
 
 use std::{
     collections::BTreeSet,
@@ -22,7 +23,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use proxy_common::{Backend, ServiceKey, ServiceValue};
+use proxy_common::{Ip4, Ip6};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::UnboundedReceiver,
@@ -30,20 +31,16 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use self::attachment::Attachment;
+use self::{attachment::Attachment, tables::FamilyTables};
 use crate::{
     datapath::{Datapath, DatapathError, MapSizes, ProgramSettings},
     devices,
     health::{Health, HealthEndpoints, SharedHealth},
     listener::{Connections, HEALTHZ_CONNECTIONS, METRICS_CONNECTIONS, Responder},
-    maps::{Pins, SizedTable},
+    maps::{Pins, encoding::MapAddress},
     metrics::Metrics,
     model::{Model, ModelConfig, Problem},
-    reconcile::{
-        counts::SlotCounts,
-        masquerade::Masquerade,
-        table::{TableEvent, TableReconciler},
-    },
+    reconcile::masquerade::Masquerade,
     service_health::ServiceHealthServers,
     source::{Change, EventSink, Source, SourceError, SourceEvent},
     stale_sockets::{StaleSockets, Termination, Translations},
@@ -67,8 +64,8 @@ pub struct AgentConfig {
     pub model: ModelConfig,
     /// `--iptables-masquerade-bit`.
     pub masquerade_bit: u8,
-    /// `--cluster-cidr`, its IPv4 range.
-    pub cluster_cidr: Option<crate::model::Cidr>,
+    /// `--cluster-cidr`: a range per family, at most.
+    pub cluster_cidrs: Vec<crate::model::Cidr>,
     /// `--masquerade-all`.
     pub masquerade_all: bool,
     /// Whether the masquerade fallback is kept.
@@ -126,21 +123,11 @@ enum View {
     Complete,
 }
 
-/// A frontend table: a services map and its backends map.
-type FrontendTable =
-    TableReconciler<SizedTable<ServiceKey, ServiceValue>, SizedTable<u32, Backend>>;
-
 struct Loop {
     model: Model,
     view: View,
-    /// The socket programs' table: ClusterIPs, and the outside frontends
-    /// as the node's own sockets reach them.
-    sockets: FrontendTable,
-    /// The tc programs' table: NodePorts, externalIPs and load-balancer
-    /// IPs reached from outside.
-    tc: FrontendTable,
-    /// Follows the tables' slots; `None` when the map cannot be opened.
-    counts: Option<SlotCounts>,
+    ipv4: FamilyTables<Ip4>,
+    ipv6: FamilyTables<Ip6>,
     /// Follows the backends that leave; `None` with `--terminate-udp=false`
     /// and `--terminate-tcp=false`.
     stale_sockets: Option<StaleSockets>,
@@ -163,15 +150,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
-    let (mut datapath, sockets, tc) = load(&config)?;
+    let (mut datapath, mut ipv4, ipv6) = load(&config)?;
     if config.programs.trace {
         follow_trace(&mut datapath)?;
     }
-    let counts = datapath
-        .take_counts()
-        .inspect_err(|error| warn!(error = %crate::report::chain(error), "the per-slot counts are not kept tidy"))
-        .ok()
-        .map(SlotCounts::new);
 
     let health = Health::shared(config.health_stale_after);
     let metrics = Metrics::new(config.pins.clone());
@@ -181,16 +163,14 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     source.start(sink)?;
     let (guard_changes, mut guard_events) = tokio::sync::mpsc::unbounded_channel();
     let stale_sockets = start_stale_sockets(&config);
+    if stale_sockets.is_some() {
+        ipv4.sockets.report_departures();
+    }
     let mut state = Loop {
         model: Model::new(config.model.clone()),
         view: View::Partial,
-        sockets: if stale_sockets.is_some() {
-            sockets.reporting_departures()
-        } else {
-            sockets
-        },
-        tc,
-        counts,
+        ipv4,
+        ipv6,
         stale_sockets,
         attachment: Attachment::new(datapath, config.devices.clone()),
         masquerade: config
@@ -211,7 +191,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     // A sync held back by --min-sync-period, and when it is due.
     let mut deferred: Option<Instant> = None;
     loop {
-        let wake = [state.sockets.retry_at(), state.tc.retry_at(), deferred]
+        let wake = [state.ipv4.retry_at(), state.ipv6.retry_at(), deferred]
             .into_iter()
             .flatten()
             .min();
@@ -225,8 +205,8 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
             }
             () = async { sleep_until(wake.expect("guarded").into()).await }, if wake.is_some() => {
                 let now = Instant::now();
-                state.sockets.wake(now);
-                state.tc.wake(now);
+                state.ipv4.wake(now);
+                state.ipv6.wake(now);
             }
             _ = housekeeping.tick() => state.housekeeping(),
             Some(()) = guard_events.recv() => state.guard_settled(&mut guard_events).await,
@@ -273,30 +253,37 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     }
 }
 
-/// Loads the datapath and adopts its pinned maps: the socket programs'
-/// table and the tc programs', each with a reconciler of its own.
-fn load(config: &AgentConfig) -> Result<(Datapath, FrontendTable, FrontendTable), AgentError> {
+/// Loads the datapath and adopts its pinned maps: per family, the socket
+/// programs' table and the tc programs', each with a reconciler of its own.
+fn load(
+    config: &AgentConfig,
+) -> Result<(Datapath, FamilyTables<Ip4>, FamilyTables<Ip6>), AgentError> {
     let mut datapath = Datapath::load(
         config.pins.clone(),
         config.sizes,
         ProgramSettings {
             masquerade_mark: 1 << config.masquerade_bit,
-            cluster_cidr: config.cluster_cidr,
+            cluster_cidr: config
+                .cluster_cidrs
+                .iter()
+                .find(|cidr| cidr.address.is_ipv4())
+                .copied(),
             masquerade_all: config.masquerade_all,
             trace: config.programs.trace,
         },
     )?;
-    let maps = datapath.take_service_maps()?;
-    let sockets = TableReconciler::adopt("sockets", maps.services, maps.backends)
-        .map_err(AgentError::Adopt)?;
-    let maps = datapath.take_external_maps()?;
-    let tc =
-        TableReconciler::adopt("tc", maps.services, maps.backends).map_err(AgentError::Adopt)?;
+    let ipv4 = FamilyTables::adopt(&mut datapath)?;
+    let ipv6 = FamilyTables::adopt(&mut datapath)?;
     datapath.set_tcx(config.programs.tcx);
-    let (frontends, backends) = sockets.sizes();
-    let (external, _) = tc.sizes();
-    info!(frontends, backends, external, "adopted the pinned maps");
-    Ok((datapath, sockets, tc))
+    let (frontends, backends) = ipv4.sockets.sizes();
+    let (external, _) = ipv4.tc.sizes();
+    let (frontends6, backends6) = ipv6.sockets.sizes();
+    let (external6, _) = ipv6.tc.sizes();
+    info!(
+        frontends,
+        backends, external, frontends6, backends6, external6, "adopted the pinned maps"
+    );
+    Ok((datapath, ipv4, ipv6))
 }
 
 /// `--trace`: the programs' log records, read twenty times a second on a
@@ -418,8 +405,8 @@ impl Loop {
                     // The first view, and each change of completeness,
                     // reconciles everything the pins hold.
                     self.view = view;
-                    self.sockets.view(complete);
-                    self.tc.view(complete);
+                    self.ipv4.view(complete);
+                    self.ipv6.view(complete);
                     if !complete {
                         warn!(
                             "some input could not be read: frontends in the maps that no object claims are kept until it can"
@@ -484,28 +471,30 @@ impl Loop {
 
     /// Brings both tables up to date; `false` when there was nothing to do.
     fn sync(&mut self) -> bool {
-        if !self.model.is_dirty() && !self.sockets.has_work() && !self.tc.has_work() {
+        if !self.model.is_dirty() && !self.ipv4.has_work() && !self.ipv6.has_work() {
             return false;
         }
         let started = Instant::now();
         let changes = self.model.recompute();
         self.log_problems();
-        self.sockets.changed(changes.sockets);
-        self.tc.changed(changes.tc);
+        self.ipv4.changed(&changes);
+        self.ipv6.changed(&changes);
         self.service_health
             .update(&self.model.external().health_checks);
-        let (mut socket_events, mut tc_events) = (Vec::new(), Vec::new());
-        let sockets = self
-            .sockets
-            .reconcile(self.model.desired(), &mut socket_events);
-        let tc = self.tc.reconcile(self.model.tc_desired(), &mut tc_events);
-        self.follow(&socket_events, &tc_events);
-        let failures = sockets.failures + tc.failures;
+        let ipv4 = self.ipv4.reconcile(&self.model);
+        let ipv6 = self.ipv6.reconcile(&self.model);
+        // The sockets of departed backends are ended for IPv4 only: the
+        // IPv6 socket table does not report departures.
+        if let Some(stale_sockets) = &self.stale_sockets {
+            stale_sockets.follow(&ipv4.socket_events);
+        }
+        let passes = [ipv4.sockets, ipv4.tc, ipv6.sockets, ipv6.tc];
+        let failures = passes.iter().map(|pass| pass.failures).sum::<usize>();
         info!(
             frontends = self.model.desired().frontends.len(),
             external = self.model.tc_desired().frontends.len(),
-            changed = sockets.looked_at + tc.looked_at,
-            changes = sockets.changes + tc.changes,
+            changed = passes.iter().map(|pass| pass.looked_at).sum::<usize>(),
+            changes = passes.iter().map(|pass| pass.changes).sum::<usize>(),
             failures,
             took_us = started.elapsed().as_micros(),
             "applied"
@@ -525,31 +514,25 @@ impl Loop {
         true
     }
 
-    /// The jobs that follow the tables: counts end with their slots, and
-    /// sockets translated to backends that left are ended (off the loop's
-    /// thread).
-    fn follow(&mut self, socket_events: &[TableEvent], tc_events: &[TableEvent]) {
-        if let Some(counts) = &mut self.counts {
-            counts.forget(socket_events, tc_events, |slot| {
-                self.tc.holds_frontend(slot)
-            });
-        }
-        if let Some(stale_sockets) = &self.stale_sockets {
-            stale_sockets.follow(socket_events);
-        }
-    }
-
     fn observe_sync(&self, took: Duration) {
         self.metrics.observe_sync(took);
-        let (frontends, backends) = self.sockets.sizes();
-        self.metrics.programmed(frontends, backends);
+        let (frontends, backends) = self.ipv4.sockets.sizes();
+        let (frontends6, backends6) = self.ipv6.sockets.sizes();
+        self.metrics
+            .programmed(frontends + frontends6, backends + backends6);
+        self.observe_fill(&self.ipv4);
+        self.observe_fill(&self.ipv6);
+    }
+
+    fn observe_fill<A: MapAddress>(&self, tables: &FamilyTables<A>) {
+        let (_, backends) = tables.sockets.sizes();
         self.metrics.map_fill(
-            proxy_common::SERVICES_MAP,
-            self.sockets.service_entries(),
+            A::MAPS.services,
+            tables.sockets.service_entries(),
             self.sizes.services,
         );
         self.metrics
-            .map_fill(proxy_common::BACKENDS_MAP, backends, self.sizes.backends);
+            .map_fill(A::MAPS.backends, backends, self.sizes.backends);
     }
 
     /// Each problem is logged once, not again with every unrelated edit.

@@ -130,7 +130,7 @@ impl ProgramSettings {
     fn globals(&self) -> [(&'static str, u32); 4] {
         let (addr, mask) = self
             .cluster_cidr
-            .map_or((0, 0), crate::model::Cidr::network_and_mask_be);
+            .map_or((0, 0), crate::model::Cidr::ipv4_network_and_mask_be);
         [
             (MASQUERADE_MARK_GLOBAL, self.masquerade_mark),
             (CLUSTER_CIDR_ADDR_GLOBAL, addr),

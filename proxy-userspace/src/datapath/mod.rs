@@ -15,13 +15,12 @@
 //! make the programs misread it.
 
 use aya::{Ebpf, maps::Map};
-use proxy_common::{
-    BACKENDS_MAP, Backend, EXT_BACKENDS_MAP, EXT_SERVICES_MAP, PROGRAMS, SERVICES_MAP, ServiceKey,
-    ServiceValue,
-};
+use proxy_common::{Backend, PROGRAMS, ServiceKey, ServiceValue};
 use tracing::info;
 
-use crate::maps::{Counts, MapsError, Pins, PinsError, SizedTable, table::typed_map};
+use crate::maps::{
+    Counts, MapsError, Pins, PinsError, SizedTable, encoding::MapAddress, table::typed_map,
+};
 
 mod attach;
 pub mod btf;
@@ -63,11 +62,11 @@ pub enum DatapathError {
     Cleanup(#[from] CleanupError),
 }
 
-/// The service maps as a writer gets them (the socket programs', or the
-/// tc programs'): a full map says which flag sizes it.
-pub struct WritableMaps {
-    pub services: SizedTable<ServiceKey, ServiceValue>,
-    pub backends: SizedTable<u32, Backend>,
+/// One family's service maps as a writer gets them (the socket
+/// programs', or the tc programs'): a full map says which flag sizes it.
+pub struct WritableMaps<A: MapAddress> {
+    pub services: SizedTable<ServiceKey<A>, ServiceValue<A>>,
+    pub backends: SizedTable<u32, Backend<A>>,
 }
 
 /// The loaded object: programs loaded into the kernel, maps created or
@@ -84,11 +83,11 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Hands out the tc programs' frontend maps, for their writer.
-    pub fn take_external_maps(&mut self) -> Result<WritableMaps, DatapathError> {
+    /// Hands out one family's tc frontend maps, for their writer.
+    pub fn take_external_maps<A: MapAddress>(&mut self) -> Result<WritableMaps<A>, DatapathError> {
         Ok(WritableMaps {
-            services: self.take_table(EXT_SERVICES_MAP)?,
-            backends: self.take_table(EXT_BACKENDS_MAP)?,
+            services: self.take_table(A::MAPS.ext_services)?,
+            backends: self.take_table(A::MAPS.ext_backends)?,
         })
     }
 
@@ -101,19 +100,17 @@ impl Datapath {
 
     /// Hands out the per-slot counts, for the agent to delete those of
     /// slots that go.
-    pub fn take_counts(&mut self) -> Result<Counts, DatapathError> {
-        let map = self.take_map(proxy_common::COUNTS_MAP)?;
-        Ok(Counts::try_from(map).map_err(|source| MapsError::Open {
-            name: proxy_common::COUNTS_MAP,
-            source,
-        })?)
+    pub fn take_counts<A: MapAddress>(&mut self) -> Result<Counts<A>, DatapathError> {
+        let name = A::MAPS.counts;
+        let map = self.take_map(name)?;
+        Ok(Counts::try_from(map).map_err(|source| MapsError::Open { name, source })?)
     }
 
-    /// Hands out the service maps, for the writer.
-    pub fn take_service_maps(&mut self) -> Result<WritableMaps, DatapathError> {
+    /// Hands out one family's socket frontend maps, for their writer.
+    pub fn take_service_maps<A: MapAddress>(&mut self) -> Result<WritableMaps<A>, DatapathError> {
         Ok(WritableMaps {
-            services: self.take_table(SERVICES_MAP)?,
-            backends: self.take_table(BACKENDS_MAP)?,
+            services: self.take_table(A::MAPS.services)?,
+            backends: self.take_table(A::MAPS.backends)?,
         })
     }
 

@@ -44,7 +44,7 @@ fn desired_frontends(snapshot: &Snapshot) -> Frontends {
                     desired
                         .backends
                         .iter()
-                        .map(|b| format!("{}:{}", b.ip, b.port))
+                        .map(crate::model::L4Addr::host_port)
                         .collect(),
                 ),
             )
@@ -103,9 +103,8 @@ pub(super) fn drift(cx: &Context, snapshot: Option<&Snapshot>) -> Check {
         );
     };
     let read_maps = || -> Result<Frontends, String> {
-        let maps = crate::maps::open_pinned(&cx.pins).map_err(|e| chain(&e))?;
         Ok(listed_frontends(
-            &listing::list(&maps, None).map_err(|e| chain(&e))?,
+            &listing::list_pinned(&cx.pins, false, false).map_err(|e| chain(&e))?,
         ))
     };
     let desired = desired_frontends(snapshot);

@@ -2,37 +2,52 @@
 //! event counters.
 
 use super::{Check, Context, Status};
-use crate::{bpf_sys, listing, maps, report::chain};
+use crate::{
+    bpf_sys, listing,
+    maps::{self, encoding::MapAddress},
+    report::chain,
+};
 
 /// A map this full warns; a full one fails.
 const FILL_WARN_PERCENT: u64 = 90;
 
-pub(super) fn maps(cx: &Context) -> Check {
-    const NAME: &str = "maps";
-    let maps = match maps::open_pinned(&cx.pins) {
-        Ok(maps) => maps,
-        Err(error) => {
-            return Check::problem(NAME, Status::Fail, chain(&error), cx.restart.clone());
-        }
-    };
-    let services = crate::maps::table::read_frontends(&maps.services).map(|frontends| {
+/// How many entries one family's socket frontend maps hold: each map's
+/// name, the flag that sizes it, and its entries.
+fn fill<A: MapAddress>(
+    cx: &Context,
+) -> Result<[(&'static str, &'static str, usize); 2], maps::MapsError> {
+    let maps = maps::open_pinned::<A>(&cx.pins)?;
+    let services = maps::read_frontends(&maps.services).map(|frontends| {
         frontends
             .values()
             .map(|f| f.slots.len() + usize::from(f.count.is_some()))
             .sum::<usize>()
     });
     let backends = maps.backends.keys().count();
-    let mut worst = Status::Ok;
-    let mut facts = Vec::new();
-    let mut fixes = Vec::new();
-    for (name, flag, used) in [
+    Ok([
         (
-            proxy_common::SERVICES_MAP,
+            A::MAPS.services,
             "--services-map-size",
             services.unwrap_or_default(),
         ),
-        (proxy_common::BACKENDS_MAP, "--backends-map-size", backends),
-    ] {
+        (A::MAPS.backends, "--backends-map-size", backends),
+    ])
+}
+
+pub(super) fn maps(cx: &Context) -> Check {
+    const NAME: &str = "maps";
+    let fills = match fill::<proxy_common::Ip4>(cx)
+        .and_then(|ipv4| Ok([ipv4, fill::<proxy_common::Ip6>(cx)?].concat()))
+    {
+        Ok(fills) => fills,
+        Err(error) => {
+            return Check::problem(NAME, Status::Fail, chain(&error), cx.restart.clone());
+        }
+    };
+    let mut worst = Status::Ok;
+    let mut facts = Vec::new();
+    let mut fixes = Vec::new();
+    for (name, flag, used) in fills {
         let Ok(size) = bpf_sys::obj_get(&cx.pins.map(name))
             .and_then(bpf_sys::map_info)
             .map(|info| info.max_entries)

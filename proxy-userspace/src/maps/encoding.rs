@@ -1,9 +1,9 @@
 //! Model types to map keys and values and back. Network byte order starts
 //! and ends here.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use proxy_common::{Backend, PROTO_TCP, PROTO_UDP, RevNatPair, ServiceKey};
+use proxy_common::{Address, Backend, Ip4, Ip6, PROTO_TCP, PROTO_UDP, RevNatPair, ServiceKey};
 
 use crate::model::{Cidr, L4Addr, Protocol};
 
@@ -26,52 +26,90 @@ impl Protocol {
     }
 }
 
-/// Stores the address's octets as they go on the wire.
-fn addr_be(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
+/// An address of one family as the maps hold it: its octets as they go
+/// on the wire.
+pub trait MapAddress: Address {
+    /// `None` for an address of the other family.
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    fn to_ip(self) -> IpAddr;
 }
 
-fn ip_from_be(addr_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(addr_be.to_ne_bytes())
+impl MapAddress for Ip4 {
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(ip) => Some(Self::from_ne_bytes(ip.octets())),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn to_ip(self) -> IpAddr {
+        Ipv4Addr::from(self.to_ne_bytes()).into()
+    }
+}
+
+impl MapAddress for Ip6 {
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(ip) => Some(bytemuck::cast(ip.octets())),
+            IpAddr::V4(_) => None,
+        }
+    }
+
+    fn to_ip(self) -> IpAddr {
+        Ipv6Addr::from(bytemuck::cast::<Self, [u8; 16]>(self)).into()
+    }
 }
 
 impl L4Addr {
-    /// The slot-0 key of this frontend.
+    /// The slot-0 key of this frontend, in its family's map; `None` in the
+    /// other family's.
     #[must_use]
-    pub fn service_key(self) -> ServiceKey {
-        ServiceKey::frontend(addr_be(self.ip), self.port.to_be(), self.protocol.number())
+    pub fn service_key<A: MapAddress>(self) -> Option<ServiceKey<A>> {
+        Some(ServiceKey::frontend(
+            A::from_ip(self.ip)?,
+            self.port.to_be(),
+            self.protocol.number(),
+        ))
     }
 
-    /// The map value of this backend.
+    /// The map value of this backend, in its family's map.
     #[must_use]
-    pub fn backend(self) -> Backend {
-        Backend {
-            addr_be: addr_be(self.ip),
+    pub fn backend<A: MapAddress>(self) -> Option<Backend<A>> {
+        Some(Backend {
+            addr_be: A::from_ip(self.ip)?,
             port_be: self.port.to_be(),
             proto: self.protocol.number(),
             flags: 0,
-        }
+        })
     }
 
     /// The frontend a service key belongs to; `None` for a protocol this
     /// agent does not write.
     #[must_use]
-    pub fn from_service_key(key: &ServiceKey) -> Option<Self> {
+    pub fn from_service_key<A: MapAddress>(key: &ServiceKey<A>) -> Option<Self> {
         Some(Self {
-            ip: ip_from_be(key.addr_be),
+            ip: key.addr_be.to_ip(),
             port: u16::from_be(key.port_be),
             protocol: Protocol::from_number(key.proto)?,
         })
     }
 
     #[must_use]
-    pub fn from_backend(backend: Backend) -> Option<Self> {
+    pub fn from_backend<A: MapAddress>(backend: Backend<A>) -> Option<Self> {
         Some(Self {
-            ip: ip_from_be(backend.addr_be),
+            ip: backend.addr_be.to_ip(),
             port: u16::from_be(backend.port_be),
             protocol: Protocol::from_number(backend.proto)?,
         })
     }
+}
+
+fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn ip_from_be(addr_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr_be.to_ne_bytes())
 }
 
 /// An address and port, as a socket's reverse translations name them.
@@ -110,14 +148,18 @@ pub fn rev_nat_addresses(pair: &RevNatPair) -> Option<(HostPort, HostPort)> {
 }
 
 impl Cidr {
-    /// The network address and netmask as the tc programs compare them.
+    /// The network address and netmask as the tc programs compare them;
+    /// `(0, 0)` (no range) for an IPv6 range.
     #[must_use]
-    pub fn network_and_mask_be(self) -> (u32, u32) {
+    pub fn ipv4_network_and_mask_be(self) -> (u32, u32) {
+        let IpAddr::V4(address) = self.address else {
+            return (0, 0);
+        };
         let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix))
+            .checked_shl(32 - u32::from(self.prefix_len))
             .unwrap_or(0);
         (
-            addr_be(Ipv4Addr::from(u32::from(self.addr) & mask)),
+            addr_be(Ipv4Addr::from(u32::from(address) & mask)),
             addr_be(Ipv4Addr::from(mask)),
         )
     }
@@ -133,43 +175,62 @@ mod tests {
     #[test]
     fn service_key_is_in_network_byte_order_as_the_kernel_sees_it() {
         let frontend = L4Addr {
-            ip: Ipv4Addr::new(10, 96, 0, 10),
+            ip: Ipv4Addr::new(10, 96, 0, 10).into(),
             port: 53,
             protocol: Protocol::Udp,
         };
         assert_eq!(
-            bytes_of(&frontend.service_key()),
+            bytes_of(&frontend.service_key::<Ip4>().unwrap()),
             [10, 96, 0, 10, 0, 53, 0, 0, 17, 0, 0, 0]
         );
-        assert_eq!(bytes_of(&frontend.service_key().slot(2))[6..8], [2, 0]);
+        assert_eq!(
+            bytes_of(&frontend.service_key::<Ip4>().unwrap().slot(2))[6..8],
+            [2, 0]
+        );
     }
 
     #[test]
     fn backend_bytes_and_round_trip() {
         let backend = L4Addr {
-            ip: Ipv4Addr::new(10, 244, 1, 7),
+            ip: Ipv4Addr::new(10, 244, 1, 7).into(),
             port: 8080,
             protocol: Protocol::Tcp,
         };
         assert_eq!(
-            bytes_of(&backend.backend()),
+            bytes_of(&backend.backend::<Ip4>().unwrap()),
             [10, 244, 1, 7, 0x1f, 0x90, 6, 0]
         );
-        assert_eq!(L4Addr::from_backend(backend.backend()), Some(backend));
         assert_eq!(
-            L4Addr::from_service_key(&backend.service_key()),
+            L4Addr::from_backend(backend.backend::<Ip4>().unwrap()),
             Some(backend)
         );
+        assert_eq!(
+            L4Addr::from_service_key(&backend.service_key::<Ip4>().unwrap()),
+            Some(backend)
+        );
+        assert_eq!(backend.service_key::<Ip6>(), None);
+        let backend6 = L4Addr {
+            ip: "fd00:10:244::7".parse().unwrap(),
+            ..backend
+        };
+        let value = backend6.backend::<Ip6>().unwrap();
+        assert_eq!(
+            bytes_of(&value)[..16],
+            [0xfd, 0, 0, 0x10, 0x2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]
+        );
+        assert_eq!(L4Addr::from_backend(value), Some(backend6));
+        assert_eq!(backend6.backend::<Ip4>(), None);
     }
 
     #[test]
     fn a_slot_carries_its_backend_as_the_programs_read_it() {
         let backend = L4Addr {
-            ip: Ipv4Addr::new(10, 244, 1, 7),
+            ip: Ipv4Addr::new(10, 244, 1, 7).into(),
             port: 8080,
             protocol: Protocol::Tcp,
         }
-        .backend();
+        .backend::<Ip4>()
+        .unwrap();
         assert_eq!(
             bytes_of(&ServiceValue::backend(0x0102_0304, &backend)),
             [4, 3, 2, 1, 10, 244, 1, 7, 0x1f, 0x90, 0, 0, 0, 0, 0, 0]
@@ -195,15 +256,15 @@ mod tests {
         assert_eq!(rev_nat_addresses(&pair), Some((frontend, backend)));
         assert_eq!(rev_nat_addresses(&RevNatPair::default()), None);
 
-        let cidr = Cidr {
-            addr: Ipv4Addr::new(10, 244, 1, 7),
-            prefix: 16,
-        };
-        let (network, mask) = cidr.network_and_mask_be();
+        let cidr: Cidr = "10.244.1.7/16".parse().unwrap();
+        let (network, mask) = cidr.ipv4_network_and_mask_be();
         assert_eq!(network.to_ne_bytes(), [10, 244, 0, 0]);
         assert_eq!(mask.to_ne_bytes(), [255, 255, 0, 0]);
-        let everything = Cidr { prefix: 0, ..cidr };
-        assert_eq!(everything.network_and_mask_be(), (0, 0));
+        let everything = Cidr {
+            prefix_len: 0,
+            ..cidr
+        };
+        assert_eq!(everything.ipv4_network_and_mask_be(), (0, 0));
     }
 
     #[test]

@@ -8,16 +8,15 @@
 use std::{collections::BTreeMap, io};
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
-use proxy_common::{
-    BACKENDS_MAP, Backend, EVENTS_MAP, EXT_BACKENDS_MAP, EXT_SERVICES_MAP, SERVICES_MAP,
-    ServiceKey, ServiceValue,
-};
+use proxy_common::{Backend, EVENTS_MAP, Ip4, ServiceKey, ServiceValue};
 
-use super::{error::MapsError, pins::Pins};
+use super::{encoding::MapAddress, error::MapsError, pins::Pins};
 use crate::{bpf_sys, sorted_vec::VecMap};
 
-pub type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
-pub type BackendsMap = BpfHashMap<MapData, u32, Backend>;
+/// A frontend map of one family (IPv4 unless said).
+pub type ServicesMap<A = Ip4> = BpfHashMap<MapData, ServiceKey<A>, ServiceValue<A>>;
+/// A backends map of one family.
+pub type BackendsMap<A = Ip4> = BpfHashMap<MapData, u32, Backend<A>>;
 
 /// A key-value map the writer can read and change: a pinned BPF hash map,
 /// or an in-memory map in tests.
@@ -109,7 +108,7 @@ fn is_missing_key(result: &Result<(), MapError>) -> bool {
 
 /// What a frontend's entries in the services map hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FrontendSlots {
+pub struct FrontendSlots<A: MapAddress = Ip4> {
     /// Slot 0's count; `None` when slot 0 is missing.
     pub count: Option<u16>,
     /// Slot 0's flags.
@@ -117,15 +116,15 @@ pub struct FrontendSlots {
     /// Slot 0's session affinity timeout, in seconds.
     pub affinity: u32,
     /// Slots 1.. and their values.
-    pub slots: VecMap<u16, ServiceValue>,
+    pub slots: VecMap<u16, ServiceValue<A>>,
 }
 
 /// The services map's entries grouped by frontend (keyed by slot 0), as
 /// they are, torn or not.
-pub fn read_frontends(
-    services: &impl Table<ServiceKey, ServiceValue>,
-) -> Result<BTreeMap<ServiceKey, FrontendSlots>, MapError> {
-    let mut frontends: BTreeMap<ServiceKey, FrontendSlots> = BTreeMap::new();
+pub fn read_frontends<A: MapAddress>(
+    services: &impl Table<ServiceKey<A>, ServiceValue<A>>,
+) -> Result<BTreeMap<ServiceKey<A>, FrontendSlots<A>>, MapError> {
+    let mut frontends: BTreeMap<ServiceKey<A>, FrontendSlots<A>> = BTreeMap::new();
     for (key, value) in services.entries()? {
         let slots = frontends.entry(key.slot(0)).or_default();
         if key.backend_slot == 0 {
@@ -139,10 +138,10 @@ pub fn read_frontends(
     Ok(frontends)
 }
 
-/// The service maps, typed.
-pub struct ServiceMaps {
-    pub services: ServicesMap,
-    pub backends: BackendsMap,
+/// The service maps of one family, typed.
+pub struct ServiceMaps<A: MapAddress = Ip4> {
+    pub services: ServicesMap<A>,
+    pub backends: BackendsMap<A>,
 }
 
 /// A pinned hash map that knows its name and the flag that sizes it, so a
@@ -220,45 +219,55 @@ pub fn typed_map<K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(map).map_err(|source| MapsError::Open { name, source })
 }
 
-/// Opens the pinned service maps without loading anything: for reading the
-/// datapath while the agent runs, or after it is gone.
-pub fn open_pinned(pins: &Pins) -> Result<ServiceMaps, MapsError> {
-    Ok(ServiceMaps {
-        services: typed_map(open_pin(pins, SERVICES_MAP, Map::HashMap)?, SERVICES_MAP)?,
-        backends: typed_map(open_pin(pins, BACKENDS_MAP, Map::HashMap)?, BACKENDS_MAP)?,
-    })
-}
-
-/// Opens the tc programs' pinned frontend maps, as [`open_pinned`] does
-/// the socket programs'.
-pub fn open_pinned_external(pins: &Pins) -> Result<ServiceMaps, MapsError> {
+/// Opens one family's pinned service maps without loading anything: for
+/// reading the datapath while the agent runs, or after it is gone.
+pub fn open_pinned<A: MapAddress>(pins: &Pins) -> Result<ServiceMaps<A>, MapsError> {
+    let names = A::MAPS;
     Ok(ServiceMaps {
         services: typed_map(
-            open_pin(pins, EXT_SERVICES_MAP, Map::HashMap)?,
-            EXT_SERVICES_MAP,
+            open_pin(pins, names.services, Map::HashMap)?,
+            names.services,
         )?,
         backends: typed_map(
-            open_pin(pins, EXT_BACKENDS_MAP, Map::HashMap)?,
-            EXT_BACKENDS_MAP,
+            open_pin(pins, names.backends, Map::HashMap)?,
+            names.backends,
         )?,
     })
 }
 
-/// The translation counts per backend slot.
-pub type Counts = aya::maps::HashMap<MapData, ServiceKey, u64>;
-
-/// Opens the pinned per-slot counts ([`proxy_common::COUNTS_MAP`]).
-pub fn open_pinned_counts(pins: &Pins) -> Result<Counts, MapsError> {
-    let map = open_pin(pins, proxy_common::COUNTS_MAP, Map::HashMap)?;
-    Counts::try_from(map).map_err(|source| MapsError::Open {
-        name: proxy_common::COUNTS_MAP,
-        source,
+/// Opens one family's tc frontend maps, as [`open_pinned`] does the
+/// socket programs'.
+pub fn open_pinned_external<A: MapAddress>(pins: &Pins) -> Result<ServiceMaps<A>, MapsError> {
+    let names = A::MAPS;
+    Ok(ServiceMaps {
+        services: typed_map(
+            open_pin(pins, names.ext_services, Map::HashMap)?,
+            names.ext_services,
+        )?,
+        backends: typed_map(
+            open_pin(pins, names.ext_backends, Map::HashMap)?,
+            names.ext_backends,
+        )?,
     })
+}
+
+/// One family's translation counts per backend slot.
+pub type Counts<A = Ip4> = aya::maps::HashMap<MapData, ServiceKey<A>, u64>;
+
+/// Opens one family's pinned per-slot counts ([`proxy_common::COUNTS_MAP`]).
+pub fn open_pinned_counts<A: MapAddress>(pins: &Pins) -> Result<Counts<A>, MapsError> {
+    let name = A::MAPS.counts;
+    let map = open_pin(pins, name, Map::HashMap)?;
+    Counts::try_from(map).map_err(|source| MapsError::Open { name, source })
 }
 
 /// A slot's count, summed over `counted_by`.
 #[must_use]
-pub fn slot_count(counts: &Counts, slot: ServiceKey, counted_by: &[u8]) -> u64 {
+pub fn slot_count<A: MapAddress>(
+    counts: &Counts<A>,
+    slot: ServiceKey<A>,
+    counted_by: &[u8],
+) -> u64 {
     counted_by
         .iter()
         .filter_map(|scope| {

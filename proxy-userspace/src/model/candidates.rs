@@ -7,10 +7,10 @@
 //! (internalTrafficPolicy Local, topology hints), taken from the same
 //! rules the desired state is computed with.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use super::{CheckedEndpoint, L4Addr, Model, Readiness, Selection, frontend};
-use crate::source::ObjectName;
+use super::{CheckedEndpoint, IpFamily, L4Addr, Model, Readiness, Selection, frontend};
+use crate::source::{ObjectName, ServiceObject};
 
 /// What an endpoint's conditions say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +92,7 @@ impl Model {
             .flatten()
             .filter_map(|name| {
                 let service = &self.services.get(name)?.service.object;
-                let ip = self.cluster_ip(service).ok()??;
+                let ip = self.cluster_ip_of(service, IpFamily::of(frontend.ip))?;
                 // Of two ports on one frontend (the API server refuses
                 // that, a manifest may not), the desired state serves the
                 // last.
@@ -124,12 +124,12 @@ impl Model {
     /// The Services whose ClusterIP is `ip`, and their frontends: for an
     /// address that is a Service's but on a port it does not serve.
     #[must_use]
-    pub fn services_at(&self, ip: Ipv4Addr) -> Vec<(ObjectName, Vec<L4Addr>)> {
+    pub fn services_at(&self, ip: IpAddr) -> Vec<(ObjectName, Vec<L4Addr>)> {
         self.services
             .iter()
             .filter_map(|(name, entry)| {
                 let service = &entry.service.object;
-                let cluster_ip = self.cluster_ip(service).ok()??;
+                let cluster_ip = self.cluster_ip_of(service, IpFamily::of(ip))?;
                 (cluster_ip == ip).then(|| {
                     let ports = service
                         .ports
@@ -140,6 +140,14 @@ impl Model {
                 })
             })
             .collect()
+    }
+
+    /// The Service's valid ClusterIP of `family`, if it has one.
+    fn cluster_ip_of(&self, service: &ServiceObject, family: IpFamily) -> Option<IpAddr> {
+        self.cluster_ips(service)
+            .ok()?
+            .into_iter()
+            .find(|ip| IpFamily::of(*ip) == family)
     }
 
     /// The candidates of one Service port, and the zone whose hints
@@ -154,7 +162,11 @@ impl Model {
     ) -> (Vec<Candidate>, Option<&'a str>) {
         let mut listed = Vec::new();
         for slice_name in self.slices_of.get(service).into_iter().flatten() {
-            let Some(slice) = self.slices.get(slice_name) else {
+            let Some(slice) = self
+                .slices
+                .get(slice_name)
+                .filter(|slice| slice.family == IpFamily::of(frontend.ip))
+            else {
                 continue;
             };
             let Some(&(_, _, port)) = slice
@@ -206,7 +218,7 @@ impl Model {
     }
 }
 
-fn frontend_of(ip: Ipv4Addr, port: &crate::source::objects::ServicePortObject) -> Option<L4Addr> {
+fn frontend_of(ip: IpAddr, port: &crate::source::objects::ServicePortObject) -> Option<L4Addr> {
     frontend(ip, port).ok()
 }
 
@@ -240,10 +252,17 @@ mod tests {
     }
 
     const WEB: L4Addr = L4Addr {
-        ip: Ipv4Addr::new(10, 96, 0, 10),
+        ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10)),
         port: 80,
         protocol: Protocol::Tcp,
     };
+
+    fn last_octet(ip: IpAddr) -> u8 {
+        match ip {
+            IpAddr::V4(ip) => ip.octets()[3],
+            IpAddr::V6(ip) => ip.octets()[15],
+        }
+    }
 
     fn verdicts(model: &Model) -> Vec<(u8, Condition, bool)> {
         let claims = model.claims_of(WEB);
@@ -251,7 +270,7 @@ mod tests {
         claims[0]
             .candidates
             .iter()
-            .map(|c| (c.backend.ip.octets()[3], c.condition, c.chosen))
+            .map(|c| (last_octet(c.backend.ip), c.condition, c.chosen))
             .collect()
     }
 
@@ -332,7 +351,7 @@ mod tests {
         model.claims_of(WEB)[0]
             .candidates
             .iter()
-            .map(|c| (c.backend.ip.octets()[3], c.chosen, c.excluded))
+            .map(|c| (last_octet(c.backend.ip), c.chosen, c.excluded))
             .collect()
     }
 
@@ -451,6 +470,10 @@ mod tests {
             model.services_at(WEB.ip),
             [(ObjectName::new("default", "web"), vec![WEB])]
         );
-        assert!(model.services_at(Ipv4Addr::new(10, 96, 0, 11)).is_empty());
+        assert!(
+            model
+                .services_at(std::net::Ipv4Addr::new(10, 96, 0, 11).into())
+                .is_empty()
+        );
     }
 }

@@ -13,12 +13,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use super::{
-    CheckedSlice, L4Addr, Model, Problem, Protocol, Readiness, Selection, ServiceOutput, backends,
-    valid_port,
+    CheckedSlice, IpFamily, L4Addr, Model, Problem, Protocol, Readiness, Selection, ServiceOutput,
+    backends, valid_port,
 };
 use crate::{
     kube_proxy_config::NodePortAddress,
@@ -183,22 +183,30 @@ pub struct ExternalState {
     pub frontends: BTreeMap<L4Addr, ExternalFrontend>,
     /// By healthCheckNodePort.
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    /// The addresses NodePorts are served on.
-    pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// The addresses NodePorts are served on, of both families.
+    pub node_addresses: BTreeSet<IpAddr>,
 }
 
-/// What a Service claims: a nodePort is one claim for every node address,
-/// so that two Services never split one port between them.
+/// What a Service claims: a nodePort is one claim for every node address
+/// of its family, so that two Services never split one port between them;
+/// a dual-stack Service claims it in both families, each served by the
+/// endpoints of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum ExternalKey {
-    NodePort { port: u16, protocol: Protocol },
+    NodePort {
+        port: u16,
+        protocol: Protocol,
+        family: IpFamily,
+    },
     Address(L4Addr),
 }
 
 impl fmt::Display for ExternalKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NodePort { port, protocol } => write!(f, "nodePort {port}/{protocol}"),
+            // A dual-stack Service claims a nodePort in both families:
+            // one conflict, one message.
+            Self::NodePort { port, protocol, .. } => write!(f, "nodePort {port}/{protocol}"),
             Self::Address(addr) => write!(f, "{addr}"),
         }
     }
@@ -210,6 +218,14 @@ impl fmt::Display for ExternalKey {
 pub(super) struct ExternalOutput {
     frontends: BTreeMap<ExternalKey, ExternalFrontend>,
     health_check: Option<(u16, HealthCheck)>,
+}
+
+impl ExternalOutput {
+    /// Adds the outside frontends of a Service's other family.
+    pub(super) fn merge(&mut self, other: Self) {
+        self.frontends.extend(other.frontends);
+        self.health_check = self.health_check.take().or(other.health_check);
+    }
 }
 
 /// Claims of one kind of key, and who owns each.
@@ -245,7 +261,7 @@ impl<K: Ord + Copy> Claims<K> {
 #[derive(Debug, Default)]
 pub(super) struct ExternalModel {
     /// Addresses of the node's interfaces, from the agent.
-    host_addresses: BTreeSet<Ipv4Addr>,
+    host_addresses: BTreeSet<IpAddr>,
     frontend_claims: Claims<ExternalKey>,
     health_claims: Claims<u16>,
     /// The owner's frontend of each claimed key.
@@ -273,9 +289,9 @@ impl Model {
         &self.external.tc_desired
     }
 
-    /// The IPv4 addresses on this node's interfaces, which NodePorts are
+    /// The addresses on this node's interfaces, which NodePorts are
     /// served on (as `--nodeport-addresses` selects).
-    pub fn set_host_addresses(&mut self, addresses: BTreeSet<Ipv4Addr>) {
+    pub fn set_host_addresses(&mut self, addresses: BTreeSet<IpAddr>) {
         if self.external.host_addresses != addresses {
             self.external.host_addresses = addresses;
             self.external.addresses_dirty = true;
@@ -297,9 +313,10 @@ impl Model {
         &self,
         sourced: &Sourced<ServiceObject>,
         slices: &[&CheckedSlice],
-        cluster_ip: Ipv4Addr,
+        cluster_ip: IpAddr,
         output: &ServiceOutput,
     ) -> (ExternalOutput, Vec<Problem>) {
+        let family = IpFamily::of(cluster_ip);
         let service = &sourced.object;
         let mut external = ExternalOutput::default();
         let mut problems = Vec::new();
@@ -316,12 +333,7 @@ impl Model {
             Some("Local") if node_ports || !service.external_ips.is_empty() => TrafficPolicy::Local,
             _ => TrafficPolicy::Cluster,
         };
-        let external_ips = addresses(&service.external_ips, "externalIP", &mut problem);
-        let lb_ips = if type_ == "LoadBalancer" {
-            addresses(&service.load_balancer_ips, "load-balancer IP", &mut problem)
-        } else {
-            Vec::new()
-        };
+        let (external_ips, lb_ips) = outside_addresses(service, family, &mut problem);
         for port in &service.ports {
             let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) else {
                 continue;
@@ -367,6 +379,7 @@ impl Model {
                             ExternalKey::NodePort {
                                 port: node_port,
                                 protocol,
+                                family,
                             },
                             entry(FrontendKind::NodePort),
                         );
@@ -487,12 +500,19 @@ impl Model {
                 ExternalKey::Address(addr) => {
                     addrs.insert(addr);
                 }
-                ExternalKey::NodePort { port, protocol } => {
-                    addrs.extend(self.external.state.node_addresses.iter().map(|&ip| L4Addr {
-                        ip,
-                        port,
-                        protocol,
-                    }));
+                ExternalKey::NodePort {
+                    port,
+                    protocol,
+                    family,
+                } => {
+                    addrs.extend(
+                        self.external
+                            .state
+                            .node_addresses
+                            .iter()
+                            .filter(|ip| IpFamily::of(**ip) == family)
+                            .map(|&ip| L4Addr { ip, port, protocol }),
+                    );
                 }
             }
         }
@@ -513,6 +533,7 @@ impl Model {
                             external.owned.get(&ExternalKey::NodePort {
                                 port: addr.port,
                                 protocol: addr.protocol,
+                                family: IpFamily::of(addr.ip),
                             })
                         })
                         .flatten()
@@ -608,25 +629,56 @@ pub(super) struct ExternalTouched {
     health_ports: BTreeSet<u16>,
 }
 
-/// The IPv4 addresses of a list; IPv6 ones are skipped (the datapath is
-/// IPv4), bad ones are problems.
-fn addresses(list: &[String], what: &str, problem: &mut impl FnMut(String)) -> Vec<Ipv4Addr> {
+/// A Service's externalIPs and load-balancer IPs of `family`. Each
+/// family's go with its ClusterIP's backends; those of a family the
+/// Service has no ClusterIP of are not served, as kube-proxy's proxier of
+/// that family never sees the Service.
+fn outside_addresses(
+    service: &ServiceObject,
+    family: IpFamily,
+    problem: &mut impl FnMut(String),
+) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let external_ips = addresses(&service.external_ips, family, "externalIP", problem);
+    let lb_ips = if service.type_.as_deref() == Some("LoadBalancer") {
+        addresses(
+            &service.load_balancer_ips,
+            family,
+            "load-balancer IP",
+            problem,
+        )
+    } else {
+        Vec::new()
+    };
+    (external_ips, lb_ips)
+}
+
+/// The addresses of a list of one family (the others are the other
+/// family's to serve); bad ones are problems.
+fn addresses(
+    list: &[String],
+    family: IpFamily,
+    what: &str,
+    problem: &mut impl FnMut(String),
+) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for text in list {
-        match text.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip))
+        match text.parse::<IpAddr>() {
+            Ok(ip) if IpFamily::of(ip) != family => {}
+            Ok(ip)
                 if ip.is_unspecified()
                     || ip.is_loopback()
-                    || ip.is_broadcast()
-                    || ip.is_multicast() =>
+                    || ip.is_multicast()
+                    || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+                    || matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local() || v6.to_ipv4_mapped().is_some()) =>
             {
                 problem(format!(
-                    "{what} {ip} is not a unicast address (loopback, unspecified, broadcast and multicast are refused)"
+                    "{what} {ip} is not a unicast address (loopback, unspecified, link-local, broadcast, multicast and IPv4-mapped are refused)"
                 ));
             }
-            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => problem(format!("invalid {what} {text:?}")),
+            Ok(ip) => out.push(ip),
+            // Reported once, with the IPv4 family's pass.
+            Err(_) if family == IpFamily::Ipv4 => problem(format!("invalid {what} {text:?}")),
+            Err(_) => {}
         }
     }
     out.sort_unstable();
@@ -643,8 +695,8 @@ fn addresses(list: &[String], what: &str, problem: &mut impl FnMut(String)) -> V
 pub fn node_addresses(
     config: &[NodePortAddress],
     node: Option<&NodeObject>,
-    host: &BTreeSet<Ipv4Addr>,
-) -> BTreeSet<Ipv4Addr> {
+    host: &BTreeSet<IpAddr>,
+) -> BTreeSet<IpAddr> {
     let not_loopback = || host.iter().copied().filter(|ip| !ip.is_loopback());
     if config.is_empty() {
         return not_loopback().collect();
@@ -654,21 +706,15 @@ pub fn node_addresses(
         match entry {
             NodePortAddress::All => out.extend(not_loopback()),
             NodePortAddress::Localhost => {
-                out.extend(host.iter().copied().filter(Ipv4Addr::is_loopback));
+                out.extend(host.iter().copied().filter(IpAddr::is_loopback));
             }
             NodePortAddress::Primary => out.extend(
                 node.into_iter()
                     .flat_map(|n| &n.addresses)
-                    .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
+                    .filter_map(|a| a.parse::<IpAddr>().ok()),
             ),
             NodePortAddress::Cidr(cidr) => {
-                if let std::net::IpAddr::V4(base) = cidr.address {
-                    let cidr = super::Cidr {
-                        addr: base,
-                        prefix: cidr.prefix_len,
-                    };
-                    out.extend(host.iter().copied().filter(|ip| cidr.contains(*ip)));
-                }
+                out.extend(host.iter().copied().filter(|ip| cidr.contains(*ip)));
             }
         }
     }

@@ -216,11 +216,6 @@ apiVersion: v1
 kind: Service
 metadata: {name: pending}
 spec: {ports: [{port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: v6}
-spec: {clusterIP: 'fd00::10', ports: [{port: 80}]}
 ";
     let (state, problems) = desired_state(&snapshot(yaml));
     assert_eq!(state, DesiredState::default());

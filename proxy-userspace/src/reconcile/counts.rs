@@ -13,14 +13,14 @@
 use proxy_common::{COUNTED_BY_SOCKETS, COUNTED_BY_TC, ServiceKey};
 
 use super::table::TableEvent;
-use crate::maps::Counts;
+use crate::maps::{Counts, encoding::MapAddress};
 
-/// The counts map, kept to the slots that exist.
-pub struct SlotCounts(Counts);
+/// One family's counts map, kept to the slots that exist.
+pub struct SlotCounts<A: MapAddress>(Counts<A>);
 
-impl SlotCounts {
+impl<A: MapAddress> SlotCounts<A> {
     #[must_use]
-    pub const fn new(counts: Counts) -> Self {
+    pub const fn new(counts: Counts<A>) -> Self {
         Self(counts)
     }
 
@@ -30,9 +30,9 @@ impl SlotCounts {
     /// holds the frontend of a slot.
     pub fn forget(
         &mut self,
-        socket_table: &[TableEvent],
-        tc_table: &[TableEvent],
-        tc_holds_frontend: impl Fn(ServiceKey) -> bool,
+        socket_table: &[TableEvent<A>],
+        tc_table: &[TableEvent<A>],
+        tc_holds_frontend: impl Fn(ServiceKey<A>) -> bool,
     ) {
         for slot in slots_gone(socket_table) {
             self.remove(slot, COUNTED_BY_SOCKETS);
@@ -45,13 +45,13 @@ impl SlotCounts {
         }
     }
 
-    fn remove(&mut self, slot: ServiceKey, scope: u8) {
+    fn remove(&mut self, slot: ServiceKey<A>, scope: u8) {
         // Most slots of a scope were never counted: no entry.
         let _ = self.0.remove(&ServiceKey { scope, ..slot });
     }
 }
 
-fn slots_gone(events: &[TableEvent]) -> impl Iterator<Item = ServiceKey> + '_ {
+fn slots_gone<A: MapAddress>(events: &[TableEvent<A>]) -> impl Iterator<Item = ServiceKey<A>> + '_ {
     events.iter().filter_map(|event| match event {
         TableEvent::SlotGone(slot) => Some(*slot),
         TableEvent::BackendLeft { .. } => None,

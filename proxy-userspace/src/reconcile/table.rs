@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use super::writer::{ApplyStats, MapWriter};
 use crate::{
-    maps::table::Table,
+    maps::{encoding::MapAddress, table::Table},
     model::{DesiredState, L4Addr},
 };
 
@@ -33,10 +33,10 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What a pass changed that other jobs follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TableEvent {
+pub enum TableEvent<A: MapAddress> {
     /// A slot was deleted or given another backend: what was counted
     /// under it is over.
-    SlotGone(ServiceKey),
+    SlotGone(ServiceKey<A>),
     /// A frontend no longer has this backend (written: the frontend's
     /// write succeeded).
     BackendLeft { frontend: L4Addr, backend: L4Addr },
@@ -54,11 +54,14 @@ pub struct Pass {
     pub looked_at: usize,
 }
 
-/// One frontend table and what it still owes the desired state.
-pub struct TableReconciler<S, B> {
+/// One frontend table of one family and what it still owes the desired
+/// state. Its frontends are the desired state's of its family; changes
+/// of the other family's are passed over, so one list of changes feeds
+/// both families' instances.
+pub struct TableReconciler<A: MapAddress, S, B> {
     /// For the log: which table.
     name: &'static str,
-    writer: MapWriter<S, B>,
+    writer: MapWriter<A, S, B>,
     /// Frontends changed since the last pass, or whose write failed.
     pending: BTreeSet<L4Addr>,
     /// A pass over everything is owed: the first complete view, a change
@@ -77,10 +80,11 @@ pub struct TableReconciler<S, B> {
     report_departures: bool,
 }
 
-impl<S, B> TableReconciler<S, B>
+impl<A, S, B> TableReconciler<A, S, B>
 where
-    S: Table<ServiceKey, ServiceValue>,
-    B: Table<u32, Backend>,
+    A: MapAddress,
+    S: Table<ServiceKey<A>, ServiceValue<A>>,
+    B: Table<u32, Backend<A>>,
 {
     /// Takes over the table with whatever it already holds; nothing is
     /// written before the first [`TableReconciler::view`].
@@ -98,10 +102,8 @@ where
     }
 
     /// Hands out [`TableEvent::BackendLeft`] from now on.
-    #[must_use]
-    pub fn reporting_departures(mut self) -> Self {
+    pub const fn report_departures(&mut self) {
         self.report_departures = true;
-        self
     }
 
     /// The source's view became complete (`true`) or incomplete: the next
@@ -114,7 +116,11 @@ where
 
     /// These frontends' desired state changed.
     pub fn changed(&mut self, frontends: impl IntoIterator<Item = L4Addr>) {
-        self.pending.extend(frontends);
+        self.pending.extend(
+            frontends
+                .into_iter()
+                .filter(|frontend| frontend.service_key::<A>().is_some()),
+        );
     }
 
     /// Whether a pass now would do something: a full pass is owed, or
@@ -139,7 +145,7 @@ where
 
     /// Brings the table to `desired`: everything when a full pass is owed,
     /// else the frontends pending. What went is appended to `events`.
-    pub fn reconcile(&mut self, desired: &DesiredState, events: &mut Vec<TableEvent>) -> Pass {
+    pub fn reconcile(&mut self, desired: &DesiredState, events: &mut Vec<TableEvent<A>>) -> Pass {
         let full = std::mem::take(&mut self.full_pass_owed);
         let looked_at;
         let departures;
@@ -225,7 +231,7 @@ where
 
     /// Whether the table holds the frontend of `slot` (any of its slots).
     #[must_use]
-    pub fn holds_frontend(&self, slot: ServiceKey) -> bool {
+    pub fn holds_frontend(&self, slot: ServiceKey<A>) -> bool {
         self.writer.holds_frontend(slot)
     }
 
@@ -249,7 +255,9 @@ mod tests {
     use super::*;
     use crate::reconcile::writer::tests::{Backends, Kernel, Services, state, tcp};
 
-    fn table(kernel: &Rc<RefCell<Kernel>>) -> TableReconciler<Services, Backends> {
+    fn table(
+        kernel: &Rc<RefCell<Kernel>>,
+    ) -> TableReconciler<proxy_common::Ip4, Services, Backends> {
         TableReconciler::adopt("test", Services(kernel.clone()), Backends(kernel.clone())).unwrap()
     }
 
@@ -269,7 +277,8 @@ mod tests {
     #[test]
     fn a_changed_pass_reports_the_slots_and_backends_that_went() {
         let kernel = Rc::default();
-        let mut table = table(&kernel).reporting_departures();
+        let mut table = table(&kernel);
+        table.report_departures();
         let frontend = tcp(100, 80);
         table.view(true);
         table.reconcile(

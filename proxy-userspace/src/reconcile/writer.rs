@@ -16,7 +16,7 @@ use proxy_common::{Backend, ServiceKey, ServiceValue};
 use tracing::warn;
 
 use crate::{
-    maps::{BatchError, FrontendSlots, Table, read_frontends},
+    maps::{BatchError, FrontendSlots, Table, encoding::MapAddress, read_frontends},
     model::{DesiredFrontend, DesiredState, L4Addr},
 };
 
@@ -48,13 +48,13 @@ impl ApplyStats {
 /// backend is deleted when its last slot goes, without scanning every
 /// frontend.
 #[derive(Clone, Copy)]
-struct HeldBackend {
-    backend: Backend,
+struct HeldBackend<A: MapAddress> {
+    backend: Backend<A>,
     slots: usize,
 }
 
-impl HeldBackend {
-    const fn unused(backend: Backend) -> Self {
+impl<A: MapAddress> HeldBackend<A> {
+    const fn unused(backend: Backend<A>) -> Self {
         Self { backend, slots: 0 }
     }
 }
@@ -62,29 +62,33 @@ impl HeldBackend {
 /// Frontends per batch of [`MapWriter::fill_new`].
 const FILL_CHUNK: usize = 4096;
 
-pub struct MapWriter<S, B> {
+/// The writer of one family's maps: of the desired state, it writes the
+/// frontends of its family ([`L4Addr::service_key`] is `None` for the
+/// others), whose backends the model keeps of the same family.
+pub struct MapWriter<A: MapAddress, S, B> {
     services: S,
     backends: B,
-    frontends: BTreeMap<ServiceKey, FrontendSlots>,
-    backend_by_id: BTreeMap<u32, HeldBackend>,
-    id_of: BTreeMap<Backend, u32>,
+    frontends: BTreeMap<ServiceKey<A>, FrontendSlots<A>>,
+    backend_by_id: BTreeMap<u32, HeldBackend<A>>,
+    id_of: BTreeMap<Backend<A>, u32>,
     next_backend_id: u32,
     /// Slots deleted, or given another backend, since the last
     /// [`MapWriter::take_slots_gone`]: their counts are over.
-    slots_gone: Vec<ServiceKey>,
+    slots_gone: Vec<ServiceKey<A>>,
 }
 
-impl<S, B> MapWriter<S, B>
+impl<A, S, B> MapWriter<A, S, B>
 where
-    S: Table<ServiceKey, ServiceValue>,
-    B: Table<u32, Backend>,
+    A: MapAddress,
+    S: Table<ServiceKey<A>, ServiceValue<A>>,
+    B: Table<u32, Backend<A>>,
 {
     /// Takes over the maps with whatever they already hold.
     pub fn adopt(services: S, backends: B) -> Result<Self, MapError> {
         let frontends = read_frontends(&services)?;
         let entries = backends.entries()?;
         let id_of = entries.iter().map(|(id, b)| (*b, *id)).collect();
-        let mut backend_by_id: BTreeMap<u32, HeldBackend> = entries
+        let mut backend_by_id: BTreeMap<u32, HeldBackend<A>> = entries
             .into_iter()
             .map(|(id, backend)| (id, HeldBackend::unused(backend)))
             .collect();
@@ -108,13 +112,13 @@ where
     }
 
     /// The slots deleted, or given another backend, since the last call.
-    pub fn take_slots_gone(&mut self) -> Vec<ServiceKey> {
+    pub fn take_slots_gone(&mut self) -> Vec<ServiceKey<A>> {
         std::mem::take(&mut self.slots_gone)
     }
 
     /// Whether the maps hold the frontend of `slot` (any of its slots).
     #[must_use]
-    pub fn holds_frontend(&self, slot: ServiceKey) -> bool {
+    pub fn holds_frontend(&self, slot: ServiceKey<A>) -> bool {
         self.frontends.contains_key(&slot.slot(0))
     }
 
@@ -126,9 +130,10 @@ where
 
     /// The backends a frontend's slots name now.
     #[must_use]
-    pub fn backends_of(&self, frontend: L4Addr) -> Vec<Backend> {
-        self.frontends
-            .get(&frontend.service_key())
+    pub fn backends_of(&self, frontend: L4Addr) -> Vec<Backend<A>> {
+        frontend
+            .service_key()
+            .and_then(|key| self.frontends.get(&key))
             .into_iter()
             .flat_map(|f| f.slots.values())
             .filter_map(|slot| self.backend_by_id.get(&slot.backend_id))
@@ -162,8 +167,11 @@ where
     /// read may still claim them.
     pub fn apply_all(&mut self, desired: &DesiredState, prune: bool) -> ApplyStats {
         let (stray, unused) = if prune {
-            let wanted: BTreeSet<ServiceKey> =
-                desired.frontends.keys().map(|f| f.service_key()).collect();
+            let wanted: BTreeSet<ServiceKey<A>> = desired
+                .frontends
+                .keys()
+                .filter_map(|f| f.service_key())
+                .collect();
             let stray = self
                 .frontends
                 .keys()
@@ -180,7 +188,12 @@ where
         } else {
             Default::default()
         };
-        let all: Vec<L4Addr> = desired.frontends.keys().copied().collect();
+        let all: Vec<L4Addr> = desired
+            .frontends
+            .keys()
+            .filter(|f| f.service_key::<A>().is_some())
+            .copied()
+            .collect();
         let filled = all
             .chunks(FILL_CHUNK)
             .map(|chunk| self.fill_new(desired, chunk))
@@ -200,23 +213,25 @@ where
     /// that follows, which names the Service that failed. Returns how many
     /// entries were written.
     fn fill_new(&mut self, desired: &DesiredState, frontends: &[L4Addr]) -> usize {
-        let mut new_backends: Vec<(u32, Backend)> = Vec::new();
-        let mut planned: BTreeMap<Backend, u32> = BTreeMap::new();
-        let mut entries: Vec<(ServiceKey, ServiceValue)> = Vec::new();
+        let mut new_backends: Vec<(u32, Backend<A>)> = Vec::new();
+        let mut planned: BTreeMap<Backend<A>, u32> = BTreeMap::new();
+        let mut entries: Vec<(ServiceKey<A>, ServiceValue<A>)> = Vec::new();
         let mut next = self.next_backend_id;
         for frontend in frontends {
-            let key = frontend.service_key();
-            let Some(entry) = desired.frontends.get(frontend) else {
+            let Some(key) = frontend.service_key() else {
                 continue;
             };
-            let Ok(count) = u16::try_from(entry.backends.len()) else {
+            let Some(entry) = desired.frontends.get(frontend) else {
                 continue;
             };
             if self.frontends.contains_key(&key) {
                 continue;
             }
-            for (slot, backend) in (1..=count).zip(&entry.backends) {
-                let backend = backend.backend();
+            let backends: Vec<Backend<A>> = backends_of_family(entry).collect();
+            let Ok(count) = u16::try_from(backends.len()) else {
+                continue;
+            };
+            for (slot, backend) in (1..=count).zip(backends) {
                 let id = if let Some(id) = self.id_of.get(&backend).or(planned.get(&backend)) {
                     *id
                 } else {
@@ -281,12 +296,14 @@ where
         &mut self,
         desired: &DesiredState,
         frontends: impl IntoIterator<Item = &'a L4Addr>,
-        stray: &BTreeSet<ServiceKey>,
+        stray: &BTreeSet<ServiceKey<A>>,
         mut released: BTreeSet<u32>,
     ) -> ApplyStats {
         let mut stats = ApplyStats::default();
         for frontend in frontends {
-            let key = frontend.service_key();
+            let Some(key) = frontend.service_key() else {
+                continue;
+            };
             let result = match desired.frontends.get(frontend) {
                 Some(entry) => self.write_service(key, entry, &mut released, &mut stats),
                 None => self.delete_frontend(key, &mut released, &mut stats),
@@ -333,14 +350,14 @@ where
     /// Writes one frontend: its backends, then its slots, then its count.
     fn write_service(
         &mut self,
-        key: ServiceKey,
+        key: ServiceKey<A>,
         entry: &DesiredFrontend,
         released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
     ) -> Result<(), MapError> {
         let mut ids = Vec::with_capacity(entry.backends.len());
-        for backend in &entry.backends {
-            match self.backend_id(backend.backend(), stats) {
+        for backend in backends_of_family(entry) {
+            match self.backend_id(backend, stats) {
                 Ok(id) => ids.push(id),
                 Err(error) => {
                     // A backend written for this frontend but never used
@@ -365,7 +382,7 @@ where
     }
 
     /// The id of a backend, writing it first if the map lacks it.
-    fn backend_id(&mut self, backend: Backend, stats: &mut ApplyStats) -> Result<u32, MapError> {
+    fn backend_id(&mut self, backend: Backend<A>, stats: &mut ApplyStats) -> Result<u32, MapError> {
         if let Some(id) = self.id_of.get(&backend) {
             return Ok(*id);
         }
@@ -386,7 +403,7 @@ where
 
     fn write_frontend(
         &mut self,
-        key: ServiceKey,
+        key: ServiceKey<A>,
         ids: &[u32],
         entry: &DesiredFrontend,
         released: &mut BTreeSet<u32>,
@@ -432,7 +449,7 @@ where
     /// Deletes the frontend's slots numbered above `count`.
     fn delete_slots_after(
         &mut self,
-        key: ServiceKey,
+        key: ServiceKey<A>,
         count: u16,
         released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
@@ -462,7 +479,7 @@ where
 
     fn delete_frontend(
         &mut self,
-        key: ServiceKey,
+        key: ServiceKey<A>,
         released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
     ) -> Result<(), MapError> {
@@ -478,8 +495,22 @@ where
     }
 }
 
+/// A frontend's backends as its family's map holds them. The model gives
+/// a frontend backends of its own family only; one of the other would have
+/// no place in the map and is passed over.
+fn backends_of_family<A: MapAddress>(entry: &DesiredFrontend) -> impl Iterator<Item = Backend<A>> {
+    entry
+        .backends
+        .iter()
+        .filter_map(|backend| backend.backend())
+}
+
 /// One slot fewer names `id`; at none it is a candidate for deletion.
-fn release(held: &mut BTreeMap<u32, HeldBackend>, id: u32, released: &mut BTreeSet<u32>) {
+fn release<A: MapAddress>(
+    held: &mut BTreeMap<u32, HeldBackend<A>>,
+    id: u32,
+    released: &mut BTreeSet<u32>,
+) {
     if let Some(held) = held.get_mut(&id) {
         held.slots = held.slots.saturating_sub(1);
     }

@@ -145,6 +145,8 @@ pub struct ServiceObject {
     pub type_: Option<String>,
     /// `spec.clusterIPs`, or `spec.clusterIP` when the list is empty.
     pub cluster_ips: Vec<String>,
+    /// `spec.ipFamilies`: the family of each of `cluster_ips`, in order.
+    pub ip_families: Vec<String>,
     pub ports: Vec<ServicePortObject>,
     pub external_ips: Vec<String>,
     /// `status.loadBalancer.ingress[].ip`.
@@ -243,6 +245,7 @@ impl From<&Service> for ServiceObject {
             proxy_name: label(meta, SERVICE_PROXY_NAME_LABEL),
             type_: spec.type_,
             cluster_ips,
+            ip_families: spec.ip_families.unwrap_or_default(),
             ports: spec
                 .ports
                 .unwrap_or_default()

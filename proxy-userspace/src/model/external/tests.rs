@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use super::*;
 use crate::{
@@ -17,7 +17,7 @@ fn config() -> ModelConfig {
     }
 }
 
-fn host() -> BTreeSet<Ipv4Addr> {
+fn host() -> BTreeSet<IpAddr> {
     ["127.0.0.1", "192.168.100.11", "10.244.1.1"]
         .iter()
         .map(|a| a.parse().unwrap())
@@ -248,7 +248,7 @@ fn node_port_addresses_select_the_nodes_addresses() {
         list.iter().map(|s| s.parse().unwrap()).collect()
     };
     let ips =
-        |list: &[&str]| -> BTreeSet<Ipv4Addr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+        |list: &[&str]| -> BTreeSet<IpAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
     assert_eq!(
         node_addresses(&[], Some(&node), &host()),
         ips(&["10.244.1.1", "192.168.100.11"])
@@ -259,7 +259,21 @@ fn node_port_addresses_select_the_nodes_addresses() {
     );
     assert_eq!(
         node_addresses(&parse(&["primary"]), Some(&node), &host()),
-        ips(&["192.168.100.11"])
+        ips(&["192.168.100.11", "fd00::11"]),
+        "the Node's addresses of both families"
+    );
+    let dual_stack_host: BTreeSet<IpAddr> = host()
+        .into_iter()
+        .chain(ips(&["::1", "fd00:192:168:100::11"]))
+        .collect();
+    assert_eq!(
+        node_addresses(&[], None, &dual_stack_host),
+        ips(&["10.244.1.1", "192.168.100.11", "fd00:192:168:100::11"]),
+        "every address of both families but loopback"
+    );
+    assert_eq!(
+        node_addresses(&parse(&["fd00:192:168::/48"]), None, &dual_stack_host),
+        ips(&["fd00:192:168:100::11"])
     );
     assert_eq!(
         node_addresses(&parse(&["127.0.0.0/8"]), None, &host()),

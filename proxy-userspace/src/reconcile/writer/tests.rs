@@ -119,13 +119,13 @@ impl Table<u32, Backend> for Backends {
     }
 }
 
-fn writer(kernel: &Rc<RefCell<Kernel>>) -> MapWriter<Services, Backends> {
+fn writer(kernel: &Rc<RefCell<Kernel>>) -> MapWriter<proxy_common::Ip4, Services, Backends> {
     MapWriter::adopt(Services(kernel.clone()), Backends(kernel.clone())).unwrap()
 }
 
 pub(crate) fn tcp(host: u8, port: u16) -> L4Addr {
     L4Addr {
-        ip: Ipv4Addr::new(10, 0, 0, host),
+        ip: Ipv4Addr::new(10, 0, 0, host).into(),
         port,
         protocol: Protocol::Tcp,
     }
@@ -192,7 +192,7 @@ fn session_affinity_is_slot_zeros_and_survives_a_restart() {
     // Only slot 0 changes, and then nothing, even after a restart.
     assert_eq!(restarted.apply_all(&desired, true).writes, 1);
     assert_eq!(
-        kernel.borrow().services[&frontend.service_key()].backend_id,
+        kernel.borrow().services[&frontend.service_key().unwrap()].backend_id,
         10_800
     );
     assert_eq!(writer(&kernel).apply_all(&desired, true).changes(), 0);
@@ -207,7 +207,7 @@ fn slots_deleted_or_given_another_backend_are_reported_once() {
     assert_eq!(writer.take_slots_gone(), [], "new slots end no count");
     // tcp(1) goes: tcp(2) moves into slot 1, and slot 2 is deleted.
     writer.apply_all(&state(&[(frontend, &[tcp(2, 8080)])]), true);
-    let key = frontend.service_key();
+    let key = frontend.service_key().unwrap();
     assert_eq!(writer.take_slots_gone(), [key.slot(1), key.slot(2)]);
     assert_eq!(writer.take_slots_gone(), []);
     writer.apply_all(&state(&[]), true);
@@ -228,7 +228,7 @@ fn backends_are_shared_by_id_and_removed_when_unused() {
     let kernel = kernel.borrow();
     assert_eq!(
         kernel.backends.values().copied().collect::<Vec<_>>(),
-        [tcp(2, 8080).backend()]
+        [tcp(2, 8080).backend().unwrap()]
     );
     assert_eq!(kernel.services.len(), 2);
 }

@@ -1,0 +1,111 @@
+//! One family's frontend tables, the socket programs' and the tc
+//! programs', with the per-slot counts that follow them. The agent keeps
+//! one for IPv4 and one for IPv6: the same code over maps of their own.
+
+use std::time::Instant;
+
+use proxy_common::{Backend, ServiceKey, ServiceValue};
+use tracing::warn;
+
+use super::AgentError;
+use crate::{
+    datapath::Datapath,
+    maps::{SizedTable, encoding::MapAddress},
+    model::{Changes, Model},
+    reconcile::{
+        counts::SlotCounts,
+        table::{Pass, TableEvent, TableReconciler},
+    },
+};
+
+/// A frontend table: a services map and its backends map.
+pub type FrontendTable<A> =
+    TableReconciler<A, SizedTable<ServiceKey<A>, ServiceValue<A>>, SizedTable<u32, Backend<A>>>;
+
+pub struct FamilyTables<A: MapAddress> {
+    /// The socket programs' table: ClusterIPs, and the outside frontends
+    /// as the node's own sockets reach them.
+    pub sockets: FrontendTable<A>,
+    /// The tc programs' table: NodePorts, externalIPs and load-balancer
+    /// IPs reached from outside.
+    pub tc: FrontendTable<A>,
+    /// Follows the tables' slots; `None` when the map cannot be opened.
+    counts: Option<SlotCounts<A>>,
+}
+
+/// What one family's pass did.
+pub struct FamilyPass<A: MapAddress> {
+    pub sockets: Pass,
+    pub tc: Pass,
+    /// The socket table's events, for the sockets of departed backends.
+    pub socket_events: Vec<TableEvent<A>>,
+}
+
+impl<A: MapAddress> FamilyTables<A> {
+    /// Takes over this family's pinned maps, with whatever they hold.
+    pub fn adopt(datapath: &mut Datapath) -> Result<Self, AgentError> {
+        let family = A::MAPS.family;
+        let maps = datapath.take_service_maps::<A>()?;
+        let sockets = TableReconciler::adopt(family, maps.services, maps.backends)
+            .map_err(AgentError::Adopt)?;
+        let maps = datapath.take_external_maps::<A>()?;
+        let tc = TableReconciler::adopt(family, maps.services, maps.backends)
+            .map_err(AgentError::Adopt)?;
+        let counts = datapath
+            .take_counts::<A>()
+            .inspect_err(|error| warn!(family, error = %crate::report::chain(error), "the per-slot counts are not kept tidy"))
+            .ok()
+            .map(SlotCounts::new);
+        Ok(Self {
+            sockets,
+            tc,
+            counts,
+        })
+    }
+
+    /// See [`TableReconciler::view`].
+    pub fn view(&mut self, complete: bool) {
+        self.sockets.view(complete);
+        self.tc.view(complete);
+    }
+
+    /// The model's changes; those of the other family are passed over.
+    pub fn changed(&mut self, changes: &Changes) {
+        self.sockets.changed(changes.sockets.iter().copied());
+        self.tc.changed(changes.tc.iter().copied());
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.sockets.has_work() || self.tc.has_work()
+    }
+
+    pub fn retry_at(&self) -> Option<Instant> {
+        [self.sockets.retry_at(), self.tc.retry_at()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    pub fn wake(&mut self, now: Instant) {
+        self.sockets.wake(now);
+        self.tc.wake(now);
+    }
+
+    /// Brings both tables up to the model, and ends the counts of the
+    /// slots that went.
+    pub fn reconcile(&mut self, model: &Model) -> FamilyPass<A> {
+        let (mut socket_events, mut tc_events) = (Vec::new(), Vec::new());
+        let sockets = self.sockets.reconcile(model.desired(), &mut socket_events);
+        let tc = self.tc.reconcile(model.tc_desired(), &mut tc_events);
+        if let Some(counts) = &mut self.counts {
+            counts.forget(&socket_events, &tc_events, |slot| {
+                self.tc.holds_frontend(slot)
+            });
+        }
+        FamilyPass {
+            sockets,
+            tc,
+            socket_events,
+        }
+    }
+}
