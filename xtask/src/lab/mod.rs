@@ -3,11 +3,11 @@
 //! the lab's own. Used by the privileged tests and the demo.
 //!
 //! ```text
-//!   node netns ── br0 10.244.0.1/24 ──┬── veth ── pod netns 10.244.0.10 (nginx, dnsmasq)
-//!   (clients run here, inside   and   │                     fd00:10:244:0::10
-//!    the lab's cgroup)    fd00:10:244:0::1/64
-//!                                     ├── veth ── pod netns 10.244.0.11, fd00:10:244:0::11
-//!                                     └── ...
+//!   node netns ── br0 10.244.0.1/24 ─────────┬── veth ── pod netns 10.244.0.10 (nginx, dnsmasq)
+//!   (clients run here,  fd00:10:244:0::1/64  │                     fd00:10:244:0::10
+//!    inside the lab's cgroup)                ├── veth ── pod netns 10.244.0.11
+//!                                            │                     fd00:10:244:0::11
+//!                                            └── ...
 //! ```
 //!
 //! Every pod is dual-stack: its IPv6 address repeats the digits of its IPv4
