@@ -202,6 +202,8 @@ fn test(filter: Option<&str>) -> Result<()> {
         "--test",
         "hostile",
         "--test",
+        "ipv6",
+        "--test",
         "kube_proxy",
         "--test",
         "lifecycle",

@@ -1,7 +1,10 @@
 //! Manifests for the lab, built as the API's own types and written as
 //! YAML, so tests read as what they set up and cannot misspell a field.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use k8s_openapi::{
     api::{
@@ -65,12 +68,73 @@ pub fn service_object(name: &str, cluster_ip: &str, ports: &[(&str, i64, &str)])
     }
 }
 
+/// A ClusterIP Service of `cluster_ips` (one per family, the first also
+/// its clusterIP), their families in `ipFamilies` in the same order, and
+/// `ipFamilyPolicy` SingleStack for one address, RequireDualStack for two;
+/// `ports` are `(name, port, protocol)`. A test that wants families and
+/// addresses to disagree changes the object.
+#[must_use]
+pub fn dual_stack_service_object(
+    name: &str,
+    cluster_ips: &[&str],
+    ports: &[(&str, i64, &str)],
+) -> Service {
+    let mut service = service_object(name, cluster_ips.first().copied().unwrap_or(""), ports);
+    if let Some(spec) = service.spec.as_mut() {
+        spec.cluster_ips = Some(cluster_ips.iter().map(|&ip| ip.to_owned()).collect());
+        spec.ip_families = Some(
+            cluster_ips
+                .iter()
+                .map(|ip| ip_family_of(ip).to_owned())
+                .collect(),
+        );
+        spec.ip_family_policy = Some(
+            if cluster_ips.len() > 1 {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
+            }
+            .to_owned(),
+        );
+    }
+    service
+}
+
+/// [`dual_stack_service_object`] as YAML.
+#[must_use]
+pub fn dual_stack_service(name: &str, cluster_ips: &[&str], ports: &[(&str, i64, &str)]) -> String {
+    yaml(&dual_stack_service_object(name, cluster_ips, ports))
+}
+
+/// The API's name of the family of `address`, as written in `ipFamilies`
+/// and a slice's `addressType`.
+fn ip_family_of(address: &str) -> &'static str {
+    if address.contains(':') {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
+}
+
 /// The EndpointSlice `name` of `service` over `endpoints`, as the test
 /// made them.
 #[must_use]
 pub fn endpoint_slice_of(
     name: &str,
     service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: Vec<Endpoint>,
+) -> String {
+    endpoint_slice_of_type(name, service, "IPv4", ports, endpoints)
+}
+
+/// [`endpoint_slice_of`] with `addressType` `address_type` (IPv4, IPv6,
+/// FQDN).
+#[must_use]
+pub fn endpoint_slice_of_type(
+    name: &str,
+    service: &str,
+    address_type: &str,
     ports: &[(&str, u16, &str)],
     endpoints: Vec<Endpoint>,
 ) -> String {
@@ -81,7 +145,7 @@ pub fn endpoint_slice_of(
     )]));
     yaml(&EndpointSlice {
         metadata,
-        address_type: "IPv4".to_owned(),
+        address_type: address_type.to_owned(),
         ports: Some(
             ports
                 .iter()
@@ -97,7 +161,7 @@ pub fn endpoint_slice_of(
     })
 }
 
-fn endpoint(address: Ipv4Addr, ready: bool, node: Option<&str>) -> Endpoint {
+fn endpoint(address: &impl ToString, ready: bool, node: Option<&str>) -> Endpoint {
     Endpoint {
         addresses: vec![address.to_string()],
         conditions: Some(EndpointConditions {
@@ -119,9 +183,43 @@ pub fn endpoint_slice(
 ) -> String {
     let endpoints = endpoints
         .iter()
-        .map(|&(address, ready)| endpoint(address, ready, None))
+        .map(|&(address, ready)| endpoint(&address, ready, None))
         .collect();
     endpoint_slice_of(name, service, ports, endpoints)
+}
+
+/// An EndpointSlice of `addressType: IPv6` of `service`; `endpoints` are
+/// `(address, ready)`.
+#[must_use]
+pub fn endpoint_slice_v6(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(Ipv6Addr, bool)],
+) -> String {
+    let endpoints = endpoints
+        .iter()
+        .map(|&(address, ready)| endpoint(&address, ready, None))
+        .collect();
+    endpoint_slice_of_type(name, service, "IPv6", ports, endpoints)
+}
+
+/// An EndpointSlice of `address_type` whose ready endpoints are
+/// `addresses` as written, whether or not they are of that type: for a
+/// test of what the agent makes of a slice that lies about its addresses.
+#[must_use]
+pub fn endpoint_slice_as_written(
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[(&str, u16, &str)],
+    addresses: &[&str],
+) -> String {
+    let endpoints = addresses
+        .iter()
+        .map(|&address| endpoint(&address, true, None))
+        .collect();
+    endpoint_slice_of_type(name, service, address_type, ports, endpoints)
 }
 
 /// An EndpointSlice whose endpoints (all ready) name their node.
@@ -134,7 +232,7 @@ pub fn endpoint_slice_on_nodes(
 ) -> String {
     let endpoints = endpoints
         .iter()
-        .map(|&(address, node)| endpoint(address, true, Some(node)))
+        .map(|&(address, node)| endpoint(&address, true, Some(node)))
         .collect();
     endpoint_slice_of(name, service, ports, endpoints)
 }
@@ -260,6 +358,40 @@ mod tests {
             (port.port, port.protocol.as_deref()),
             (Some(53), Some("UDP"))
         );
+    }
+
+    /// A dual-stack Service lists its addresses with their families, and an
+    /// IPv6 slice says so.
+    #[test]
+    fn dual_stack_services_and_ipv6_slices_read_back_as_written() {
+        let text = documents(&[
+            dual_stack_service(
+                "both",
+                &["10.96.0.20", "fd10:96::20"],
+                &[("http", 80, "TCP")],
+            ),
+            dual_stack_service("six", &["fd10:96::10"], &[("http", 80, "TCP")]),
+            endpoint_slice_v6(
+                "six-1",
+                "six",
+                &[("http", 8080, "TCP")],
+                &[("fd00:10:244::10".parse().unwrap(), true)],
+            ),
+        ]);
+        let mut docs = text.split("---\n");
+        let both: Service = serde_saphyr::from_str(docs.next().unwrap()).unwrap();
+        let spec = both.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.20"));
+        assert_eq!(spec.cluster_ips.unwrap(), ["10.96.0.20", "fd10:96::20"]);
+        assert_eq!(spec.ip_families.unwrap(), ["IPv4", "IPv6"]);
+        assert_eq!(spec.ip_family_policy.as_deref(), Some("RequireDualStack"));
+        let six: Service = serde_saphyr::from_str(docs.next().unwrap()).unwrap();
+        let spec = six.spec.unwrap();
+        assert_eq!(spec.ip_families.unwrap(), ["IPv6"]);
+        assert_eq!(spec.ip_family_policy.as_deref(), Some("SingleStack"));
+        let slice: EndpointSlice = serde_saphyr::from_str(docs.next().unwrap()).unwrap();
+        assert_eq!(slice.address_type, "IPv6");
+        assert_eq!(slice.endpoints.unwrap()[0].addresses, ["fd00:10:244::10"]);
     }
 
     #[test]

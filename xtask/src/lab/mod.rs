@@ -3,10 +3,17 @@
 //! the lab's own. Used by the privileged tests and the demo.
 //!
 //! ```text
-//!   node netns ── br0 10.244.0.1/24 ──┬── veth ── pod netns 10.244.0.10 (nginx, dnsmasq)
-//!   (clients run here, inside          ├── veth ── pod netns 10.244.0.11
-//!    the lab's cgroup)                 └── ...
+//!   node netns ── br0 10.244.0.1/24 ─────────┬── veth ── pod netns 10.244.0.10 (nginx, dnsmasq)
+//!   (clients run here,  fd00:10:244:0::1/64  │                     fd00:10:244:0::10
+//!    inside the lab's cgroup)                ├── veth ── pod netns 10.244.0.11
+//!                                            │                     fd00:10:244:0::11
+//!                                            └── ...
 //! ```
+//!
+//! Every pod is dual-stack: its IPv6 address repeats the digits of its IPv4
+//! one, and its default routes of both families go via the bridge. The
+//! lab's IPv6 addresses skip duplicate address detection (`nodad`), so they
+//! are usable at once.
 //!
 //! Nothing the lab makes is shared with the host or with another lab, and
 //! [`Drop`] takes it all down again, even when a test panics. A lab whose
@@ -33,7 +40,7 @@ mod two_nodes;
 
 pub use agent::{Agent, agent_binary, http_get, limit_open_files, raise_open_file_limit};
 pub use node::{BIG_BODY, Lab, Pod};
-pub use two_nodes::{FAR_CLIENT, TwoNodeLab};
+pub use two_nodes::{FAR_CLIENT, FAR_CLIENT6, TwoNodeLab};
 
 const PREFIX: &str = "plab";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -175,6 +182,21 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .find(|f| f.get(2) == Some(&"cgroup2"))
         .map(|f| PathBuf::from(f[1]))
         .context("no cgroup2 file system is mounted")
+}
+
+/// Makes sure IPv6 is on in the namespace `netns` and on the links made in
+/// it from now on: a host may boot with it disabled, and a new namespace
+/// may take its defaults from the host's.
+fn enable_ipv6(netns: &str) -> Result<()> {
+    ip(&[
+        "netns",
+        "exec",
+        netns,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.default.disable_ipv6=0",
+    ])
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -2,7 +2,7 @@
 
 use std::{
     fs, io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -12,15 +12,19 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Agent, BPFFS, cgroup2_root, ensure_bpffs, ip, lab_name, sweep_stale, teardown};
+use super::{
+    Agent, BPFFS, cgroup2_root, enable_ipv6, ensure_bpffs, ip, lab_name, sweep_stale, teardown,
+};
 
 const FIRST_POD_HOST: u8 = 10;
 
-/// A pod: a network namespace with one address on the lab's bridge.
+/// A pod: a network namespace with an address of each family on the lab's
+/// bridge.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     netns: String,
 }
 
@@ -72,6 +76,7 @@ impl Lab {
         };
         ip(&["netns", "add", &lab.node_netns])?;
         let node = lab.node_netns.as_str();
+        enable_ipv6(node)?;
         ip(&["-n", node, "link", "set", "lo", "up"])?;
         ip(&["-n", node, "link", "add", "br0", "type", "bridge"])?;
         ip(&[
@@ -82,6 +87,16 @@ impl Lab {
             &format!("{}/24", lab.bridge_ip()),
             "dev",
             "br0",
+        ])?;
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{}/64", lab.bridge_ip6()),
+            "dev",
+            "br0",
+            "nodad",
         ])?;
         ip(&["-n", node, "link", "set", "br0", "up"])?;
         Ok(lab)
@@ -99,17 +114,41 @@ impl Lab {
         Ipv4Addr::new(10, 244, self.subnet, 1)
     }
 
-    /// Adds a pod on the bridge; pods get 10.244.0.10, .11, ... in order.
+    /// The node's IPv6 address on its pods' bridge:
+    /// `fd00:10:244:<subnet>::1`, the pods' IPv6 gateway.
+    #[must_use]
+    pub fn bridge_ip6(&self) -> Ipv6Addr {
+        self.pod_ip6(1)
+    }
+
+    /// The pods' IPv6 network, `fd00:10:244:<subnet>::/64`.
+    #[must_use]
+    pub fn pod_cidr6(&self) -> String {
+        format!("{}/64", self.pod_ip6(0))
+    }
+
+    /// Host `host` of the pods' fd00:10:244:`subnet`::/64.
+    fn pod_ip6(&self, host: u16) -> Ipv6Addr {
+        let subnet = decimal_digits_as_hex(self.subnet);
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, subnet, 0, 0, 0, host)
+    }
+
+    /// Adds a pod on the bridge; pods get 10.244.0.10, .11, ... and
+    /// fd00:10:244:0::10, ::11, ... in order (the IPv6 host part written
+    /// as the IPv4 one is, in hexadecimal digits).
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
         let index = u8::try_from(self.pods.len()).context("too many pods")?;
+        let host = FIRST_POD_HOST + index;
         let pod = Pod {
             name: name.to_owned(),
-            ip: Ipv4Addr::new(10, 244, self.subnet, FIRST_POD_HOST + index),
+            ip: Ipv4Addr::new(10, 244, self.subnet, host),
+            ip6: self.pod_ip6(decimal_digits_as_hex(host)),
             netns: format!("{}-{name}", self.name),
         };
         ip(&["netns", "add", &pod.netns])?;
         self.pods.push(pod.clone());
         let (node, ns) = (self.node_netns.as_str(), pod.netns.as_str());
+        enable_ipv6(ns)?;
         let veth = format!("veth{index}");
         ip(&[
             "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
@@ -125,6 +164,16 @@ impl Lab {
             "dev",
             "eth0",
         ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/64", pod.ip6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         ip(&[
             "-n",
@@ -134,6 +183,16 @@ impl Lab {
             "default",
             "via",
             &self.bridge_ip().to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.bridge_ip6().to_string(),
         ])?;
         Ok(pod)
     }
@@ -158,7 +217,8 @@ impl Lab {
         Ok((lab, pods))
     }
 
-    /// Runs nginx in the pod, answering every request on `port` with the
+    /// Runs nginx in the pod, answering every request on `port` of both its
+    /// addresses with the
     /// pod's name (`/peer` with the client address it sees, `/big` with
     /// [`BIG_BODY`] bytes), and closing every connection so each request is
     /// a new connection (and a new load-balancing decision); except
@@ -183,6 +243,7 @@ impl Lab {
                scgi_temp_path {d}/scgi;\n\
                server {{\n\
                  listen {ip}:{port} backlog=4096;\n\
+                 listen [{ip6}]:{port} backlog=4096;\n\
                  location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n\
                  location = /peer {{ default_type text/plain; return 200 \"$remote_addr\\n\"; }}\n\
                  location = /held {{ default_type text/plain; keepalive_timeout 60s; return 200 \"{name}\\n\"; }}\n\
@@ -190,6 +251,7 @@ impl Lab {
                }}\n\
              }}\n",
             ip = pod.ip,
+            ip6 = pod.ip6,
             name = pod.name,
         );
         let config_path = dir.join("nginx.conf");
@@ -207,7 +269,7 @@ impl Lab {
     }
 
     /// Runs dnsmasq in the pod, answering `whoami.lab TXT` with the pod's
-    /// name on UDP `port`.
+    /// name on UDP `port` of both its addresses.
     pub fn serve_dns(&mut self, pod: &Pod, port: u16) -> Result<()> {
         let dnsmasq = crate::prerequisites::which("dnsmasq").context("dnsmasq is not installed")?;
         let child = Self::in_pod(pod, &dnsmasq.display().to_string())
@@ -219,6 +281,7 @@ impl Lab {
             ])
             .args(["--bind-interfaces", "--user=root"])
             .arg(format!("--listen-address={}", pod.ip))
+            .arg(format!("--listen-address={}", pod.ip6))
             .arg(format!("--port={port}"))
             .arg(format!("--txt-record=whoami.lab,{}", pod.name))
             .arg(format!(
@@ -238,6 +301,7 @@ impl Lab {
         cmd
     }
 
+    /// Waits until the pod listens on `port` of both its addresses.
     fn wait_listening(pod: &Pod, port: u16, proto: &str) -> Result<()> {
         let flag = if proto == "tcp" { "-Hltn" } else { "-Hlun" };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -246,14 +310,16 @@ impl Lab {
                 .args(["netns", "exec", &pod.netns, "ss", flag])
                 .arg(format!("sport = :{port}"))
                 .output()?;
-            if !out.stdout.is_empty() {
+            if String::from_utf8_lossy(&out.stdout).lines().count() >= 2 {
                 return Ok(());
             }
             thread::sleep(Duration::from_millis(20));
         }
         bail!(
-            "{} did not listen on {proto} port {port} within 10 s",
-            pod.name
+            "{} did not listen on {proto} port {port} of {} and {} within 10 s",
+            pod.name,
+            pod.ip,
+            pod.ip6
         )
     }
 
@@ -592,6 +658,14 @@ impl Drop for Lab {
             .collect();
         teardown(&namespaces, &self.cgroup, &self.bpffs, &self.dir);
     }
+}
+
+/// `n` written in decimal and read as hexadecimal: the IPv6 lab addresses
+/// repeat the IPv4 ones' digits (10.244.1.12 and fd00:10:244:1::12), so
+/// they read alike.
+pub(super) fn decimal_digits_as_hex(n: u8) -> u16 {
+    let n = u16::from(n);
+    n / 100 * 0x100 + n / 10 % 10 * 0x10 + n % 10
 }
 
 /// The size of nginx's `/big`: many full-size segments.

@@ -1,31 +1,44 @@
 //! Two nodes and an external client.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     process::{Command, Stdio},
 };
 
 use anyhow::{Result, bail};
 
-use super::{Agent, Lab, ip, kill_netns_processes, lab_name};
+use super::{
+    Agent, Lab, enable_ipv6, ip, kill_netns_processes, lab_name, node::decimal_digits_as_hex,
+};
 
 /// The external segment's network: the client, then node `i` at `.10 + i`.
 const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+/// The external segment's IPv6 network: the client, then node `i` at
+/// `::1i`.
+const EXTERNAL_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x100, 0, 0, 0, 1);
 /// The far client, behind the external client (see
 /// [`TwoNodeLab::add_far_client`]).
 pub const FAR_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 2);
+/// The far client's IPv6 address.
+pub const FAR_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x101, 0, 0, 0, 2);
+/// The far link's IPv6 network, the router (the external client) at `::1`.
+const FAR_ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x101, 0, 0, 0, 1);
+/// The smallest MTU of an IPv6 link: below it the kernel takes IPv6 off it.
+const IPV6_MIN_MTU: u16 = 1280;
 
 /// Two nodes and an external client, for traffic from outside the node:
 ///
 /// ```text
 ///   external netns: br0 192.168.100.1 (the client) ──┬── eth0 192.168.100.11 node 1 (pods 10.244.1.0/24)
+///                       fd00:192:168:100::1          │      fd00:192:168:100::11    (fd00:10:244:1::/64)
 ///                                                    └── eth0 192.168.100.12 node 2 (pods 10.244.2.0/24)
+///                                                           fd00:192:168:100::12    (fd00:10:244:2::/64)
 /// ```
 ///
 /// Each node is a [`Lab`] of its own (pods, bridge, cgroup, bpffs, its own
-/// agent) and forwards; each routes the other's pods through the other's
-/// address on the shared segment.
+/// agent) and forwards both families; each routes the other's pods through
+/// the other's address of that family on the shared segment.
 pub struct TwoNodeLab {
     nodes: [Lab; 2],
     external_netns: String,
@@ -46,6 +59,7 @@ impl TwoNodeLab {
         };
         let ext = lab.external_netns.as_str();
         ip(&["netns", "add", ext])?;
+        enable_ipv6(ext)?;
         ip(&["-n", ext, "link", "set", "lo", "up"])?;
         ip(&["-n", ext, "link", "add", "br0", "type", "bridge"])?;
         ip(&[
@@ -56,6 +70,16 @@ impl TwoNodeLab {
             &format!("{EXTERNAL_CLIENT}/24"),
             "dev",
             "br0",
+        ])?;
+        ip(&[
+            "-n",
+            ext,
+            "addr",
+            "add",
+            &format!("{EXTERNAL_CLIENT6}/64"),
+            "dev",
+            "br0",
+            "nodad",
         ])?;
         ip(&["-n", ext, "link", "set", "br0", "up"])?;
         for (index, node) in lab.nodes.iter().enumerate() {
@@ -76,6 +100,16 @@ impl TwoNodeLab {
                 "dev",
                 "eth0",
             ])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/64", lab.node_ip6(number)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             let other = 3 - number;
             ip(&[
@@ -87,7 +121,23 @@ impl TwoNodeLab {
                 "via",
                 &lab.node_ip(other).to_string(),
             ])?;
-            node.node_output("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                &lab.node(other).pod_cidr6(),
+                "via",
+                &lab.node_ip6(other).to_string(),
+            ])?;
+            node.node_output(
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                ],
+            )?;
         }
         Ok(lab)
     }
@@ -109,10 +159,24 @@ impl TwoNodeLab {
         Ipv4Addr::new(192, 168, 100, 10 + number)
     }
 
+    /// Node `number`'s IPv6 address on the external segment:
+    /// `fd00:192:168:100::1<number>`.
+    #[must_use]
+    pub fn node_ip6(&self, number: u8) -> Ipv6Addr {
+        let host = decimal_digits_as_hex(10 + number);
+        Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x100, 0, 0, 0, host)
+    }
+
     /// The external client's address.
     #[must_use]
     pub fn client_ip(&self) -> Ipv4Addr {
         EXTERNAL_CLIENT
+    }
+
+    /// The external client's IPv6 address.
+    #[must_use]
+    pub fn client_ip6(&self) -> Ipv6Addr {
+        EXTERNAL_CLIENT6
     }
 
     /// A command run by the external client.
@@ -123,20 +187,25 @@ impl TwoNodeLab {
         cmd
     }
 
-    /// Adds a client one router hop further out, at [`FAR_CLIENT`]: the
-    /// external namespace forwards to it over a link of MTU `mtu` on the
-    /// router's side (1500 on the client's, so the client still offers a
-    /// full-size MSS), as a path through a tunnel is. Full-size packets
-    /// towards it meet a "fragmentation needed" in the router.
+    /// Adds a client one router hop further out, at [`FAR_CLIENT`] and
+    /// [`FAR_CLIENT6`]: the external namespace forwards to it over a link
+    /// of MTU `mtu` on the router's side (1500 on the client's, so the
+    /// client still offers a full-size MSS), as a path through a tunnel
+    /// is. Full-size packets towards it meet a "fragmentation needed" in
+    /// the router, or for IPv6 (whose routers never fragment) a "packet too
+    /// big". An IPv6 link cannot be narrower than 1280 bytes: below that
+    /// the far client has no IPv6 address.
     pub fn add_far_client(&mut self, mtu: u16) -> Result<Ipv4Addr> {
         let far = format!("{}-far", self.external_netns.trim_end_matches("-ext"));
         ip(&["netns", "add", &far])?;
         self.far_netns = Some(far.clone());
+        enable_ipv6(&far)?;
         let ext = self.external_netns.as_str();
         ip(&["-n", &far, "link", "set", "lo", "up"])?;
         ip(&[
             "-n", ext, "link", "add", "far", "type", "veth", "peer", "name", "eth0", "netns", &far,
         ])?;
+        let with_ipv6 = mtu >= IPV6_MIN_MTU;
         let mtu = mtu.to_string();
         ip(&["-n", ext, "link", "set", "far", "mtu", &mtu])?;
         ip(&["-n", ext, "addr", "add", "192.168.101.1/24", "dev", "far"])?;
@@ -160,9 +229,16 @@ impl TwoNodeLab {
             "via",
             "192.168.101.1",
         ])?;
+        if with_ipv6 {
+            self.add_far_client_ipv6(&far)?;
+        }
         let status = self
             .external("sysctl")
-            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .args([
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ])
             .status()?;
         if !status.success() {
             bail!("cannot turn forwarding on in {ext}");
@@ -181,10 +257,63 @@ impl TwoNodeLab {
         Ok(FAR_CLIENT)
     }
 
-    /// Routes `cidr` from the external segment to node `number`, as a
-    /// router announcing externalIPs, load-balancer IPs or the Service
-    /// CIDR would.
+    /// The far link's IPv6 addresses and routes: the far client's default
+    /// route via the router, and each node's route back through it.
+    fn add_far_client_ipv6(&self, far: &str) -> Result<()> {
+        let ext = self.external_netns.as_str();
+        ip(&[
+            "-n",
+            ext,
+            "addr",
+            "add",
+            &format!("{FAR_ROUTER6}/64"),
+            "dev",
+            "far",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            far,
+            "addr",
+            "add",
+            &format!("{FAR_CLIENT6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            far,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &FAR_ROUTER6.to_string(),
+        ])?;
+        for node in &self.nodes {
+            ip(&[
+                "-n",
+                &node.node_netns,
+                "route",
+                "add",
+                "fd00:192:168:101::/64",
+                "via",
+                &EXTERNAL_CLIENT6.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Routes `cidr` (of either family) from the external segment to node
+    /// `number`, as a router announcing externalIPs, load-balancer IPs or
+    /// the Service CIDR would.
     pub fn route_via_node(&self, cidr: &str, number: u8) -> Result<()> {
+        let via = if cidr.contains(':') {
+            self.node_ip6(number).to_string()
+        } else {
+            self.node_ip(number).to_string()
+        };
         ip(&[
             "-n",
             &self.external_netns,
@@ -192,7 +321,7 @@ impl TwoNodeLab {
             "add",
             cidr,
             "via",
-            &self.node_ip(number).to_string(),
+            &via,
         ])
     }
 
