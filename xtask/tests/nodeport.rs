@@ -127,8 +127,8 @@ fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, String) {
 /// masquerade chains are installed on the node's own iptables back end,
 /// repaired within the sync period after a flush, and gone after `cleanup`
 /// with everything else exactly as it was; the healthCheckNodePort of a
-/// policy-Local Service counts each node's endpoints; a nodePort out of
-/// range is logged by name.
+/// policy-Local Service counts each node's endpoints, and answers over
+/// IPv6 too (issue 17); a nodePort out of range is logged by name.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn nodeport_groundwork_masquerade_rules_health_check_and_node_port_range() {
@@ -169,6 +169,19 @@ fn nodeport_groundwork_masquerade_rules_health_check_and_node_port_range() {
     // The load balancer's probe: node 1 has both endpoints, node 2 none.
     assert_health_check(&lab, 1, 200, 2);
     assert_health_check(&lab, 2, 503, 0);
+    // The same port over IPv6, from the node itself.
+    let out = node1
+        .in_node("curl")
+        .args(["-gs", "--max-time", "5", "-w", "\n%{http_code}"])
+        .arg("http://[::1]:31999/healthz")
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(status, "200", "over IPv6: {body}");
+    let json: serde_json::Value = serde_json::from_str(body).expect(body);
+    assert_eq!(json["localEndpoints"], 2, "over IPv6: {body}");
+
 
     // The nodePort out of range, by name; the rest is served.
     agents[0]
