@@ -5,7 +5,7 @@
 
 use std::{
     fmt::Write as _,
-    io::Write as _,
+    io::{ErrorKind, Write as _},
     path::PathBuf,
     process::{Command, ExitStatus, Stdio},
 };
@@ -201,8 +201,15 @@ pub fn run(program: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<Stri
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn_error)?;
+    // A command that fails before it has read all its input (a table the
+    // kernel lacks) closes the pipe: its exit status and stderr say why,
+    // the EPIPE does not.
+    let mut unread = None;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(spawn_error)?;
+        match pipe.write_all(input.as_bytes()) {
+            Err(error) if error.kind() == ErrorKind::BrokenPipe => unread = Some(error),
+            written => written.map_err(spawn_error)?,
+        }
     }
     let output = child.wait_with_output().map_err(spawn_error)?;
     if !output.status.success() {
@@ -211,6 +218,9 @@ pub fn run(program: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<Stri
             status: output.status,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
+    }
+    if let Some(error) = unread {
+        return Err(spawn_error(error));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

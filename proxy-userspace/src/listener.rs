@@ -176,26 +176,10 @@ pub async fn serve(
     Ok(bound)
 }
 
-/// [`serve`] for listeners that come and go: binds at once (inside the
-/// runtime) and returns the task, to abort when the port is no longer
-/// served.
-pub fn serve_std(
-    name: &'static str,
-    address: SocketAddr,
-    responder: Arc<dyn Responder>,
-    connections: Arc<Connections>,
-) -> io::Result<JoinHandle<()>> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
-    Ok(accept(
-        name,
-        TcpListener::from_std(listener)?,
-        responder,
-        connections,
-    ))
-}
-
-fn accept(
+/// Answers on a listener bound elsewhere (with socket options of its
+/// own), in the background, as [`serve`] does; returns the task, to abort
+/// when the port is no longer served.
+pub fn accept(
     name: &'static str,
     listener: TcpListener,
     responder: Arc<dyn Responder>,

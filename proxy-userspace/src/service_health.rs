@@ -3,24 +3,35 @@
 //! cloud load balancer probes, answering as kube-proxy does: 200 while this
 //! node has a ready endpoint of the Service and the proxy itself is healthy
 //! (`/healthz`'s rule without the Node's state), 503 otherwise, with
-//! kube-proxy's JSON body. Any path is answered. The ports share one pool
-//! of connections.
+//! kube-proxy's JSON body. Any path is answered, over IPv4 and IPv6. The
+//! ports share one pool of connections.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
 };
 
+use nix::{
+    errno::Errno,
+    sys::socket::{setsockopt, sockopt},
+};
 use serde::Serialize;
-use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinHandle,
+};
+use tracing::{debug, info, warn};
 
 use crate::{
     health::SharedHealth,
     listener::{Connections, HEALTH_CHECK_CONNECTIONS, Responder},
     model::HealthCheck,
 };
+
+/// tokio's `TcpListener::bind` backlog.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// The servers, one per healthCheckNodePort.
 pub struct ServiceHealthServers {
@@ -66,14 +77,14 @@ impl ServiceHealthServers {
                 checks: self.checks.clone(),
                 health: self.health.clone(),
             });
-            let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
-            match crate::listener::serve_std(
-                "healthCheckNodePort",
-                address,
-                responder as Arc<dyn Responder>,
-                self.connections.clone(),
-            ) {
+            match bind_both_families(*port) {
                 Ok(listener) => {
+                    let listener = crate::listener::accept(
+                        "healthCheckNodePort",
+                        listener,
+                        responder as Arc<dyn Responder>,
+                        self.connections.clone(),
+                    );
                     self.failed.remove(port);
                     info!(port, service = %check.service, "healthCheckNodePort serving");
                     self.listeners.insert(*port, listener);
@@ -88,6 +99,35 @@ impl ServiceHealthServers {
             }
         }
     }
+}
+
+/// Binds `port` for probes of both families: one IPv6 socket that takes
+/// IPv4 too (IPV6_V6ONLY off, whatever net.ipv6.bindv6only says), as a
+/// load balancer may probe the node on either of its addresses; on a node
+/// whose kernel has no IPv6, IPv4 alone.
+fn bind_both_families(port: u16) -> io::Result<TcpListener> {
+    let (socket, address) = match TcpSocket::new_v6() {
+        Ok(socket) => {
+            setsockopt(&socket, sockopt::Ipv6V6Only, &false)?;
+            (socket, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        }
+        Err(error) if error.raw_os_error() == Some(Errno::EAFNOSUPPORT as i32) => {
+            debug!(
+                port,
+                "no IPv6 on this node: the healthCheckNodePort serves IPv4 only"
+            );
+            (
+                TcpSocket::new_v4()?,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            )
+        }
+        Err(error) => return Err(error),
+    };
+    // As std's and tokio's own bind: a port just closed (its connections in
+    // TIME_WAIT) can be bound again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 impl Drop for ServiceHealthServers {

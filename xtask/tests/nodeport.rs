@@ -22,12 +22,10 @@ use common::{
     Conversation, HTTP_BACKEND, assert_check, assert_printed, assert_succeeded, doctor_in,
 };
 
-/// `iptables-save` without what changes by itself: comments (a date) and
-/// packet counters.
-fn iptables_rules(lab: &Lab) -> String {
-    let dump = lab
-        .node_output("iptables-save", &[])
-        .expect("iptables-save");
+/// `save` (`iptables-save` or `ip6tables-save`) without what changes by
+/// itself: comments (a date) and packet counters.
+fn saved_rules(lab: &Lab, save: &str) -> String {
+    let dump = lab.node_output(save, &[]).expect(save);
     dump.lines()
         .filter(|line| !line.starts_with('#'))
         .map(|line| match line.find(" [") {
@@ -69,12 +67,12 @@ fn assert_health_check(lab: &TwoNodeLab, number: u8, status: u16, count: u64) {
     assert_eq!(json["serviceProxyHealthy"], true);
 }
 
-/// Two nodes, two nginx pods on node 1, unrelated iptables rules on node 1
-/// (made with the host's own `iptables`, so they also tell the agent which
-/// back end the node uses), a policy-Local load balancer and a NodePort
+/// Two nodes, two nginx pods on node 1, unrelated iptables and ip6tables
+/// rules on node 1 (made with the host's own `iptables` and `ip6tables`,
+/// so they also tell the agent which back end the node uses), a policy-Local load balancer and a NodePort
 /// Service whose nodePort is out of range, and an agent on each node.
-/// Returns node 1's rules from before the agents started.
-fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, String) {
+/// Returns node 1's IPv4 and IPv6 rules from before the agents started.
+fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, [String; 2]) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let pods: Vec<Pod> = ["web-1a", "web-1b"]
         .iter()
@@ -85,18 +83,21 @@ fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, String) {
             pod
         })
         .collect();
-    for rule in [
-        "-t nat -N SOMEONE-ELSE",
-        "-t nat -A POSTROUTING -s 10.99.0.0/16 -j SOMEONE-ELSE",
-        "-t nat -A SOMEONE-ELSE -j MASQUERADE",
-        "-t filter -A INPUT -p tcp --dport 9 -j DROP",
-    ] {
-        let args: Vec<&str> = rule.split(' ').collect();
-        lab.node(1)
-            .node_output("iptables", &args)
-            .expect("iptables");
+    for (program, source) in [("iptables", "10.99.0.0/16"), ("ip6tables", "fd00:99::/64")] {
+        for rule in [
+            "-t nat -N SOMEONE-ELSE",
+            &format!("-t nat -A POSTROUTING -s {source} -j SOMEONE-ELSE"),
+            "-t nat -A SOMEONE-ELSE -j MASQUERADE",
+            "-t filter -A INPUT -p tcp --dport 9 -j DROP",
+        ] {
+            let args: Vec<&str> = rule.split(' ').collect();
+            lab.node(1).node_output(program, &args).expect(program);
+        }
     }
-    let before = iptables_rules(lab.node(1));
+    let before = [
+        saved_rules(lab.node(1), "iptables-save"),
+        saved_rules(lab.node(1), "ip6tables-save"),
+    ];
     let endpoints: Vec<(Ipv4Addr, &str)> = pods.iter().map(|p| (p.ip, "node-1")).collect();
     lab.write_manifest(
         "web.yaml",
@@ -127,48 +128,95 @@ fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, String) {
 /// masquerade chains are installed on the node's own iptables back end,
 /// repaired within the sync period after a flush, and gone after `cleanup`
 /// with everything else exactly as it was; the healthCheckNodePort of a
-/// policy-Local Service counts each node's endpoints; a nodePort out of
-/// range is logged by name.
+/// policy-Local Service counts each node's endpoints, and answers over
+/// IPv6 too (issue 17); a nodePort out of range is logged by name. Issue
+/// 17 as well: the chains are kept, repaired and removed with ip6tables as
+/// with iptables.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn nodeport_groundwork_masquerade_rules_health_check_and_node_port_range() {
     let (lab, agents, before) = nodeport_lab();
     let node1 = lab.node(1);
-    // The chains, on the back end the node's rules are in.
+    // The chains, on the back end the node's rules are in, in both
+    // families.
     agents[0]
         .wait_for_log("installed the masquerade rules", Duration::from_secs(10))
         .unwrap();
-    let nat = node1.node_output("iptables-save", &["-t", "nat"]).unwrap();
-    for line in [
-        ":EBPF-PROXY-MARK-MASQ - [0:0]",
-        "-A EBPF-PROXY-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
-        "-A EBPF-PROXY-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
-        "-A POSTROUTING -m comment --comment \"ebpf-proxy postrouting rules\" -j EBPF-PROXY-POSTROUTING",
-    ] {
-        assert!(nat.contains(line), "{line:?} missing from:\n{nat}");
-    }
-    assert!(nat.contains("-j MASQUERADE --random-fully"), "{nat}");
-
-    // Flushed by hand: restored within the 1 s period.
-    node1
-        .node_output("iptables", &["-t", "nat", "-F", "EBPF-PROXY-POSTROUTING"])
-        .unwrap();
-    let flushed = Instant::now();
-    agents[0]
-        .wait_for_log("restored them", Duration::from_secs(5))
-        .unwrap();
-    assert!(
-        flushed.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        flushed.elapsed()
+    wait_for_log_count(
+        &agents[0],
+        "installed the masquerade rules",
+        2,
+        Duration::from_secs(5),
     );
-    let nat = node1.node_output("iptables-save", &["-t", "nat"]).unwrap();
-    assert!(nat.contains("-j MASQUERADE --random-fully"), "{nat}");
-    assert!(nat.contains("-A SOMEONE-ELSE -j MASQUERADE"), "{nat}");
+    for save in ["iptables-save", "ip6tables-save"] {
+        let nat = node1.node_output(save, &["-t", "nat"]).unwrap();
+        for line in [
+            ":EBPF-PROXY-MARK-MASQ - [0:0]",
+            "-A EBPF-PROXY-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+            "-A EBPF-PROXY-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+            "-A POSTROUTING -m comment --comment \"ebpf-proxy postrouting rules\" -j EBPF-PROXY-POSTROUTING",
+        ] {
+            assert!(nat.contains(line), "{save}: {line:?} missing from:\n{nat}");
+        }
+        assert!(
+            nat.contains("-j MASQUERADE --random-fully"),
+            "{save}: {nat}"
+        );
+    }
+
+    // Flushed by hand, one family after the other: restored within the
+    // 1 s period, with the other family's rules left alone.
+    for (round, (program, save, family)) in [
+        ("iptables", "iptables-save", "family=IPv4"),
+        ("ip6tables", "ip6tables-save", "family=IPv6"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        node1
+            .node_output(program, &["-t", "nat", "-F", "EBPF-PROXY-POSTROUTING"])
+            .unwrap();
+        let flushed = Instant::now();
+        wait_for_log_count(
+            &agents[0],
+            "restored them",
+            round + 1,
+            Duration::from_secs(5),
+        );
+        assert!(
+            flushed.elapsed() < Duration::from_secs(3),
+            "{program}: {:?}",
+            flushed.elapsed()
+        );
+        let log = agents[0].log();
+        let restored = log.lines().rfind(|l| l.contains("restored them"));
+        assert!(restored.is_some_and(|l| l.contains(family)), "{log}");
+        let nat = node1.node_output(save, &["-t", "nat"]).unwrap();
+        assert!(
+            nat.contains("-j MASQUERADE --random-fully"),
+            "{save}: {nat}"
+        );
+        assert!(
+            nat.contains("-A SOMEONE-ELSE -j MASQUERADE"),
+            "{save}: {nat}"
+        );
+    }
 
     // The load balancer's probe: node 1 has both endpoints, node 2 none.
     assert_health_check(&lab, 1, 200, 2);
     assert_health_check(&lab, 2, 503, 0);
+    // The same port over IPv6, from the node itself.
+    let out = node1
+        .in_node("curl")
+        .args(["-gs", "--max-time", "5", "-w", "\n%{http_code}"])
+        .arg("http://[::1]:31999/healthz")
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(status, "200", "over IPv6: {body}");
+    let json: serde_json::Value = serde_json::from_str(body).expect(body);
+    assert_eq!(json["localEndpoints"], 2, "over IPv6: {body}");
 
     // The nodePort out of range, by name; the rest is served.
     agents[0]
@@ -178,10 +226,24 @@ fn nodeport_groundwork_masquerade_rules_health_check_and_node_port_range() {
         )
         .unwrap();
 
-    // cleanup leaves iptables exactly as it was.
+    // cleanup leaves iptables and ip6tables exactly as they were.
     drop(agents);
     cleanup_in_node(node1);
-    assert_eq!(iptables_rules(node1), before);
+    assert_eq!(saved_rules(node1, "iptables-save"), before[0]);
+    assert_eq!(saved_rules(node1, "ip6tables-save"), before[1]);
+}
+
+/// Waits until the agent has logged `needle` `count` times.
+fn wait_for_log_count(agent: &Agent, needle: &str, count: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while agent.log().matches(needle).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not logged {count} times within {timeout:?}:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Answers from the external client to `url`, `count` requests: the bodies
@@ -448,13 +510,26 @@ fn assert_doctor_checks_the_masquerade(lab: &TwoNodeLab, agent: &Agent) {
         doctor_in(command, node, &healthz).1
     };
     assert_check(&doctor_here(), "masquerade", "OK", "tc programs on eth0");
-    node.node_output("iptables", &["-t", "nat", "-F", "EBPF-PROXY-POSTROUTING"])
-        .unwrap();
-    assert_check(&doctor_here(), "masquerade", "FAIL", "their rules differ");
-    // The agent repairs them; the load below needs them.
-    agent
-        .wait_for_log("restored them", Duration::from_secs(10))
-        .unwrap();
+    assert_check(&doctor_here(), "masquerade", "OK", "IPv4 and IPv6");
+    let restored = agent.log().matches("restored them").count();
+    for (round, (program, problem)) in [
+        ("iptables", "IPv4: their rules differ"),
+        ("ip6tables", "IPv6: their rules differ"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        node.node_output(program, &["-t", "nat", "-F", "EBPF-PROXY-POSTROUTING"])
+            .unwrap();
+        assert_check(&doctor_here(), "masquerade", "FAIL", problem);
+        // The agent repairs them; the load below needs them.
+        wait_for_log_count(
+            agent,
+            "restored them",
+            restored + round + 1,
+            Duration::from_secs(10),
+        );
+    }
 }
 
 /// `proxy-userspace cleanup` in the node's namespace, as its agent ran.
