@@ -275,14 +275,6 @@ fn load(
     let ipv4 = FamilyTables::adopt(&mut datapath)?;
     let ipv6 = FamilyTables::adopt(&mut datapath)?;
     datapath.set_tcx(config.programs.tcx);
-    let (frontends, backends) = ipv4.sockets.sizes();
-    let (external, _) = ipv4.tc.sizes();
-    let (frontends6, backends6) = ipv6.sockets.sizes();
-    let (external6, _) = ipv6.tc.sizes();
-    info!(
-        frontends,
-        backends, external, frontends6, backends6, external6, "adopted the pinned maps"
-    );
     Ok((datapath, ipv4, ipv6))
 }
 

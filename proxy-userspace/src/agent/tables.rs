@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use proxy_common::{Backend, ServiceKey, ServiceValue};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::AgentError;
 use crate::{
@@ -56,6 +56,12 @@ impl<A: MapAddress> FamilyTables<A> {
             .inspect_err(|error| warn!(family, error = %crate::report::chain(error), "the per-slot counts are not kept tidy"))
             .ok()
             .map(SlotCounts::new);
+        let (frontends, backends) = sockets.sizes();
+        let (external, _) = tc.sizes();
+        info!(
+            frontends,
+            backends, external, family, "adopted the pinned maps"
+        );
         Ok(Self {
             sockets,
             tc,
