@@ -1,5 +1,5 @@
 //! sock_diag over netlink, as much of it as the agent needs: list a
-//! namespace's IPv4 sockets of one protocol (with their values in a
+//! namespace's sockets of one family and protocol (with their values in a
 //! socket-local storage map, `INET_DIAG_REQ_SK_BPF_STORAGES`, which the
 //! kernel gives for TCP sockets only), and end one (`SOCK_DESTROY`); and
 //! move the calling thread into a network namespace.
@@ -7,7 +7,7 @@
 
 use std::{
     fs, io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
@@ -34,8 +34,9 @@ pub type SocketId = [u8; SOCKID_LEN];
 /// One listed socket.
 pub struct Listed<'a> {
     pub id: SocketId,
-    /// The remote address and port.
-    pub peer: (Ipv4Addr, u16),
+    /// The remote address and port; an IPv4-mapped IPv6 address as the
+    /// IPv4 address it stands for.
+    pub peer: (IpAddr, u16),
     /// The socket's cookie, as `bpf_get_socket_cookie` gives it.
     pub cookie: u64,
     /// The socket's value in the storage map, if it has one.
@@ -62,17 +63,19 @@ impl SockDiag {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Lists the IPv4 sockets of `proto` in any of `states` (a bit per TCP
-    /// state), each with its value in `storage` if given. The kernel
-    /// reports socket-local storage for TCP sockets only.
+    /// Lists the sockets of `family` (`AF_INET` or `AF_INET6`) and `proto`
+    /// in any of `states` (a bit per TCP state), each with its value in
+    /// `storage` if given. The kernel reports socket-local storage for TCP
+    /// sockets only.
     pub fn list(
         &self,
+        family: u8,
         proto: u8,
         states: u32,
         storage: Option<BorrowedFd<'_>>,
         mut each: impl FnMut(Listed<'_>),
     ) -> io::Result<()> {
-        let mut request = request(proto, states, &[0; SOCKID_LEN]);
+        let mut request = request(family, proto, states, &[0; SOCKID_LEN]);
         if let Some(storage) = storage {
             let mut map = Vec::new();
             let fd = u32::try_from(storage.as_raw_fd()).unwrap_or(u32::MAX);
@@ -99,11 +102,11 @@ impl SockDiag {
 
     /// Ends the socket `id` of `proto`: its owner's next call fails with
     /// ECONNABORTED. ENOENT when it closed meanwhile.
-    pub fn destroy(&self, proto: u8, id: &SocketId) -> io::Result<()> {
+    pub fn destroy(&self, family: u8, proto: u8, id: &SocketId) -> io::Result<()> {
         self.send(
             SOCK_DESTROY,
             libc::NLM_F_REQUEST | libc::NLM_F_ACK,
-            &request(proto, u32::MAX, id),
+            &request(family, proto, u32::MAX, id),
         )?;
         self.receive(|_, _| {})
     }
@@ -199,10 +202,14 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 /// An `inet_diag_msg` and its attributes, as the agent reads them.
 fn listed(message: &[u8]) -> Option<Listed<'_>> {
     let id: SocketId = message.get(4..4 + SOCKID_LEN)?.try_into().ok()?;
-    let peer = (
-        Ipv4Addr::new(id[20], id[21], id[22], id[23]),
-        u16::from_be_bytes([id[2], id[3]]),
-    );
+    // idiag_dst: four words, of which IPv4 uses the first.
+    let peer_ip = if i32::from(*message.first()?) == libc::AF_INET6 {
+        let octets: [u8; 16] = id[20..36].try_into().ok()?;
+        Ipv6Addr::from(octets).to_canonical()
+    } else {
+        IpAddr::V4(Ipv4Addr::new(id[20], id[21], id[22], id[23]))
+    };
+    let peer = (peer_ip, u16::from_be_bytes([id[2], id[3]]));
     // idiag_cookie: the low half first, each in host order.
     let cookie = u64::from(u32_at(&id, 40)) | u64::from(u32_at(&id, 44)) << 32;
     Some(Listed {
@@ -239,9 +246,8 @@ const fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
-/// `struct inet_diag_req_v2` for IPv4 sockets of `proto`.
-fn request(proto: u8, states: u32, id: &SocketId) -> Vec<u8> {
-    let family = u8::try_from(libc::AF_INET).unwrap_or_default();
+/// `struct inet_diag_req_v2` for sockets of `family` and `proto`.
+fn request(family: u8, proto: u8, states: u32, id: &SocketId) -> Vec<u8> {
     let mut request = vec![family, proto, 0, 0];
     request.extend_from_slice(&states.to_ne_bytes());
     request.extend_from_slice(id);
@@ -289,13 +295,30 @@ mod tests {
     fn a_listed_socket_gives_its_peer_and_its_storage_through_the_nesting() {
         let message = message(b"value!");
         let listed = listed(&message).unwrap();
-        assert_eq!(listed.peer, (Ipv4Addr::new(10, 244, 0, 10), 5353));
+        assert_eq!(listed.peer, (Ipv4Addr::new(10, 244, 0, 10).into(), 5353));
         assert_eq!(listed.cookie, (1 << 32) | 7);
         assert_eq!(listed.storage, Some(&b"value!"[..]));
         assert_eq!(listed.id[..], message[4..4 + SOCKID_LEN]);
         // Cut short: no storage, and no panic.
         assert!(listed_storage(&message[..DIAG_MSG_LEN + 12]).is_none());
         assert!(super::listed(&message[..10]).is_none());
+    }
+
+    #[test]
+    fn an_ipv6_socket_gives_its_peer_and_a_mapped_one_the_ipv4_address() {
+        let ipv6 = |dst: Ipv6Addr| {
+            let mut message = message(b"");
+            message[0] = u8::try_from(libc::AF_INET6).unwrap();
+            message[4 + 20..4 + 36].copy_from_slice(&dst.octets());
+            message
+        };
+        let pod: Ipv6Addr = "fd00:10:244::10".parse().unwrap();
+        assert_eq!(listed(&ipv6(pod)).unwrap().peer, (pod.into(), 5353));
+        let mapped = Ipv4Addr::new(10, 244, 0, 10).to_ipv6_mapped();
+        assert_eq!(
+            listed(&ipv6(mapped)).unwrap().peer,
+            (Ipv4Addr::new(10, 244, 0, 10).into(), 5353)
+        );
     }
 
     fn listed_storage(message: &[u8]) -> Option<&[u8]> {

@@ -150,7 +150,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
-    let (mut datapath, mut ipv4, ipv6) = load(&config)?;
+    let (mut datapath, mut ipv4, mut ipv6) = load(&config)?;
     if config.programs.trace {
         follow_trace(&mut datapath)?;
     }
@@ -165,6 +165,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let stale_sockets = start_stale_sockets(&config);
     if stale_sockets.is_some() {
         ipv4.sockets.report_departures();
+        ipv6.sockets.report_departures();
     }
     let mut state = Loop {
         model: Model::new(config.model.clone()),
@@ -475,10 +476,9 @@ impl Loop {
             .update(&self.model.external().health_checks);
         let ipv4 = self.ipv4.reconcile(&self.model);
         let ipv6 = self.ipv6.reconcile(&self.model);
-        // The sockets of departed backends are ended for IPv4 only: the
-        // IPv6 socket table does not report departures.
         if let Some(stale_sockets) = &self.stale_sockets {
             stale_sockets.follow(&ipv4.socket_events);
+            stale_sockets.follow(&ipv6.socket_events);
         }
         let passes = [ipv4.sockets, ipv4.tc, ipv6.sockets, ipv6.tc];
         let failures = passes.iter().map(|pass| pass.failures).sum::<usize>();

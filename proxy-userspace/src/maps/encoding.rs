@@ -108,22 +108,20 @@ fn addr_be(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-fn ip_from_be(addr_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(addr_be.to_ne_bytes())
-}
-
-/// An address and port, as a socket's reverse translations name them.
-pub type HostPort = (Ipv4Addr, u16);
+/// An address and port, as a socket's reverse translations name them:
+/// IPv4-mapped IPv6 addresses (an IPv6 socket's name for an IPv4 Service)
+/// as the IPv4 addresses they stand for, so one comparison covers both.
+pub type HostPort = (IpAddr, u16);
 
 /// A socket's reverse translation as its storage holds it: the frontend
 /// it asked for, and the backend it was sent to. Only the programs write
 /// these; tests make them as the programs would.
 #[cfg(test)]
 #[must_use]
-pub fn rev_nat_pair(frontend: HostPort, backend: HostPort) -> RevNatPair {
+pub fn rev_nat_pair<A: MapAddress>(frontend: HostPort, backend: HostPort) -> RevNatPair<A> {
     RevNatPair {
-        backend_addr_be: addr_be(backend.0),
-        frontend_addr_be: addr_be(frontend.0),
+        backend_addr_be: A::from_ip(backend.0).expect("an address of the family"),
+        frontend_addr_be: A::from_ip(frontend.0).expect("an address of the family"),
         backend_port_be: backend.1.to_be(),
         frontend_port_be: frontend.1.to_be(),
     }
@@ -132,15 +130,15 @@ pub fn rev_nat_pair(frontend: HostPort, backend: HostPort) -> RevNatPair {
 /// The frontend and backend of a reverse translation; `None` for a free
 /// pair.
 #[must_use]
-pub fn rev_nat_addresses(pair: &RevNatPair) -> Option<(HostPort, HostPort)> {
-    (pair.backend_addr_be != 0).then(|| {
+pub fn rev_nat_addresses<A: MapAddress>(pair: &RevNatPair<A>) -> Option<(HostPort, HostPort)> {
+    (pair.backend_addr_be != A::default()).then(|| {
         (
             (
-                ip_from_be(pair.frontend_addr_be),
+                pair.frontend_addr_be.to_ip().to_canonical(),
                 u16::from_be(pair.frontend_port_be),
             ),
             (
-                ip_from_be(pair.backend_addr_be),
+                pair.backend_addr_be.to_ip().to_canonical(),
                 u16::from_be(pair.backend_port_be),
             ),
         )
@@ -246,15 +244,23 @@ mod tests {
 
     #[test]
     fn reverse_translations_and_the_cluster_cidr_are_in_network_byte_order() {
-        let frontend = (Ipv4Addr::new(10, 96, 0, 10), 53);
-        let backend = (Ipv4Addr::new(10, 244, 1, 7), 8080);
-        let pair = rev_nat_pair(frontend, backend);
+        let frontend = (Ipv4Addr::new(10, 96, 0, 10).into(), 53);
+        let backend = (Ipv4Addr::new(10, 244, 1, 7).into(), 8080);
+        let pair = rev_nat_pair::<Ip4>(frontend, backend);
         assert_eq!(
             bytes_of(&pair),
             [10, 244, 1, 7, 10, 96, 0, 10, 0x1f, 0x90, 0, 53]
         );
         assert_eq!(rev_nat_addresses(&pair), Some((frontend, backend)));
-        assert_eq!(rev_nat_addresses(&RevNatPair::default()), None);
+        assert_eq!(rev_nat_addresses(&RevNatPair::<Ip4>::default()), None);
+        // An IPv6 socket's translation of an IPv4 Service holds mapped
+        // addresses, and reads as the IPv4 ones.
+        let mapped = |(ip, port): HostPort| match ip {
+            IpAddr::V4(v4) => (IpAddr::V6(v4.to_ipv6_mapped()), port),
+            IpAddr::V6(_) => (ip, port),
+        };
+        let pair6 = rev_nat_pair::<Ip6>(mapped(frontend), mapped(backend));
+        assert_eq!(rev_nat_addresses(&pair6), Some((frontend, backend)));
 
         let cidr: Cidr = "10.244.1.7/16".parse().unwrap();
         let (network, mask) = cidr.ipv4_network_and_mask_be();
