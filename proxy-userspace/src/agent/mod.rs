@@ -282,6 +282,8 @@ fn load(config: &AgentConfig) -> Result<(Datapath, FrontendTable, FrontendTable)
         ProgramSettings {
             masquerade_mark: 1 << config.masquerade_bit,
             cluster_cidr: config.cluster_cidr,
+            // Until the agent's configuration carries the IPv6 one.
+            cluster_cidr6: None,
             masquerade_all: config.masquerade_all,
             trace: config.programs.trace,
         },
