@@ -19,8 +19,8 @@ use std::{
 };
 
 use proxy_common::{
-    Backend, EXT_BACKENDS6_MAP, EXT_SERVICES6_MAP, FRONTEND_MASQUERADE, FRONTEND_NODE_PORT, Ip6,
-    PROTO_TCP, ServiceKey, ServiceValue,
+    BACKENDS6_MAP, Backend, EXT_BACKENDS6_MAP, EXT_SERVICES6_MAP, FRONTEND_MASQUERADE,
+    FRONTEND_NODE_PORT, Ip6, PROTO_TCP, PROTO_UDP, SERVICES6_MAP, ServiceKey, ServiceValue,
 };
 use xtask::{
     bpf_stats::{RunTimeStats, cost_of},
@@ -40,11 +40,10 @@ const FAR_ROUTER: &str = "fd00:101::1";
 const FAR_CLIENT: &str = "fd00:101::2";
 /// The pod's IPv6 server; nginx has the IPv4 address's 8080.
 const POD_PORT: u16 = 8086;
-/// A NodePort of policy Cluster (masqueraded) and one of policy Local.
+/// A NodePort of policy Cluster (masqueraded) and one of policy Local;
+/// backend ids far from those the agent hands out.
 const CLUSTER_PORT: u16 = 30080;
 const LOCAL_PORT: u16 = 30081;
-/// A backend id far from those the agent hands out.
-const BACKEND_ID: u32 = 0xf00d;
 /// The masquerade mark the agent loads the programs with by default.
 const MASQUERADE_MARK: &str = "0x4000/0x4000";
 
@@ -224,11 +223,11 @@ fn hex(bytes: &[u8]) -> Vec<String> {
 }
 
 /// `ServiceKey<Ip6>` as the kernel holds it.
-fn service_key(addr: &str, port: u16, slot: u16) -> Vec<u8> {
-    let mut key = octets(addr).to_vec();
-    key.extend(port.to_be_bytes());
+fn service_key(frontend: &Frontend, slot: u16) -> Vec<u8> {
+    let mut key = octets(frontend.addr).to_vec();
+    key.extend(frontend.port.to_be_bytes());
     key.extend(slot.to_ne_bytes());
-    key.extend([PROTO_TCP, 0, 0, 0]);
+    key.extend([frontend.proto, 0, 0, 0]);
     assert_eq!(key.len(), size_of::<ServiceKey<Ip6>>());
     key
 }
@@ -255,27 +254,112 @@ fn update(lab: &TwoNodeLab, map: &str, key: &[u8], value: &[u8]) {
     run(command);
 }
 
-/// A NodePort frontend on node 1's IPv6 address over the pod's IPv6
-/// server, as the agent will write it: slot 0 with the count and flags,
-/// slot 1 with the backend, and the backend by id.
-fn write_frontend(lab: &TwoNodeLab, port: u16, flags: u16) {
+/// One hand-written frontend over the pod's IPv6 address.
+struct Frontend {
+    /// `lb6_ext_svc_v1` for the outside frontends, `lb6_svc_v1` for a
+    /// ClusterIP.
+    services: &'static str,
+    backends: &'static str,
+    addr: &'static str,
+    port: u16,
+    proto: u8,
+    /// Slot 0's flags.
+    flags: u16,
+    backend_id: u32,
+    pod_port: u16,
+}
+
+impl Frontend {
+    /// A NodePort on node 1's IPv6 address.
+    const fn node_port(port: u16, proto: u8, flags: u16, backend_id: u32, pod_port: u16) -> Self {
+        Self {
+            services: EXT_SERVICES6_MAP,
+            backends: EXT_BACKENDS6_MAP,
+            addr: NODE1,
+            port,
+            proto,
+            flags: FRONTEND_NODE_PORT | flags,
+            backend_id,
+            pod_port,
+        }
+    }
+}
+
+/// Writes `frontend` as the agent will: the backend by id, slot 1 with
+/// the backend, and slot 0 with the count and flags.
+fn write_frontend(lab: &TwoNodeLab, frontend: &Frontend) {
     let mut backend = octets(POD).to_vec();
-    backend.extend(POD_PORT.to_be_bytes());
-    backend.extend([PROTO_TCP, 0]);
+    backend.extend(frontend.pod_port.to_be_bytes());
+    backend.extend([frontend.proto, 0]);
     assert_eq!(backend.len(), size_of::<Backend<Ip6>>());
-    update(lab, EXT_BACKENDS6_MAP, &BACKEND_ID.to_ne_bytes(), &backend);
     update(
         lab,
-        EXT_SERVICES6_MAP,
-        &service_key(NODE1, port, 1),
-        &service_value(BACKEND_ID, POD, POD_PORT, 0, 0),
+        frontend.backends,
+        &frontend.backend_id.to_ne_bytes(),
+        &backend,
     );
     update(
         lab,
-        EXT_SERVICES6_MAP,
-        &service_key(NODE1, port, 0),
-        &service_value(0, "::", 0, 1, flags),
+        frontend.services,
+        &service_key(frontend, 1),
+        &service_value(frontend.backend_id, POD, frontend.pod_port, 0, 0),
     );
+    update(
+        lab,
+        frontend.services,
+        &service_key(frontend, 0),
+        &service_value(0, "::", 0, 1, frontend.flags),
+    );
+}
+
+/// Policy Cluster: masqueraded.
+const CLUSTER: Frontend = Frontend::node_port(
+    CLUSTER_PORT,
+    PROTO_TCP,
+    FRONTEND_MASQUERADE,
+    0xf001,
+    POD_PORT,
+);
+/// Policy Local.
+const LOCAL: Frontend = Frontend::node_port(LOCAL_PORT, PROTO_TCP, 0, 0xf002, POD_PORT);
+/// UDP, to the pod's echo.
+const UDP_ECHO: Frontend =
+    Frontend::node_port(30053, PROTO_UDP, FRONTEND_MASQUERADE, 0xf003, POD_PORT);
+/// UDP, to a port where the pod has nothing.
+const UDP_CLOSED: Frontend =
+    Frontend::node_port(30055, PROTO_UDP, FRONTEND_MASQUERADE, 0xf004, 5399);
+/// A ClusterIP reached from outside (a router sends the Service CIDR to
+/// node 1), from the socket programs' map.
+const CLUSTER_IP: Frontend = Frontend {
+    services: SERVICES6_MAP,
+    backends: BACKENDS6_MAP,
+    addr: "fd00:96::50",
+    port: 80,
+    proto: PROTO_TCP,
+    flags: 0,
+    backend_id: 0xf005,
+    pod_port: POD_PORT,
+};
+
+/// What the UDP client got from node 1's `port` (answered, refused,
+/// timed out), and a line for each ICMPv6 error that reached it, with
+/// whether its checksum is right.
+fn udp_outcome(lab: &TwoNodeLab, port: u16) -> Vec<String> {
+    let out = lab
+        .external("python3")
+        .args([
+            "-c",
+            include_str!("clients/udp6_refusal_checksum.py"),
+            NODE1,
+        ])
+        .args([&port.to_string(), "br0"])
+        .output()
+        .expect("python3");
+    assert_succeeded(&out);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Status and body of a GET by curl from `client` (the external or the
@@ -294,7 +378,9 @@ fn get(mut client: Command, url: &str) -> (u16, String) {
 /// external client reaches the pod over IPv6 through node 1's IPv6
 /// NodePort, and the answer comes back from the NodePort (curl connects to
 /// nothing else); policy Cluster masquerades, so the pod sees node 1's
-/// address, and policy Local keeps the client's; the far client, behind a
+/// address, and policy Local keeps the client's; a ClusterIP routed to
+/// node 1 answers; UDP is answered through a NodePort, and refused by the
+/// pod's port unreachable through another; the far client, behind a
 /// 1280-byte link, downloads a body larger than one segment, which works
 /// only if the router's Packet Too Big, addressed to the NodePort, reaches
 /// the pod with its checksum right; and the IPv6 translations and ICMPv6
@@ -303,8 +389,9 @@ fn get(mut client: Command, url: &str) -> (u16, String) {
 #[ignore = "needs root: run with cargo xtask test"]
 fn ipv6_nodeport_through_hand_written_maps() {
     let (lab, agent, _server) = dual_stack_lab();
-    write_frontend(&lab, CLUSTER_PORT, FRONTEND_NODE_PORT | FRONTEND_MASQUERADE);
-    write_frontend(&lab, LOCAL_PORT, FRONTEND_NODE_PORT);
+    for frontend in [&CLUSTER, &LOCAL, &UDP_ECHO, &UDP_CLOSED, &CLUSTER_IP] {
+        write_frontend(&lab, frontend);
+    }
 
     let cluster = format!("http://[{NODE1}]:{CLUSTER_PORT}");
     assert_eq!(
@@ -322,6 +409,26 @@ fn ipv6_nodeport_through_hand_written_maps() {
         get(lab.external("curl"), &format!("{local}/peer")),
         (200, CLIENT.to_owned()),
         "policy Local keeps the client's address"
+    );
+    // No IPv6 cluster CIDR is given to the programs: a ClusterIP from
+    // outside is not masqueraded.
+    ip(
+        lab.external("ip"),
+        &["route", "add", "fd00:96::/64", "via", NODE1],
+    );
+    assert_eq!(
+        get(lab.external("curl"), "http://[fd00:96::50]/peer"),
+        (200, CLIENT.to_owned()),
+        "the ClusterIP from outside"
+    );
+    // The datagram reaches the pod with its checksum right (the pod drops
+    // it silently otherwise); the echo comes back from the NodePort, and
+    // the pod's port unreachable (ICMPv6 type 1) is the NodePort's, with a
+    // right checksum.
+    assert_eq!(udp_outcome(&lab, UDP_ECHO.port), ["answered"]);
+    assert_eq!(
+        udp_outcome(&lab, UDP_CLOSED.port),
+        ["refused", "icmp6 1 checksum ok"]
     );
 
     let full = xtask::lab::BIG_BODY.to_string();
@@ -343,7 +450,7 @@ fn ipv6_nodeport_through_hand_written_maps() {
     for (event, at_least) in [
         ("ext_forwarded", 4),
         ("ext_reversed", 4),
-        ("icmp_translated", 1),
+        ("icmp_translated", 2),
     ] {
         assert!(
             counts[event].as_u64().unwrap_or(0) >= at_least,
@@ -398,7 +505,7 @@ fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
         "IPv4 NodePort: tc_ingress {:.0} ns per packet over {} packets, tc_egress {:.0} ns over {}",
         ipv4[0].0, ipv4[0].1, ipv4[1].0, ipv4[1].1
     );
-    write_frontend(&lab, CLUSTER_PORT, FRONTEND_NODE_PORT | FRONTEND_MASQUERADE);
+    write_frontend(&lab, &CLUSTER);
     tc_cost(&lab, NODE1, CLUSTER_PORT, 20);
     let ipv6 = tc_cost(&lab, NODE1, CLUSTER_PORT, count);
     println!(

@@ -1,11 +1,13 @@
 # An HTTP server on one IPv6 address, as the lab's nginx pods serve over
 # IPv4: "/" answers with the pod's name, "/peer" with the client address it
 # sees, "/big" with that many bytes. Every answer closes its connection.
+# UDP datagrams to the same port are echoed back.
 # Arguments: address, port, name, size of /big.
 import http.server
 import socket
 import socketserver
 import sys
+import threading
 
 address, port, name, big = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 
@@ -37,4 +39,13 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 1024
 
 
+def echo():
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    udp.bind((address, port))
+    while True:
+        data, peer = udp.recvfrom(2048)
+        udp.sendto(data, peer)
+
+
+threading.Thread(target=echo, daemon=True).start()
 Server((address, port), Handler).serve_forever()
