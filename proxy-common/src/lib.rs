@@ -382,7 +382,8 @@ events! {
     /// An IPv6 packet whose TCP, UDP or ICMPv6 header does not follow the
     /// fixed header (hop-by-hop options, routing, fragment, destination
     /// options, AH, ESP) passed the tc programs untouched: a NodePort flow
-    /// carried that way is not translated.
+    /// carried that way is not translated. MLD reports, which carry a
+    /// hop-by-hop router alert, count here too, on every node.
     Ipv6ExtHeaderPassed = 12 => "ipv6_ext_header_passed",
 }
 
