@@ -86,8 +86,9 @@ pub const BACKENDS_MAP: &str = "lb4_be_v2";
 /// with it. See [`SERVICES_MAP`].
 pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v2";
 /// See [`SERVICES_MAP`]. v3: the tc programs' events joined the list; v4:
-/// `icmp_translated`; v5: `udp_connected_full`.
-pub const EVENTS_MAP: &str = "lb4_events_v5";
+/// `icmp_translated`; v5: `udp_connected_full`; v6:
+/// `ipv6_ext_header_passed`.
+pub const EVENTS_MAP: &str = "lb4_events_v6";
 /// The frontends the tc programs serve (NodePort, externalIP and
 /// load-balancer IP), laid out as [`SERVICES_MAP`]: kept apart because
 /// their backends follow externalTrafficPolicy, and slot 0 carries
@@ -264,6 +265,12 @@ pub const CLUSTER_CIDR_ADDR_GLOBAL: &str = "CLUSTER_CIDR_ADDR";
 pub const CLUSTER_CIDR_MASK_GLOBAL: &str = "CLUSTER_CIDR_MASK";
 /// See [`MASQUERADE_MARK_GLOBAL`].
 pub const MASQUERADE_ALL_GLOBAL: &str = "MASQUERADE_ALL";
+/// The IPv6 cluster CIDR's network, an [`Ip6`] (network byte order); see
+/// [`MASQUERADE_MARK_GLOBAL`].
+pub const CLUSTER_CIDR6_ADDR_GLOBAL: &str = "CLUSTER_CIDR6_ADDR";
+/// The IPv6 cluster CIDR's netmask, an [`Ip6`]; all zero for none. See
+/// [`MASQUERADE_MARK_GLOBAL`].
+pub const CLUSTER_CIDR6_MASK_GLOBAL: &str = "CLUSTER_CIDR6_MASK";
 
 /// Default sizes of the tc programs' maps: room for 16k outside frontends
 /// of 4 endpoints, and 256k flows in both directions.
@@ -379,6 +386,12 @@ events! {
     /// was full ([`UDP_CONNECTED_MAX_ENTRIES`] sockets open at once): it
     /// works, but is not ended when its backend leaves the Service.
     UdpConnectedFull = 11 => "udp_connected_full",
+    /// An IPv6 packet whose TCP, UDP or ICMPv6 header does not follow the
+    /// fixed header (hop-by-hop options, routing, fragment, destination
+    /// options, AH, ESP) passed the tc programs untouched: a NodePort flow
+    /// carried that way is not translated. MLD reports, which carry a
+    /// hop-by-hop router alert, count here too, on every node.
+    Ipv6ExtHeaderPassed = 12 => "ipv6_ext_header_passed",
 }
 
 // The events map is indexed by the variant: the list must be dense and in
@@ -398,6 +411,8 @@ pub const PROTO_UDP: u8 = 17;
 /// See [`PROTO_TCP`]. The tc programs translate ICMP errors about the
 /// flows they translated.
 pub const PROTO_ICMP: u8 = 1;
+/// See [`PROTO_ICMP`]: ICMPv6, for the IPv6 flows.
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// One slot of a Service frontend.
 #[repr(C)]

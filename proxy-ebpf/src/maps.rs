@@ -17,7 +17,7 @@ const _: () = {
     assert!(eq(proxy_common::SERVICES_MAP, "lb4_svc_v2"));
     assert!(eq(proxy_common::BACKENDS_MAP, "lb4_be_v2"));
     assert!(eq(proxy_common::SOCK_REV_NAT_MAP, "lb4_sk_rnat_v2"));
-    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v5"));
+    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v6"));
     assert!(eq(proxy_common::EXT_SERVICES_MAP, "lb4_ext_svc_v1"));
     assert!(eq(proxy_common::EXT_BACKENDS_MAP, "lb4_ext_be_v1"));
     assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
@@ -59,7 +59,21 @@ pub trait FamilyMaps: Address {
         { AFFINITY_MAX_ENTRIES as usize },
     >;
     fn counts() -> &'static HashMap<ServiceKey<Self>, u64, { COUNTS_MAX_ENTRIES as usize }>;
+    /// The socket programs' backends, which the tc programs ask whether a
+    /// UDP flow to a ClusterIP from outside is still served.
+    fn backends() -> &'static BackendsMap<Self, { BACKENDS_MAX_ENTRIES as usize }>;
+    /// The tc programs' frontends.
+    fn ext_services() -> &'static ExtServicesMap<Self>;
+    /// The tc programs' backends.
+    fn ext_backends() -> &'static BackendsMap<Self, { EXT_BACKENDS_MAX_ENTRIES as usize }>;
+    /// The tc programs' flow table.
+    fn flows() -> &'static FlowsMap<Self>;
 }
+
+/// Backend id to address, for either backends map of either family.
+pub type BackendsMap<A, const N: usize> = HashMap<u32, Backend<A>, N>;
+/// The tc programs' flow table of either family.
+pub type FlowsMap<A> = LruHashMap<FlowKey<A>, FlowNat<A>, { FLOWS_MAX_ENTRIES as usize }>;
 
 impl FamilyMaps for Ip4 {
     #[expect(
@@ -89,6 +103,18 @@ impl FamilyMaps for Ip4 {
     }
     fn counts() -> &'static HashMap<ServiceKey<Self>, u64, { COUNTS_MAX_ENTRIES as usize }> {
         &COUNTS
+    }
+    fn backends() -> &'static BackendsMap<Self, { BACKENDS_MAX_ENTRIES as usize }> {
+        &BACKENDS
+    }
+    fn ext_services() -> &'static ExtServicesMap<Self> {
+        &EXT_SERVICES
+    }
+    fn ext_backends() -> &'static BackendsMap<Self, { EXT_BACKENDS_MAX_ENTRIES as usize }> {
+        &EXT_BACKENDS
+    }
+    fn flows() -> &'static FlowsMap<Self> {
+        &FLOWS
     }
 }
 
@@ -121,6 +147,18 @@ impl FamilyMaps for Ip6 {
     }
     fn counts() -> &'static HashMap<ServiceKey<Self>, u64, { COUNTS_MAX_ENTRIES as usize }> {
         &COUNTS6
+    }
+    fn backends() -> &'static BackendsMap<Self, { BACKENDS_MAX_ENTRIES as usize }> {
+        &BACKENDS6
+    }
+    fn ext_services() -> &'static ExtServicesMap<Self> {
+        &EXT_SERVICES6
+    }
+    fn ext_backends() -> &'static BackendsMap<Self, { EXT_BACKENDS_MAX_ENTRIES as usize }> {
+        &EXT_BACKENDS6
+    }
+    fn flows() -> &'static FlowsMap<Self> {
+        &FLOWS6
     }
 }
 
@@ -268,7 +306,7 @@ pub fn count<A: FamilyMaps>(slot: ServiceKey<A>) {
 }
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
-#[btf_map(name = "lb4_events_v5")]
+#[btf_map(name = "lb4_events_v6")]
 pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
 
 /// Counts one event on this CPU.

@@ -1,7 +1,11 @@
-//! IPv4 TCP and UDP headers, and ICMP errors quoting them, as the tc
-//! programs read and rewrite them: offsets, the four-tuple, and address and
-//! port rewrites that keep the IP, L4 and ICMP checksums right (UDP's "no
-//! checksum" zero included).
+//! TCP and UDP headers over IPv4 or IPv6, and ICMP or ICMPv6 errors
+//! quoting them, as the tc programs read and rewrite them: offsets, the
+//! four-tuple, and address and port rewrites that keep the IP, L4 and ICMP
+//! checksums right (UDP's "no checksum" zero included).
+//!
+//! One implementation for both families; what differs (the IP header, which
+//! checksums cover an address, which ICMP types are errors) is the
+//! [`Family`] trait's, with an impl for each.
 //!
 //! Reads go through `bpf_skb_load_bytes` and writes through
 //! `bpf_skb_store_bytes`, so no direct packet pointer has to be proven in
@@ -9,9 +13,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use proxy_common::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use proxy_common::{Event, FlowKey, Ip4, Ip6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+use crate::maps::{FamilyMaps, record};
 
 /// `TC_ACT_OK`: let the packet go on. Spelt out here because the bindings
 /// give it another integer type on each target.
@@ -21,39 +28,52 @@ pub const DROP: i32 = 2;
 
 const ETH_HLEN: usize = 14;
 /// `ETH_P_IP` as `skb->protocol` holds it (network byte order).
-const ETH_P_IP_BE: u32 = 0x0008;
+pub const ETH_P_IP_BE: u32 = 0x0008;
+/// `ETH_P_IPV6` as `skb->protocol` holds it.
+pub const ETH_P_IPV6_BE: u32 = 0xdd86;
 /// Offsets in an IPv4 header.
 const IP_CSUM: usize = 10;
-const IP_SADDR: usize = 12;
-const IP_DADDR: usize = 16;
 /// The fragment offset and the more-fragments bit.
 const IP_FRAGMENTED: u16 = 0x3fff;
+/// The IPv6 header: fixed size, the next header at 6.
+const IPV6_HLEN: usize = 40;
+const IPV6_NEXT_HEADER: usize = 6;
 const TCP_CSUM: usize = 16;
 const UDP_CSUM: usize = 6;
 const TCP_FLAGS: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
-/// The ICMP header before the quoted packet: type, code, checksum, and
-/// four bytes that depend on the type (the next hop's MTU, for one).
+/// The ICMP (and ICMPv6) header before the quoted packet: type, code,
+/// checksum, and four bytes that depend on the type (the next hop's MTU,
+/// for one).
 const ICMP_HLEN: usize = 8;
 const ICMP_CSUM: usize = 2;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// `BPF_F_IPV6` (Linux 6.16), not in the bindings yet: a pseudo-header
+/// change of an IPv6 packet leaves a `CHECKSUM_COMPLETE` skb's sum alone,
+/// since no header checksum absorbs the address change the way IPv4's
+/// does. Older kernels refuse the flag (EINVAL) and are asked again
+/// without it.
+const BPF_F_IPV6: u64 = 1 << 7;
 
 /// What the tc programs look at.
-pub enum Parsed {
+pub enum Parsed<A: Family> {
     /// A TCP or UDP packet.
-    Flow(Packet),
+    Flow(Packet<A>),
     /// An ICMP error about a TCP or UDP packet.
-    IcmpError(IcmpError),
+    IcmpError(IcmpError<A>),
 }
 
 /// The parts of a packet the translation reads. Addresses and ports in
 /// network byte order, as the maps hold them.
-pub struct Packet {
+pub struct Packet<A: Family> {
     pub proto: u8,
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     /// A TCP SYN without ACK: the only packet that may start a TCP flow.
@@ -62,14 +82,15 @@ pub struct Packet {
     l4: usize,
 }
 
-/// An ICMP error (destination unreachable, time exceeded) and the packet it
-/// quotes: the packet's IP header and at least the first eight bytes of
-/// its TCP or UDP header (RFC 792), ports included.
-pub struct IcmpError {
+/// An ICMP error (destination unreachable, time exceeded, packet too big)
+/// and the packet it quotes: the packet's IP header and at least the first
+/// eight bytes of its TCP or UDP header (RFC 792, RFC 4443), ports
+/// included.
+pub struct IcmpError<A: Family> {
     /// The quoted packet, as it was sent: it went the other way.
-    pub quoted: Packet,
-    saddr_be: u32,
-    daddr_be: u32,
+    pub quoted: Packet<A>,
+    saddr_be: A,
+    daddr_be: A,
     icmp: usize,
 }
 
@@ -80,35 +101,219 @@ pub enum Side {
     Destination,
 }
 
-/// Parses an unfragmented IPv4 TCP or UDP packet, or an ICMP error about
-/// one; `None` for anything else, which the programs pass untouched.
+/// What differs between IPv4 and IPv6 packets.
+pub trait Family: FamilyMaps {
+    /// Offsets of the addresses in the IP header.
+    const SADDR: usize;
+    const DADDR: usize;
+    /// ICMP or ICMPv6.
+    const PROTO_ICMP: u8;
+    /// The protocol and L4 offset of the IP header at `l3`, for a packet
+    /// the programs can translate.
+    fn header(ctx: &TcContext, l3: usize) -> Option<(u8, usize)>;
+    /// An ICMP type that quotes the packet it is about.
+    fn is_icmp_error(kind: u8) -> bool;
+    /// Moves the IP header's checksum at `l3` with an address change.
+    fn header_csum(ctx: &TcContext, l3: usize, old: Self, new: Self) -> bool;
+    /// Moves the L4 checksum at `csum_at` with an address change in the
+    /// pseudo header; `flags` adds to the helper's.
+    fn pseudo_csum(ctx: &TcContext, csum_at: usize, old: Self, new: Self, flags: u64) -> bool;
+    /// Keeps an ICMP error's sums right when an address of its quote
+    /// changes.
+    fn quoted_csum(
+        ctx: &TcContext,
+        quoted_l3: usize,
+        icmp_csum: usize,
+        old: Self,
+        new: Self,
+    ) -> bool;
+    /// Keeps an ICMP error's sums right when its own outer address
+    /// changes.
+    fn outer_csum(ctx: &TcContext, icmp_csum: usize, old: Self, new: Self) -> bool;
+}
+
+impl Family for Ip4 {
+    const SADDR: usize = 12;
+    const DADDR: usize = 16;
+    const PROTO_ICMP: u8 = PROTO_ICMP;
+
+    /// Unless it is a fragment: fragments after the first carry no ports,
+    /// and the first alone cannot be translated without the rest. Both
+    /// pass as they are.
+    #[expect(
+        clippy::inline_always,
+        reason = "each tc program calls it once or twice per packet"
+    )]
+    #[inline(always)]
+    fn header(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
+        let version_ihl: u8 = ctx.load(l3).ok()?;
+        if version_ihl >> 4 != 4 {
+            return None;
+        }
+        let fragment: u16 = ctx.load(l3 + 6).ok()?;
+        if u16::from_be(fragment) & IP_FRAGMENTED != 0 {
+            return None;
+        }
+        let proto: u8 = ctx.load(l3 + 9).ok()?;
+        Some((proto, l3 + usize::from(version_ihl & 0x0f) * 4))
+    }
+
+    fn is_icmp_error(kind: u8) -> bool {
+        kind == ICMP_DEST_UNREACH || kind == ICMP_TIME_EXCEEDED
+    }
+
+    fn header_csum(ctx: &TcContext, l3: usize, old: Self, new: Self) -> bool {
+        ctx.l3_csum_replace(l3 + IP_CSUM, u64::from(old), u64::from(new), 4)
+            .is_ok()
+    }
+
+    fn pseudo_csum(ctx: &TcContext, csum_at: usize, old: Self, new: Self, flags: u64) -> bool {
+        let flags = flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
+        ctx.l4_csum_replace(csum_at, u64::from(old), u64::from(new), flags)
+            .is_ok()
+    }
+
+    /// The ICMP checksum covers the quote, but the quoted IP header's
+    /// checksum moves by exactly what its address does: of the two only
+    /// that checksum changes.
+    fn quoted_csum(
+        ctx: &TcContext,
+        quoted_l3: usize,
+        _icmp_csum: usize,
+        old: Self,
+        new: Self,
+    ) -> bool {
+        Self::header_csum(ctx, quoted_l3, old, new)
+    }
+
+    /// The ICMP checksum does not cover the IP header.
+    fn outer_csum(ctx: &TcContext, _icmp_csum: usize, old: Self, new: Self) -> bool {
+        Self::header_csum(ctx, ETH_HLEN, old, new)
+    }
+}
+
+/// The checksum difference of an IPv6 address change, for one
+/// `bpf_l4_csum_replace` (Cilium's `csum_diff` of two `in6_addr`s).
+#[expect(
+    clippy::inline_always,
+    reason = "a call keeps its stack apart from the caller's, past the verifier's 512 bytes"
+)]
+#[inline(always)]
+fn ipv6_diff(old: Ip6, new: Ip6) -> Option<u64> {
+    let (mut old, mut new) = (old, new);
+    // SAFETY: two 16-byte buffers on this program's stack.
+    let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
+    // A negative value is an error; the sum is the low 32 bits.
+    u32::try_from(diff & 0xffff_ffff)
+        .ok()
+        .filter(|_| diff >= 0)
+        .map(u64::from)
+}
+
+/// Adds `diff` to the checksum at `at`: with `BPF_F_IPV6` where the kernel
+/// knows it.
+#[expect(
+    clippy::inline_always,
+    reason = "a call keeps its stack apart from the caller's, past the verifier's 512 bytes"
+)]
+#[inline(always)]
+fn replace_by_diff(ctx: &TcContext, at: usize, diff: u64, flags: u64) -> bool {
+    ctx.l4_csum_replace(at, 0, diff, flags | BPF_F_IPV6).is_ok()
+        || ctx.l4_csum_replace(at, 0, diff, flags).is_ok()
+}
+
+impl Family for Ip6 {
+    const SADDR: usize = 8;
+    const DADDR: usize = 24;
+    const PROTO_ICMP: u8 = PROTO_ICMPV6;
+
+    /// Only when TCP, UDP or ICMPv6 follows the fixed header at once: a
+    /// packet with extension headers (a fragment among them) passes as it
+    /// is, counted, since walking the chain costs every packet.
+    #[expect(
+        clippy::inline_always,
+        reason = "each tc program calls it once or twice per packet"
+    )]
+    #[inline(always)]
+    fn header(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
+        let version: u8 = ctx.load(l3).ok()?;
+        if version >> 4 != 6 {
+            return None;
+        }
+        let next: u8 = ctx.load(l3 + IPV6_NEXT_HEADER).ok()?;
+        match next {
+            PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => Some((next, l3 + IPV6_HLEN)),
+            // Hop-by-hop, routing, fragment, ESP, AH, destination options,
+            // mobility, HIP, shim6, and the two for experiments.
+            0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => {
+                record(Event::Ipv6ExtHeaderPassed);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn is_icmp_error(kind: u8) -> bool {
+        kind == ICMPV6_DEST_UNREACH || kind == ICMPV6_PACKET_TOO_BIG || kind == ICMPV6_TIME_EXCEEDED
+    }
+
+    /// IPv6 has no header checksum.
+    fn header_csum(_ctx: &TcContext, _l3: usize, _old: Self, _new: Self) -> bool {
+        true
+    }
+
+    fn pseudo_csum(ctx: &TcContext, csum_at: usize, old: Self, new: Self, flags: u64) -> bool {
+        ipv6_diff(old, new).is_some_and(|diff| {
+            replace_by_diff(ctx, csum_at, diff, flags | u64::from(BPF_F_PSEUDO_HDR))
+        })
+    }
+
+    /// No header checksum absorbs the change: the ICMPv6 checksum, which
+    /// covers the quote, moves with it.
+    fn quoted_csum(
+        ctx: &TcContext,
+        _quoted_l3: usize,
+        icmp_csum: usize,
+        old: Self,
+        new: Self,
+    ) -> bool {
+        ipv6_diff(old, new).is_some_and(|diff| ctx.l4_csum_replace(icmp_csum, 0, diff, 0).is_ok())
+    }
+
+    /// Unlike ICMP's, the ICMPv6 checksum covers a pseudo header with
+    /// both addresses.
+    fn outer_csum(ctx: &TcContext, icmp_csum: usize, old: Self, new: Self) -> bool {
+        Self::pseudo_csum(ctx, icmp_csum, old, new, 0)
+    }
+}
+
+/// Parses a TCP or UDP packet of family `A` that the programs can
+/// translate, or an ICMP error about one; `None` for anything else, which
+/// the programs pass untouched. The caller has checked `skb->protocol`.
 #[expect(
     clippy::inline_always,
     reason = "each tc program calls it once per packet"
 )]
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Parsed> {
-    if ctx.skb.protocol() != ETH_P_IP_BE {
-        return None;
-    }
-    let (proto, l4) = ipv4_header(ctx, ETH_HLEN)?;
+pub fn parse<A: Family>(ctx: &TcContext) -> Option<Parsed<A>> {
+    let (proto, l4) = A::header(ctx, ETH_HLEN)?;
     match proto {
         PROTO_TCP | PROTO_UDP => Packet::read(ctx, proto, ETH_HLEN, l4, true).map(Parsed::Flow),
-        PROTO_ICMP => {
+        _ if proto == A::PROTO_ICMP => {
             let kind: u8 = ctx.load(l4).ok()?;
-            if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+            if !A::is_icmp_error(kind) {
                 return None;
             }
             let quoted_l3 = l4 + ICMP_HLEN;
-            let (quoted_proto, quoted_l4) = ipv4_header(ctx, quoted_l3)?;
+            let (quoted_proto, quoted_l4) = A::header(ctx, quoted_l3)?;
             if quoted_proto != PROTO_TCP && quoted_proto != PROTO_UDP {
                 return None;
             }
             Some(Parsed::IcmpError(IcmpError {
                 // The quote may end after the ports: no TCP flags.
                 quoted: Packet::read(ctx, quoted_proto, quoted_l3, quoted_l4, false)?,
-                saddr_be: ctx.load(ETH_HLEN + IP_SADDR).ok()?,
-                daddr_be: ctx.load(ETH_HLEN + IP_DADDR).ok()?,
+                saddr_be: ctx.load(ETH_HLEN + A::SADDR).ok()?,
+                daddr_be: ctx.load(ETH_HLEN + A::DADDR).ok()?,
                 icmp: l4,
             }))
         }
@@ -116,28 +321,7 @@ pub fn parse(ctx: &TcContext) -> Option<Parsed> {
     }
 }
 
-/// The protocol and L4 offset of the IPv4 header at `l3`, unless it is a
-/// fragment: fragments after the first carry no ports, and the first alone
-/// cannot be translated without the rest. Both pass as they are.
-#[expect(
-    clippy::inline_always,
-    reason = "each tc program calls it once or twice per packet"
-)]
-#[inline(always)]
-fn ipv4_header(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
-    let version_ihl: u8 = ctx.load(l3).ok()?;
-    if version_ihl >> 4 != 4 {
-        return None;
-    }
-    let fragment: u16 = ctx.load(l3 + 6).ok()?;
-    if u16::from_be(fragment) & IP_FRAGMENTED != 0 {
-        return None;
-    }
-    let proto: u8 = ctx.load(l3 + 9).ok()?;
-    Some((proto, l3 + usize::from(version_ihl & 0x0f) * 4))
-}
-
-impl Packet {
+impl<A: Family> Packet<A> {
     #[expect(
         clippy::inline_always,
         reason = "each tc program calls it once or twice per packet"
@@ -150,8 +334,8 @@ impl Packet {
         };
         Some(Self {
             proto,
-            saddr_be: ctx.load(l3 + IP_SADDR).ok()?,
-            daddr_be: ctx.load(l3 + IP_DADDR).ok()?,
+            saddr_be: ctx.load(l3 + A::SADDR).ok()?,
+            daddr_be: ctx.load(l3 + A::DADDR).ok()?,
             sport_be: ctx.load(l4).ok()?,
             dport_be: ctx.load(l4 + 2).ok()?,
             starts_tcp,
@@ -163,7 +347,7 @@ impl Packet {
     /// The flow table's key for this packet as it is on the wire, looked
     /// at in `direction` (`FLOW_FORWARD` on the way in, `FLOW_REPLY` on the
     /// way out).
-    pub const fn flow_key(&self, direction: u8) -> FlowKey {
+    pub const fn flow_key(&self, direction: u8) -> FlowKey<A> {
         FlowKey {
             saddr_be: self.saddr_be,
             daddr_be: self.daddr_be,
@@ -178,7 +362,7 @@ impl Packet {
     /// The key of the flow this packet answers, in `direction`: a quoted
     /// reply names its flow's forward entry, a quoted forward packet its
     /// flow's reply entry.
-    pub const fn answered_flow_key(&self, direction: u8) -> FlowKey {
+    pub const fn answered_flow_key(&self, direction: u8) -> FlowKey<A> {
         FlowKey {
             saddr_be: self.daddr_be,
             daddr_be: self.saddr_be,
@@ -190,11 +374,11 @@ impl Packet {
         }
     }
 
-    const fn side(&self, side: Side) -> (usize, usize, u32, u16) {
+    const fn side(&self, side: Side) -> (usize, usize, A, u16) {
         match side {
-            Side::Source => (self.l3 + IP_SADDR, self.l4, self.saddr_be, self.sport_be),
+            Side::Source => (self.l3 + A::SADDR, self.l4, self.saddr_be, self.sport_be),
             Side::Destination => (
-                self.l3 + IP_DADDR,
+                self.l3 + A::DADDR,
                 self.l4 + 2,
                 self.daddr_be,
                 self.dport_be,
@@ -204,22 +388,22 @@ impl Packet {
 
     /// Rewrites one side's address and port, updating the IP checksum and
     /// the L4 checksum (which covers the addresses through the pseudo
-    /// header). A UDP checksum of zero means "none" and stays zero.
-    pub fn rewrite(&self, ctx: &TcContext, side: Side, addr_be: u32, port_be: u16) -> bool {
+    /// header). A UDP checksum of zero means "none" over IPv4 and stays
+    /// zero; one that comes out zero is sent as 0xffff, as over IPv6 zero
+    /// is not allowed.
+    #[expect(
+        clippy::inline_always,
+        reason = "a call keeps its stack apart from the caller's, past the verifier's 512 bytes"
+    )]
+    #[inline(always)]
+    pub fn rewrite(&self, ctx: &TcContext, side: Side, addr_be: A, port_be: u16) -> bool {
         let (addr_at, port_at, old_addr, old_port) = self.side(side);
         let (csum_at, mangled) = if self.proto == PROTO_TCP {
             (self.l4 + TCP_CSUM, 0)
         } else {
             (self.l4 + UDP_CSUM, u64::from(BPF_F_MARK_MANGLED_0))
         };
-        let pseudo = u64::from(BPF_F_PSEUDO_HDR);
-        ctx.l4_csum_replace(
-            csum_at,
-            u64::from(old_addr),
-            u64::from(addr_be),
-            pseudo | mangled | 4,
-        )
-        .is_ok()
+        A::pseudo_csum(ctx, csum_at, old_addr, addr_be, mangled)
             && ctx
                 .l4_csum_replace(
                     csum_at,
@@ -228,60 +412,37 @@ impl Packet {
                     mangled | 2,
                 )
                 .is_ok()
-            && ctx
-                .l3_csum_replace(
-                    self.l3 + IP_CSUM,
-                    u64::from(old_addr),
-                    u64::from(addr_be),
-                    4,
-                )
-                .is_ok()
+            && A::header_csum(ctx, self.l3, old_addr, addr_be)
             && ctx.store(addr_at, &addr_be, 0).is_ok()
             && ctx.store(port_at, &port_be, 0).is_ok()
     }
 }
 
-impl IcmpError {
+impl<A: Family> IcmpError<A> {
     /// Rewrites one side of the quoted packet, and the outer header's
     /// other side where it named the same address: an error about a packet
     /// goes back to that packet's source. The quoted packet's own L4
     /// checksum is left alone, as receivers do not check it and the quote
     /// may not even hold it.
-    pub fn rewrite(&self, ctx: &TcContext, side: Side, addr_be: u32, port_be: u16) -> bool {
+    #[expect(
+        clippy::inline_always,
+        reason = "a call keeps its stack apart from the caller's, past the verifier's 512 bytes"
+    )]
+    #[inline(always)]
+    pub fn rewrite(&self, ctx: &TcContext, side: Side, addr_be: A, port_be: u16) -> bool {
         let (addr_at, port_at, old_addr, old_port) = self.quoted.side(side);
         let (outer_at, outer_old) = match side {
-            Side::Source => (ETH_HLEN + IP_DADDR, self.daddr_be),
-            Side::Destination => (ETH_HLEN + IP_SADDR, self.saddr_be),
+            Side::Source => (ETH_HLEN + A::DADDR, self.daddr_be),
+            Side::Destination => (ETH_HLEN + A::SADDR, self.saddr_be),
         };
-        // The ICMP checksum covers the quote. The quoted IP header's
-        // checksum moves by exactly what its address does, so of the two
-        // only the port changes that sum.
-        ctx.l4_csum_replace(
-            self.icmp + ICMP_CSUM,
-            u64::from(old_port),
-            u64::from(port_be),
-            2,
-        )
-        .is_ok()
-            && ctx
-                .l3_csum_replace(
-                    self.quoted.l3 + IP_CSUM,
-                    u64::from(old_addr),
-                    u64::from(addr_be),
-                    4,
-                )
-                .is_ok()
+        let icmp_csum = self.icmp + ICMP_CSUM;
+        ctx.l4_csum_replace(icmp_csum, u64::from(old_port), u64::from(port_be), 2)
+            .is_ok()
+            && A::quoted_csum(ctx, self.quoted.l3, icmp_csum, old_addr, addr_be)
             && ctx.store(addr_at, &addr_be, 0).is_ok()
             && ctx.store(port_at, &port_be, 0).is_ok()
-            && (outer_old != old_addr
-                || ctx
-                    .l3_csum_replace(
-                        ETH_HLEN + IP_CSUM,
-                        u64::from(outer_old),
-                        u64::from(addr_be),
-                        4,
-                    )
-                    .is_ok()
+            && (!outer_old.same(old_addr)
+                || A::outer_csum(ctx, icmp_csum, outer_old, addr_be)
                     && ctx.store(outer_at, &addr_be, 0).is_ok())
     }
 }

@@ -12,18 +12,24 @@
 //! all of them with `--masquerade-all`) are marked for the masquerade
 //! fallback, so the backend answers through this node. Anything that is
 //! not a frontend passes untouched.
+//!
+//! IPv4 and IPv6 alike, each on its own maps, through one generic
+//! implementation (see `packet` for what differs).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::info;
 use proxy_common::{
     AFFINITY_CLIENT_IP, COUNTED_BY_TC, Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_REPLY,
-    FRONTEND_KIND, FRONTEND_MASQUERADE, FlowKey, FlowNat, PROTO_UDP, ServiceKey, ServiceValue,
+    FRONTEND_KIND, FRONTEND_MASQUERADE, FlowKey, FlowNat, Ip4, Ip6, PROTO_UDP, ServiceKey,
+    ServiceValue,
 };
 
 use crate::{
     lb::{Pick, pick},
-    maps::{BACKENDS, EXT_BACKENDS, EXT_SERVICES, FLOWS, SERVICES, eq, record},
-    packet::{DROP, IcmpError, PASS, Packet, Parsed, Side, parse},
+    maps::{eq, record},
+    packet::{
+        DROP, ETH_P_IP_BE, ETH_P_IPV6_BE, Family, IcmpError, PASS, Packet, Parsed, Side, parse,
+    },
 };
 
 // `no_mangle` takes the static's own name; these keep the names equal to
@@ -37,6 +43,14 @@ const _: () = {
     assert!(eq(
         proxy_common::CLUSTER_CIDR_MASK_GLOBAL,
         "CLUSTER_CIDR_MASK"
+    ));
+    assert!(eq(
+        proxy_common::CLUSTER_CIDR6_ADDR_GLOBAL,
+        "CLUSTER_CIDR6_ADDR"
+    ));
+    assert!(eq(
+        proxy_common::CLUSTER_CIDR6_MASK_GLOBAL,
+        "CLUSTER_CIDR6_MASK"
     ));
     assert!(eq(proxy_common::MASQUERADE_ALL_GLOBAL, "MASQUERADE_ALL"));
 };
@@ -53,9 +67,123 @@ static CLUSTER_CIDR_ADDR: u32 = 0;
 /// See [`CLUSTER_CIDR_ADDR`].
 #[unsafe(no_mangle)]
 static CLUSTER_CIDR_MASK: u32 = 0;
+/// The IPv6 `--cluster-cidr`, as [`CLUSTER_CIDR_ADDR`]: network and
+/// netmask as four words each, network byte order; an all-zero mask for
+/// none.
+#[unsafe(no_mangle)]
+static CLUSTER_CIDR6_ADDR: Ip6 = [0; 4];
+/// See [`CLUSTER_CIDR6_ADDR`].
+#[unsafe(no_mangle)]
+static CLUSTER_CIDR6_MASK: Ip6 = [0; 4];
 /// `--masquerade-all`: every ClusterIP flow from outside is masqueraded.
 #[unsafe(no_mangle)]
 static MASQUERADE_ALL: u32 = 0;
+
+/// What the ingress program does differently per family.
+trait Ingress: Family {
+    /// Whether `addr` is outside the family's cluster CIDR; false without
+    /// one.
+    fn outside_cluster_cidr(addr: Self) -> bool;
+    /// The session-affinity client for a packet from `addr`.
+    fn affinity_client(addr: Self) -> u64;
+    /// `run --trace`: a new flow.
+    fn trace_flow(ctx: &TcContext, packet: &Packet<Self>, backend: &ServiceValue<Self>);
+}
+
+impl Ingress for Ip4 {
+    #[expect(
+        clippy::inline_always,
+        reason = "on the hot path of every new ClusterIP flow"
+    )]
+    #[inline(always)]
+    fn outside_cluster_cidr(addr: Self) -> bool {
+        // SAFETY: globals the loader fills in; read as they are in the object.
+        let (net, mask) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const CLUSTER_CIDR_ADDR),
+                core::ptr::read_volatile(&raw const CLUSTER_CIDR_MASK),
+            )
+        };
+        mask != 0 && addr & mask != net
+    }
+
+    fn affinity_client(addr: Self) -> u64 {
+        u64::from(addr) | AFFINITY_CLIENT_IP
+    }
+
+    fn trace_flow(ctx: &TcContext, packet: &Packet<Self>, backend: &ServiceValue<Self>) {
+        info!(
+            ctx,
+            "flow {:i}:{} -> {:i}:{} -> {:i}:{}",
+            u32::from_be(packet.saddr_be),
+            u16::from_be(packet.sport_be),
+            u32::from_be(packet.daddr_be),
+            u16::from_be(packet.dport_be),
+            u32::from_be(backend.addr_be),
+            u16::from_be(backend.port_be)
+        );
+    }
+}
+
+/// The octets of an IPv6 address, as aya-log prints them.
+const fn octets(addr: Ip6) -> [u8; 16] {
+    // SAFETY: sixteen bytes either way, every bit pattern valid; the words
+    // hold the octets in network order in memory.
+    unsafe { core::mem::transmute::<Ip6, [u8; 16]>(addr) }
+}
+
+impl Ingress for Ip6 {
+    #[expect(
+        clippy::inline_always,
+        reason = "on the hot path of every new ClusterIP flow"
+    )]
+    #[inline(always)]
+    fn outside_cluster_cidr(addr: Self) -> bool {
+        // Word by word: a whole-array read of a global becomes a memcpy.
+        let mut outside = 0;
+        let mut any_mask = 0;
+        let mut i = 0;
+        while i < 4 {
+            // SAFETY: globals the loader fills in; read as they are in the
+            // object.
+            let (net, mask) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const CLUSTER_CIDR6_ADDR[i]),
+                    core::ptr::read_volatile(&raw const CLUSTER_CIDR6_MASK[i]),
+                )
+            };
+            outside |= (addr[i] & mask) ^ net;
+            any_mask |= mask;
+            i += 1;
+        }
+        any_mask != 0 && outside != 0
+    }
+
+    /// The key's client is a `u64`, so the address is folded into it: its
+    /// two halves XORed, which keeps every bit of an interface identifier
+    /// within one /64 (clients of one network never share a key) and of
+    /// the network prefix. Two clients that still fold alike only share a
+    /// backend, which affinity allows; and the top bit marks it a client
+    /// address, apart from the socket programs' namespace cookies.
+    fn affinity_client(addr: Self) -> u64 {
+        let high = (u64::from(addr[0]) << 32) | u64::from(addr[1]);
+        let low = (u64::from(addr[2]) << 32) | u64::from(addr[3]);
+        (high ^ low) | AFFINITY_CLIENT_IP
+    }
+
+    fn trace_flow(ctx: &TcContext, packet: &Packet<Self>, backend: &ServiceValue<Self>) {
+        info!(
+            ctx,
+            "flow [{:i}]:{} -> [{:i}]:{} -> [{:i}]:{}",
+            octets(packet.saddr_be),
+            u16::from_be(packet.sport_be),
+            octets(packet.daddr_be),
+            u16::from_be(packet.dport_be),
+            octets(backend.addr_be),
+            u16::from_be(backend.port_be)
+        );
+    }
+}
 
 #[classifier]
 #[expect(
@@ -63,20 +191,45 @@ static MASQUERADE_ALL: u32 = 0;
     reason = "the program macro hands the context over by value"
 )]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    match parse(&ctx) {
-        Some(Parsed::Flow(packet)) => flow(&ctx, &packet),
-        Some(Parsed::IcmpError(error)) => icmp_error(&ctx, &error),
+    match ctx.skb.protocol() {
+        ETH_P_IP_BE => ingress4(&ctx),
+        ETH_P_IPV6_BE => ingress6(&ctx),
+        _ => PASS,
+    }
+}
+
+// Each family's path is a function of its own: the program's stack is the
+// deepest chain of frames, and the IPv6 path (five 16-byte addresses in
+// its keys) inlined beside the IPv4 one, or called from its frame, would
+// pass the verifier's 512 bytes. One call per packet is what it costs.
+#[inline(never)]
+fn ingress4(ctx: &TcContext) -> i32 {
+    ingress::<Ip4>(ctx)
+}
+
+#[inline(never)]
+fn ingress6(ctx: &TcContext) -> i32 {
+    ingress::<Ip6>(ctx)
+}
+
+#[expect(clippy::inline_always, reason = "one frame per family (see ingress4)")]
+#[inline(always)]
+fn ingress<A: Ingress>(ctx: &TcContext) -> i32 {
+    match parse::<A>(ctx) {
+        Some(Parsed::Flow(packet)) => flow(ctx, &packet),
+        Some(Parsed::IcmpError(error)) => icmp_error(ctx, &error),
         None => PASS,
     }
 }
 
-fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
+fn flow<A: Ingress>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
+    let flows = A::flows();
     let forward = packet.flow_key(FLOW_FORWARD);
     // A TCP SYN always chooses afresh (a reused client port must not stick
     // to a backend that has gone); every other packet follows its flow.
     if !packet.starts_tcp {
         // SAFETY: the value is copied out at once.
-        if let Some(flow) = unsafe { FLOWS.get(forward) }.copied()
+        if let Some(flow) = unsafe { flows.get(forward) }.copied()
             && still_serving(packet, &flow)
         {
             return translate(ctx, packet, &flow);
@@ -97,7 +250,7 @@ fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
     // A pod reaching itself through its Service must not see its own
     // address as the source: masquerade it, as kube-proxy's KUBE-SEP rule
     // for the endpoint's own address does.
-    let hairpin = backend.addr_be == packet.saddr_be;
+    let hairpin = backend.addr_be.same(packet.saddr_be);
     let flow = FlowNat {
         addr_be: backend.addr_be,
         port_be: backend.port_be,
@@ -124,21 +277,12 @@ fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
         backend_id: 0,
     };
     // The reply direction first: a reply must never beat its translation.
-    if FLOWS.insert(reply, frontend_nat, 0).is_err() || FLOWS.insert(forward, flow, 0).is_err() {
+    if flows.insert(reply, frontend_nat, 0).is_err() || flows.insert(forward, flow, 0).is_err() {
         record(Event::RevNatNotStored);
         return PASS;
     }
     // `run --trace` only (see lb::forward).
-    info!(
-        ctx,
-        "flow {:i}:{} -> {:i}:{} -> {:i}:{}",
-        u32::from_be(packet.saddr_be),
-        u16::from_be(packet.sport_be),
-        u32::from_be(packet.daddr_be),
-        u16::from_be(packet.dport_be),
-        u32::from_be(backend.addr_be),
-        u16::from_be(backend.port_be)
-    );
+    A::trace_flow(ctx, packet, &backend);
     translate(ctx, packet, &flow)
 }
 
@@ -147,20 +291,20 @@ fn flow(ctx: &TcContext, packet: &Packet) -> i32 {
 /// now on: a reply entry left by the old flow would give its replies the
 /// frontend's address. Conntrack keeps the two apart the same way, by
 /// refusing a second flow with the same reply tuple.
-fn forget_reply(packet: &Packet) {
-    let _ = FLOWS.remove(packet.answered_flow_key(FLOW_REPLY));
+fn forget_reply<A: Family>(packet: &Packet<A>) {
+    let _ = A::flows().remove(packet.answered_flow_key(FLOW_REPLY));
 }
 
 /// The backend for a new flow and the flow's flags, or the verdict for a
 /// packet that starts none. The outside frontends first; then the
 /// ClusterIPs, from the socket programs' own map.
-fn choose(packet: &Packet) -> Result<(ServiceValue, u16), i32> {
+fn choose<A: Ingress>(packet: &Packet<A>) -> Result<(ServiceValue<A>, u16), i32> {
     let frontend = ServiceKey::frontend(packet.daddr_be, packet.dport_be, packet.proto);
     // Session affinity follows the client's address here.
-    let client = || u64::from(packet.saddr_be) | AFFINITY_CLIENT_IP;
-    let (picked, cluster_ip) = match pick(&EXT_SERVICES, frontend, COUNTED_BY_TC, client) {
+    let client = || A::affinity_client(packet.saddr_be);
+    let (picked, cluster_ip) = match pick(A::ext_services(), frontend, COUNTED_BY_TC, client) {
         // A ClusterIP from outside: counted as the tc programs'.
-        Pick::NotService => (pick(&SERVICES, frontend, COUNTED_BY_TC, client), true),
+        Pick::NotService => (pick(A::services(), frontend, COUNTED_BY_TC, client), true),
         picked => (picked, false),
     };
     match picked {
@@ -192,31 +336,27 @@ fn choose(packet: &Packet) -> Result<(ServiceValue, u16), i32> {
 
 /// kube-proxy's masquerade rules for ClusterIPs: everything with
 /// `--masquerade-all`, else what comes from outside `--cluster-cidr`.
-fn masquerades_cluster_ip(saddr_be: u32) -> bool {
-    // SAFETY: globals the loader fills in; read as they are in the object.
-    let (all, addr, mask) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const MASQUERADE_ALL),
-            core::ptr::read_volatile(&raw const CLUSTER_CIDR_ADDR),
-            core::ptr::read_volatile(&raw const CLUSTER_CIDR_MASK),
-        )
-    };
-    all != 0 || (mask != 0 && saddr_be & mask != addr)
+fn masquerades_cluster_ip<A: Ingress>(saddr_be: A) -> bool {
+    // SAFETY: a global the loader fills in; read as it is in the object.
+    let all = unsafe { core::ptr::read_volatile(&raw const MASQUERADE_ALL) };
+    all != 0 || A::outside_cluster_cidr(saddr_be)
 }
 
 /// A UDP flow whose backend left its Service is chosen afresh, as
 /// kube-proxy flushes conntrack for UDP endpoints that go; TCP flows keep
 /// their backend, as conntrack keeps established connections.
-fn still_serving(packet: &Packet, flow: &FlowNat) -> bool {
+fn still_serving<A: Family>(packet: &Packet<A>, flow: &FlowNat<A>) -> bool {
     packet.proto != PROTO_UDP
         || if flow.flags & FLOW_CLUSTER_IP != 0 {
-            BACKENDS.get_ptr(flow.backend_id).is_some()
+            A::backends().get_ptr(flow.backend_id).is_some()
         } else {
-            EXT_BACKENDS.get_ptr(flow.backend_id).is_some()
+            A::ext_backends().get_ptr(flow.backend_id).is_some()
         }
 }
 
-fn translate(ctx: &TcContext, packet: &Packet, flow: &FlowNat) -> i32 {
+#[expect(clippy::inline_always, reason = "one frame per family (see ingress4)")]
+#[inline(always)]
+fn translate<A: Family>(ctx: &TcContext, packet: &Packet<A>, flow: &FlowNat<A>) -> i32 {
     if !packet.rewrite(ctx, Side::Destination, flow.addr_be, flow.port_be) {
         return DROP;
     }
@@ -235,9 +375,10 @@ fn translate(ctx: &TcContext, packet: &Packet, flow: &FlowNat) -> i32 {
 /// frontend the reply came from: it goes on to the backend, quoting the
 /// reply as the backend sent it, and conntrack relates it to the flow
 /// (undoing the masquerade, for policy Cluster).
-fn icmp_error(ctx: &TcContext, error: &IcmpError) -> i32 {
+fn icmp_error<A: Family>(ctx: &TcContext, error: &IcmpError<A>) -> i32 {
     // SAFETY: the value is copied out at once.
-    let Some(flow) = (unsafe { FLOWS.get(error.quoted.answered_flow_key(FLOW_FORWARD)) }).copied()
+    let Some(flow) =
+        (unsafe { A::flows().get(error.quoted.answered_flow_key(FLOW_FORWARD)) }).copied()
     else {
         return PASS;
     };

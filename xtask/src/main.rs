@@ -211,6 +211,8 @@ fn test(filter: Option<&str>) -> Result<()> {
         "listeners",
         "--test",
         "nodeport",
+        "--test",
+        "nodeport6",
         "--",
     ]);
     args.extend(filter);

@@ -269,6 +269,10 @@ fn load(
                 .iter()
                 .find(|cidr| cidr.address.is_ipv4())
                 .copied(),
+            cluster_cidr6: config.cluster_cidrs.iter().find_map(|cidr| match cidr.address {
+                std::net::IpAddr::V6(address) => Some((address, cidr.prefix_len)),
+                std::net::IpAddr::V4(_) => None,
+            }),
             masquerade_all: config.masquerade_all,
             trace: config.programs.trace,
         },

@@ -8,10 +8,11 @@ use aya::{
 };
 use proxy_common::{
     BACKENDS_MAP, BACKENDS_MAX_ENTRIES, BACKENDS6_MAP, CLUSTER_CIDR_ADDR_GLOBAL,
-    CLUSTER_CIDR_MASK_GLOBAL, EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES, EXT_BACKENDS6_MAP,
-    EXT_SERVICES_MAP, EXT_SERVICES_MAX_ENTRIES, EXT_SERVICES6_MAP, FLOWS_MAP, FLOWS_MAX_ENTRIES,
-    FLOWS6_MAP, MAPS, MASQUERADE_ALL_GLOBAL, MASQUERADE_MARK_GLOBAL, PROGRAMS, SERVICES_MAP,
-    SERVICES_MAX_ENTRIES, SERVICES6_MAP, TC_PROGRAMS, TcProgram,
+    CLUSTER_CIDR_MASK_GLOBAL, CLUSTER_CIDR6_ADDR_GLOBAL, CLUSTER_CIDR6_MASK_GLOBAL,
+    EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES, EXT_BACKENDS6_MAP, EXT_SERVICES_MAP,
+    EXT_SERVICES_MAX_ENTRIES, EXT_SERVICES6_MAP, FLOWS_MAP, FLOWS_MAX_ENTRIES, FLOWS6_MAP, MAPS,
+    MASQUERADE_ALL_GLOBAL, MASQUERADE_MARK_GLOBAL, PROGRAMS, SERVICES_MAP, SERVICES_MAX_ENTRIES,
+    SERVICES6_MAP, TC_PROGRAMS, TcProgram,
 };
 use tracing::warn;
 
@@ -19,6 +20,8 @@ use super::{
     Datapath, DatapathError, EBPF_OBJECT, Pins, held,
     layout::{Check, check_layouts, stale_maps},
 };
+use std::net::Ipv6Addr;
+
 use crate::model::Cidr;
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +122,9 @@ pub struct ProgramSettings {
     pub masquerade_mark: u32,
     /// `--cluster-cidr`: ClusterIP traffic from outside it is masqueraded.
     pub cluster_cidr: Option<Cidr>,
+    /// The IPv6 `--cluster-cidr`, as its network and prefix length:
+    /// IPv6 ClusterIP traffic from outside it is masqueraded.
+    pub cluster_cidr6: Option<(Ipv6Addr, u8)>,
     /// `--masquerade-all`: all ClusterIP traffic from outside is.
     pub masquerade_all: bool,
     /// `run --trace`: the programs log each translation (aya-log).
@@ -138,6 +144,36 @@ impl ProgramSettings {
             (MASQUERADE_ALL_GLOBAL, u32::from(self.masquerade_all)),
         ]
     }
+
+    /// The tc ingress program's IPv6 globals: the cluster CIDR's network
+    /// and netmask, each as four words in network byte order, as the
+    /// program compares them with an address; all zero for none.
+    fn globals6(&self) -> [(&'static str, [u32; 4]); 2] {
+        let (net, mask) = self.cluster_cidr6.map_or((0, 0), |(addr, prefix)| {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            (u128::from(addr) & mask, mask)
+        });
+        [
+            (CLUSTER_CIDR6_ADDR_GLOBAL, network_words(net)),
+            (CLUSTER_CIDR6_MASK_GLOBAL, network_words(mask)),
+        ]
+    }
+}
+
+/// An IPv6 address (or mask) as the programs hold it: its sixteen octets
+/// in network order, read as four native `u32`s.
+fn network_words(value: u128) -> [u32; 4] {
+    let octets = value.to_be_bytes();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ])
+    })
 }
 
 impl Datapath {
@@ -160,6 +196,10 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let globals = settings.globals();
         for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
+        let globals6 = settings.globals6();
+        for (name, value) in &globals6 {
             loader.override_global(name, value, true);
         }
         // aya-log's level: off (0) unless tracing, so that the verifier,
@@ -362,5 +402,44 @@ mod tests {
             sizes(SOCK_REV_NAT_MAP),
             (size_of::<i32>(), size_of::<SockRevNat>())
         );
+    }
+
+    /// The IPv6 cluster CIDR reaches the program as it compares: network
+    /// and mask in network byte order, word by word; none is all zero.
+    #[test]
+    fn the_ipv6_cluster_cidr_is_network_and_mask_in_network_order() {
+        let words = |text: &str| {
+            let octets = text.parse::<Ipv6Addr>().unwrap().octets();
+            std::array::from_fn::<u32, 4, _>(|i| {
+                u32::from_ne_bytes([
+                    octets[4 * i],
+                    octets[4 * i + 1],
+                    octets[4 * i + 2],
+                    octets[4 * i + 3],
+                ])
+            })
+        };
+        let settings = |cidr6| ProgramSettings {
+            cluster_cidr6: cidr6,
+            ..ProgramSettings::default()
+        };
+        let host_bits_set = ("fd00:10:244:12::1".parse().unwrap(), 56);
+        assert_eq!(
+            settings(Some(host_bits_set)).globals6(),
+            [
+                (CLUSTER_CIDR6_ADDR_GLOBAL, words("fd00:10:244::")),
+                (CLUSTER_CIDR6_MASK_GLOBAL, words("ffff:ffff:ffff:ff00::")),
+            ]
+        );
+        let everything = ("::".parse().unwrap(), 0);
+        for none in [None, Some(everything)] {
+            assert_eq!(
+                settings(none).globals6(),
+                [
+                    (CLUSTER_CIDR6_ADDR_GLOBAL, [0; 4]),
+                    (CLUSTER_CIDR6_MASK_GLOBAL, [0; 4]),
+                ]
+            );
+        }
     }
 }
