@@ -29,6 +29,12 @@ struct MapLabel {
     map: &'static str,
 }
 
+/// The address family, as kube-proxy labels its per-family metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabel {
+    ip_family: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
@@ -40,8 +46,8 @@ pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
     sync_duration: Histogram,
     programming_latency: Histogram,
-    frontends: Gauge,
-    backends: Gauge,
+    frontends: Family<FamilyLabel, Gauge>,
+    backends: Family<FamilyLabel, Gauge>,
     map_fill: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     sync_errors: Family<KindLabel, Counter>,
     source_failing: Gauge,
@@ -64,16 +70,16 @@ impl Metrics {
             "From an EndpointSlice change (its last-change-trigger-time) to the maps",
             programming_latency.clone(),
         );
-        let frontends = Gauge::default();
+        let frontends = Family::default();
         registry.register(
             "frontends_programmed",
-            "Service frontends in the maps",
+            "Service frontends in the socket programs' maps, per family",
             frontends.clone(),
         );
-        let backends = Gauge::default();
+        let backends = Family::default();
         registry.register(
             "backends_programmed",
-            "Distinct backends in the maps",
+            "Distinct backends in the socket programs' maps, per family",
             backends.clone(),
         );
         let map_fill = Family::default();
@@ -116,10 +122,14 @@ impl Metrics {
         self.programming_latency.observe(latency.as_secs_f64());
     }
 
-    pub fn programmed(&self, frontends: usize, backends: usize) {
+    /// `ip_family` is `"IPv4"` or `"IPv6"`.
+    pub fn programmed(&self, ip_family: &'static str, frontends: usize, backends: usize) {
+        let label = FamilyLabel { ip_family };
         self.frontends
+            .get_or_create(&label)
             .set(i64::try_from(frontends).unwrap_or(i64::MAX));
         self.backends
+            .get_or_create(&label)
             .set(i64::try_from(backends).unwrap_or(i64::MAX));
     }
 

@@ -83,8 +83,9 @@ fn healthz_and_metrics_report_the_datapath_as_kube_proxy_does() {
     let (status, metrics) = agent.http_get("metrics", "/metrics").unwrap();
     assert_eq!(status, 200);
     for line in [
-        "ebpf_proxy_frontends_programmed 1",
-        "ebpf_proxy_backends_programmed 2",
+        "ebpf_proxy_frontends_programmed{ip_family=\"IPv4\"} 1",
+        "ebpf_proxy_backends_programmed{ip_family=\"IPv4\"} 2",
+        "ebpf_proxy_frontends_programmed{ip_family=\"IPv6\"} 0",
         "ebpf_proxy_datapath_events_total{event=\"forwarded\"} 10",
         "ebpf_proxy_frontend_translations_total{frontend=\"10.96.0.10:80/TCP\"} 10",
         "ebpf_proxy_map_fill_ratio{map=\"lb4_be_v2\"}",

@@ -269,10 +269,13 @@ fn load(
                 .iter()
                 .find(|cidr| cidr.address.is_ipv4())
                 .copied(),
-            cluster_cidr6: config.cluster_cidrs.iter().find_map(|cidr| match cidr.address {
-                std::net::IpAddr::V6(address) => Some((address, cidr.prefix_len)),
-                std::net::IpAddr::V4(_) => None,
-            }),
+            cluster_cidr6: config
+                .cluster_cidrs
+                .iter()
+                .find_map(|cidr| match cidr.address {
+                    std::net::IpAddr::V6(address) => Some((address, cidr.prefix_len)),
+                    std::net::IpAddr::V4(_) => None,
+                }),
             masquerade_all: config.masquerade_all,
             trace: config.programs.trace,
         },
@@ -512,16 +515,13 @@ impl Loop {
 
     fn observe_sync(&self, took: Duration) {
         self.metrics.observe_sync(took);
-        let (frontends, backends) = self.ipv4.sockets.sizes();
-        let (frontends6, backends6) = self.ipv6.sockets.sizes();
-        self.metrics
-            .programmed(frontends + frontends6, backends + backends6);
-        self.observe_fill(&self.ipv4);
-        self.observe_fill(&self.ipv6);
+        self.observe_tables(&self.ipv4);
+        self.observe_tables(&self.ipv6);
     }
 
-    fn observe_fill<A: MapAddress>(&self, tables: &FamilyTables<A>) {
-        let (_, backends) = tables.sockets.sizes();
+    fn observe_tables<A: MapAddress>(&self, tables: &FamilyTables<A>) {
+        let (frontends, backends) = tables.sockets.sizes();
+        self.metrics.programmed(A::MAPS.family, frontends, backends);
         self.metrics.map_fill(
             A::MAPS.services,
             tables.sockets.service_entries(),
