@@ -18,8 +18,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
 use xtask::lab::{agent_binary, manifests};
 
 use common::{
-    HTTP, HTTP_BACKEND, WEB_VIP, assert_check, doctor, doctor_in, wait_for_backends, web_lab,
-    web_manifest,
+    HTTP, HTTP_BACKEND, WEB_VIP, assert_check, doctor, doctor_in, wait_for_backends,
+    wait_for_frontend, web_lab, web_manifest,
 };
 
 fn assert_all_ok(ok: bool, checks: &BTreeMap<String, (String, String)>) {
@@ -263,5 +263,69 @@ fn explain_says_why_each_endpoint_is_a_candidate_or_not_and_what_passes_untouche
             .unwrap()
             .contains("ClusterIP of Service default/web"),
         "{json:#}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_and_explain_read_the_ipv6_maps_too() {
+    const VIP6: &str = "fd10:96::20";
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest(
+        "both.yaml",
+        &manifests::documents(&[
+            manifests::dual_stack_service("both", &[WEB_VIP, VIP6], HTTP),
+            manifests::endpoint_slice("both-v4", "both", HTTP_BACKEND, &[(pods[0].ip, true)]),
+            manifests::endpoint_slice_v6("both-v6", "both", HTTP_BACKEND, &[(pods[0].ip6, true)]),
+        ]),
+    )
+    .unwrap();
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let frontend6 = format!("[{VIP6}]:80");
+    wait_for_frontend(&agent, &format!("[{VIP6}]"), Duration::from_secs(10));
+    let healthz = agent.address("healthz").unwrap();
+    let (ok, checks) = doctor(&lab, &healthz);
+    assert_all_ok(ok, &checks);
+    assert_check(&checks, "drift", "OK", "2 frontends");
+
+    let explain = Command::new(agent_binary())
+        .args(["explain", &frontend6, "--output", "json", "--bpffs"])
+        .arg(lab.bpffs())
+        .arg("--manifests")
+        .arg(lab.manifests_dir())
+        .output()
+        .unwrap();
+    assert!(explain.status.success(), "{explain:?}");
+    let json: serde_json::Value = serde_json::from_slice(&explain.stdout).unwrap();
+    assert_eq!(json["verdict"], "forwarded", "{json:#}");
+    assert_eq!(json["service"], "default/both:http", "{json:#}");
+    assert_eq!(
+        json["maps"],
+        serde_json::json!([format!("[{}]:8080", pods[0].ip6)]),
+        "{json:#}"
+    );
+
+    // Slot 0 of [fd10:96::20]:80/TCP in the IPv6 map, as the kernel
+    // stores the key: the address's sixteen octets, the port, slot 0,
+    // TCP, scope and padding.
+    let vip: std::net::Ipv6Addr = VIP6.parse().unwrap();
+    let mut key: Vec<String> = vip.octets().iter().map(u8::to_string).collect();
+    key.extend(["0", "80", "0", "0", "6", "0", "0", "0"].map(str::to_owned));
+    let map = lab.bpffs().join("maps").join(proxy_common::SERVICES6_MAP);
+    let status = Command::new("bpftool")
+        .args(["map", "delete", "pinned"])
+        .arg(&map)
+        .arg("key")
+        .args(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (ok, checks) = doctor(&lab, &healthz);
+    assert!(!ok, "a FAIL exits 1");
+    assert_check(
+        &checks,
+        "drift",
+        "FAIL",
+        &format!("missing {frontend6}/TCP (default/both:http)"),
     );
 }
