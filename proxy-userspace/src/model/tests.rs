@@ -261,7 +261,7 @@ spec:
 fn service_at(name: &str, cluster_ip: &str) -> Vec<Change> {
     snapshot(&format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
-         spec: {{clusterIP: {cluster_ip}, ports: [{{port: 80}}]}}\n"
+         spec: {{clusterIP: '{cluster_ip}', ports: [{{port: 80}}]}}\n"
     ))
 }
 
@@ -854,4 +854,168 @@ endpoints:
   conditions: {ready: true}
 ";
     assert_eq!(web_backends(&snapshot(yaml)), ["10.244.0.2"]);
+}
+
+const DUAL_STACK: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, 'fd10:96::20']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.0.10]}, {addresses: [10.244.0.11]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00:10:244::10']}]
+";
+
+#[test]
+fn a_dual_stack_service_has_a_frontend_per_family_each_with_its_own_endpoints() {
+    let (state, problems) = desired_state(&snapshot(DUAL_STACK));
+    assert_eq!(problems, []);
+    assert_eq!(
+        state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
+        [
+            addr("10.244.0.10", 8080, Protocol::Tcp),
+            addr("10.244.0.11", 8080, Protocol::Tcp)
+        ]
+    );
+    assert_eq!(
+        state.frontends[&addr("fd10:96::20", 80, Protocol::Tcp)].backends,
+        [addr("fd00:10:244::10", 8080, Protocol::Tcp)]
+    );
+    assert_eq!(
+        addr("fd10:96::20", 80, Protocol::Tcp).to_string(),
+        "[fd10:96::20]:80/TCP"
+    );
+    // An IPv6-only Service of the same slices takes the IPv6 ones only.
+    let single = DUAL_STACK
+        .replace("  clusterIP: 10.96.0.20\n", "")
+        .replace("[10.96.0.20, 'fd10:96::20']", "['fd10:96::20']")
+        .replace("[IPv4, IPv6]", "[IPv6]")
+        .replace("RequireDualStack", "SingleStack");
+    let (state, problems) = desired_state(&snapshot(&single));
+    assert_eq!(problems, []);
+    assert_eq!(
+        state.frontends.keys().copied().collect::<Vec<_>>(),
+        [addr("fd10:96::20", 80, Protocol::Tcp)]
+    );
+}
+
+#[test]
+fn bad_ipv6_cluster_ips_are_refused_naming_the_service_and_the_address() {
+    for ip in ["::1", "::", "fe80::1", "ff02::1", "::ffff:10.96.0.40"] {
+        let (state, problems) = desired_state(&service_at("bad", ip));
+        assert!(state.frontends.is_empty(), "{ip} was accepted");
+        let shown: std::net::IpAddr = ip.parse().unwrap();
+        assert!(
+            problems.len() == 1
+                && problems[0].object == "Service default/bad"
+                && problems[0].message.contains(&format!(
+                    "clusterIP {shown} is not a unicast Service address"
+                )),
+            "{ip}: {problems:?}"
+        );
+    }
+    let mut model = Model::new(ModelConfig {
+        service_cidrs: vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "fd10:96::/112".parse().unwrap(),
+        ],
+        ..config()
+    });
+    for change in [
+        service_at("inside", "fd10:96::1"),
+        service_at("outside", "fd99::1"),
+        service_at("ipv4", "10.96.0.1"),
+    ]
+    .concat()
+    {
+        model.apply(change);
+    }
+    model.recompute();
+    assert_eq!(
+        model
+            .desired()
+            .frontends
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        [
+            addr("10.96.0.1", 80, Protocol::Tcp),
+            addr("fd10:96::1", 80, Protocol::Tcp)
+        ]
+    );
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        [
+            "test.yaml: Service default/outside: clusterIP fd99::1 is outside --service-cidr fd10:96::/112"
+        ]
+    );
+}
+
+#[test]
+fn cluster_ips_that_disagree_with_ip_families_are_refused() {
+    for (ips, families, message) in [
+        (
+            "['fd10:96::41']",
+            "[IPv4]",
+            "clusterIPs [fd10:96::41] disagree with ipFamilies [IPv4]",
+        ),
+        (
+            "[10.96.0.41, 'fd10:96::41']",
+            "[IPv6, IPv4]",
+            "clusterIPs [10.96.0.41, fd10:96::41] disagree with ipFamilies [IPv6, IPv4]",
+        ),
+        (
+            "[10.96.0.41, 10.96.0.42]",
+            "[IPv4, IPv4]",
+            "clusterIPs 10.96.0.41 and 10.96.0.42 are of one family",
+        ),
+    ] {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\n\
+             spec: {{clusterIPs: {ips}, ipFamilies: {families}, ports: [{{port: 80}}]}}\n"
+        );
+        let (state, problems) = desired_state(&snapshot(&yaml));
+        assert!(state.frontends.is_empty(), "{ips} was accepted");
+        assert!(
+            problems.len() == 1 && problems[0].message.contains(message),
+            "{ips}: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn an_endpoint_not_of_its_slices_address_type_is_refused() {
+    let yaml = DUAL_STACK.replace(
+        "endpoints: [{addresses: ['fd00:10:244::10']}]",
+        "endpoints: [{addresses: [10.244.0.12]}, {addresses: ['fd00:10:244::10']}]",
+    );
+    let (state, problems) = desired_state(&snapshot(&yaml));
+    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        [
+            "test.yaml: EndpointSlice default/web-v6: endpoint address 10.244.0.12 is not of the slice's addressType IPv6"
+        ]
+    );
+    assert_eq!(
+        state.frontends[&addr("fd10:96::20", 80, Protocol::Tcp)].backends,
+        [addr("fd00:10:244::10", 8080, Protocol::Tcp)]
+    );
 }
