@@ -657,3 +657,24 @@ fn names_address_matches_whole_addresses_only() {
     ));
     assert!(!names_address("address 10.244.0.100", "10.244.0.10"));
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn ipv6_run_trace_logs_each_translation() {
+    let (lab, pods) = web6_lab(&["pod-a"]);
+    lab.write_manifest("web6.yaml", &web6_manifest("web6", WEB6_VIP, &[&pods[0]]))
+        .unwrap();
+    let agent = lab
+        .start_agent_with(
+            &agent_binary(),
+            &[SERVICE_CIDRS[0], SERVICE_CIDRS[1], "--trace"],
+        )
+        .unwrap();
+    wait_for_frontend(&agent, &bracketed(WEB6_VIP), Duration::from_secs(10));
+    assert_eq!(
+        request_counts(&lab, &bracketed(WEB6_VIP), 3).get("pod-a"),
+        Some(&3)
+    );
+    let line = format!("connect [{WEB6_VIP}]:80 -> [{}]:8080", pods[0].ip6);
+    agent.wait_for_log(&line, Duration::from_secs(5)).unwrap();
+}
