@@ -252,6 +252,26 @@ fn ipv6_tcp_spreads_over_every_pod() {
             pod.name
         );
     }
+    // The per-slot counts of the IPv6 map: each pod's slot counted what
+    // it answered.
+    let listed: serde_json::Value =
+        serde_json::from_str(&agent.services_stats_json().unwrap()).unwrap();
+    let web = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["frontend"] == format!("[{WEB6_VIP}]:80"))
+        .expect("the IPv6 web frontend");
+    assert_eq!(web["translations"], 150, "{web}");
+    for pod in &pods {
+        let slot = web["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["address"] == format!("[{}]:8080", pod.ip6))
+            .unwrap_or_else(|| panic!("no slot of {}: {web}", pod.name));
+        assert_eq!(slot["translations"], counts[&pod.name], "{web}");
+    }
 }
 
 #[test]
