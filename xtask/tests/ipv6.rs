@@ -642,7 +642,8 @@ fn ipv6_connected_udp_socket_ends_when_its_backend_leaves() {
         let mut command = lab.pod_client(&client, "python3");
         command.args([
             "-c",
-            include_str!("clients/held_udp6.py"),
+            include_str!("clients/held_udp.py"),
+            "service-and-pod",
             VIP,
             &pods[0].ip6.to_string(),
         ]);

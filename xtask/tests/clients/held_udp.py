@@ -7,7 +7,8 @@
 #                    is printed.
 #   pod              one straight to POD_IP; its SO_COOKIE is printed.
 # Then, for each line on stdin, every socket asks once more; the line
-# printed holds who answered or the errno each got.
+# printed holds who answered or the errno each got. An IPv6 VIP makes
+# AF_INET6 sockets.
 import errno
 import socket
 import struct
@@ -19,8 +20,11 @@ query = struct.pack(">6H", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x06whoami\x03lab\x00
 service, pod = (vip, 53), (pod_ip, 5353)
 
 
+FAMILY = socket.AF_INET6 if ":" in vip else socket.AF_INET
+
+
 def connected(target):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(FAMILY, socket.SOCK_DGRAM)
     s.settimeout(2)
     s.connect(target)
     return s
@@ -46,7 +50,7 @@ if mode == "service-and-pod":
 elif mode == "service-then-pod":
     socks, again = [on_dns_a(), on_dns_a()], [None, None]
     socks[1].connect(pod)
-    print("%s:%d" % socks[1].getpeername(), flush=True)
+    print("%s:%d" % socks[1].getpeername()[:2], flush=True)
 elif mode == "pod":
     socks, again = [connected(pod)], [None]
     print(" ".join("%02x" % b for b in socks[0].getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)), flush=True)
