@@ -25,8 +25,8 @@ use xtask::{
 };
 
 use common::{
-    Conversation, HTTP, HTTP_BACKEND, WEB_VIP, assert_printed, assert_succeeded, pin_bpftool_map,
-    request_counts, wait_for_backends, web_lab, web_manifest,
+    Conversation, HTTP, HTTP_BACKEND, WEB_VIP, assert_printed, assert_refused_at_once,
+    assert_succeeded, pin_bpftool_map, request_counts, wait_for_backends, web_lab, web_manifest,
 };
 
 #[test]
@@ -400,35 +400,7 @@ fn service_without_endpoints_refuses_at_once() {
     .unwrap();
     let agent = lab.start_agent(&agent_binary()).unwrap();
 
-    let out = lab
-        .python(
-            include_str!("clients/refusal_time.py"),
-            &["10.96.0.20", "80", "20"],
-        )
-        .unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        lines.lines().count(),
-        20,
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for line in lines.lines() {
-        let millis: f64 = line
-            .strip_prefix("refused ")
-            .unwrap_or_else(|| panic!("not refused: {line}"))
-            .parse()
-            .unwrap();
-        // A refusal by the hook takes microseconds; a SYN that went out
-        // unanswered would take a second or more. The margin is for a
-        // loaded machine.
-        assert!(millis < 100.0, "refused only after {millis} ms");
-    }
-    assert!(
-        agent.stats_json().unwrap().contains(r#""refused":20"#),
-        "{}",
-        agent.stats_json().unwrap()
-    );
+    assert_refused_at_once(&lab, &agent, "10.96.0.20");
 }
 
 /// A lab of two dnsmasq pods on port 5353, dns-a and dns-b, behind the UDP

@@ -22,7 +22,8 @@ use std::{
 use xtask::lab::{Agent, FAR_CLIENT6, Lab, Pod, TwoNodeLab, agent_binary, manifests};
 
 use common::{
-    Conversation, HTTP, HTTP_BACKEND, assert_printed, request_counts, wait_for_frontend, web_lab,
+    Conversation, HTTP, HTTP_BACKEND, assert_printed, assert_refused_at_once, request_counts,
+    wait_for_frontend, web_lab,
 };
 
 /// One Service CIDR per family, as a dual-stack cluster has.
@@ -291,31 +292,7 @@ fn ipv6_service_without_endpoints_refuses_at_once() {
     let agent = start_dual_stack_agent(&lab);
 
     // create_connection resolves the IPv6 literal to an AF_INET6 socket.
-    let out = lab
-        .python(include_str!("clients/refusal_time.py"), &[VIP, "80", "20"])
-        .unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        lines.lines().count(),
-        20,
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for line in lines.lines() {
-        let millis: f64 = line
-            .strip_prefix("refused ")
-            .unwrap_or_else(|| panic!("not refused: {line}"))
-            .parse()
-            .unwrap();
-        // A refusal by the hook takes microseconds; the margin is for a
-        // loaded machine.
-        assert!(millis < 100.0, "refused only after {millis} ms");
-    }
-    assert!(
-        agent.stats_json().unwrap().contains(r#""refused":20"#),
-        "{}",
-        agent.stats_json().unwrap()
-    );
+    assert_refused_at_once(&lab, &agent, VIP);
 }
 
 #[test]

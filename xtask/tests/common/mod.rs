@@ -251,3 +251,39 @@ pub fn assert_succeeded(out: &Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Asserts that 20 connects to `vip`:80, a Service without endpoints, are
+/// each refused at once (ECONNREFUSED from the hook, as kube-proxy's
+/// REJECT), and that the datapath counted them.
+pub fn assert_refused_at_once(lab: &Lab, agent: &Agent, vip: &str) {
+    // create_connection makes a socket of the address's family.
+    let out = lab
+        .python(
+            include_str!("../clients/refusal_time.py"),
+            &[vip, "80", "20"],
+        )
+        .unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        lines.lines().count(),
+        20,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in lines.lines() {
+        let millis: f64 = line
+            .strip_prefix("refused ")
+            .unwrap_or_else(|| panic!("not refused: {line}"))
+            .parse()
+            .unwrap();
+        // A refusal by the hook takes microseconds; a SYN that went out
+        // unanswered would take a second or more. The margin is for a
+        // loaded machine.
+        assert!(millis < 100.0, "refused only after {millis} ms");
+    }
+    assert!(
+        agent.stats_json().unwrap().contains(r#""refused":20"#),
+        "{}",
+        agent.stats_json().unwrap()
+    );
+}
