@@ -22,8 +22,8 @@ use std::{
 use xtask::lab::{Agent, FAR_CLIENT6, Lab, Pod, TwoNodeLab, agent_binary, manifests};
 
 use common::{
-    Conversation, HTTP, HTTP_BACKEND, assert_printed, assert_refused_at_once, request_counts,
-    wait_for_frontend, web_lab,
+    Conversation, HTTP, HTTP_BACKEND, assert_printed, assert_refused_at_once,
+    assert_restart_loses_nothing, request_counts, wait_for_frontend, web_lab,
 };
 
 /// One Service CIDR per family, as a dual-stack cluster has.
@@ -544,59 +544,17 @@ fn ipv6_restart_under_traffic_loses_nothing() {
         &web6_manifest("web6", WEB6_VIP, &pods.iter().collect::<Vec<_>>()),
     )
     .unwrap();
-    let mut agent = start_dual_stack_agent(&lab);
+    let agent = start_dual_stack_agent(&lab);
     wait_for_frontend(&agent, &bracketed(WEB6_VIP), Duration::from_secs(10));
-    let host = bracketed(WEB6_VIP);
-
-    let total = 3000;
-    let traffic = thread::scope(|scope| {
-        let traffic = scope.spawn(|| request_counts(&lab, &host, total));
-        thread::sleep(Duration::from_millis(300));
-        agent.kill();
-        traffic.join().unwrap()
+    let agent = assert_restart_loses_nothing(&lab, agent, &bracketed(WEB6_VIP), || {
+        start_dual_stack_agent(&lab)
     });
-    assert_eq!(
-        traffic.get(""),
-        None,
-        "connections failed while the agent died: {traffic:?}"
-    );
-    assert_eq!(traffic.values().sum::<usize>(), total);
-    // The listing reads the pins, so it works with no agent running.
-    let listed = agent.services_json().unwrap();
-    assert!(listed.contains(&format!("\"{host}:80\"")), "{listed}");
-
-    // A new agent adopts the pinned maps and links while traffic flows, and
-    // finds nothing to change.
-    let traffic = thread::scope(|scope| {
-        let traffic = scope.spawn(|| request_counts(&lab, &host, total));
-        thread::sleep(Duration::from_millis(300));
-        agent = start_dual_stack_agent(&lab);
-        traffic.join().unwrap()
-    });
-    assert_eq!(
-        traffic.get(""),
-        None,
-        "connections failed during the restart: {traffic:?}"
-    );
-    let log = agent.log();
-    assert!(
-        log.contains("adopted the pinned maps frontends=1 backends=3"),
-        "{log}"
-    );
-    assert!(
-        log.contains("changes=0"),
-        "the restart rewrote the maps:\n{log}"
-    );
-    assert!(
-        log.contains("swapped the program behind the pinned link"),
-        "{log}"
-    );
 
     // And it stays correct: it follows the next edit.
     lab.write_manifest("web6.yaml", &web6_manifest("web6", WEB6_VIP, &[&pods[0]]))
         .unwrap();
     wait_for_backends6(&agent, WEB6_VIP, &[pods[0].ip6], Duration::from_secs(1));
-    let counts = request_counts(&lab, &host, 30);
+    let counts = request_counts(&lab, &bracketed(WEB6_VIP), 30);
     assert_eq!(counts.get("pod-a"), Some(&30), "{counts:?}");
 }
 

@@ -25,7 +25,10 @@ use xtask::{
     lab::{Agent, Lab, agent_binary},
 };
 
-use common::{WEB_VIP, pin_bpftool_map, request_counts, wait_for_backends, web_lab, web_manifest};
+use common::{
+    WEB_VIP, assert_restart_loses_nothing, pin_bpftool_map, request_counts, wait_for_backends,
+    web_lab, web_manifest,
+};
 
 /// A lab with one nginx pod behind the ClusterIP [`WEB_VIP`], and its agent.
 fn served_web_lab() -> (Lab, Agent) {
@@ -381,50 +384,10 @@ fn sigkilled_agent_loses_no_connection_and_a_restart_adopts_the_state() {
     let (lab, pods) = web_lab(&["pod-a", "pod-b", "pod-c"]);
     lab.write_manifest("web.yaml", &web_manifest(&pods.iter().collect::<Vec<_>>()))
         .unwrap();
-    let mut agent = lab.start_agent(&agent_binary()).unwrap();
-
-    let total = 3000;
-    let traffic = thread::scope(|scope| {
-        let traffic = scope.spawn(|| request_counts(&lab, WEB_VIP, total));
-        thread::sleep(Duration::from_millis(300));
-        agent.kill();
-        traffic.join().unwrap()
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    let agent = assert_restart_loses_nothing(&lab, agent, WEB_VIP, || {
+        lab.start_agent(&agent_binary()).unwrap()
     });
-    assert_eq!(
-        traffic.get(""),
-        None,
-        "connections failed while the agent died: {traffic:?}"
-    );
-    assert_eq!(traffic.values().sum::<usize>(), total);
-    // The listing reads the pins, so it works with no agent running.
-    assert!(agent.services_json().unwrap().contains("\"10.96.0.10:80\""));
-
-    // A new agent adopts the pinned maps and links while traffic flows, and
-    // finds nothing to change.
-    let traffic = thread::scope(|scope| {
-        let traffic = scope.spawn(|| request_counts(&lab, WEB_VIP, total));
-        thread::sleep(Duration::from_millis(300));
-        agent = lab.start_agent(&agent_binary()).unwrap();
-        traffic.join().unwrap()
-    });
-    assert_eq!(
-        traffic.get(""),
-        None,
-        "connections failed during the restart: {traffic:?}"
-    );
-    let log = agent.log();
-    assert!(
-        log.contains("adopted the pinned maps frontends=1 backends=3"),
-        "{log}"
-    );
-    assert!(
-        log.contains("changes=0"),
-        "the restart rewrote the maps:\n{log}"
-    );
-    assert!(
-        log.contains("swapped the program behind the pinned link"),
-        "{log}"
-    );
 
     // And it stays correct: it follows the next edit.
     lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))

@@ -287,3 +287,61 @@ pub fn assert_refused_at_once(lab: &Lab, agent: &Agent, vip: &str) {
         agent.stats_json().unwrap()
     );
 }
+
+/// Kills `agent` under a stream of requests to `host`:80, then starts a
+/// new one with `start` under another, and asserts that no request failed
+/// either time, that the listing still worked with no agent, and that the
+/// new agent adopted the pinned maps (one frontend of three backends)
+/// without writing anything and swapped its programs into the pinned
+/// links. Returns the new agent.
+pub fn assert_restart_loses_nothing(
+    lab: &Lab,
+    mut agent: Agent,
+    host: &str,
+    start: impl FnOnce() -> Agent,
+) -> Agent {
+    let total = 3000;
+    let traffic = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| request_counts(lab, host, total));
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill();
+        traffic.join().unwrap()
+    });
+    assert_eq!(
+        traffic.get(""),
+        None,
+        "connections failed while the agent died: {traffic:?}"
+    );
+    assert_eq!(traffic.values().sum::<usize>(), total);
+    // The listing reads the pins, so it works with no agent running.
+    let listed = agent.services_json().unwrap();
+    assert!(listed.contains(&format!("\"{host}:80\"")), "{listed}");
+
+    // A new agent adopts the pinned maps and links while traffic flows, and
+    // finds nothing to change.
+    let (traffic, agent) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| request_counts(lab, host, total));
+        std::thread::sleep(Duration::from_millis(300));
+        let agent = start();
+        (traffic.join().unwrap(), agent)
+    });
+    assert_eq!(
+        traffic.get(""),
+        None,
+        "connections failed during the restart: {traffic:?}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("adopted the pinned maps frontends=1 backends=3"),
+        "{log}"
+    );
+    assert!(
+        log.contains("changes=0"),
+        "the restart rewrote the maps:\n{log}"
+    );
+    assert!(
+        log.contains("swapped the program behind the pinned link"),
+        "{log}"
+    );
+    agent
+}
