@@ -154,8 +154,10 @@ pub struct DesiredFrontend {
     /// `namespace/name` for an unnamed port), for logs.
     pub service: String,
     /// Sorted and without duplicates, so equal states compare equal. Empty
-    /// means "refuse connections".
-    pub backends: Vec<L4Addr>,
+    /// means "refuse connections". Shared: the desired state holds the
+    /// owning Service's own, not a copy (30,000 Services of four
+    /// endpoints would hold 120,000 addresses twice).
+    pub backends: Arc<[L4Addr]>,
     /// Slot 0's flags in the maps: 0 for ClusterIPs; outside frontends
     /// carry `proxy_common::FRONTEND_MASQUERADE` under policy Cluster.
     pub flags: u16,
@@ -705,7 +707,7 @@ impl Model {
                 frontend,
                 DesiredFrontend {
                     service: name,
-                    backends,
+                    backends: backends.into(),
                     flags: 0,
                     affinity,
                 },

@@ -14,6 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use super::{
@@ -140,12 +141,12 @@ pub struct ExternalFrontend {
     pub policy: TrafficPolicy,
     /// Sorted. Empty under policy Local means "drop": no endpoint is on
     /// this node.
-    pub backends: Vec<L4Addr>,
+    pub backends: Arc<[L4Addr]>,
     /// The ClusterIP's backends, for the node's own sockets: kube-proxy
     /// sends traffic that starts on the node to every endpoint, whatever
     /// the policy (its KUBE-EXT chains jump to KUBE-SVC for
     /// `--src-type LOCAL`).
-    pub cluster_backends: Vec<L4Addr>,
+    pub cluster_backends: Arc<[L4Addr]>,
     /// sessionAffinity ClientIP timeout in seconds (0: none), by the
     /// client's address.
     pub affinity: u32,
@@ -362,7 +363,8 @@ impl Model {
                         local_only: true,
                         zone: None,
                     },
-                ),
+                )
+                .into(),
             };
             let entry = |kind| ExternalFrontend {
                 service: frontend.service.clone(),

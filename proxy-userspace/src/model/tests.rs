@@ -73,7 +73,7 @@ endpoints:
 fn named_ports_and_protocols_map_to_their_endpoint_ports() {
     let (state, problems) = desired_state(&snapshot(DNS));
     assert_eq!(problems, []);
-    let backends = |port, protocol| &state.frontends[&addr("10.96.0.10", port, protocol)].backends;
+    let backends = |port, protocol| &*state.frontends[&addr("10.96.0.10", port, protocol)].backends;
     // Sorted, the not-ready endpoint left out, an unset condition is ready.
     assert_eq!(
         backends(53, Protocol::Udp),
@@ -152,7 +152,7 @@ spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
     let (state, problems) = desired_state(&snapshot(yaml));
     assert_eq!(problems, []);
     assert_eq!(
-        state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
+        *state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
         []
     );
 }
@@ -187,7 +187,7 @@ endpoints:
     let backends = |yaml: &str| {
         desired_state(&snapshot(yaml)).0.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)]
             .backends
-            .clone()
+            .to_vec()
     };
     assert_eq!(
         backends(&slice(true)),
@@ -405,7 +405,7 @@ endpoints:
 ";
     let (state, problems) = desired_state(&snapshot(yaml));
     assert_eq!(
-        state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
+        *state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
         [addr("10.244.0.9", 8080, Protocol::Tcp)]
     );
     assert_eq!(
@@ -447,7 +447,7 @@ fn endpoint_addresses_no_pod_can_have_are_problems_and_are_skipped() {
     let changes: Vec<Change> = other.into_iter().chain(web).collect();
     let (state, problems) = desired_state(&changes);
     assert_eq!(
-        state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
+        *state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
         [addr("10.244.0.9", 8080, Protocol::Tcp)],
         "{problems:#?}"
     );
@@ -786,7 +786,7 @@ fn a_zone_change_of_the_node_moves_its_traffic() {
     model.apply(node_in(Some("zone-a")));
     model.recompute();
     let frontend = addr("10.96.0.20", 80, Protocol::Tcp);
-    let backends = |model: &Model| model.desired().frontends[&frontend].backends.clone();
+    let backends = |model: &Model| model.desired().frontends[&frontend].backends.to_vec();
     assert_eq!(backends(&model), [addr("10.244.0.2", 8080, Protocol::Tcp)]);
     model.apply(node_in(Some("zone-b")));
     assert_eq!(model.recompute().sockets, BTreeSet::from([frontend]));
@@ -887,14 +887,14 @@ fn a_dual_stack_service_has_a_frontend_per_family_each_with_its_own_endpoints() 
     let (state, problems) = desired_state(&snapshot(DUAL_STACK));
     assert_eq!(problems, []);
     assert_eq!(
-        state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
+        *state.frontends[&addr("10.96.0.20", 80, Protocol::Tcp)].backends,
         [
             addr("10.244.0.10", 8080, Protocol::Tcp),
             addr("10.244.0.11", 8080, Protocol::Tcp)
         ]
     );
     assert_eq!(
-        state.frontends[&addr("fd10:96::20", 80, Protocol::Tcp)].backends,
+        *state.frontends[&addr("fd10:96::20", 80, Protocol::Tcp)].backends,
         [addr("fd00:10:244::10", 8080, Protocol::Tcp)]
     );
     assert_eq!(
@@ -1015,7 +1015,7 @@ fn an_endpoint_not_of_its_slices_address_type_is_refused() {
         ]
     );
     assert_eq!(
-        state.frontends[&addr("fd10:96::20", 80, Protocol::Tcp)].backends,
+        *state.frontends[&addr("fd10:96::20", 80, Protocol::Tcp)].backends,
         [addr("fd00:10:244::10", 8080, Protocol::Tcp)]
     );
 }

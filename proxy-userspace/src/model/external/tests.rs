@@ -127,7 +127,7 @@ fn policy_local_keeps_this_nodes_endpoints_and_counts_them() {
     let model = model_of(config(), &yaml);
     let frontend = &model.external().frontends[&at("192.168.100.11", 30080, Protocol::Tcp)];
     assert_eq!(frontend.policy, TrafficPolicy::Local);
-    assert_eq!(frontend.backends, [at("10.244.1.10", 8080, Protocol::Tcp)]);
+    assert_eq!(*frontend.backends, [at("10.244.1.10", 8080, Protocol::Tcp)]);
     assert_eq!(
         model.external().health_checks[&31999],
         HealthCheck {
@@ -383,10 +383,10 @@ fn the_nodes_own_sockets_reach_outside_frontends_over_every_endpoint() {
         at("10.244.2.10", 8080, Protocol::Tcp),
     ];
     let socket = &model.desired().frontends[&node_port];
-    assert_eq!(socket.backends, all);
+    assert_eq!(*socket.backends, all);
     assert_eq!(socket.flags, proxy_common::FRONTEND_NODE_PORT);
     let outside = model.external().frontends[&node_port].desired();
-    assert_eq!(outside.backends, all[..1]);
+    assert_eq!(*outside.backends, all[..1]);
     assert_eq!(outside.flags, proxy_common::FRONTEND_NODE_PORT);
 
     // A Service whose ClusterIP is that node address and port keeps it.

@@ -138,7 +138,7 @@ pub(crate) fn state(frontends: &[(L4Addr, &[L4Addr])]) -> DesiredState {
             .map(|(frontend, backends)| {
                 let entry = DesiredFrontend {
                     service: format!("test/{frontend}"),
-                    backends: backends.to_vec(),
+                    backends: backends.to_vec().into(),
                     flags: 0,
                     affinity: 0,
                 };
@@ -152,7 +152,7 @@ fn view_of(desired: &DesiredState) -> BTreeMap<L4Addr, Vec<L4Addr>> {
     desired
         .frontends
         .iter()
-        .map(|(k, v)| (*k, v.backends.clone()))
+        .map(|(k, v)| (*k, v.backends.to_vec()))
         .collect()
 }
 
