@@ -24,7 +24,7 @@ use crate::{
     kube_proxy_config::NodePortAddress,
     source::{
         Change, NodeObject, ObjectName, ServiceObject, SliceObject, Sourced,
-        objects::{EndpointObject, ServicePortObject},
+        objects::{EndpointObject, FamilyName, ServicePortObject},
     },
 };
 
@@ -238,8 +238,19 @@ struct CheckedEndpoint {
     /// On this node (its `nodeName` is ours), for internalTrafficPolicy Local.
     local: bool,
     /// `hints.forZones`: the zones the EndpointSlice controller wants this
-    /// endpoint used from. Almost always empty, and then it takes no heap.
-    zone_hints: Box<[String]>,
+    /// endpoint used from. Almost always none: then a null pointer, where
+    /// a boxed slice would take two words of 120,000 endpoints.
+    #[expect(
+        clippy::box_collection,
+        reason = "a thin pointer to the rare list, not a fat one in every endpoint"
+    )]
+    zone_hints: Option<Box<Vec<String>>>,
+}
+
+impl CheckedEndpoint {
+    fn zone_hints(&self) -> &[String] {
+        self.zone_hints.as_deref().map_or(&[], Vec::as_slice)
+    }
 }
 
 /// How one Service picks its endpoints on this node.
@@ -276,7 +287,7 @@ impl<'a> Selection<'a> {
             Some(candidates::Exclusion::OtherNode)
         } else if let Some(zone) = hinted_zone
             && matches!(endpoint.readiness, Readiness::Ready)
-            && !endpoint.zone_hints.iter().any(|z| z == zone)
+            && !endpoint.zone_hints().iter().any(|z| z == zone)
         {
             Some(candidates::Exclusion::OtherZone)
         } else {
@@ -802,7 +813,11 @@ impl Model {
             let families: Vec<Option<IpFamily>> = service
                 .ip_families
                 .iter()
-                .map(|name| IpFamily::parse(name))
+                .map(|name| match name {
+                    FamilyName::Ipv4 => Some(IpFamily::Ipv4),
+                    FamilyName::Ipv6 => Some(IpFamily::Ipv6),
+                    FamilyName::Other => None,
+                })
                 .collect();
             let agree = ips.len() <= families.len()
                 && ips
@@ -814,7 +829,7 @@ impl Model {
                 return Err(format!(
                     "clusterIPs [{}] disagree with ipFamilies [{}]",
                     ips.join(", "),
-                    service.ip_families.join(", ")
+                    service.ip_families
                 ));
             }
         }
@@ -946,7 +961,8 @@ fn check_slice(sourced: &Sourced<SliceObject>, family: IpFamily, node_name: &str
                 ip,
                 readiness: readiness(endpoint),
                 local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-                zone_hints: endpoint.zone_hints.clone().into_boxed_slice(),
+                zone_hints: (!endpoint.zone_hints.is_empty())
+                    .then(|| Box::new(endpoint.zone_hints.clone())),
             }),
             Err(_) => problem(format!(
                 "endpoint address {address:?} is not an {} address",
@@ -1045,10 +1061,10 @@ fn prefers_zone<'a>(endpoints: impl Iterator<Item = &'a CheckedEndpoint>, zone: 
             continue;
         }
         any_ready = true;
-        if endpoint.zone_hints.is_empty() {
+        if endpoint.zone_hints().is_empty() {
             return false;
         }
-        for_zone |= endpoint.zone_hints.iter().any(|z| z == zone);
+        for_zone |= endpoint.zone_hints().iter().any(|z| z == zone);
     }
     any_ready && for_zone
 }

@@ -344,6 +344,9 @@ pub fn service(name: &str, cluster_ip: &str) -> Value {
             "type": "ClusterIP",
             "clusterIP": cluster_ip,
             "clusterIPs": [cluster_ip],
+            // As the API server fills them in on every Service.
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
             "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": BACKEND_PORT}],
         },
     })

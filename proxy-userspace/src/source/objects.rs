@@ -146,7 +146,7 @@ pub struct ServiceObject {
     /// `spec.clusterIPs`, or `spec.clusterIP` when the list is empty.
     pub cluster_ips: Vec<String>,
     /// `spec.ipFamilies`: the family of each of `cluster_ips`, in order.
-    pub ip_families: Vec<String>,
+    pub ip_families: IpFamilies,
     pub ports: Vec<ServicePortObject>,
     pub external_ips: Vec<String>,
     /// `status.loadBalancer.ingress[].ip`.
@@ -158,6 +158,64 @@ pub struct ServiceObject {
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout_seconds: Option<i32>,
     pub traffic_distribution: Option<String>,
+}
+
+/// One entry of `spec.ipFamilies`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FamilyName {
+    Ipv4,
+    Ipv6,
+    /// Anything else, kept so that the Service is refused by name.
+    Other,
+}
+
+/// `spec.ipFamilies`, packed: the API server sets it on every Service, so
+/// it must not cost an allocation each. Up to two families, in order; a
+/// third entry is kept as [`FamilyName::Other`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpFamilies([Option<FamilyName>; 3]);
+
+impl IpFamilies {
+    #[must_use]
+    pub fn from_names(names: &[String]) -> Self {
+        let mut families = [None; 3];
+        for (slot, name) in families.iter_mut().zip(names) {
+            *slot = Some(match name.as_str() {
+                "IPv4" => FamilyName::Ipv4,
+                "IPv6" => FamilyName::Ipv6,
+                _ => FamilyName::Other,
+            });
+        }
+        if names.len() > 3 {
+            families[2] = Some(FamilyName::Other);
+        }
+        Self(families)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = FamilyName> + '_ {
+        self.0.iter().map_while(|family| *family)
+    }
+
+    #[must_use]
+    pub const fn is_empty(self) -> bool {
+        self.0[0].is_none()
+    }
+}
+
+impl std::fmt::Display for IpFamilies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, family) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(match family {
+                FamilyName::Ipv4 => "IPv4",
+                FamilyName::Ipv6 => "IPv6",
+                FamilyName::Other => "(no family)",
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// One port of an EndpointSlice.
@@ -245,7 +303,7 @@ impl From<&Service> for ServiceObject {
             proxy_name: label(meta, SERVICE_PROXY_NAME_LABEL),
             type_: spec.type_,
             cluster_ips,
-            ip_families: spec.ip_families.unwrap_or_default(),
+            ip_families: IpFamilies::from_names(&spec.ip_families.unwrap_or_default()),
             ports: spec
                 .ports
                 .unwrap_or_default()
