@@ -1,10 +1,8 @@
-//! Privileged tests of the tc programs over IPv6 (issue 17).
-//!
-//! HAND-WRITTEN MAPS: the agent does not write IPv6 frontends into the tc
-//! maps yet, so these tests write one NodePort frontend and its backend
-//! into the pinned `lb6_ext_*` maps with bpftool, and add the lab's IPv6
-//! addresses and the IPv6 masquerade rule themselves. Once the agent's
-//! model serves IPv6 Services, a test driven by manifests replaces this.
+//! Privileged tests of IPv6 traffic from outside the node (issue 17):
+//! NodePorts of both policies, a dual-stack Service through both
+//! families, externalIPs, load-balancer IPs and ClusterIPs from outside,
+//! UDP, and ICMPv6 errors through the tc programs, all from manifests as
+//! `nodeport.rs` drives the IPv4 ones.
 //!
 //! They need root, so they are `#[ignore]`d in a plain `cargo test`;
 //! `cargo xtask test` builds the agent and runs them with `--ignored`.
@@ -12,346 +10,361 @@
 mod common;
 
 use std::{
-    net::Ipv6Addr,
-    process::{Child, Command, Stdio},
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use proxy_common::{
-    BACKENDS6_MAP, Backend, EXT_BACKENDS6_MAP, EXT_SERVICES6_MAP, FRONTEND_MASQUERADE,
-    FRONTEND_NODE_PORT, Ip6, PROTO_TCP, PROTO_UDP, SERVICES6_MAP, ServiceKey, ServiceValue,
+use k8s_openapi::api::core::v1::{
+    LoadBalancerIngress, LoadBalancerStatus, Service, ServiceSpec, ServiceStatus,
 };
 use xtask::{
     bpf_stats::{RunTimeStats, cost_of},
     lab::{Agent, Pod, TwoNodeLab, agent_binary, manifests},
 };
 
-use common::{HTTP_BACKEND, assert_succeeded};
+use common::{HTTP_BACKEND, assert_succeeded, endpoint_slice_v6_on_nodes};
 
-/// The external segment, as the IPv4 one: the client, then node 1.
-const CLIENT: &str = "fd00:100::1";
-const NODE1: &str = "fd00:100::11";
-/// Node 1's pods' network, and its bridge (the pods' gateway).
-const NODE1_BRIDGE: &str = "fd00:244:1::1";
-const POD: &str = "fd00:244:1::10";
-/// The far client's link, of MTU 1280, and the far client.
-const FAR_ROUTER: &str = "fd00:101::1";
-const FAR_CLIENT: &str = "fd00:101::2";
-/// The pod's IPv6 server; nginx has the IPv4 address's 8080.
-const POD_PORT: u16 = 8086;
-/// A NodePort of policy Cluster (masqueraded) and one of policy Local;
-/// backend ids far from those the agent hands out.
-const CLUSTER_PORT: u16 = 30080;
-const LOCAL_PORT: u16 = 30081;
-/// The masquerade mark the agent loads the programs with by default.
-const MASQUERADE_MARK: &str = "0x4000/0x4000";
+/// The flags of a dual-stack cluster: a Service CIDR and a cluster CIDR of
+/// each family, and NodePorts on the external segment's addresses of both
+/// (`TwoNodeLab::start_agent` names only the IPv4 one, and a family with
+/// no CIDR there serves no NodePort).
+const DUAL_STACK_FLAGS: &[&str] = &[
+    "--service-cidr",
+    "10.96.0.0/12,fd10:96::/112",
+    "--cluster-cidr",
+    "10.244.0.0/16,fd00:10:244::/56",
+    "--nodeport-addresses",
+    "fd00:192:168:100::/64",
+];
 
-/// Runs `command` and fails the test unless it succeeds.
-fn run(mut command: Command) {
-    let out = command.output().expect("spawn");
-    assert_succeeded(&out);
+/// The external segment's IPv6 network, for `--nodeport-addresses`.
+const EXTERNAL_SEGMENT6: &str = "fd00:192:168:100::/64";
+
+/// Where a router sends externalIPs and load-balancer IPs to node 1.
+const EDGE_CIDR6: &str = "fd00:192:168:200::/64";
+const EXTERNAL_IP6: &str = "fd00:192:168:200::10";
+const LOAD_BALANCER_IP6: &str = "fd00:192:168:200::20";
+/// The IPv6 Service CIDR, routed to node 1 for ClusterIPs from outside.
+const SERVICE_CIDR6: &str = "fd10:96::/112";
+
+/// `spec` of a Service of the families of `cluster_ips` (one per family,
+/// the first also its clusterIP), as the API server fills it in.
+fn families(spec: &mut ServiceSpec, cluster_ips: &[&str]) {
+    spec.cluster_ip = cluster_ips.first().map(|&ip| ip.to_owned());
+    spec.cluster_ips = Some(cluster_ips.iter().map(|&ip| ip.to_owned()).collect());
+    spec.ip_families = Some(
+        cluster_ips
+            .iter()
+            .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" }.to_owned())
+            .collect(),
+    );
+    spec.ip_family_policy = Some(
+        if cluster_ips.len() > 1 {
+            "RequireDualStack"
+        } else {
+            "SingleStack"
+        }
+        .to_owned(),
+    );
 }
 
-fn ip(netns_command: Command, args: &[&str]) {
-    let mut command = netns_command;
-    command.args(args);
-    run(command);
+/// A Service of `type_` with one port `http` (80, nodePort `node_port`)
+/// over `cluster_ips`; `more` sets whatever else the test needs.
+fn service(
+    name: &str,
+    type_: &str,
+    cluster_ips: &[&str],
+    node_port: i64,
+    more: impl FnOnce(&mut ServiceSpec),
+) -> Service {
+    manifests::node_port_service_object(name, type_, cluster_ips[0], (80, node_port), |spec| {
+        families(spec, cluster_ips);
+        more(spec);
+    })
 }
 
-/// The pod's IPv6 server, stopped with the test.
-struct Server(Child);
+/// An IPv6-only NodePort Service whose one port is UDP 53 on `node_port`.
+fn udp6_service(name: &str, cluster_ip: &str, node_port: i64) -> String {
+    manifests::yaml(&service(
+        name,
+        "NodePort",
+        &[cluster_ip],
+        node_port,
+        |spec| {
+            for port in spec.ports.iter_mut().flatten() {
+                port.name = Some("dns".to_owned());
+                port.protocol = Some("UDP".to_owned());
+            }
+        },
+    ))
+}
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Node `number`'s IPv6 address on the external segment, in brackets with
+/// `port`, as a URL and the agent's listing write it.
+fn node6(lab: &TwoNodeLab, number: u8, port: u16) -> String {
+    format!("[{}]:{port}", lab.node_ip6(number))
+}
+
+/// Status and body (trimmed) of a GET by curl from `client` (the
+/// external or the far one); `-g` so that curl reads the brackets of an
+/// IPv6 address as the address's.
+fn get(mut client: Command, url: &str) -> (u16, String) {
+    let out = client
+        .args(["-s", "-g", "--max-time", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or_default();
+    (status.parse().unwrap_or(0), body.trim().to_owned())
+}
+
+/// Answers from the external client to `url`, `count` requests: the bodies
+/// of those that succeeded, and how many failed.
+fn external_answers(lab: &TwoNodeLab, url: &str, count: usize) -> (BTreeMap<String, usize>, usize) {
+    let mut answers = BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..count {
+        match get(lab.external("curl"), url) {
+            (200, body) => *answers.entry(body).or_default() += 1,
+            _ => failed += 1,
+        }
+    }
+    (answers, failed)
+}
+
+/// Node 1's addresses a masqueraded connection can come from: its
+/// address on the segment, or its pods' gateway for its own pods.
+fn masqueraded_to_node1(lab: &TwoNodeLab) -> [String; 2] {
+    [
+        lab.node_ip6(1).to_string(),
+        lab.node(1).bridge_ip6().to_string(),
+    ]
+}
+
+/// Polls `agent`'s listing until it holds `frontend` (as
+/// `[address]:port`), so a test does not race the first sync.
+fn wait_listed(agent: &Agent, frontend: &str) {
+    let needle = format!("\"frontend\": \"{frontend}\"");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.services_json().expect("services").contains(&needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{frontend} not listed within 10 s:\n{}\n{}",
+            agent.services_json().unwrap_or_default(),
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Two nodes (the agent on node 1), a pod `web-1a` on node 1 serving HTTP
-/// on IPv4 (nginx) and on IPv6 (a small server), a NodePort Service over
-/// it for IPv4 from a manifest, IPv6 on the external segment, node 1, its
-/// bridge and the pod, a far client behind a 1280-byte link, and the IPv6
-/// masquerade rule for the masquerade mark.
-fn dual_stack_lab() -> (TwoNodeLab, Agent, Server) {
+/// The kinds `agent` lists `frontend` under, sorted.
+fn kinds_of(agent: &Agent, frontend: &str) -> Vec<String> {
+    let listed: serde_json::Value =
+        serde_json::from_str(&agent.services_json().expect("services")).expect("JSON");
+    let mut kinds: Vec<String> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["frontend"] == frontend)
+        .filter_map(|s| s["kind"].as_str().map(str::to_owned))
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+/// The counts of `agent`'s programs.
+fn counts(agent: &Agent) -> serde_json::Value {
+    serde_json::from_str(&agent.stats_json().expect("stats")).expect("stats JSON")
+}
+
+/// Two nodes with an nginx pod each (serving both families); a dnsmasq
+/// pod on node 1; a dual-stack NodePort Service `web` (30080, policy
+/// Cluster) over both pods; an IPv6-only `local` (30081, policy Local)
+/// over node 1's; an IPv6 UDP NodePort `dns` (30053) over the dnsmasq pod
+/// and `closed` (30055) over a port where node 1's pod has nothing; and a
+/// dual-stack agent on each node with its tc programs attached.
+fn nodeport6_lab() -> (TwoNodeLab, Vec<Agent>) {
     let mut lab = TwoNodeLab::new().expect("lab");
-    let pod = {
-        let node = lab.node_mut(1);
-        let pod = node.add_pod("web-1a").expect("pod");
+    let mut pods: Vec<(Pod, String)> = Vec::new();
+    for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
+        let node = lab.node_mut(number);
+        let pod = node.add_pod(name).expect("pod");
         node.serve_http(&pod, 8080).expect("nginx");
+        pods.push((pod, format!("node-{number}")));
+    }
+    let dns = {
+        let node = lab.node_mut(1);
+        let pod = node.add_pod("dns-1a").expect("pod");
+        node.serve_dns(&pod, 5353).expect("dnsmasq");
         pod
     };
+    let endpoints: Vec<(Ipv4Addr, &str)> = pods.iter().map(|(p, n)| (p.ip, n.as_str())).collect();
+    let endpoints6: Vec<(Ipv6Addr, &str)> = pods.iter().map(|(p, n)| (p.ip6, n.as_str())).collect();
     lab.write_manifest(
         "web.yaml",
         &manifests::documents(&[
-            manifests::node_port_service("web", "NodePort", "10.96.0.40", (80, 30080), |_| ()),
-            manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &[(pod.ip, "node-1")]),
+            manifests::yaml(&service(
+                "web",
+                "NodePort",
+                &["10.96.0.40", "fd10:96::40"],
+                30080,
+                |_| (),
+            )),
+            manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &endpoints),
+            endpoint_slice_v6_on_nodes("web-2", "web", HTTP_BACKEND, &endpoints6),
+            manifests::yaml(&service(
+                "local",
+                "NodePort",
+                &["fd10:96::41"],
+                30081,
+                manifests::local_traffic,
+            )),
+            endpoint_slice_v6_on_nodes("local-1", "local", HTTP_BACKEND, &endpoints6[..1]),
+            udp6_service("dns", "fd10:96::53", 30053),
+            endpoint_slice_v6_on_nodes(
+                "dns-1",
+                "dns",
+                &[("dns", 5353, "UDP")],
+                &[(dns.ip6, "node-1")],
+            ),
+            udp6_service("closed", "fd10:96::55", 30055),
+            endpoint_slice_v6_on_nodes(
+                "closed-1",
+                "closed",
+                &[("dns", 5399, "UDP")],
+                &endpoints6[..1],
+            ),
         ]),
     )
     .expect("manifest");
-    lab.add_far_client(1280).expect("far client");
-    add_ipv6(&lab, &pod);
-    let server = Server(
-        lab.node(1)
-            .pod_client(&pod, "python3")
-            .args(["-c", include_str!("clients/http6_server.py"), POD])
-            .arg(POD_PORT.to_string())
-            .arg(&pod.name)
-            .arg(xtask::lab::BIG_BODY.to_string())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("python3"),
-    );
-    wait_listening(&lab, &pod);
-    let agent = lab
-        .start_agent(1, &agent_binary(), &[])
-        .expect("agent on node 1");
-    agent
-        .wait_for_log("attached (TCX)", Duration::from_secs(10))
-        .unwrap();
-    (lab, agent, server)
-}
-
-/// The IPv6 addresses and routes the IPv4 lab has, by hand (`nodad`: no
-/// duplicate address detection to wait for), forwarding on, and the
-/// masquerade rule the agent's IPv6 rules will bring.
-fn add_ipv6(lab: &TwoNodeLab, pod: &Pod) {
-    let node = lab.node(1);
-    let in_node = || node.in_node("ip");
-    ip(
-        lab.external("ip"),
-        &[
-            "addr",
-            "add",
-            &format!("{CLIENT}/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ],
-    );
-    ip(
-        in_node(),
-        &[
-            "addr",
-            "add",
-            &format!("{NODE1}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-    ip(
-        in_node(),
-        &[
-            "addr",
-            "add",
-            &format!("{NODE1_BRIDGE}/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ],
-    );
-    ip(in_node(), &["route", "add", "fd00:101::/64", "via", CLIENT]);
-    let in_pod = || node.pod_client(pod, "ip");
-    ip(
-        in_pod(),
-        &["addr", "add", &format!("{POD}/64"), "dev", "eth0", "nodad"],
-    );
-    ip(in_pod(), &["route", "add", "default", "via", NODE1_BRIDGE]);
-    ip(
-        lab.external("ip"),
-        &[
-            "addr",
-            "add",
-            &format!("{FAR_ROUTER}/64"),
-            "dev",
-            "far",
-            "nodad",
-        ],
-    );
-    ip(
-        lab.far("ip"),
-        &[
-            "addr",
-            "add",
-            &format!("{FAR_CLIENT}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-    ip(
-        lab.far("ip"),
-        &["route", "add", "default", "via", FAR_ROUTER],
-    );
-    for mut sysctl in [node.in_node("sysctl"), lab.external("sysctl")] {
-        sysctl.args(["-qw", "net.ipv6.conf.all.forwarding=1"]);
-        run(sysctl);
+    let agents = lab
+        .start_agents(&agent_binary(), DUAL_STACK_FLAGS)
+        .expect("agents");
+    for (number, agent) in (1..=2).zip(&agents) {
+        agent
+            .wait_for_log("attached (TCX)", Duration::from_secs(10))
+            .unwrap();
+        wait_listed(agent, &node6(&lab, number, 30081));
     }
-    let mut masquerade = node.in_node("ip6tables");
-    masquerade.args(["-t", "nat", "-A", "POSTROUTING", "-m", "mark", "--mark"]);
-    masquerade.args([MASQUERADE_MARK, "-j", "MASQUERADE"]);
-    run(masquerade);
+    (lab, agents)
 }
 
-/// Until the pod's IPv6 server listens, within 10 s.
-fn wait_listening(lab: &TwoNodeLab, pod: &Pod) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = lab
-            .node(1)
-            .pod_client(pod, "ss")
-            .args(["-Hltn", &format!("sport = :{POD_PORT}")])
-            .output()
-            .expect("ss");
-        if !out.stdout.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the IPv6 server did not listen");
-        thread::sleep(Duration::from_millis(100));
+/// Issue 17: NodePorts over IPv6 from the external client, from
+/// manifests. A dual-stack NodePort of policy Cluster on node 1 reaches
+/// the pods of both nodes over IPv6, masqueraded to node 1, and the same
+/// Service answers over IPv4 too; an IPv6-only one of policy Local
+/// answers from node 1's own pod with the client's address kept, and
+/// node 2, without a local endpoint, drops (and counts it); UDP goes both
+/// ways (dig takes only a reply from the address it asked), and a pod's
+/// ICMPv6 port unreachable comes back as the NodePort's with its checksum
+/// right (the client's kernel would take a wrong one on trust from a
+/// veth, so the script checks the bytes).
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn ipv6_nodeport_from_outside_cluster_and_local_policies() {
+    let (lab, agents) = nodeport6_lab();
+    let client6 = lab.client_ip6().to_string();
+
+    // Policy Cluster: both nodes' pods answer through node 1's IPv6
+    // address, and see node 1, never the client.
+    let cluster = format!("http://{}", node6(&lab, 1, 30080));
+    let (answers, failed) = external_answers(&lab, &format!("{cluster}/"), 30);
+    assert_eq!(failed, 0, "{answers:?}");
+    assert!(
+        answers.get("web-1a").is_some_and(|n| *n >= 3)
+            && answers.get("web-2a").is_some_and(|n| *n >= 3),
+        "both pods should answer over IPv6: {answers:?}"
+    );
+    let (peers, failed) = external_answers(&lab, &format!("{cluster}/peer"), 10);
+    assert_eq!(failed, 0, "{peers:?}");
+    let masqueraded = masqueraded_to_node1(&lab);
+    assert!(
+        peers.keys().all(|peer| masqueraded.contains(peer)),
+        "policy Cluster over IPv6: not masqueraded to node 1: {peers:?}"
+    );
+
+    // The same Service over IPv4: one Service, both families.
+    let (answers, failed) =
+        external_answers(&lab, &format!("http://{}:30080/", lab.node_ip(1)), 20);
+    assert_eq!(failed, 0, "over IPv4: {answers:?}");
+    assert_eq!(answers.len(), 2, "both pods over IPv4: {answers:?}");
+    // Listed once per family, for the tc programs and for the node's own
+    // sockets.
+    for frontend in [format!("{}:30080", lab.node_ip(1)), node6(&lab, 1, 30080)] {
+        assert_eq!(
+            kinds_of(&agents[0], &frontend),
+            ["NodePort/Cluster", "NodePort/sockets"],
+            "{frontend}"
+        );
+    }
+    assert_eq!(
+        kinds_of(&agents[0], &node6(&lab, 1, 30081)),
+        ["NodePort/Local", "NodePort/sockets"]
+    );
+
+    // Policy Local: node 1 answers from its own pod with the client's
+    // address; node 2 has no local endpoint and drops.
+    let local = format!("http://{}", node6(&lab, 1, 30081));
+    let (answers, failed) = external_answers(&lab, &format!("{local}/"), 10);
+    assert_eq!(
+        (answers.clone(), failed),
+        ([("web-1a".to_owned(), 10)].into(), 0)
+    );
+    let (peers, _) = external_answers(&lab, &format!("{local}/peer"), 3);
+    assert_eq!(peers, [(client6.clone(), 3)].into(), "policy Local");
+    let dropped_before = counts(&agents[1])["ext_dropped"].as_u64().unwrap_or(0);
+    let (answers, failed) =
+        external_answers(&lab, &format!("http://{}/", node6(&lab, 2, 30081)), 2);
+    assert_eq!((answers.len(), failed), (0, 2), "{answers:?}");
+    let node2 = counts(&agents[1]);
+    assert!(
+        node2["ext_dropped"].as_u64().unwrap_or(0) > dropped_before,
+        "node 2 should count its drops: {node2}"
+    );
+
+    // UDP both ways: dig drops a reply that does not come from the
+    // address it asked.
+    let dig = lab
+        .external("dig")
+        .arg(format!("@{}", lab.node_ip6(1)))
+        .args(["-p", "30053", "whoami.lab", "TXT", "+short"])
+        .args(["+tries=2", "+timeout=2"])
+        .output()
+        .expect("dig");
+    assert_eq!(
+        String::from_utf8_lossy(&dig.stdout).trim(),
+        "\"dns-1a\"",
+        "dig over IPv6: {}",
+        String::from_utf8_lossy(&dig.stderr)
+    );
+    // The pod's port unreachable (ICMPv6 type 1) is the NodePort's, with
+    // a right checksum.
+    assert_eq!(udp_outcome(&lab, 30055), ["refused", "icmp6 1 checksum ok"]);
+
+    let node1 = counts(&agents[0]);
+    for (event, at_least) in [
+        ("ext_forwarded", 40),
+        ("ext_reversed", 40),
+        ("icmp_translated", 1),
+    ] {
+        assert!(
+            node1[event].as_u64().unwrap_or(0) >= at_least,
+            "{event}: {node1}"
+        );
     }
 }
 
-fn octets(addr: &str) -> [u8; 16] {
-    addr.parse::<Ipv6Addr>().expect("an IPv6 address").octets()
-}
-
-/// Bytes as bpftool's `hex` arguments.
-fn hex(bytes: &[u8]) -> Vec<String> {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// `ServiceKey<Ip6>` as the kernel holds it.
-fn service_key(frontend: &Frontend, slot: u16) -> Vec<u8> {
-    let mut key = octets(frontend.addr).to_vec();
-    key.extend(frontend.port.to_be_bytes());
-    key.extend(slot.to_ne_bytes());
-    key.extend([frontend.proto, 0, 0, 0]);
-    assert_eq!(key.len(), size_of::<ServiceKey<Ip6>>());
-    key
-}
-
-/// `ServiceValue<Ip6>` as the kernel holds it.
-fn service_value(backend_id: u32, addr: &str, port: u16, count: u16, flags: u16) -> Vec<u8> {
-    let mut value = backend_id.to_ne_bytes().to_vec();
-    value.extend(octets(addr));
-    value.extend(port.to_be_bytes());
-    value.extend(count.to_ne_bytes());
-    value.extend(flags.to_ne_bytes());
-    value.extend([0, 0]);
-    assert_eq!(value.len(), size_of::<ServiceValue<Ip6>>());
-    value
-}
-
-/// `bpftool map update pinned` of one of node 1's maps.
-fn update(lab: &TwoNodeLab, map: &str, key: &[u8], value: &[u8]) {
-    let pin = lab.node(1).bpffs().join("maps").join(map);
-    let mut command = Command::new("bpftool");
-    command.args(["map", "update", "pinned"]).arg(&pin);
-    command.arg("key").arg("hex").args(hex(key));
-    command.arg("value").arg("hex").args(hex(value));
-    run(command);
-}
-
-/// One hand-written frontend over the pod's IPv6 address.
-struct Frontend {
-    /// `lb6_ext_svc_v1` for the outside frontends, `lb6_svc_v1` for a
-    /// ClusterIP.
-    services: &'static str,
-    backends: &'static str,
-    addr: &'static str,
-    port: u16,
-    proto: u8,
-    /// Slot 0's flags.
-    flags: u16,
-    backend_id: u32,
-    pod_port: u16,
-}
-
-impl Frontend {
-    /// A NodePort on node 1's IPv6 address.
-    const fn node_port(port: u16, proto: u8, flags: u16, backend_id: u32, pod_port: u16) -> Self {
-        Self {
-            services: EXT_SERVICES6_MAP,
-            backends: EXT_BACKENDS6_MAP,
-            addr: NODE1,
-            port,
-            proto,
-            flags: FRONTEND_NODE_PORT | flags,
-            backend_id,
-            pod_port,
-        }
-    }
-}
-
-/// Writes `frontend` as the agent will: the backend by id, slot 1 with
-/// the backend, and slot 0 with the count and flags.
-fn write_frontend(lab: &TwoNodeLab, frontend: &Frontend) {
-    let mut backend = octets(POD).to_vec();
-    backend.extend(frontend.pod_port.to_be_bytes());
-    backend.extend([frontend.proto, 0]);
-    assert_eq!(backend.len(), size_of::<Backend<Ip6>>());
-    update(
-        lab,
-        frontend.backends,
-        &frontend.backend_id.to_ne_bytes(),
-        &backend,
-    );
-    update(
-        lab,
-        frontend.services,
-        &service_key(frontend, 1),
-        &service_value(frontend.backend_id, POD, frontend.pod_port, 0, 0),
-    );
-    update(
-        lab,
-        frontend.services,
-        &service_key(frontend, 0),
-        &service_value(0, "::", 0, 1, frontend.flags),
-    );
-}
-
-/// Policy Cluster: masqueraded.
-const CLUSTER: Frontend = Frontend::node_port(
-    CLUSTER_PORT,
-    PROTO_TCP,
-    FRONTEND_MASQUERADE,
-    0xf001,
-    POD_PORT,
-);
-/// Policy Local.
-const LOCAL: Frontend = Frontend::node_port(LOCAL_PORT, PROTO_TCP, 0, 0xf002, POD_PORT);
-/// UDP, to the pod's echo.
-const UDP_ECHO: Frontend =
-    Frontend::node_port(30053, PROTO_UDP, FRONTEND_MASQUERADE, 0xf003, POD_PORT);
-/// UDP, to a port where the pod has nothing.
-const UDP_CLOSED: Frontend =
-    Frontend::node_port(30055, PROTO_UDP, FRONTEND_MASQUERADE, 0xf004, 5399);
-/// A ClusterIP reached from outside (a router sends the Service CIDR to
-/// node 1), from the socket programs' map.
-const CLUSTER_IP: Frontend = Frontend {
-    services: SERVICES6_MAP,
-    backends: BACKENDS6_MAP,
-    addr: "fd00:96::50",
-    port: 80,
-    proto: PROTO_TCP,
-    flags: 0,
-    backend_id: 0xf005,
-    pod_port: POD_PORT,
-};
-
-/// What the UDP client got from node 1's `port` (answered, refused,
-/// timed out), and a line for each ICMPv6 error that reached it, with
-/// whether its checksum is right.
+/// What the UDP client got from node 1's IPv6 address at `port`
+/// (answered, refused, timed out), and a line for each ICMPv6 error that
+/// reached it, with whether its checksum is right.
 fn udp_outcome(lab: &TwoNodeLab, port: u16) -> Vec<String> {
     let out = lab
         .external("python3")
-        .args([
-            "-c",
-            include_str!("clients/udp6_refusal_checksum.py"),
-            NODE1,
-        ])
+        .args(["-c", include_str!("clients/udp6_refusal_checksum.py")])
+        .arg(lab.node_ip6(1).to_string())
         .args([&port.to_string(), "br0"])
         .output()
         .expect("python3");
@@ -362,81 +375,106 @@ fn udp_outcome(lab: &TwoNodeLab, port: u16) -> Vec<String> {
         .collect()
 }
 
-/// Status and body of a GET by curl from `client` (the external or the
-/// far one).
-fn get(mut client: Command, url: &str) -> (u16, String) {
-    let out = client
-        .args(["-s", "-g", "--max-time", "8", "-w", "\n%{http_code}", url])
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or_default();
-    (status.parse().unwrap_or(0), body.trim().to_owned())
+/// Two nodes with an nginx pod each; an IPv6-only LoadBalancer Service
+/// `edge` (policy Cluster, ClusterIP fd10:96::50, nodePort 30090, an IPv6
+/// externalIP and load-balancer IP) over both pods, and an IPv6-only
+/// ClusterIP Service `one` over node 1's pod; routes from the external
+/// segment to node 1 for those addresses and the IPv6 Service CIDR; a far
+/// client behind a 1280-byte link; and a dual-stack agent on each node.
+fn outside_frontends6_lab() -> (TwoNodeLab, Vec<Agent>) {
+    let mut lab = TwoNodeLab::new().expect("lab");
+    let mut endpoints6: Vec<(Ipv6Addr, String)> = Vec::new();
+    for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
+        let node = lab.node_mut(number);
+        let pod = node.add_pod(name).expect("pod");
+        node.serve_http(&pod, 8080).expect("nginx");
+        endpoints6.push((pod.ip6, format!("node-{number}")));
+    }
+    let endpoints6: Vec<(Ipv6Addr, &str)> =
+        endpoints6.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    let mut edge = service("edge", "LoadBalancer", &["fd10:96::50"], 30090, |spec| {
+        spec.external_ips = Some(vec![EXTERNAL_IP6.to_owned()]);
+    });
+    edge.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some(LOAD_BALANCER_IP6.to_owned()),
+                ..LoadBalancerIngress::default()
+            }]),
+        }),
+        ..ServiceStatus::default()
+    });
+    lab.write_manifest(
+        "edge.yaml",
+        &manifests::documents(&[
+            manifests::yaml(&edge),
+            endpoint_slice_v6_on_nodes("edge-1", "edge", HTTP_BACKEND, &endpoints6),
+            manifests::dual_stack_service("one", &["fd10:96::51"], common::HTTP),
+            endpoint_slice_v6_on_nodes("one-1", "one", HTTP_BACKEND, &endpoints6[..1]),
+        ]),
+    )
+    .expect("manifest");
+    for cidr in [EDGE_CIDR6, SERVICE_CIDR6] {
+        lab.route_via_node(cidr, 1).expect("route");
+    }
+    lab.add_far_client(1280).expect("far client");
+    let agents = lab
+        .start_agents(&agent_binary(), DUAL_STACK_FLAGS)
+        .expect("agents");
+    for agent in &agents {
+        agent
+            .wait_for_log("attached (TCX)", Duration::from_secs(10))
+            .unwrap();
+    }
+    wait_listed(&agents[0], &format!("[{LOAD_BALANCER_IP6}]:80"));
+    (lab, agents)
 }
 
-/// Issue 17, over hand-written maps (see the file's comment): the
-/// external client reaches the pod over IPv6 through node 1's IPv6
-/// NodePort, and the answer comes back from the NodePort (curl connects to
-/// nothing else); policy Cluster masquerades, so the pod sees node 1's
-/// address, and policy Local keeps the client's; a ClusterIP routed to
-/// node 1 answers; UDP is answered through a NodePort, and refused by the
-/// pod's port unreachable through another; the far client, behind a
-/// 1280-byte link, downloads a body larger than one segment, which works
-/// only if the router's Packet Too Big, addressed to the NodePort, reaches
-/// the pod with its checksum right; and the IPv6 translations and ICMPv6
-/// errors are counted.
+/// Issue 17: IPv6 frontends reached from outside the node through the tc
+/// programs, from manifests. An IPv6 externalIP, an IPv6 load-balancer IP
+/// (`status.loadBalancer.ingress`) and an IPv6 ClusterIP routed to node 1
+/// reach the pods of both nodes, masqueraded (the client is outside the
+/// IPv6 `--cluster-cidr`); a ClusterIP keeps the client's address once the
+/// agent is told the client is inside it; and the far client behind a
+/// 1280-byte link downloads a body larger than one segment through the
+/// NodePort, which works only if the router's ICMPv6 Packet Too Big,
+/// addressed to the NodePort, reaches the pod translated with its
+/// checksum right (the pod's kernel drops it otherwise and the download
+/// stalls).
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
-fn ipv6_nodeport_through_hand_written_maps() {
-    let (lab, agent, _server) = dual_stack_lab();
-    for frontend in [&CLUSTER, &LOCAL, &UDP_ECHO, &UDP_CLOSED, &CLUSTER_IP] {
-        write_frontend(&lab, frontend);
+fn ipv6_outside_frontends_cluster_ip_from_outside_and_packet_too_big() {
+    let (lab, mut agents) = outside_frontends6_lab();
+    let masqueraded = masqueraded_to_node1(&lab);
+    for frontend in [EXTERNAL_IP6, LOAD_BALANCER_IP6, "fd10:96::50"] {
+        let url = format!("http://[{frontend}]");
+        let (answers, failed) = external_answers(&lab, &format!("{url}/"), 30);
+        assert_eq!(failed, 0, "{frontend}: {answers:?}");
+        assert!(
+            answers.get("web-1a").is_some_and(|n| *n >= 3)
+                && answers.get("web-2a").is_some_and(|n| *n >= 3),
+            "{frontend}: both pods should answer: {answers:?}"
+        );
+        let (peers, failed) = external_answers(&lab, &format!("{url}/peer"), 6);
+        assert_eq!(failed, 0, "{frontend}: {peers:?}");
+        assert!(
+            peers.keys().all(|peer| masqueraded.contains(peer)),
+            "{frontend}: not masqueraded to node 1: {peers:?}"
+        );
+    }
+    let listed = agents[0].services_json().unwrap();
+    for kind in ["ExternalIP/Cluster", "LoadBalancer/Cluster"] {
+        assert!(listed.contains(kind), "{kind} not listed: {listed}");
     }
 
-    let cluster = format!("http://[{NODE1}]:{CLUSTER_PORT}");
-    assert_eq!(
-        get(lab.external("curl"), &format!("{cluster}/")),
-        (200, "web-1a".to_owned())
-    );
-    let (status, peer) = get(lab.external("curl"), &format!("{cluster}/peer"));
-    assert_eq!(status, 200);
-    assert!(
-        [NODE1, NODE1_BRIDGE].contains(&peer.as_str()),
-        "policy Cluster: the pod should see node 1, not {peer}"
-    );
-    let local = format!("http://[{NODE1}]:{LOCAL_PORT}");
-    assert_eq!(
-        get(lab.external("curl"), &format!("{local}/peer")),
-        (200, CLIENT.to_owned()),
-        "policy Local keeps the client's address"
-    );
-    // No IPv6 cluster CIDR is given to the programs: a ClusterIP from
-    // outside is not masqueraded.
-    ip(
-        lab.external("ip"),
-        &["route", "add", "fd00:96::/64", "via", NODE1],
-    );
-    assert_eq!(
-        get(lab.external("curl"), "http://[fd00:96::50]/peer"),
-        (200, CLIENT.to_owned()),
-        "the ClusterIP from outside"
-    );
-    // The datagram reaches the pod with its checksum right (the pod drops
-    // it silently otherwise); the echo comes back from the NodePort, and
-    // the pod's port unreachable (ICMPv6 type 1) is the NodePort's, with a
-    // right checksum.
-    assert_eq!(udp_outcome(&lab, UDP_ECHO.port), ["answered"]);
-    assert_eq!(
-        udp_outcome(&lab, UDP_CLOSED.port),
-        ["refused", "icmp6 1 checksum ok"]
-    );
-
+    // The far client's downloads through the 1280-byte link.
+    let url = format!("http://{}/big", node6(&lab, 1, 30090));
     let full = xtask::lab::BIG_BODY.to_string();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let out = lab
             .far("curl")
             .args(["-s", "-g", "-o", "/dev/null", "-w", "%{size_download}"])
-            .args(["--max-time", "8", &format!("{cluster}/big")])
+            .args(["--max-time", "8", &url])
             .output()
             .expect("curl");
         assert_eq!(
@@ -445,18 +483,59 @@ fn ipv6_nodeport_through_hand_written_maps() {
             "the far client's download through the 1280-byte link"
         );
     }
+    let node1 = counts(&agents[0]);
+    assert!(
+        node1["icmp_translated"].as_u64().unwrap_or(0) >= 1,
+        "the Packet Too Big should be translated: {node1}"
+    );
 
-    let counts: serde_json::Value = serde_json::from_str(&agent.stats_json().unwrap()).unwrap();
-    for (event, at_least) in [
-        ("ext_forwarded", 4),
-        ("ext_reversed", 4),
-        ("icmp_translated", 2),
-    ] {
-        assert!(
-            counts[event].as_u64().unwrap_or(0) >= at_least,
-            "{event}: {counts}"
-        );
-    }
+    // The ClusterIP of `one` (node 1's pod only, so that an answer not
+    // masqueraded still comes back through node 1): masqueraded while
+    // the client is outside the IPv6 cluster CIDR...
+    let one = "http://[fd10:96::51]/peer";
+    let (peers, failed) = external_answers(&lab, one, 3);
+    assert_eq!(failed, 0, "{peers:?}");
+    assert!(
+        peers.keys().all(|peer| masqueraded.contains(peer)),
+        "the ClusterIP from outside the cluster CIDR: {peers:?}"
+    );
+    // ...and with the client's address kept once node 1's agent counts
+    // the external segment as the cluster's.
+    agents[0].kill();
+    let restarted = lab
+        .start_agent(
+            1,
+            &agent_binary(),
+            &[
+                "--service-cidr",
+                "10.96.0.0/12,fd10:96::/112",
+                "--cluster-cidr",
+                &format!("10.244.0.0/16,{EXTERNAL_SEGMENT6}"),
+                "--nodeport-addresses",
+                EXTERNAL_SEGMENT6,
+            ],
+        )
+        .expect("agent");
+    restarted
+        .wait_for_log("tc_ingress@eth0", Duration::from_secs(10))
+        .unwrap();
+    wait_listed(&restarted, "[fd10:96::51]:80");
+    let client6 = lab.client_ip6().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let peers = loop {
+        let (peers, _) = external_answers(&lab, one, 3);
+        if peers.keys().eq([&client6]) || Instant::now() > deadline {
+            break peers;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        peers,
+        [(client6, 3)].into(),
+        "the ClusterIP from inside the cluster CIDR keeps the client's address:\n{}",
+        restarted.log()
+    );
+    agents[0] = restarted;
 }
 
 /// Nanoseconds per call of node 1's tc programs while the external client
@@ -480,44 +559,66 @@ fn tc_cost(lab: &TwoNodeLab, host: &str, port: u16, count: u64) -> Vec<(f64, u64
     .unwrap()
 }
 
-/// What the tc programs cost per packet on NodePort traffic, IPv4 (from a
-/// manifest) and IPv6 (hand-written maps), printed for the record (the
-/// IPv4 figure is compared across changes by running this with an older
-/// agent as `PROXY_AGENT`); it asserts only that the traffic went through
-/// the programs.
+/// What the tc programs cost per packet on NodePort traffic through one
+/// dual-stack Service, over IPv4 and over IPv6, printed for the record
+/// (compared across changes by running this with an older agent as
+/// `PROXY_AGENT`); it asserts only that the traffic of each family went
+/// through the programs.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
-    let (lab, agent, _server) = dual_stack_lab();
+    let mut lab = TwoNodeLab::new().expect("lab");
+    let pod = {
+        let node = lab.node_mut(1);
+        let pod = node.add_pod("web-1a").expect("pod");
+        node.serve_http(&pod, 8080).expect("nginx");
+        pod
+    };
+    lab.write_manifest(
+        "web.yaml",
+        &manifests::documents(&[
+            manifests::yaml(&service(
+                "web",
+                "NodePort",
+                &["10.96.0.40", "fd10:96::40"],
+                30080,
+                |_| (),
+            )),
+            manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &[(pod.ip, "node-1")]),
+            endpoint_slice_v6_on_nodes("web-2", "web", HTTP_BACKEND, &[(pod.ip6, "node-1")]),
+        ]),
+    )
+    .expect("manifest");
+    let agent = lab
+        .start_agent(1, &agent_binary(), DUAL_STACK_FLAGS)
+        .expect("agent on node 1");
+    agent
+        .wait_for_log("attached (TCX)", Duration::from_secs(10))
+        .unwrap();
     let node1 = lab.node_ip(1).to_string();
-    // The manifest's frontend is written once the agent has synced.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.services_json().unwrap().contains(":30080") {
-        assert!(Instant::now() < deadline, "{}", agent.log());
-        thread::sleep(Duration::from_millis(100));
-    }
+    let node1_v6 = lab.node_ip6(1).to_string();
+    wait_listed(&agent, &format!("{node1}:30080"));
+    wait_listed(&agent, &node6(&lab, 1, 30080));
+
     let _stats = RunTimeStats::enable().unwrap();
     let count: u64 = 300;
-    // Warm: the first connections fill the neighbour and route caches.
-    tc_cost(&lab, &node1, 30080, 20);
-    let ipv4 = tc_cost(&lab, &node1, 30080, count);
-    println!(
-        "IPv4 NodePort: tc_ingress {:.0} ns per packet over {} packets, tc_egress {:.0} ns over {}",
-        ipv4[0].0, ipv4[0].1, ipv4[1].0, ipv4[1].1
-    );
-    write_frontend(&lab, &CLUSTER);
-    tc_cost(&lab, NODE1, CLUSTER_PORT, 20);
-    let ipv6 = tc_cost(&lab, NODE1, CLUSTER_PORT, count);
-    println!(
-        "IPv6 NodePort: tc_ingress {:.0} ns per packet over {} packets, tc_egress {:.0} ns over {}",
-        ipv6[0].0, ipv6[0].1, ipv6[1].0, ipv6[1].1
-    );
+    let mut costs = Vec::new();
+    for (family, host) in [("IPv4", &node1), ("IPv6", &node1_v6)] {
+        // Warm: the first connections fill the neighbour and route caches.
+        tc_cost(&lab, host, 30080, 20);
+        let cost = tc_cost(&lab, host, 30080, count);
+        println!(
+            "{family} NodePort: tc_ingress {:.0} ns per packet over {} packets, tc_egress {:.0} ns over {}",
+            cost[0].0, cost[0].1, cost[1].0, cost[1].1
+        );
+        costs.push((family, cost));
+    }
     // Each connection is at least SYN, ACK with the request, FIN, ACK
     // inbound, and as many outbound.
-    for (family, costs) in [("IPv4", &ipv4), ("IPv6", &ipv6)] {
+    for (family, cost) in &costs {
         assert!(
-            costs.iter().all(|(_, calls)| *calls >= 3 * count),
-            "{family}: {costs:?}"
+            cost.iter().all(|(_, calls)| *calls >= 3 * count),
+            "{family}: {cost:?}"
         );
     }
 }
