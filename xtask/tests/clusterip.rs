@@ -678,6 +678,15 @@ fn sticky_service(name: &str, cluster_ip: &str, timeout: Option<i32>) -> String 
         },
         spec: Some(ServiceSpec {
             cluster_ip: Some(cluster_ip.to_owned()),
+            cluster_ips: Some(vec![cluster_ip.to_owned()]),
+            ip_families: Some(vec![
+                if cluster_ip.contains(':') {
+                    "IPv6"
+                } else {
+                    "IPv4"
+                }
+                .to_owned(),
+            ]),
             session_affinity: Some("ClientIP".to_owned()),
             session_affinity_config: timeout.map(|seconds| SessionAffinityConfig {
                 client_ip: Some(ClientIPConfig {
@@ -697,7 +706,7 @@ fn sticky_service(name: &str, cluster_ip: &str, timeout: Option<i32>) -> String 
 
 /// Issue 6: sessionAffinity ClientIP keeps each client (a network
 /// namespace, at the socket) on one pod, a Service without it spreads, and
-/// a client that waited past timeoutSeconds chooses again.
+/// a client that waited past timeoutSeconds chooses again; over IPv6 too.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn session_affinity_keeps_each_client_on_one_pod_until_its_timeout() {
@@ -720,10 +729,18 @@ fn session_affinity_keeps_each_client_on_one_pod_until_its_timeout() {
             &endpoints,
         ));
     }
+    let endpoints6: Vec<(std::net::Ipv6Addr, bool)> = pods.iter().map(|p| (p.ip6, true)).collect();
+    docs.push(sticky_service("sticky6", "fd10:96::71", None));
+    docs.push(manifests::endpoint_slice_v6(
+        "sticky6-1",
+        "sticky6",
+        HTTP_BACKEND,
+        &endpoints6,
+    ));
     lab.write_manifest("web.yaml", &manifests::documents(&docs))
         .unwrap();
     let agent = lab.start_agent(&agent_binary()).unwrap();
-    for vip in [WEB_VIP, "10.96.0.71", "10.96.0.72"] {
+    for vip in [WEB_VIP, "10.96.0.71", "10.96.0.72", "[fd10:96::71]"] {
         wait_for_vip(&agent, &format!("{vip}:80"));
     }
 
@@ -732,12 +749,14 @@ fn session_affinity_keeps_each_client_on_one_pod_until_its_timeout() {
     assert!(listed.contains("\"affinity_seconds\": 1,"), "{listed}");
     let spread = request_counts(&lab, WEB_VIP, 30);
     assert!(spread.len() >= 2 && !spread.contains_key(""), "{spread:?}");
-    let sticky = request_counts(&lab, "10.96.0.71", 30);
-    assert_eq!(
-        sticky.values().copied().collect::<Vec<_>>(),
-        [30],
-        "{sticky:?}"
-    );
+    for vip in ["10.96.0.71", "[fd10:96::71]"] {
+        let sticky = request_counts(&lab, vip, 30);
+        assert_eq!(
+            sticky.values().copied().collect::<Vec<_>>(),
+            [30],
+            "{vip}: {sticky:?}"
+        );
+    }
     // Another client (a pod's own namespace) sticks too, on its own.
     let out = lab
         .pod_client(&client, "curl")
