@@ -344,6 +344,8 @@ fn ipv6_nodeport_from_outside_cluster_and_local_policies() {
     // a right checksum.
     assert_eq!(udp_outcome(&lab, 30055), ["refused", "icmp6 1 checksum ok"]);
 
+    assert_fragments_pass_and_are_counted(&lab, &agents[0]);
+
     let node1 = counts(&agents[0]);
     for (event, at_least) in [
         ("ext_forwarded", 40),
@@ -355,6 +357,34 @@ fn ipv6_nodeport_from_outside_cluster_and_local_policies() {
             "{event}: {node1}"
         );
     }
+}
+
+/// Datagrams too big for the link leave the client in fragments: a
+/// fragment header stands between the IPv6 header and UDP, so node 1's tc
+/// programs pass them untranslated and count each.
+fn assert_fragments_pass_and_are_counted(lab: &TwoNodeLab, agent: &Agent) {
+    let passed = |agent: &Agent| {
+        counts(agent)["ipv6_ext_header_passed"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = passed(agent);
+    let sent = lab
+        .external("python3")
+        .args(["-c", include_str!("clients/big_udp.py")])
+        .args([&lab.node_ip6(1).to_string(), "30053"])
+        .output()
+        .expect("python3");
+    assert_succeeded(&sent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while passed(agent) < before + 6 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        passed(agent) >= before + 6,
+        "three datagrams of two fragments or more each: {}",
+        counts(agent)
+    );
 }
 
 /// What the UDP client got from node 1's IPv6 address at `port`
