@@ -185,7 +185,7 @@ impl RunArgs {
         crate::privileges::check()?;
         let cgroup = match self.cgroup {
             Some(path) => path,
-            None => cgroup2_root()?,
+            None => crate::cgroup2::cgroup2_root().context("pass --cgroup")?,
         };
         crate::datapath::check_cgroup(&cgroup)?;
         // The manifest source needs it too: endpoints' nodeName says which
@@ -363,19 +363,4 @@ pub fn host_name() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read the host name; pass --hostname-override")?;
     Ok(name.trim().to_lowercase())
-}
-
-/// The cgroup2 mount point, as /proc/mounts has it (it is not always
-/// /sys/fs/cgroup: hybrid hosts mount it at /sys/fs/cgroup/unified).
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        if let (Some(_), Some(path), Some("cgroup2")) =
-            (fields.next(), fields.next(), fields.next())
-        {
-            return Ok(PathBuf::from(path));
-        }
-    }
-    bail!("no cgroup2 file system is mounted (see /proc/mounts); pass --cgroup")
 }

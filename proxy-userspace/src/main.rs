@@ -9,6 +9,7 @@ mod agent;
     reason = "bpf(2), statfs(2) and mount(2) have no safe wrapper in aya or std"
 )]
 mod bpf_sys;
+mod cgroup2;
 mod cidr;
 mod config;
 mod datapath;

@@ -51,7 +51,7 @@ pub(super) fn kernel(cx: &Context) -> Check {
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
         );
     }
-    match crate::config::cgroup2_root() {
+    match crate::cgroup2::cgroup2_root() {
         Ok(root) => facts.push(format!("cgroup2 at {}", root.display())),
         Err(_) => problem(
             Status::Fail,

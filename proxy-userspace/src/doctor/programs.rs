@@ -41,7 +41,7 @@ fn cgroup(cx: &Context) -> Option<PathBuf> {
     cx.args
         .cgroup
         .clone()
-        .or_else(|| crate::config::cgroup2_root().ok())
+        .or_else(|| crate::cgroup2::cgroup2_root().ok())
 }
 
 /// Our program's id behind each pinned link that is alive.

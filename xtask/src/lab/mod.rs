@@ -34,9 +34,15 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod agent;
+// The agent's own way to find cgroup2, so the lab's clients and the
+// agent's default attach to the same hierarchy.
+#[path = "../../../proxy-userspace/src/cgroup2.rs"]
+mod cgroup2;
 pub mod manifests;
 mod node;
 mod two_nodes;
+
+pub use cgroup2::cgroup2_root;
 
 pub use agent::{Agent, agent_binary, http_get, limit_open_files, raise_open_file_limit};
 pub use node::{BIG_BODY, Lab, Pod};
@@ -170,18 +176,6 @@ fn ensure_bpffs() -> Result<()> {
     }
     *checked = true;
     Ok(())
-}
-
-/// The cgroup2 mount point, from /proc/mounts (hybrid hosts mount it at
-/// /sys/fs/cgroup/unified, so it is never assumed).
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts")?;
-    mounts
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.get(2) == Some(&"cgroup2"))
-        .map(|f| PathBuf::from(f[1]))
-        .context("no cgroup2 file system is mounted")
 }
 
 /// Makes sure IPv6 is on in the namespace `netns` and on the links made in
