@@ -17,6 +17,7 @@ mod devices;
 mod doctor;
 mod explain;
 mod health;
+mod http_get;
 mod iptables;
 mod kube_proxy_cleanup;
 mod kube_proxy_config;

@@ -1,22 +1,14 @@
 //! Whether an agent holds the pins, and whether it syncs: its /healthz.
 
 use std::{
-    error::Error,
-    fs, io,
-    net::SocketAddr,
+    fs,
     time::{Duration, SystemTime},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper::{Request, client::conn::http1, header};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
 use super::{Check, Context, Status};
-use crate::report::chain;
+use crate::{http_get::http_get, report::chain};
 
-/// How long /healthz may take to accept the connection, and then to answer.
+/// How long the whole exchange with /healthz may take.
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most of a /healthz body read: the agent's is a short JSON object.
 const HEALTHZ_BODY_LIMIT: usize = 64 * 1024;
@@ -58,21 +50,22 @@ struct Healthz {
 pub(super) async fn sync(cx: &Context<'_>) -> Check {
     const NAME: &str = "sync";
     let address = cx.args.healthz_address;
-    let (status, body) = match http_get(address, "/healthz").await {
-        Ok(answer) => answer,
-        Err(error) => {
-            return Check::problem(
-                NAME,
-                Status::Fail,
-                format!("no answer from /healthz at {address}: {}", chain(&*error)),
-                if cx.holder.is_some() {
-                    "pass the agent's --healthz-bind-address as --healthz-address".to_owned()
-                } else {
-                    cx.restart.clone()
-                },
-            );
-        }
-    };
+    let (status, body) =
+        match http_get(address, "/healthz", HEALTHZ_TIMEOUT, HEALTHZ_BODY_LIMIT).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                return Check::problem(
+                    NAME,
+                    Status::Fail,
+                    format!("no answer from /healthz at {address}: {}", chain(&*error)),
+                    if cx.holder.is_some() {
+                        "pass the agent's --healthz-bind-address as --healthz-address".to_owned()
+                    } else {
+                        cx.restart.clone()
+                    },
+                );
+            }
+        };
     let health: Option<Healthz> = serde_json::from_str(&body).ok();
     let age = health
         .as_ref()
@@ -102,38 +95,4 @@ pub(super) async fn sync(cx: &Context<'_>) -> Check {
         format!("/healthz {status} at {address}: {reason} ({age})"),
         "read the agent's log for the failing writes or the Node's deletion; the source check below says whether the source answers",
     )
-}
-
-/// One GET on a connection of its own, closed after the answer.
-async fn http_get(
-    address: SocketAddr,
-    path: &str,
-) -> Result<(u16, String), Box<dyn Error + Send + Sync>> {
-    let stream = tokio::time::timeout(HEALTHZ_TIMEOUT, TcpStream::connect(address))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))??;
-    let exchange = async {
-        let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        // Reads and writes the socket while the answer is awaited below.
-        tokio::spawn(connection);
-        let request = Request::get(path)
-            .header(header::HOST, address.to_string())
-            .header(header::CONNECTION, "close")
-            .body(Empty::<Bytes>::new())?;
-        let response = match sender.send_request(request).await {
-            Err(error) if error.is_parse() => {
-                return Err(format!("not an HTTP answer: {error}").into());
-            }
-            answer => answer?,
-        };
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), HEALTHZ_BODY_LIMIT)
-            .collect()
-            .await?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(HEALTHZ_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer within {HEALTHZ_TIMEOUT:?}"))?
 }

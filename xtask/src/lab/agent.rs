@@ -238,36 +238,30 @@ pub fn agent_binary() -> PathBuf {
     )
 }
 
+// The doctor's client, so the tests read the agent's listeners as an
+// operator's tools do.
+#[path = "../../../proxy-userspace/src/http_get.rs"]
+mod shared_http_get;
+
+/// The most of a body the lab reads: a /metrics page of a few thousand
+/// frontends fits many times over.
+const BODY_LIMIT: usize = 16 << 20;
+
 /// One GET of `path` on a new connection to `address`, answered within
-/// `within`: status and body, or what went wrong (connect, write, read, or
-/// an answer that is not HTTP).
+/// `within`: status and body, or what went wrong (connect, the exchange, or
+/// an answer that is not HTTP). The socket is made on the calling thread,
+/// so a caller inside a lab's netns reaches that netns's listeners.
 pub fn http_get(
     address: std::net::SocketAddr,
     path: &str,
     within: Duration,
 ) -> std::result::Result<(u16, String), String> {
-    use std::io::{Read as _, Write as _};
-    let deadline = std::time::Instant::now() + within;
-    let left = || deadline.saturating_duration_since(std::time::Instant::now());
-    let mut stream = std::net::TcpStream::connect_timeout(&address, left())
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(left().max(Duration::from_millis(1))))
-        .map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read: {e} (after {response:?})"))?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    runtime
+        .block_on(shared_http_get::http_get(address, path, within, BODY_LIMIT))
+        .map_err(|e| e.to_string())
 }
