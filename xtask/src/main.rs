@@ -57,6 +57,15 @@ enum Task {
         /// Rounds of every datapath in turn (median and spread).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Address families to compare the ClusterIP datapaths over
+        /// (comma-separated).
+        #[arg(
+            long,
+            value_name = "FAMILY,...",
+            value_delimiter = ',',
+            default_value = "ipv4,ipv6"
+        )]
+        families: Vec<bench::Family>,
         /// Choices counted per Service in the fairness table.
         #[arg(long, default_value_t = 100_000)]
         fairness_choices: usize,
@@ -102,7 +111,7 @@ enum Task {
 enum Probe {
     /// Timed TCP connects; prints the p50 and p99 in nanoseconds.
     Connect {
-        target: std::net::SocketAddrV4,
+        target: std::net::SocketAddr,
         count: usize,
         /// Fail unless getpeername() shows the address dialled.
         #[arg(long)]
@@ -139,6 +148,7 @@ fn main() -> Result<()> {
             seconds,
             connections,
             rounds,
+            families,
             fairness_choices,
             api_scale,
             changes,
@@ -161,6 +171,7 @@ fn main() -> Result<()> {
                         connections,
                         rounds,
                         fairness_choices,
+                        families,
                     },
                 )
             } else {
