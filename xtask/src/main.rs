@@ -57,6 +57,15 @@ enum Task {
         /// Rounds of every datapath in turn (median and spread).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Address families to compare the ClusterIP datapaths over
+        /// (comma-separated).
+        #[arg(
+            long,
+            value_name = "FAMILY,...",
+            value_delimiter = ',',
+            default_value = "ipv4,ipv6"
+        )]
+        families: Vec<bench::Family>,
         /// Choices counted per Service in the fairness table.
         #[arg(long, default_value_t = 100_000)]
         fairness_choices: usize,
@@ -102,7 +111,7 @@ enum Task {
 enum Probe {
     /// Timed TCP connects; prints the p50 and p99 in nanoseconds.
     Connect {
-        target: std::net::SocketAddrV4,
+        target: std::net::SocketAddr,
         count: usize,
         /// Fail unless getpeername() shows the address dialled.
         #[arg(long)]
@@ -139,6 +148,7 @@ fn main() -> Result<()> {
             seconds,
             connections,
             rounds,
+            families,
             fairness_choices,
             api_scale,
             changes,
@@ -161,6 +171,7 @@ fn main() -> Result<()> {
                         connections,
                         rounds,
                         fairness_choices,
+                        families,
                     },
                 )
             } else {
@@ -222,13 +233,55 @@ fn test(filter: Option<&str>) -> Result<()> {
     run_checked(cargo().args(&args).env("PROXY_AGENT", &agent))
 }
 
-/// The example the demo serves: one HTTP Service over three pods.
+/// The example the demo serves: one HTTP Service over three pods, and a
+/// dual-stack one over the same pods with a ClusterIP and an
+/// EndpointSlice per family.
 fn demo_manifest(pods: &[lab::Pod]) -> String {
     let endpoints: Vec<_> = pods.iter().map(|p| (p.ip, true)).collect();
+    let endpoints6: Vec<_> = pods.iter().map(|p| (p.ip6, true)).collect();
+    let http = [("http", 80, "TCP")];
+    let backend = [("http", 8080, "TCP")];
     manifests::documents(&[
-        manifests::service("web", "10.96.0.10", &[("http", 80, "TCP")]),
-        manifests::endpoint_slice("web-1", "web", &[("http", 8080, "TCP")], &endpoints),
+        manifests::service("web", "10.96.0.10", &http),
+        manifests::endpoint_slice("web-1", "web", &backend, &endpoints),
+        manifests::dual_stack_service("dual", &DUAL_STACK_VIPS, &http),
+        manifests::endpoint_slice("dual-ipv4", "dual", &backend, &endpoints),
+        manifests::endpoint_slice_v6("dual-ipv6", "dual", &backend, &endpoints6),
     ])
+}
+
+/// The dual-stack Service's ClusterIPs, IPv4 first.
+const DUAL_STACK_VIPS: [&str; 2] = ["10.96.0.20", "fd10:96::20"];
+
+/// The dual-stack Service answering on each of its ClusterIPs: which pod
+/// answered, and the client address a pod saw (the node's own, of the
+/// family dialled: the datapath translates only the destination).
+fn show_dual_stack(lab: &Lab) -> Result<()> {
+    println!(
+        "\n# the dual-stack Service \"dual\": clusterIPs {} and {}, an EndpointSlice per family",
+        DUAL_STACK_VIPS[0], DUAL_STACK_VIPS[1]
+    );
+    for vip in DUAL_STACK_VIPS {
+        let host = if vip.contains(':') {
+            format!("[{vip}]")
+        } else {
+            vip.to_owned()
+        };
+        for path in ["", "", "", "peer"] {
+            let url = format!("http://{host}/{path}");
+            let out = lab.run_client("curl", &["-s", "-g", "--max-time", "2", &url])?;
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let answer = if answer.is_empty() {
+                format!("no answer (curl exit {})", out.status)
+            } else if path == "peer" {
+                format!("{answer} (the client address the pod saw)")
+            } else {
+                answer
+            };
+            println!("curl {url} -> {answer}");
+        }
+    }
+    Ok(())
 }
 
 /// The Node the agent of `demo --api` runs as.
@@ -310,8 +363,8 @@ fn demo(api: bool) -> Result<()> {
     let (lab, pods) = Lab::with_web_pods(&["pod-a", "pod-b", "pod-c"], 8080)?;
     for pod in &pods {
         println!(
-            "started {} at {}:8080 (nginx answering with its name)",
-            pod.name, pod.ip
+            "started {} at {}:8080 and [{}]:8080 (nginx answering with its name)",
+            pod.name, pod.ip, pod.ip6
         );
     }
     let manifest = demo_manifest(&pods);
@@ -355,6 +408,7 @@ fn demo(api: bool) -> Result<()> {
         *counts.entry(pod.to_owned()).or_default() += 1;
     }
     println!("300 more, counted by the pod that answered: {counts:?}");
+    show_dual_stack(&lab)?;
     if let Some(server) = &api_server {
         follow_the_api(&lab, server, &pods)?;
     }

@@ -16,7 +16,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     process::{ChildStdin, ChildStdout, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -35,7 +35,7 @@ pub struct ConnectLatency {
 /// Runs `count` timed TCP connects to `target` in `lab`'s client cgroup.
 pub fn connect_latency(
     lab: &Lab,
-    target: SocketAddrV4,
+    target: SocketAddr,
     count: usize,
     check_peer: bool,
 ) -> Result<ConnectLatency> {
@@ -79,10 +79,10 @@ fn run_probe(lab: &Lab, args: &[&str]) -> Result<String> {
 }
 
 /// `xtask probe connect`: prints the p50 and p99 in nanoseconds.
-pub fn run_connect(target: SocketAddrV4, count: usize, check_peer: bool) -> Result<()> {
+pub fn run_connect(target: SocketAddr, count: usize, check_peer: bool) -> Result<()> {
     let mut samples = Vec::with_capacity(count);
     for _ in 0..count {
-        let socket = Socket::new(libc::SOCK_STREAM)?;
+        let socket = Socket::new(family_of(target), libc::SOCK_STREAM)?;
         socket.reset_on_close()?;
         let started = Instant::now();
         socket.connect(target)?;
@@ -121,19 +121,28 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
 /// `xtask probe udp-choices`.
 pub fn run_udp_choices(target: SocketAddrV4, count: usize) -> Result<()> {
     for _ in 0..count {
-        Socket::new(libc::SOCK_DGRAM)?.connect(target)?;
+        Socket::new(libc::AF_INET, libc::SOCK_DGRAM)?.connect(target.into())?;
     }
     println!("{count}");
     Ok(())
+}
+
+/// The address family of a socket that can reach `target`.
+fn family_of(target: SocketAddr) -> libc::c_int {
+    if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
 }
 
 /// A socket closed on drop.
 struct Socket(libc::c_int);
 
 impl Socket {
-    fn new(kind: libc::c_int) -> Result<Self> {
+    fn new(family: libc::c_int, kind: libc::c_int) -> Result<Self> {
         // SAFETY: socket() takes no pointers.
-        let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0) };
+        let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("socket()");
         }
@@ -162,24 +171,11 @@ impl Socket {
         Ok(())
     }
 
-    fn connect(&self, target: SocketAddrV4) -> Result<()> {
-        let address = libc::sockaddr_in {
-            sin_family: libc::sa_family_t::try_from(libc::AF_INET)?,
-            sin_port: target.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*target.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: the pointer and length describe `address`, which outlives
+    fn connect(&self, target: SocketAddr) -> Result<()> {
+        let (storage, length) = sockaddr_of(target)?;
+        // SAFETY: the pointer and length describe `storage`, which outlives
         // the call.
-        let rc = unsafe {
-            libc::connect(
-                self.0,
-                std::ptr::from_ref(&address).cast(),
-                socklen::<libc::sockaddr_in>(),
-            )
-        };
+        let rc = unsafe { libc::connect(self.0, std::ptr::from_ref(&storage).cast(), length) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error())
                 .with_context(|| format!("connect() to {target}"));
@@ -187,26 +183,103 @@ impl Socket {
         Ok(())
     }
 
-    fn peer(&self) -> Result<SocketAddrV4> {
-        // SAFETY: all zeroes is a valid sockaddr_in.
-        let mut address: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        let mut length = socklen::<libc::sockaddr_in>();
-        // SAFETY: the pointers describe `address` and `length`, which
+    fn peer(&self) -> Result<SocketAddr> {
+        // SAFETY: all zeroes is a valid sockaddr_storage.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut length = socklen::<libc::sockaddr_storage>();
+        // SAFETY: the pointers describe `storage` and `length`, which
         // outlive the call.
         let rc = unsafe {
             libc::getpeername(
                 self.0,
-                std::ptr::from_mut(&mut address).cast(),
+                std::ptr::from_mut(&mut storage).cast(),
                 &raw mut length,
             )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("getpeername()");
         }
-        Ok(SocketAddrV4::new(
-            u32::from_be(address.sin_addr.s_addr).into(),
-            u16::from_be(address.sin_port),
-        ))
+        address_of(&storage)
+    }
+}
+
+/// `target` as the kernel takes it, and its length.
+fn sockaddr_of(target: SocketAddr) -> Result<(libc::sockaddr_storage, libc::socklen_t)> {
+    // SAFETY: all zeroes is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let length = match target {
+        SocketAddr::V4(target) => {
+            let address = libc::sockaddr_in {
+                sin_family: libc::sa_family_t::try_from(libc::AF_INET)?,
+                sin_port: target.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*target.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for
+            // every sockaddr.
+            unsafe {
+                std::ptr::from_mut(&mut storage)
+                    .cast::<libc::sockaddr_in>()
+                    .write(address);
+            };
+            socklen::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(target) => {
+            let address = libc::sockaddr_in6 {
+                sin6_family: libc::sa_family_t::try_from(libc::AF_INET6)?,
+                sin6_port: target.port().to_be(),
+                sin6_flowinfo: target.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: target.ip().octets(),
+                },
+                sin6_scope_id: target.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe {
+                std::ptr::from_mut(&mut storage)
+                    .cast::<libc::sockaddr_in6>()
+                    .write(address);
+            };
+            socklen::<libc::sockaddr_in6>()
+        }
+    };
+    Ok((storage, length))
+}
+
+/// The address in `storage`, as getpeername() filled it.
+fn address_of(storage: &libc::sockaddr_storage) -> Result<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says it holds a sockaddr_in.
+            let address = unsafe {
+                std::ptr::from_ref(storage)
+                    .cast::<libc::sockaddr_in>()
+                    .read()
+            };
+            Ok(SocketAddrV4::new(
+                u32::from_be(address.sin_addr.s_addr).into(),
+                u16::from_be(address.sin_port),
+            )
+            .into())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says it holds a sockaddr_in6.
+            let address = unsafe {
+                std::ptr::from_ref(storage)
+                    .cast::<libc::sockaddr_in6>()
+                    .read()
+            };
+            Ok(SocketAddrV6::new(
+                address.sin6_addr.s6_addr.into(),
+                u16::from_be(address.sin6_port),
+                address.sin6_flowinfo,
+                address.sin6_scope_id,
+            )
+            .into())
+        }
+        family => bail!("getpeername() gave an address of family {family}"),
     }
 }
 
@@ -242,7 +315,7 @@ const PROBER: &str = r"
 import socket, sys, time
 VIP = (sys.argv[1], 80)
 def ask():
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ':' in VIP[0] else socket.AF_INET)
     s.settimeout(1)
     try:
         s.connect(VIP)

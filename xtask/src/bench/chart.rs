@@ -17,7 +17,7 @@ const COLORS: [RGBColor; 5] = [
     RGBColor(0, 158, 115),
 ];
 
-pub fn draw(rows: &[Row], file: &Path) -> Result<()> {
+pub fn draw(rows: &[&Row], caption: &str, file: &Path) -> Result<()> {
     let font = std::fs::read(FONT)
         .with_context(|| format!("cannot read {FONT} (apt-get install fonts-dejavu-core)"))?;
     // plotters keeps registered fonts for the life of the program.
@@ -34,10 +34,7 @@ pub fn draw(rows: &[Row], file: &Path) -> Result<()> {
     let root = BitMapBackend::new(file, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "New connections per second through one ClusterIP",
-            ("sans-serif", 26),
-        )
+        .caption(caption, ("sans-serif", 26))
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(80)

@@ -4,15 +4,32 @@
 //! `service-ips` verdict map, numgen random), for N Services over the same
 //! pods; and the update each mode writes when one endpoint of one Service
 //! changes; and its NodePort rules.
+//!
+//! kube-proxy writes the same rules for each family, in its own table:
+//! ip6tables' nat table, and `table ip6 kube-proxy` beside `table ip
+//! kube-proxy`; only the address syntax differs ([`Family`]).
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
-use super::{BACKEND_PORT, service_ip};
+use super::{BACKEND_PORT, Family, service_ip};
 use crate::lab::Pod;
 
-/// The nat table of kube-proxy's iptables mode for these Services, for
-/// `iptables-restore`.
-pub fn iptables(services: usize, endpoints_of: impl Fn(usize) -> Vec<Ipv4Addr>) -> String {
+/// `endpoint`'s backend port as iptables' DNAT and nft's `dnat to` write
+/// it (an IPv6 address in brackets).
+fn backend(endpoint: IpAddr) -> SocketAddr {
+    SocketAddr::new(endpoint, BACKEND_PORT)
+}
+
+/// The nat table of kube-proxy's iptables mode for these Services in
+/// `family`, for `iptables-restore` or `ip6tables-restore`.
+pub fn iptables(
+    family: Family,
+    services: usize,
+    endpoints_of: impl Fn(usize) -> Vec<IpAddr>,
+) -> String {
     let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
     let mut rules = String::from(
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
@@ -21,9 +38,10 @@ pub fn iptables(services: usize, endpoints_of: impl Fn(usize) -> Vec<Ipv4Addr>) 
     for i in 0..services {
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"default/svc-{i}:http cluster IP\" \
+            "-A KUBE-SERVICES -d {}/{} -p tcp -m comment --comment \"default/svc-{i}:http cluster IP\" \
              -m tcp --dport 80 -j KUBE-SVC-{i}",
-            service_ip(i, services)
+            service_ip(family, i, services),
+            family.host_prefix()
         );
         iptables_service(i, &endpoints_of(i), &mut chains, &mut rules);
     }
@@ -34,7 +52,7 @@ pub fn iptables(services: usize, endpoints_of: impl Fn(usize) -> Vec<Ipv4Addr>) 
 /// endpoints of Service `index` become `endpoints`: only that Service's
 /// chains (KEP-3453, minimizing iptables-restore input). Declaring a chain
 /// flushes it.
-pub fn iptables_endpoint_change(index: usize, endpoints: &[Ipv4Addr]) -> String {
+pub fn iptables_endpoint_change(index: usize, endpoints: &[IpAddr]) -> String {
     let mut chains = String::from("*nat\n");
     let mut rules = String::new();
     iptables_service(index, endpoints, &mut chains, &mut rules);
@@ -42,7 +60,7 @@ pub fn iptables_endpoint_change(index: usize, endpoints: &[Ipv4Addr]) -> String 
 }
 
 /// Service `i`'s KUBE-SVC chain and its KUBE-SEP chains.
-fn iptables_service(i: usize, endpoints: &[Ipv4Addr], chains: &mut String, rules: &mut String) {
+fn iptables_service(i: usize, endpoints: &[IpAddr], chains: &mut String, rules: &mut String) {
     let _ = writeln!(chains, ":KUBE-SVC-{i} - [0:0]");
     for (p, endpoint) in endpoints.iter().enumerate() {
         let _ = writeln!(chains, ":KUBE-SEP-{i}-{p} - [0:0]");
@@ -60,48 +78,56 @@ fn iptables_service(i: usize, endpoints: &[Ipv4Addr], chains: &mut String, rules
         }
         let _ = writeln!(
             rules,
-            "-A KUBE-SEP-{i}-{p} -p tcp -m tcp -j DNAT --to-destination {endpoint}:{BACKEND_PORT}"
+            "-A KUBE-SEP-{i}-{p} -p tcp -m tcp -j DNAT --to-destination {}",
+            backend(*endpoint)
         );
     }
 }
 
-/// kube-proxy's nftables mode for these Services, for `nft -f`: one
-/// `service-ips` verdict map from address, protocol and port to each
-/// Service's chain, which picks an endpoint chain with `numgen random`,
-/// which DNATs.
-pub fn nftables(services: usize, endpoints_of: impl Fn(usize) -> Vec<Ipv4Addr>) -> String {
-    let mut chains = String::from(
-        "add table ip kube-proxy\n\
-         add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n\
-         add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; policy accept ; }\n\
-         add chain ip kube-proxy services\n\
-         add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n",
+/// kube-proxy's nftables mode for these Services in `family`, for `nft
+/// -f`: one `service-ips` verdict map from address, protocol and port to
+/// each Service's chain, which picks an endpoint chain with `numgen
+/// random`, which DNATs.
+pub fn nftables(
+    family: Family,
+    services: usize,
+    endpoints_of: impl Fn(usize) -> Vec<IpAddr>,
+) -> String {
+    let table = format!("{} kube-proxy", family.nft_family());
+    let mut chains = format!(
+        "add table {table}\n\
+         add chain {table} nat-output {{ type nat hook output priority -100 ; policy accept ; }}\n\
+         add chain {table} nat-prerouting {{ type nat hook prerouting priority -100 ; policy accept ; }}\n\
+         add chain {table} services\n\
+         add map {table} service-ips {{ type {} . inet_proto . inet_service : verdict ; }}\n",
+        family.nft_address_type()
     );
-    let mut rules = String::from(
-        "add rule ip kube-proxy nat-output jump services\n\
-         add rule ip kube-proxy nat-prerouting jump services\n\
-         add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n",
+    let mut rules = format!(
+        "add rule {table} nat-output jump services\n\
+         add rule {table} nat-prerouting jump services\n\
+         add rule {table} services {} daddr . meta l4proto . th dport vmap @service-ips\n",
+        family.nft_family()
     );
     let mut elements = String::new();
     for i in 0..services {
-        let _ = writeln!(chains, "add chain ip kube-proxy service-{i}");
+        let _ = writeln!(chains, "add chain {table} service-{i}");
         let mut arms = Vec::new();
         let endpoints = endpoints_of(i);
         for (p, endpoint) in endpoints.iter().enumerate() {
-            let _ = writeln!(chains, "add chain ip kube-proxy endpoint-{i}-{p}");
-            let _ = writeln!(rules, "{}", nftables_endpoint_rule(i, p, *endpoint));
+            let _ = writeln!(chains, "add chain {table} endpoint-{i}-{p}");
+            let _ = writeln!(rules, "{}", nftables_endpoint_rule(family, i, p, *endpoint));
             arms.push(format!("{p} : goto endpoint-{i}-{p}"));
         }
         let _ = writeln!(
             rules,
-            "add rule ip kube-proxy service-{i} numgen random mod {} vmap {{ {} }}",
+            "add rule {table} service-{i} numgen random mod {} vmap {{ {} }}",
             endpoints.len(),
             arms.join(" , ")
         );
         let _ = writeln!(
             elements,
-            "add element ip kube-proxy service-ips {{ {} . tcp . 80 : goto service-{i} }}",
-            service_ip(i, services)
+            "add element {table} service-ips {{ {} . tcp . 80 : goto service-{i} }}",
+            service_ip(family, i, services)
         );
     }
     chains + &rules + &elements
@@ -109,16 +135,24 @@ pub fn nftables(services: usize, endpoints_of: impl Fn(usize) -> Vec<Ipv4Addr>) 
 
 /// The transaction that points endpoint `slot` of Service `index` at
 /// `endpoint`: one chain flushed and given its new DNAT.
-pub fn nftables_endpoint_change(index: usize, slot: usize, endpoint: Ipv4Addr) -> String {
+pub fn nftables_endpoint_change(
+    family: Family,
+    index: usize,
+    slot: usize,
+    endpoint: IpAddr,
+) -> String {
     format!(
-        "flush chain ip kube-proxy endpoint-{index}-{slot}\n{}\n",
-        nftables_endpoint_rule(index, slot, endpoint)
+        "flush chain {} kube-proxy endpoint-{index}-{slot}\n{}\n",
+        family.nft_family(),
+        nftables_endpoint_rule(family, index, slot, endpoint)
     )
 }
 
-fn nftables_endpoint_rule(index: usize, slot: usize, endpoint: Ipv4Addr) -> String {
+fn nftables_endpoint_rule(family: Family, index: usize, slot: usize, endpoint: IpAddr) -> String {
     format!(
-        "add rule ip kube-proxy endpoint-{index}-{slot} meta l4proto tcp dnat to {endpoint}:{BACKEND_PORT}"
+        "add rule {} kube-proxy endpoint-{index}-{slot} meta l4proto tcp dnat to {}",
+        family.nft_family(),
+        backend(endpoint)
     )
 }
 

@@ -9,6 +9,11 @@
 //! - kube-proxy's iptables mode on iptables-legacy and on iptables-nft, and
 //!   its nftables mode (rules in [`kube_proxy`]).
 //!
+//! Each family asked for (`--families`) gets these labs: IPv4 against
+//! iptables and `table ip kube-proxy`, IPv6 (VIPs in fd10:96::/112, the
+//! pods' IPv6 addresses) against ip6tables and `table ip6 kube-proxy`,
+//! each against straight to the pod over its own family.
+//!
 //! Then, in interleaved rounds 65 s apart (so that no round runs while the
 //! last one's TIME_WAIT sockets expire), each datapath is measured in turn:
 //! - short connections: wrk, every request a new connection (the pods'
@@ -25,9 +30,11 @@
 //!
 //! Once per size, the install time (from nothing to a working datapath), the
 //! agent's peak RSS, and what each eBPF program costs per call (from the
-//! kernel's bpf_stats) are taken. A NodePort table ([`node_port`]) and the
-//! fairness of the random choice ([`fairness`]) follow. Everything is
-//! printed, written to `target/bench/`, and drawn as a chart.
+//! kernel's bpf_stats: connect4 beside connect6) are taken. A NodePort
+//! table ([`node_port`], IPv4: the agent does not write the IPv6 tc maps
+//! yet) and the fairness of the random choice ([`fairness`]) follow.
+//! Everything is printed, written to `target/bench/`, and drawn as a chart
+//! per family.
 //!
 //! [`probe`]: crate::probe
 
@@ -38,13 +45,14 @@ mod node_port;
 mod report;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
 
 use crate::{
     apiserver::ApiServer,
@@ -55,6 +63,9 @@ use crate::{
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// The IPv6 fillers from fd10:96::1000 up fill the rest of the /112.
+const MAX_SERVICES6: usize = 0x1_0000 - 0x1000;
 const BACKEND_PORT: u16 = 8080;
 /// Timed connects per round, and per bpf_stats measurement.
 const CONNECTS: usize = 2000;
@@ -78,6 +89,80 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// Choices counted per Service in the fairness table.
     pub fairness_choices: usize,
+    /// The families the ClusterIP datapaths are compared over.
+    pub families: Vec<Family>,
+}
+
+/// An address family, and how each datapath writes its addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    /// As the API writes it (`ipFamilies`, a slice's `addressType`).
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        }
+    }
+
+    /// The measured Service's ClusterIP.
+    const fn vip(self) -> IpAddr {
+        match self {
+            Self::Ipv4 => IpAddr::V4(VIP),
+            Self::Ipv6 => IpAddr::V6(VIP6),
+        }
+    }
+
+    /// Where every Service's ClusterIP lies, routed to the bridge for
+    /// kube-proxy's rules (which translate after the route is chosen).
+    const fn service_cidr(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "10.96.0.0/12",
+            Self::Ipv6 => "fd10:96::/112",
+        }
+    }
+
+    fn address_of(self, pod: &Pod) -> IpAddr {
+        match self {
+            Self::Ipv4 => pod.ip.into(),
+            Self::Ipv6 => pod.ip6.into(),
+        }
+    }
+
+    /// The prefix length of one address (`-d VIP/32`).
+    const fn host_prefix(self) -> u8 {
+        match self {
+            Self::Ipv4 => 32,
+            Self::Ipv6 => 128,
+        }
+    }
+
+    const fn nft_family(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ip",
+            Self::Ipv6 => "ip6",
+        }
+    }
+
+    const fn nft_address_type(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4_addr",
+            Self::Ipv6 => "ipv6_addr",
+        }
+    }
+
+    /// The eBPF programs a connect in this family runs: the translation,
+    /// the peer's address, and the release every socket pays.
+    const fn programs(self) -> [&'static str; 3] {
+        match self {
+            Self::Ipv4 => ["connect4", "getpeername4", "sock_release"],
+            Self::Ipv6 => ["connect6", "getpeername6", "sock_release"],
+        }
+    }
 }
 
 /// What a ClusterIP connection goes through.
@@ -112,9 +197,10 @@ impl Datapath {
     }
 }
 
-/// One datapath at one size, over the rounds.
+/// One datapath at one size in one family, over the rounds.
 struct Row {
     services: usize,
+    family: Family,
     datapath: Datapath,
     /// wrk's requests per second, one per round.
     rates: Vec<f64>,
@@ -127,19 +213,29 @@ struct Row {
     peak_rss_kib: Option<u64>,
 }
 
-/// Nanoseconds per call of the eBPF programs at one size.
+/// Nanoseconds per call of the eBPF programs at one size in one family.
 struct HotPath {
     services: usize,
-    /// (what ran, program, ns per call, calls).
-    costs: Vec<(&'static str, &'static str, f64, u64)>,
+    family: Family,
+    costs: Vec<Cost>,
+}
+
+/// One program's cost over one kind of connect.
+struct Cost {
+    /// Connects to the ClusterIP (translated), or straight to a pod.
+    through_service: bool,
+    program: &'static str,
+    nanoseconds_per_call: f64,
+    calls: u64,
 }
 
 /// A lab made ready for one datapath at one size, kept for every round.
 struct Prepared {
+    family: Family,
     datapath: Datapath,
     lab: Lab,
     pods: Vec<Pod>,
-    target: SocketAddrV4,
+    target: SocketAddr,
     install: Duration,
     prober: Option<ChangeProber>,
     /// The eBPF lab's agent, kept running (its log explains a failure).
@@ -148,15 +244,24 @@ struct Prepared {
 }
 
 pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
-    if options.services.is_empty() || options.services.contains(&0) || options.rounds == 0 {
-        bail!("--services and --rounds must be at least 1");
+    if options.services.is_empty()
+        || options.services.contains(&0)
+        || options.rounds == 0
+        || options.families.is_empty()
+    {
+        bail!("--services, --rounds and --families must be at least 1");
+    }
+    if options.families.contains(&Family::Ipv6)
+        && options.services.iter().any(|&n| n > MAX_SERVICES6)
+    {
+        bail!("over IPv6 the bench places at most {MAX_SERVICES6} Services in fd10:96::/112");
     }
     let mut rows = Vec::new();
     let mut hot_paths = Vec::new();
     for &services in &options.services {
         let (at_size, hot_path) = cluster_ip_at(agent_binary, services, options)?;
         rows.extend(at_size);
-        hot_paths.push(hot_path);
+        hot_paths.extend(hot_path);
     }
     let fairness = fairness::measure(agent_binary, options.fairness_choices)?;
     let text = report::cluster_ip(&rows, options)
@@ -166,13 +271,25 @@ pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
     let dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("clusterip.md"), &text)?;
-    let chart = dir.join("clusterip.png");
-    chart::draw(&rows, &chart)?;
-    println!(
-        "(also written to {}, and drawn in {})",
-        dir.join("clusterip.md").display(),
-        chart.display()
-    );
+    println!("(also written to {})", dir.join("clusterip.md").display());
+    for &family in &options.families {
+        let (chart, caption) = match family {
+            Family::Ipv4 => (
+                dir.join("clusterip.png"),
+                "New connections per second through one ClusterIP",
+            ),
+            Family::Ipv6 => (
+                dir.join("clusterip-ipv6.png"),
+                "New connections per second through one IPv6 ClusterIP",
+            ),
+        };
+        let of_family: Vec<&Row> = rows.iter().filter(|row| row.family == family).collect();
+        chart::draw(&of_family, caption, &chart)?;
+        println!("(drawn in {})", chart.display());
+    }
+    if !options.families.contains(&Family::Ipv4) {
+        return Ok(());
+    }
     let results = node_port::node_port(agent_binary, options)?;
     node_port::print_results(
         "new connections per second from an external namespace, through node 1",
@@ -188,22 +305,29 @@ pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-/// Every datapath at `services` Services, measured in interleaved rounds,
-/// and what the eBPF programs cost there.
+/// Every datapath of every family at `services` Services, measured in
+/// interleaved rounds, and what the eBPF programs cost there.
 fn cluster_ip_at(
     agent_binary: &Path,
     services: usize,
     options: &BenchOptions,
-) -> Result<(Vec<Row>, HotPath)> {
+) -> Result<(Vec<Row>, Vec<HotPath>)> {
     let mut prepared = Vec::new();
-    for datapath in Datapath::ALL {
-        eprintln!("bench: {} at {services} Services", datapath.name());
-        prepared.push(prepare(agent_binary, datapath, services)?);
+    for &family in &options.families {
+        for datapath in Datapath::ALL {
+            eprintln!(
+                "bench: {} at {services} {} Services",
+                datapath.name(),
+                family.name()
+            );
+            prepared.push(prepare(agent_binary, family, datapath, services)?);
+        }
     }
     let mut rows: Vec<Row> = prepared
         .iter()
         .map(|ready| Row {
             services,
+            family: ready.family,
             datapath: ready.datapath,
             rates: Vec::new(),
             connects: Vec::new(),
@@ -230,17 +354,14 @@ fn cluster_ip_at(
                 .with_context(|| ready.agent.as_ref().map(Agent::log).unwrap_or_default())?;
         }
     }
-    let ebpf = prepared
-        .iter()
-        .position(|p| p.datapath == Datapath::Ebpf)
-        .context("no eBPF lab")?;
-    let hot_path = hot_path(&prepared[ebpf], services)?;
-    rows[ebpf].peak_rss_kib = prepared[ebpf]
-        .agent
-        .as_ref()
-        .map(Agent::peak_rss_kib)
-        .transpose()?;
-    Ok((rows, hot_path))
+    let mut hot_paths = Vec::new();
+    for (ready, row) in prepared.iter().zip(&mut rows) {
+        if ready.datapath == Datapath::Ebpf {
+            hot_paths.push(hot_path(ready, services)?);
+            row.peak_rss_kib = ready.agent.as_ref().map(Agent::peak_rss_kib).transpose()?;
+        }
+    }
+    Ok((rows, hot_paths))
 }
 
 impl Prepared {
@@ -281,7 +402,7 @@ impl Prepared {
     /// datapath.
     fn change_endpoint(&mut self, pod: usize, services: usize) -> Result<Duration> {
         let new = self.pods[pod].clone();
-        let endpoints = [new.ip];
+        let endpoints = [self.family.address_of(&new)];
         let measured = services / 2;
         let prober = self.prober.as_mut().context("no prober")?;
         prober.expect(&new.name)?;
@@ -289,11 +410,11 @@ impl Prepared {
             Datapath::Direct => bail!("no Service to change"),
             Datapath::Ebpf => {
                 let api = self.api.as_ref().context("no API server")?;
-                api.apply(scale::slice(&format!("svc-{measured}"), &endpoints, true))?;
+                api.apply(slice(self.family, &format!("svc-{measured}"), &endpoints))?;
             }
             Datapath::IptablesLegacy | Datapath::IptablesNft => feed(
                 &self.lab,
-                restore_command(self.datapath),
+                restore_command(self.family, self.datapath),
                 &["-w", "--noflush"],
                 &kube_proxy::iptables_endpoint_change(measured, &endpoints),
             )?,
@@ -301,7 +422,7 @@ impl Prepared {
                 &self.lab,
                 "nft",
                 &["-f", "-"],
-                &kube_proxy::nftables_endpoint_change(measured, 0, new.ip),
+                &kube_proxy::nftables_endpoint_change(self.family, measured, 0, endpoints[0]),
             )?,
         }
         prober.moved_to(&new.name)
@@ -316,40 +437,83 @@ fn hot_path(ebpf: &Prepared, services: usize) -> Result<HotPath> {
     let _stats = RunTimeStats::enable()?;
     // An agent from before a program existed (an older build measured
     // through PROXY_AGENT, to compare) has no link of it: left out.
-    let programs: Vec<&str> = ["connect4", "getpeername4", "sock_release"]
+    let programs: Vec<&str> = ebpf
+        .family
+        .programs()
         .into_iter()
         .filter(|program| ebpf.lab.bpffs().join("links").join(program).exists())
         .collect();
     let mut costs = Vec::new();
-    for (what, target) in [
-        ("through the ClusterIP", ebpf.target),
+    for (through_service, target) in [
+        (true, ebpf.target),
         (
-            "straight to a pod",
-            SocketAddrV4::new(ebpf.pods[0].ip, BACKEND_PORT),
+            false,
+            SocketAddr::new(ebpf.family.address_of(&ebpf.pods[0]), BACKEND_PORT),
         ),
     ] {
         let measured = cost_of(&ebpf.lab, &programs, || {
             probe::connect_latency(&ebpf.lab, target, CONNECTS, true).map(drop)
         })?;
         for (program, (cost, calls)) in programs.iter().zip(measured) {
-            costs.push((what, *program, cost, calls));
+            costs.push(Cost {
+                through_service,
+                program,
+                nanoseconds_per_call: cost,
+                calls,
+            });
         }
     }
-    Ok(HotPath { services, costs })
+    Ok(HotPath {
+        services,
+        family: ebpf.family,
+        costs,
+    })
 }
 
-fn restore_command(datapath: Datapath) -> &'static str {
-    if datapath == Datapath::IptablesLegacy {
-        "iptables-legacy-restore"
-    } else {
-        "iptables-nft-restore"
+fn restore_command(family: Family, datapath: Datapath) -> &'static str {
+    match (family, datapath == Datapath::IptablesLegacy) {
+        (Family::Ipv4, true) => "iptables-legacy-restore",
+        (Family::Ipv4, false) => "iptables-nft-restore",
+        (Family::Ipv6, true) => "ip6tables-legacy-restore",
+        (Family::Ipv6, false) => "ip6tables-nft-restore",
     }
 }
 
-fn prepare(agent_binary: &Path, datapath: Datapath, services: usize) -> Result<Prepared> {
+/// Service `name` with one ClusterIP of `family`, as the API server holds
+/// it.
+fn service(family: Family, name: &str, cluster_ip: IpAddr) -> Value {
+    let mut service = scale::service(name, &cluster_ip.to_string());
+    service["spec"]["ipFamilies"] = json!([family.name()]);
+    service
+}
+
+/// The EndpointSlice of Service `name` in `family`: `endpoints`, all ready.
+fn slice(family: Family, name: &str, endpoints: &[IpAddr]) -> Value {
+    let mut slice = scale::slice(name, &[], true);
+    slice["addressType"] = json!(family.name());
+    slice["endpoints"] = endpoints
+        .iter()
+        .map(|address| {
+            json!({
+                "addresses": [address.to_string()],
+                "conditions": {"ready": true},
+                "nodeName": scale::NODE,
+            })
+        })
+        .collect();
+    slice
+}
+
+fn prepare(
+    agent_binary: &Path,
+    family: Family,
+    datapath: Datapath,
+    services: usize,
+) -> Result<Prepared> {
     let (lab, pods) = pod_lab()?;
-    let vip = SocketAddrV4::new(VIP, 80);
+    let vip = SocketAddr::new(family.vip(), 80);
     let mut ready = Prepared {
+        family,
         datapath,
         lab,
         pods,
@@ -363,7 +527,7 @@ fn prepare(agent_binary: &Path, datapath: Datapath, services: usize) -> Result<P
     match datapath {
         Datapath::Direct => {
             started = Instant::now();
-            ready.target = SocketAddrV4::new(ready.pods[0].ip, BACKEND_PORT);
+            ready.target = SocketAddr::new(family.address_of(&ready.pods[0]), BACKEND_PORT);
         }
         Datapath::Ebpf => {
             let api = ApiServer::start()?;
@@ -372,8 +536,8 @@ fn prepare(agent_binary: &Path, datapath: Datapath, services: usize) -> Result<P
                 std::iter::once(scale::node()).chain((0..services).flat_map(|i| {
                     let name = format!("svc-{i}");
                     [
-                        scale::service(&name, &service_ip(i, services).to_string()),
-                        scale::slice(&name, &endpoints_of(pods, i, services), true),
+                        service(family, &name, service_ip(family, i, services)),
+                        slice(family, &name, &endpoints_of(family, pods, i, services)),
                     ]
                 })),
             )?;
@@ -386,29 +550,33 @@ fn prepare(agent_binary: &Path, datapath: Datapath, services: usize) -> Result<P
             ready.api = Some(api);
         }
         Datapath::IptablesLegacy | Datapath::IptablesNft => {
-            ready.lab.route_from_node("10.96.0.0/12")?;
+            ready.lab.route_from_node(family.service_cidr())?;
             started = Instant::now();
             feed(
                 &ready.lab,
-                restore_command(datapath),
+                restore_command(family, datapath),
                 &["-w"],
-                &kube_proxy::iptables(services, |i| endpoints_of(&ready.pods, i, services)),
+                &kube_proxy::iptables(family, services, |i| {
+                    endpoints_of(family, &ready.pods, i, services)
+                }),
             )?;
         }
         Datapath::Nftables => {
-            ready.lab.route_from_node("10.96.0.0/12")?;
+            ready.lab.route_from_node(family.service_cidr())?;
             started = Instant::now();
             feed(
                 &ready.lab,
                 "nft",
                 &["-f", "-"],
-                &kube_proxy::nftables(services, |i| endpoints_of(&ready.pods, i, services)),
+                &kube_proxy::nftables(family, services, |i| {
+                    endpoints_of(family, &ready.pods, i, services)
+                }),
             )?;
         }
     }
     ready.install = started.elapsed();
     if datapath != Datapath::Direct {
-        ready.prober = Some(ChangeProber::start(&ready.lab, &VIP.to_string())?);
+        ready.prober = Some(ChangeProber::start(&ready.lab, &family.vip().to_string())?);
     }
     Ok(ready)
 }
@@ -423,23 +591,29 @@ fn pod_lab() -> Result<(Lab, Vec<Pod>)> {
 /// pods would also measure how the 2-core machine schedules two servers
 /// and their clients (wrk's threads pinned to one pod each outrun a random
 /// spread by a quarter), not the proxy.
-fn endpoints_of(pods: &[Pod], index: usize, services: usize) -> Vec<Ipv4Addr> {
+fn endpoints_of(family: Family, pods: &[Pod], index: usize, services: usize) -> Vec<IpAddr> {
     let pods = if index == services / 2 {
         &pods[..1]
     } else {
         &pods[..2]
     };
-    pods.iter().map(|pod| pod.ip).collect()
+    pods.iter().map(|pod| family.address_of(pod)).collect()
 }
 
 /// The measured Service is number `services / 2`; the others are filler
-/// Services at 10.97.x.y with the same pods behind them.
-fn service_ip(index: usize, services: usize) -> Ipv4Addr {
+/// Services at 10.97.x.y, or from fd10:96::1000 on, with the same pods
+/// behind them.
+fn service_ip(family: Family, index: usize, services: usize) -> IpAddr {
     if index == services / 2 {
-        VIP
-    } else {
-        let index = u32::try_from(index).unwrap_or(u32::MAX);
-        Ipv4Addr::new(10, 97, 0, 0) | Ipv4Addr::from((index / 250) << 8 | (index % 250 + 1))
+        return family.vip();
+    }
+    let index = u32::try_from(index).unwrap_or(u32::MAX);
+    match family {
+        Family::Ipv4 => (Ipv4Addr::new(10, 97, 0, 0)
+            | Ipv4Addr::from((index / 250) << 8 | (index % 250 + 1)))
+        .into(),
+        // Above the VIP, and inside the /112 up to 61,439 Services.
+        Family::Ipv6 => Ipv6Addr::from(u128::from(VIP6) - 0x10 + 0x1000 + u128::from(index)).into(),
     }
 }
 
@@ -510,4 +684,80 @@ fn measure(
         requests_per_second,
         latency,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// Every IPv6 ClusterIP the largest bench places is distinct, inside
+    /// the /112 that is routed and that kube-proxy's rules match, and only
+    /// the measured Service has the VIP.
+    #[test]
+    fn ipv6_service_ips_are_distinct_and_inside_the_service_cidr() {
+        let services = MAX_SERVICES6;
+        let mut seen = HashSet::new();
+        for index in 0..services {
+            let IpAddr::V6(address) = service_ip(Family::Ipv6, index, services) else {
+                panic!("service {index} is not IPv6");
+            };
+            assert_eq!(
+                u128::from(address) >> 16,
+                u128::from(VIP6) >> 16,
+                "service {index} at {address} is outside fd10:96::/112"
+            );
+            assert_eq!(address == VIP6, index == services / 2, "service {index}");
+            assert!(seen.insert(address), "service {index} repeats {address}");
+        }
+    }
+
+    /// kube-proxy's IPv6 rules match one address by /128, DNAT to the
+    /// bracketed address and port, and live in the ip6 table.
+    #[test]
+    fn ipv6_rules_use_the_ipv6_syntax() {
+        let pod: IpAddr = "fd00:10:244:1::10".parse().unwrap();
+        let iptables = kube_proxy::iptables(Family::Ipv6, 3, |_| vec![pod]);
+        assert!(iptables.contains("-d fd10:96::10/128 "), "{iptables}");
+        assert!(
+            iptables.contains("--to-destination [fd00:10:244:1::10]:8080"),
+            "{iptables}"
+        );
+        let nftables = kube_proxy::nftables(Family::Ipv6, 3, |_| vec![pod]);
+        assert!(!nftables.contains(" ip kube-proxy"), "{nftables}");
+        assert!(
+            nftables.contains("type ipv6_addr . inet_proto"),
+            "{nftables}"
+        );
+        assert!(nftables.contains("services ip6 daddr . meta"), "{nftables}");
+        assert!(
+            nftables.contains("{ fd10:96::10 . tcp . 80 : goto service-1 }"),
+            "{nftables}"
+        );
+        assert!(
+            nftables.contains("dnat to [fd00:10:244:1::10]:8080"),
+            "{nftables}"
+        );
+    }
+
+    /// The IPv4 rules are what they were before the families: /32 and a
+    /// bare address.
+    #[test]
+    fn ipv4_rules_are_unchanged() {
+        let pod: IpAddr = "10.244.1.10".parse().unwrap();
+        let iptables = kube_proxy::iptables(Family::Ipv4, 1, |_| vec![pod]);
+        assert!(iptables.contains("-d 10.96.0.10/32 "), "{iptables}");
+        assert!(
+            iptables.contains("--to-destination 10.244.1.10:8080"),
+            "{iptables}"
+        );
+        let nftables = kube_proxy::nftables(Family::Ipv4, 1, |_| vec![pod]);
+        assert!(
+            nftables.starts_with("add table ip kube-proxy\n"),
+            "{nftables}"
+        );
+        assert!(nftables.contains("services ip daddr . meta"), "{nftables}");
+        assert!(nftables.contains("dnat to 10.244.1.10:8080"), "{nftables}");
+    }
 }
