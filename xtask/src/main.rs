@@ -43,7 +43,8 @@ enum Task {
     /// iptables and nftables modes, side by side in one run (new connections
     /// per second, connect latency, endpoint changes, install time, memory,
     /// the eBPF programs' cost), then the fairness of the random choice and
-    /// a NodePort. Writes target/bench/clusterip.{md,png}. Needs root.
+    /// a NodePort per family. Writes target/bench/clusterip.{md,png}.
+    /// Needs root.
     Bench {
         /// Cluster sizes to compare the ClusterIP datapaths at
         /// (comma-separated, e.g. 1,1000,10000,30000).
@@ -57,8 +58,8 @@ enum Task {
         /// Rounds of every datapath in turn (median and spread).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
-        /// Address families to compare the ClusterIP datapaths over
-        /// (comma-separated).
+        /// Address families to compare the ClusterIP and NodePort
+        /// datapaths over (comma-separated).
         #[arg(
             long,
             value_name = "FAMILY,...",

@@ -22,26 +22,10 @@ use k8s_openapi::api::core::v1::{
 };
 use xtask::{
     bpf_stats::{RunTimeStats, cost_of},
-    lab::{Agent, Pod, TwoNodeLab, agent_binary, manifests},
+    lab::{Agent, DUAL_STACK_FLAGS, EXTERNAL_SEGMENT6, Pod, TwoNodeLab, agent_binary, manifests},
 };
 
-use common::{HTTP_BACKEND, assert_succeeded, endpoint_slice_v6_on_nodes};
-
-/// The flags of a dual-stack cluster: a Service CIDR and a cluster CIDR of
-/// each family, and NodePorts on the external segment's addresses of both
-/// (`TwoNodeLab::start_agent` names only the IPv4 one, and a family with
-/// no CIDR there serves no NodePort).
-const DUAL_STACK_FLAGS: &[&str] = &[
-    "--service-cidr",
-    "10.96.0.0/12,fd10:96::/112",
-    "--cluster-cidr",
-    "10.244.0.0/16,fd00:10:244::/56",
-    "--nodeport-addresses",
-    "fd00:192:168:100::/64",
-];
-
-/// The external segment's IPv6 network, for `--nodeport-addresses`.
-const EXTERNAL_SEGMENT6: &str = "fd00:192:168:100::/64";
+use common::{HTTP_BACKEND, assert_succeeded};
 
 /// Where a router sends externalIPs and load-balancer IPs to node 1.
 const EDGE_CIDR6: &str = "fd00:192:168:200::/64";
@@ -214,7 +198,7 @@ fn nodeport6_lab() -> (TwoNodeLab, Vec<Agent>) {
                 |_| (),
             )),
             manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &endpoints),
-            endpoint_slice_v6_on_nodes("web-2", "web", HTTP_BACKEND, &endpoints6),
+            manifests::endpoint_slice_on_nodes("web-2", "web", HTTP_BACKEND, &endpoints6),
             manifests::yaml(&service(
                 "local",
                 "NodePort",
@@ -222,16 +206,16 @@ fn nodeport6_lab() -> (TwoNodeLab, Vec<Agent>) {
                 30081,
                 manifests::local_traffic,
             )),
-            endpoint_slice_v6_on_nodes("local-1", "local", HTTP_BACKEND, &endpoints6[..1]),
+            manifests::endpoint_slice_on_nodes("local-1", "local", HTTP_BACKEND, &endpoints6[..1]),
             udp6_service("dns", "fd10:96::53", 30053),
-            endpoint_slice_v6_on_nodes(
+            manifests::endpoint_slice_on_nodes(
                 "dns-1",
                 "dns",
                 &[("dns", 5353, "UDP")],
                 &[(dns.ip6, "node-1")],
             ),
             udp6_service("closed", "fd10:96::55", 30055),
-            endpoint_slice_v6_on_nodes(
+            manifests::endpoint_slice_on_nodes(
                 "closed-1",
                 "closed",
                 &[("dns", 5399, "UDP")],
@@ -438,9 +422,9 @@ fn outside_frontends6_lab() -> (TwoNodeLab, Vec<Agent>) {
         "edge.yaml",
         &manifests::documents(&[
             manifests::yaml(&edge),
-            endpoint_slice_v6_on_nodes("edge-1", "edge", HTTP_BACKEND, &endpoints6),
+            manifests::endpoint_slice_on_nodes("edge-1", "edge", HTTP_BACKEND, &endpoints6),
             manifests::dual_stack_service("one", &["fd10:96::51"], common::HTTP),
-            endpoint_slice_v6_on_nodes("one-1", "one", HTTP_BACKEND, &endpoints6[..1]),
+            manifests::endpoint_slice_on_nodes("one-1", "one", HTTP_BACKEND, &endpoints6[..1]),
         ]),
     )
     .expect("manifest");
@@ -615,7 +599,12 @@ fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
                 |_| (),
             )),
             manifests::endpoint_slice_on_nodes("web-1", "web", HTTP_BACKEND, &[(pod.ip, "node-1")]),
-            endpoint_slice_v6_on_nodes("web-2", "web", HTTP_BACKEND, &[(pod.ip6, "node-1")]),
+            manifests::endpoint_slice_on_nodes(
+                "web-2",
+                "web",
+                HTTP_BACKEND,
+                &[(pod.ip6, "node-1")],
+            ),
         ]),
     )
     .expect("manifest");

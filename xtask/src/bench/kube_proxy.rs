@@ -15,7 +15,6 @@ use std::{
 };
 
 use super::{BACKEND_PORT, Family, service_ip};
-use crate::lab::Pod;
 
 /// `endpoint`'s backend port as iptables' DNAT and nft's `dnat to` write
 /// it (an IPv6 address in brackets).
@@ -158,8 +157,10 @@ fn nftables_endpoint_rule(family: Family, index: usize, slot: usize, endpoint: I
 
 /// kube-proxy's nat rules for the two NodePorts: KUBE-NODEPORTS behind the
 /// LOCAL address-type match, KUBE-EXT-* marking policy Cluster for the
-/// masquerade, and KUBE-POSTROUTING doing it.
-pub fn node_ports(pod: &Pod, local: u16, cluster: u16) -> String {
+/// masquerade, and KUBE-POSTROUTING doing it; `pod` is the backend's
+/// `address:port` as `--to-destination` takes it (IPv6 in brackets), and
+/// the same rules serve ip6tables-restore.
+pub fn node_ports(pod: &str, local: u16, cluster: u16) -> String {
     format!(
         "*nat\n\
          :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
@@ -171,12 +172,11 @@ pub fn node_ports(pod: &Pod, local: u16, cluster: u16) -> String {
          -A KUBE-NODEPORTS -p tcp -m tcp --dport {cluster} -j KUBE-EXT-CLUSTER\n\
          -A KUBE-EXT-CLUSTER -j KUBE-MARK-MASQ\n\
          -A KUBE-EXT-CLUSTER -j KUBE-SEP-POD\n\
-         -A KUBE-SEP-POD -p tcp -m tcp -j DNAT --to-destination {}:{BACKEND_PORT}\n\
+         -A KUBE-SEP-POD -p tcp -m tcp -j DNAT --to-destination {pod}\n\
          -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
          -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
          -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
          -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n\
-         COMMIT\n",
-        pod.ip
+         COMMIT\n"
     )
 }

@@ -30,9 +30,9 @@
 //!
 //! Once per size, the install time (from nothing to a working datapath), the
 //! agent's peak RSS, and what each eBPF program costs per call (from the
-//! kernel's bpf_stats: connect4 beside connect6) are taken. A NodePort
-//! table ([`node_port`], IPv4: the agent does not write the IPv6 tc maps
-//! yet) and the fairness of the random choice ([`fairness`]) follow.
+//! kernel's bpf_stats: connect4 beside connect6) are taken. The fairness
+//! of the random choice ([`fairness`]) and a NodePort table per family
+//! ([`node_port`]) follow.
 //! Everything is printed, written to `target/bench/`, and drawn as a chart
 //! per family.
 //!
@@ -287,16 +287,19 @@ pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
         chart::draw(&of_family, caption, &chart)?;
         println!("(drawn in {})", chart.display());
     }
-    if !options.families.contains(&Family::Ipv4) {
-        return Ok(());
+    for &family in &options.families {
+        let results = node_port::node_port(agent_binary, family, options)?;
+        node_port::print_results(
+            &format!(
+                "{} NodePort: new connections per second from an external namespace, \
+                 through node 1",
+                family.name()
+            ),
+            &results,
+            "direct",
+            options,
+        );
     }
-    let results = node_port::node_port(agent_binary, options)?;
-    node_port::print_results(
-        "new connections per second from an external namespace, through node 1",
-        &results,
-        "direct",
-        options,
-    );
     println!(
         "\npolicy Cluster masquerades (MASQUERADE --random-fully, as kube-proxy does): from one\n\
          client at this rate, remapped source ports meet the pod's TIME_WAIT sockets and SYNs\n\

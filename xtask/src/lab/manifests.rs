@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::{
@@ -222,19 +222,24 @@ pub fn endpoint_slice_as_written(
     endpoint_slice_of_type(name, service, address_type, ports, endpoints)
 }
 
-/// An EndpointSlice whose endpoints (all ready) name their node.
+/// An EndpointSlice whose endpoints (all ready) name their node; its
+/// `addressType` is the family of the addresses (IPv4 when there are none).
 #[must_use]
-pub fn endpoint_slice_on_nodes(
+pub fn endpoint_slice_on_nodes<A: Into<IpAddr> + Copy>(
     name: &str,
     service: &str,
     ports: &[(&str, u16, &str)],
-    endpoints: &[(Ipv4Addr, &str)],
+    endpoints: &[(A, &str)],
 ) -> String {
+    let address_type = match endpoints.first().map(|&(address, _)| address.into()) {
+        Some(IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    };
     let endpoints = endpoints
         .iter()
-        .map(|&(address, node)| endpoint(&address, true, Some(node)))
+        .map(|&(address, node)| endpoint(&address.into(), true, Some(node)))
         .collect();
-    endpoint_slice_of(name, service, ports, endpoints)
+    endpoint_slice_of_type(name, service, address_type, ports, endpoints)
 }
 
 /// A Service of `type_` (NodePort, LoadBalancer) with one port `http` and

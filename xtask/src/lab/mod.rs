@@ -46,7 +46,7 @@ pub use cgroup2::cgroup2_root;
 
 pub use agent::{Agent, agent_binary, http_get, limit_open_files, raise_open_file_limit};
 pub use node::{BIG_BODY, Lab, Pod};
-pub use two_nodes::{FAR_CLIENT, FAR_CLIENT6, TwoNodeLab};
+pub use two_nodes::{DUAL_STACK_FLAGS, EXTERNAL_SEGMENT6, FAR_CLIENT, FAR_CLIENT6, TwoNodeLab};
 
 const PREFIX: &str = "plab";
 const BPFFS: &str = "/sys/fs/bpf";

@@ -12,6 +12,23 @@ use super::{
     Agent, Lab, enable_ipv6, ip, kill_netns_processes, lab_name, node::decimal_digits_as_hex,
 };
 
+/// The flags of a dual-stack cluster, beside those of
+/// [`TwoNodeLab::start_agent`]: a Service CIDR and a cluster CIDR of each
+/// family, and NodePorts on the external segment's IPv6 addresses too
+/// (`start_agent` names only the IPv4 segment, and a family with no CIDR
+/// there serves no NodePort).
+pub const DUAL_STACK_FLAGS: &[&str] = &[
+    "--service-cidr",
+    "10.96.0.0/12,fd10:96::/112",
+    "--cluster-cidr",
+    "10.244.0.0/16,fd00:10:244::/56",
+    "--nodeport-addresses",
+    EXTERNAL_SEGMENT6,
+];
+
+/// The external segment's IPv6 network, for `--nodeport-addresses`.
+pub const EXTERNAL_SEGMENT6: &str = "fd00:192:168:100::/64";
+
 /// The external segment's network: the client, then node `i` at `.10 + i`.
 const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 /// The external segment's IPv6 network: the client, then node `i` at

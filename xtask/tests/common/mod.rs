@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsStr,
     fs::DirBuilder,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::Ipv4Addr,
     os::unix::fs::DirBuilderExt as _,
     path::Path,
     process::{Command, Output, Stdio},
@@ -18,7 +18,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
 use xtask::lab::{Agent, Lab, Pod, agent_binary, manifests};
 
 pub const WEB_VIP: &str = "10.96.0.10";
@@ -105,29 +104,6 @@ pub fn wait_for_frontend(agent: &Agent, vip: &str, within: Duration) {
         );
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// An EndpointSlice of `addressType: IPv6` whose endpoints (all ready)
-/// name their node: what policy Local needs to tell the node's own.
-pub fn endpoint_slice_v6_on_nodes(
-    name: &str,
-    service: &str,
-    ports: &[(&str, u16, &str)],
-    endpoints: &[(Ipv6Addr, &str)],
-) -> String {
-    let endpoints = endpoints
-        .iter()
-        .map(|&(address, node)| Endpoint {
-            addresses: vec![address.to_string()],
-            conditions: Some(EndpointConditions {
-                ready: Some(true),
-                ..EndpointConditions::default()
-            }),
-            node_name: Some(node.to_owned()),
-            ..Endpoint::default()
-        })
-        .collect();
-    manifests::endpoint_slice_of_type(name, service, "IPv6", ports, endpoints)
 }
 
 /// `proxy-userspace doctor --output json` on the lab, as `command` runs
