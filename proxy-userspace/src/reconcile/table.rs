@@ -31,6 +31,62 @@ use crate::{
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// When a table's failed writes go again: after [`RETRY_FIRST`], then
+/// twice as long each time they fail again, up to [`RETRY_MAX`]; a pass
+/// without failures starts over.
+#[derive(Debug)]
+pub struct Retry {
+    /// `None` while nothing waits for a retry.
+    at: Option<Instant>,
+    delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            at: None,
+            delay: RETRY_FIRST,
+        }
+    }
+}
+
+impl Retry {
+    /// When failed writes are due again.
+    #[must_use]
+    pub const fn at(&self) -> Option<Instant> {
+        self.at
+    }
+
+    /// Whether failed writes are held back until [`Retry::at`].
+    #[must_use]
+    pub const fn is_waiting(&self) -> bool {
+        self.at.is_some()
+    }
+
+    /// Lets failed writes go again once their time has come.
+    pub fn wake(&mut self, now: Instant) {
+        if self.at.is_some_and(|at| at <= now) {
+            self.at = None;
+        }
+    }
+
+    /// A pass of `table` ended with `failures` writes failed.
+    pub fn settle(&mut self, table: &'static str, failures: usize) {
+        if failures == 0 {
+            *self = Self::default();
+            return;
+        }
+        warn!(
+            table,
+            failed = failures,
+            retry_in_ms = self.delay.as_millis(),
+            "some writes failed; retrying"
+        );
+        self.at = Some(Instant::now() + self.delay);
+        self.delay = (self.delay * 2).min(RETRY_MAX);
+    }
+}
+
 /// What a pass changed that other jobs follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableEvent<A: MapAddress> {
@@ -71,10 +127,7 @@ pub struct TableReconciler<A: MapAddress, S, B> {
     /// while the source's view is complete, or a file that does not parse
     /// would take its Services down.
     prune: bool,
-    /// When failed writes are tried again; `None` while nothing waits for
-    /// a retry.
-    retry_at: Option<Instant>,
-    retry_delay: Duration,
+    retry: Retry,
     /// Whether [`TableEvent::BackendLeft`] is wanted: finding them costs a
     /// look at each changed frontend's backends before it is written.
     report_departures: bool,
@@ -95,8 +148,7 @@ where
             pending: BTreeSet::new(),
             full_pass_owed: false,
             prune: false,
-            retry_at: None,
-            retry_delay: RETRY_FIRST,
+            retry: Retry::default(),
             report_departures: false,
         })
     }
@@ -127,20 +179,18 @@ where
     /// frontends wait and no retry timer holds them back.
     #[must_use]
     pub fn has_work(&self) -> bool {
-        self.full_pass_owed || (!self.pending.is_empty() && self.retry_at.is_none())
+        self.full_pass_owed || (!self.pending.is_empty() && !self.retry.is_waiting())
     }
 
     /// When failed writes are due again.
     #[must_use]
     pub const fn retry_at(&self) -> Option<Instant> {
-        self.retry_at
+        self.retry.at()
     }
 
     /// Lets failed writes go again once their time has come.
     pub fn wake(&mut self, now: Instant) {
-        if self.retry_at.is_some_and(|at| at <= now) {
-            self.retry_at = None;
-        }
+        self.retry.wake(now);
     }
 
     /// Brings the table to `desired`: everything when a full pass is owed,
@@ -191,20 +241,10 @@ where
         if stats.other_failures > 0 {
             self.full_pass_owed = true;
         }
-        if stats.failures() == 0 {
-            self.retry_at = None;
-            self.retry_delay = RETRY_FIRST;
-            return;
+        self.retry.settle(self.name, stats.failures());
+        if stats.failures() > 0 {
+            debug!(table = self.name, frontends = ?stats.failed, "failed frontends");
         }
-        warn!(
-            table = self.name,
-            failed = stats.failures(),
-            retry_in_ms = self.retry_delay.as_millis(),
-            "some writes failed; retrying"
-        );
-        debug!(table = self.name, frontends = ?stats.failed, "failed frontends");
-        self.retry_at = Some(Instant::now() + self.retry_delay);
-        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
     }
 
     /// The backends the table gives each pending frontend that `desired`
