@@ -641,3 +641,71 @@ fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
         );
     }
 }
+
+/// Issue 17, the IPv4 NodePort test's last two checks over IPv6: a
+/// NodePort with sessionAffinity ClientIP keeps an external IPv6 client
+/// on one of two pods (tc chooses by the client's address, folded into
+/// the affinity key), and a pod reaches itself through its own IPv6
+/// Service (hairpin), by the ClusterIP and by node 1's IPv6 NodePort.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn ipv6_nodeport_session_affinity_and_hairpin() {
+    let mut lab = TwoNodeLab::new().expect("lab");
+    let pods: Vec<Pod> = {
+        let node = lab.node_mut(1);
+        ["web-1a", "web-1b"]
+            .into_iter()
+            .map(|name| {
+                let pod = node.add_pod(name).expect("pod");
+                node.serve_http(&pod, 8080).expect("nginx");
+                pod
+            })
+            .collect()
+    };
+    let both: Vec<(Ipv6Addr, &str)> = pods.iter().map(|p| (p.ip6, "node-1")).collect();
+    lab.write_manifest(
+        "sticky.yaml",
+        &manifests::documents(&[
+            manifests::yaml(&service(
+                "sticky",
+                "NodePort",
+                &["fd10:96::70"],
+                30098,
+                |spec| {
+                    spec.session_affinity = Some("ClientIP".to_owned());
+                },
+            )),
+            manifests::endpoint_slice_on_nodes("sticky-1", "sticky", HTTP_BACKEND, &both),
+            manifests::yaml(&service("own", "NodePort", &["fd10:96::71"], 30099, |_| ())),
+            manifests::endpoint_slice_on_nodes("own-1", "own", HTTP_BACKEND, &both[..1]),
+        ]),
+    )
+    .expect("manifest");
+    let agent = lab
+        .start_agent(1, &agent_binary(), DUAL_STACK_FLAGS)
+        .expect("agent on node 1");
+    agent
+        .wait_for_log("attached (TCX)", Duration::from_secs(10))
+        .unwrap();
+    wait_listed(&agent, &node6(&lab, 1, 30099));
+
+    let (answers, failed) =
+        external_answers(&lab, &format!("http://{}/", node6(&lab, 1, 30098)), 12);
+    assert_eq!(
+        (answers.len(), failed),
+        (1, 0),
+        "one pod for one client: {answers:?}"
+    );
+
+    for url in [
+        "http://[fd10:96::71]/".to_owned(),
+        format!("http://{}/", node6(&lab, 1, 30099)),
+    ] {
+        let (status, body) = get(lab.node(1).pod_client(&pods[0], "curl"), &url);
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "web-1a"),
+            "hairpin through {url}"
+        );
+    }
+}
