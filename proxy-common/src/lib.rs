@@ -87,8 +87,8 @@ pub const BACKENDS_MAP: &str = "lb4_be_v2";
 pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v2";
 /// See [`SERVICES_MAP`]. v3: the tc programs' events joined the list; v4:
 /// `icmp_translated`; v5: `udp_connected_full`; v6:
-/// `ipv6_ext_header_passed`.
-pub const EVENTS_MAP: &str = "lb4_events_v6";
+/// `ipv6_ext_header_passed`; v7: `ext_source_range_dropped`.
+pub const EVENTS_MAP: &str = "lb4_events_v7";
 /// The frontends the tc programs serve (NodePort, externalIP and
 /// load-balancer IP), laid out as [`SERVICES_MAP`]: kept apart because
 /// their backends follow externalTrafficPolicy, and slot 0 carries
@@ -118,6 +118,13 @@ pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
 /// [`ServiceKey`] with `scope` saying which programs counted
 /// ([`COUNTED_BY_SOCKETS`], [`COUNTED_BY_TC`]).
 pub const COUNTS_MAP: &str = "lb4_counts_v1";
+/// loadBalancerSourceRanges (an LPM trie): the sources each load-balancer
+/// frontend with [`FRONTEND_SOURCE_RANGES`] admits, one entry per range,
+/// keyed by the frontend and the range's network ([`SourceRange`]). One
+/// longest-prefix lookup of (frontend, client address) answers whether
+/// the client is inside any of the frontend's ranges, however many
+/// Services have ranges; Cilium keeps `lb4_source_range` alike.
+pub const SOURCE_RANGES_MAP: &str = "lb4_src_range_v1";
 /// See [`COUNTS_MAP`].
 pub const COUNTED_BY_SOCKETS: u8 = 0;
 /// See [`COUNTS_MAP`].
@@ -144,6 +151,8 @@ pub const UDP_CONNECTED6_MAP: &str = "lb6_udp_conn_v1";
 pub const AFFINITY6_MAP: &str = "lb6_affinity_v1";
 /// See [`SERVICES6_MAP`].
 pub const COUNTS6_MAP: &str = "lb6_counts_v1";
+/// See [`SERVICES6_MAP`].
+pub const SOURCE_RANGES6_MAP: &str = "lb6_src_range_v1";
 
 /// The names of one family's maps, for code generic over [`Address`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +168,7 @@ pub struct FamilyMaps {
     pub udp_connected: &'static str,
     pub affinity: &'static str,
     pub counts: &'static str,
+    pub source_ranges: &'static str,
 }
 
 /// See [`FamilyMaps`].
@@ -173,6 +183,7 @@ pub const IPV4_MAPS: FamilyMaps = FamilyMaps {
     udp_connected: UDP_CONNECTED_MAP,
     affinity: AFFINITY_MAP,
     counts: COUNTS_MAP,
+    source_ranges: SOURCE_RANGES_MAP,
 };
 
 /// See [`FamilyMaps`].
@@ -187,10 +198,11 @@ pub const IPV6_MAPS: FamilyMaps = FamilyMaps {
     udp_connected: UDP_CONNECTED6_MAP,
     affinity: AFFINITY6_MAP,
     counts: COUNTS6_MAP,
+    source_ranges: SOURCE_RANGES6_MAP,
 };
 
 /// Every map of the object; all are pinned.
-pub const MAPS: [&str; 19] = [
+pub const MAPS: [&str; 21] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REV_NAT_MAP,
@@ -201,6 +213,7 @@ pub const MAPS: [&str; 19] = [
     UDP_CONNECTED_MAP,
     AFFINITY_MAP,
     COUNTS_MAP,
+    SOURCE_RANGES_MAP,
     SERVICES6_MAP,
     BACKENDS6_MAP,
     SOCK_REV_NAT6_MAP,
@@ -210,6 +223,7 @@ pub const MAPS: [&str; 19] = [
     UDP_CONNECTED6_MAP,
     AFFINITY6_MAP,
     COUNTS6_MAP,
+    SOURCE_RANGES6_MAP,
 ];
 
 /// The cgroup programs, by the names of their functions: the
@@ -287,6 +301,8 @@ pub const UDP_CONNECTED_MAX_ENTRIES: u32 = 65_536;
 /// Size of [`AFFINITY_MAP`]: (client, frontend) pairs of Services with
 /// session affinity; the least recently used is forgotten first.
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+/// Size of [`SOURCE_RANGES_MAP`]: (load-balancer frontend, range) pairs.
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 /// Size of [`COUNTS_MAP`]: a slot of either frontend map (allocated as
 /// slots are used).
 pub const COUNTS_MAX_ENTRIES: u32 = SERVICES_MAX_ENTRIES + EXT_SERVICES_MAX_ENTRIES;
@@ -295,6 +311,12 @@ pub const COUNTS_MAX_ENTRIES: u32 = SERVICES_MAX_ENTRIES + EXT_SERVICES_MAX_ENTR
 /// the masquerade fallback (externalTrafficPolicy Cluster), so replies come
 /// back through this node.
 pub const FRONTEND_MASQUERADE: u16 = 1;
+/// Slot 0 flag of a load-balancer frontend with loadBalancerSourceRanges:
+/// a new flow from a client outside them is dropped (tc ingress, before a
+/// backend is chosen), as kube-proxy's KUBE-FW chain and
+/// KUBE-PROXY-FIREWALL do. The ranges are in [`SOURCE_RANGES_MAP`]; a
+/// frontend with the flag and no ranges there admits no one.
+pub const FRONTEND_SOURCE_RANGES: u16 = 0x0400;
 /// Slot 0 bits of an outside frontend that say how it is reached, for
 /// readers (the programs do not look): one of [`FRONTEND_NODE_PORT`],
 /// [`FRONTEND_EXTERNAL_IP`], [`FRONTEND_LOAD_BALANCER`].
@@ -392,6 +414,9 @@ events! {
     /// carried that way is not translated. MLD reports, which carry a
     /// hop-by-hop router alert, count here too, on every node.
     Ipv6ExtHeaderPassed = 12 => "ipv6_ext_header_passed",
+    /// A new flow to a load-balancer IP from a client outside the
+    /// Service's loadBalancerSourceRanges was dropped (tc ingress).
+    ExtSourceRangeDropped = 13 => "ext_source_range_dropped",
 }
 
 // The events map is indexed by the variant: the list must be dense and in
@@ -656,6 +681,50 @@ where
 /// from [`SERVICES_MAP`], so its backend id is one of [`BACKENDS_MAP`]'s.
 pub const FLOW_CLUSTER_IP: u16 = 0x8000;
 
+/// The data of a [`SOURCE_RANGES_MAP`] key, after the LPM trie's prefix
+/// length: the frontend, matched whole, then the client's address, matched
+/// to the range's prefix. Addresses and port in network byte order, so
+/// that the trie's bitwise prefix is the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
+pub struct SourceRange<A = Ip4>
+where
+    A: Address,
+{
+    pub frontend_addr_be: A,
+    pub frontend_port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Explicit padding, always zero: the trie compares every bit.
+    pub pad: u8,
+    /// The range's network (an entry) or the client's address (a lookup).
+    pub source_be: A,
+}
+
+impl<A: Address> SourceRange<A> {
+    /// The LPM prefix length of an entry whose range has `source_prefix`
+    /// bits: the frontend's bits, every one, then the range's.
+    #[must_use]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "at most 8 * (16 + 4) = 160 bits"
+    )]
+    pub const fn prefix_len(source_prefix: u8) -> u32 {
+        (8 * (size_of::<A>() + 4)) as u32 + source_prefix as u32
+    }
+
+    /// The prefix length of a lookup: every bit of the frontend and the
+    /// client's address.
+    #[must_use]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "an address is at most 16 bytes"
+    )]
+    pub const fn full_prefix_len() -> u32 {
+        Self::prefix_len((8 * size_of::<A>()) as u8)
+    }
+}
+
 /// Declares each layout `Pod` for every address, checking that its size
 /// is the sum of its fields' sizes for both (the only two, [`Address`] is
 /// sealed): no padding, so every byte is a field. The kernel sees these
@@ -689,4 +758,5 @@ layouts! {
     FlowNat { 4 + 2 + 2 + 4, 16 + 2 + 2 + 4 }
     AffinityKey { 8 + 4 + 2 + 1 + 1, 8 + 16 + 2 + 1 + 1 + 4 }
     AffinityValue { 8 + 4 + 2 + 2, 8 + 16 + 2 + 2 + 4 }
+    SourceRange { 4 + 2 + 1 + 1 + 4, 16 + 2 + 1 + 1 + 16 }
 }

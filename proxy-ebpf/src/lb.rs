@@ -69,10 +69,40 @@ pub fn pick<A: FamilyMaps, const N: usize>(
     counted_by: u8,
     client: impl FnOnce() -> u64,
 ) -> Pick<A> {
-    // SAFETY: map values are read once and copied; nothing keeps a reference.
-    let Some(slot0) = (unsafe { services.get(frontend) }).copied() else {
+    let Some(slot0) = frontend_of(services, frontend) else {
         return Pick::NotService;
     };
+    pick_in(services, frontend, slot0, counted_by, client)
+}
+
+/// A frontend's slot 0, if `frontend` is one.
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+pub fn frontend_of<A: FamilyMaps, const N: usize>(
+    services: &HashMap<ServiceKey<A>, ServiceValue<A>, N>,
+    frontend: ServiceKey<A>,
+) -> Option<ServiceValue<A>> {
+    // SAFETY: map values are read once and copied; nothing keeps a reference.
+    (unsafe { services.get(frontend) }).copied()
+}
+
+/// [`pick`] once the frontend's slot 0 is known: for a caller that looks
+/// at the frontend before choosing (tc ingress, for source ranges).
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+pub fn pick_in<A: FamilyMaps, const N: usize>(
+    services: &HashMap<ServiceKey<A>, ServiceValue<A>, N>,
+    frontend: ServiceKey<A>,
+    slot0: ServiceValue<A>,
+    counted_by: u8,
+    client: impl FnOnce() -> u64,
+) -> Pick<A> {
     if slot0.count == 0 {
         return Pick::NoBackends;
     }

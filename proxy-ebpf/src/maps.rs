@@ -2,14 +2,15 @@
 //! pin and open them; they carry a layout version.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, lpm_trie::Key},
     macros::btf_map,
 };
 use proxy_common::{
     AFFINITY_MAX_ENTRIES, Address, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
     COUNTS_MAX_ENTRIES, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event,
-    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, Ip4, Ip6, RevNatPair, SERVICES_MAX_ENTRIES, ServiceKey,
-    ServiceValue, SockRevNat, UDP_CONNECTED_MAX_ENTRIES,
+    FLOWS_MAX_ENTRIES, FlowKey, FlowNat, Ip4, Ip6, RevNatPair, SERVICES_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevNat, SourceRange,
+    UDP_CONNECTED_MAX_ENTRIES,
 };
 
 // The macro takes a literal; these keep it equal to the shared names.
@@ -17,13 +18,14 @@ const _: () = {
     assert!(eq(proxy_common::SERVICES_MAP, "lb4_svc_v2"));
     assert!(eq(proxy_common::BACKENDS_MAP, "lb4_be_v2"));
     assert!(eq(proxy_common::SOCK_REV_NAT_MAP, "lb4_sk_rnat_v2"));
-    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v6"));
+    assert!(eq(proxy_common::EVENTS_MAP, "lb4_events_v7"));
     assert!(eq(proxy_common::EXT_SERVICES_MAP, "lb4_ext_svc_v1"));
     assert!(eq(proxy_common::EXT_BACKENDS_MAP, "lb4_ext_be_v1"));
     assert!(eq(proxy_common::FLOWS_MAP, "lb4_flows_v1"));
     assert!(eq(proxy_common::UDP_CONNECTED_MAP, "lb4_udp_conn_v2"));
     assert!(eq(proxy_common::AFFINITY_MAP, "lb4_affinity_v1"));
     assert!(eq(proxy_common::COUNTS_MAP, "lb4_counts_v1"));
+    assert!(eq(proxy_common::SOURCE_RANGES_MAP, "lb4_src_range_v1"));
     assert!(eq(proxy_common::SERVICES6_MAP, "lb6_svc_v1"));
     assert!(eq(proxy_common::BACKENDS6_MAP, "lb6_be_v1"));
     assert!(eq(proxy_common::SOCK_REV_NAT6_MAP, "lb6_sk_rnat_v1"));
@@ -33,6 +35,7 @@ const _: () = {
     assert!(eq(proxy_common::UDP_CONNECTED6_MAP, "lb6_udp_conn_v1"));
     assert!(eq(proxy_common::AFFINITY6_MAP, "lb6_affinity_v1"));
     assert!(eq(proxy_common::COUNTS6_MAP, "lb6_counts_v1"));
+    assert!(eq(proxy_common::SOURCE_RANGES6_MAP, "lb6_src_range_v1"));
 };
 
 /// A frontend map of either family: the socket programs' or the tc
@@ -42,6 +45,9 @@ pub type ServicesMap<A> =
 /// The tc programs' frontends of either family.
 pub type ExtServicesMap<A> =
     HashMap<ServiceKey<A>, ServiceValue<A>, { EXT_SERVICES_MAX_ENTRIES as usize }>;
+
+/// loadBalancerSourceRanges of either family.
+pub type SourceRangesMap<A> = LpmTrie<SourceRange<A>, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }>;
 
 /// The maps one family's code reaches by type, so that one generic
 /// implementation serves IPv4 and IPv6, each on its own maps.
@@ -68,6 +74,28 @@ pub trait FamilyMaps: Address {
     fn ext_backends() -> &'static BackendsMap<Self, { EXT_BACKENDS_MAX_ENTRIES as usize }>;
     /// The tc programs' flow table.
     fn flows() -> &'static FlowsMap<Self>;
+    /// The load-balancer frontends' source ranges.
+    fn source_ranges() -> &'static SourceRangesMap<Self>;
+
+    /// Whether `source` is inside one of `frontend`'s loadBalancerSourceRanges.
+    #[expect(
+        clippy::inline_always,
+        reason = "inlined into the ingress program's one frame per family"
+    )]
+    #[inline(always)]
+    fn admitted_by_source_ranges(frontend: &ServiceKey<Self>, source: Self) -> bool {
+        let key = Key::new(
+            SourceRange::<Self>::full_prefix_len(),
+            SourceRange {
+                frontend_addr_be: frontend.addr_be,
+                frontend_port_be: frontend.port_be,
+                proto: frontend.proto,
+                pad: 0,
+                source_be: source,
+            },
+        );
+        Self::source_ranges().get(&key).is_some()
+    }
 }
 
 /// Backend id to address, for either backends map of either family.
@@ -116,6 +144,9 @@ impl FamilyMaps for Ip4 {
     fn flows() -> &'static FlowsMap<Self> {
         &FLOWS
     }
+    fn source_ranges() -> &'static SourceRangesMap<Self> {
+        &SOURCE_RANGES
+    }
 }
 
 impl FamilyMaps for Ip6 {
@@ -159,6 +190,9 @@ impl FamilyMaps for Ip6 {
     }
     fn flows() -> &'static FlowsMap<Self> {
         &FLOWS6
+    }
+    fn source_ranges() -> &'static SourceRangesMap<Self> {
+        &SOURCE_RANGES6
     }
 }
 
@@ -238,6 +272,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRI
 #[btf_map(name = "lb4_counts_v1")]
 pub static COUNTS: HashMap<ServiceKey, u64, { COUNTS_MAX_ENTRIES as usize }> = HashMap::new();
 
+/// loadBalancerSourceRanges: written by the agent, read by tc ingress for
+/// the new flows of frontends with [`proxy_common::FRONTEND_SOURCE_RANGES`].
+#[btf_map(name = "lb4_src_range_v1")]
+pub static SOURCE_RANGES: SourceRangesMap<Ip4> = LpmTrie::new();
+
 // The IPv6 twins of the maps above, documented there.
 
 #[btf_map(name = "lb6_svc_v1")]
@@ -275,6 +314,9 @@ pub static AFFINITY6: LruHashMap<
 #[btf_map(name = "lb6_counts_v1")]
 pub static COUNTS6: HashMap<ServiceKey<Ip6>, u64, { COUNTS_MAX_ENTRIES as usize }> = HashMap::new();
 
+#[btf_map(name = "lb6_src_range_v1")]
+pub static SOURCE_RANGES6: SourceRangesMap<Ip6> = LpmTrie::new();
+
 /// Counts one translation to `slot`.
 #[expect(
     clippy::inline_always,
@@ -306,7 +348,7 @@ pub fn count<A: FamilyMaps>(slot: ServiceKey<A>) {
 }
 
 /// Per-CPU counters, one per [`Event`]: no atomics, no contention.
-#[btf_map(name = "lb4_events_v6")]
+#[btf_map(name = "lb4_events_v7")]
 pub static EVENTS: PerCpuArray<u64, { Event::ALL.len() }> = PerCpuArray::new();
 
 /// Counts one event on this CPU.

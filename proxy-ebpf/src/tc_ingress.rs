@@ -20,12 +20,12 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::info;
 use proxy_common::{
     AFFINITY_CLIENT_IP, COUNTED_BY_TC, Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_REPLY,
-    FRONTEND_KIND, FRONTEND_MASQUERADE, FlowKey, FlowNat, Ip4, Ip6, PROTO_UDP, ServiceKey,
-    ServiceValue,
+    FRONTEND_KIND, FRONTEND_MASQUERADE, FRONTEND_SOURCE_RANGES, FlowKey, FlowNat, Ip4, Ip6,
+    PROTO_UDP, ServiceKey, ServiceValue,
 };
 
 use crate::{
-    lb::{Pick, pick},
+    lb::{Pick, frontend_of, pick, pick_in},
     maps::{eq, record},
     packet::{
         DROP, ETH_P_IP_BE, ETH_P_IPV6_BE, Family, IcmpError, PASS, Packet, Parsed, Side, parse,
@@ -296,16 +296,28 @@ fn forget_reply<A: Family>(packet: &Packet<A>) {
 }
 
 /// The backend for a new flow and the flow's flags, or the verdict for a
-/// packet that starts none. The outside frontends first; then the
+/// packet that starts none. The outside frontends first (a load-balancer
+/// IP with source ranges drops a client outside them); then the
 /// ClusterIPs, from the socket programs' own map.
 fn choose<A: Ingress>(packet: &Packet<A>) -> Result<(ServiceValue<A>, u16), i32> {
     let frontend = ServiceKey::frontend(packet.daddr_be, packet.dport_be, packet.proto);
     // Session affinity follows the client's address here.
     let client = || A::affinity_client(packet.saddr_be);
-    let (picked, cluster_ip) = match pick(A::ext_services(), frontend, COUNTED_BY_TC, client) {
+    let (picked, cluster_ip) = match frontend_of(A::ext_services(), frontend) {
+        // loadBalancerSourceRanges, before any backend is chosen or counted.
+        Some(slot0)
+            if slot0.flags & FRONTEND_SOURCE_RANGES != 0
+                && !A::admitted_by_source_ranges(&frontend, packet.saddr_be) =>
+        {
+            record(Event::ExtSourceRangeDropped);
+            return Err(DROP);
+        }
+        Some(slot0) => (
+            pick_in(A::ext_services(), frontend, slot0, COUNTED_BY_TC, client),
+            false,
+        ),
         // A ClusterIP from outside: counted as the tc programs'.
-        Pick::NotService => (pick(A::services(), frontend, COUNTED_BY_TC, client), true),
-        picked => (picked, false),
+        None => (pick(A::services(), frontend, COUNTED_BY_TC, client), true),
     };
     match picked {
         Pick::NotService => Err(PASS),

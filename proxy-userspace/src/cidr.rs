@@ -4,7 +4,7 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     pub address: IpAddr,
     pub prefix_len: u8,
@@ -30,6 +30,27 @@ impl Cidr {
             }
             _ => false,
         }
+    }
+
+    /// The range with its host bits cleared (`10.0.0.5/24` is
+    /// `10.0.0.0/24`): one spelling per range.
+    #[must_use]
+    pub fn network(self) -> Self {
+        let address = match self.address {
+            IpAddr::V4(base) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(base) & mask).into())
+            }
+            IpAddr::V6(base) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(base) & mask).into())
+            }
+        };
+        Self { address, ..self }
     }
 
     /// `"IPv4"` or `"IPv6"`, as Kubernetes spells the families.
@@ -83,7 +104,12 @@ mod tests {
         assert!(!v6.contains("fd10:96::1:0".parse().unwrap()));
         assert!(!v4.contains("fd10:96::1".parse().unwrap()));
         assert!(!v6.contains("10.96.0.1".parse().unwrap()));
+        let host_bits: Cidr = "10.244.1.7/16".parse().unwrap();
+        assert_eq!(host_bits.network().to_string(), "10.244.0.0/16");
+        let host_bits6: Cidr = "fd00::1:2/112".parse().unwrap();
+        assert_eq!(host_bits6.network().to_string(), "fd00::1:0/112");
         let everything: Cidr = "::/0".parse().unwrap();
+        assert_eq!(everything.network(), everything);
         assert!(everything.contains("2001:db8::1".parse().unwrap()));
         assert!("10.0.0.1".parse::<Cidr>().is_err());
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());

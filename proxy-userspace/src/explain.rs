@@ -132,6 +132,14 @@ pub fn explain(
         }
     }
     notes.extend(drift(maps.as_ref(), desired_backends.as_ref(), pins));
+    if let Some(ranges) = model
+        .external()
+        .frontends
+        .get(&frontend)
+        .and_then(|outside| outside.source_ranges.as_deref())
+    {
+        notes.push(source_ranges_note(ranges));
+    }
     let (verdict, summary) = verdict(frontend, maps.as_ref());
     Explanation {
         frontend: frontend.to_string(),
@@ -142,6 +150,23 @@ pub fn explain(
         maps,
         notes,
     }
+}
+
+/// What loadBalancerSourceRanges do to connections from outside the node.
+fn source_ranges_note(ranges: &[crate::model::Cidr]) -> String {
+    let mine = "this node's own sockets are not restricted";
+    if ranges.is_empty() {
+        return format!(
+            "loadBalancerSourceRanges lists no usable range of this family: from outside the \
+             node, every client's new connections are dropped; {mine}"
+        );
+    }
+    let ranges: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+    format!(
+        "loadBalancerSourceRanges: from outside the node, a client outside {} has its new \
+         connections dropped; {mine}",
+        ranges.join(", ")
+    )
 }
 
 /// Where the maps and the source disagree on this frontend.

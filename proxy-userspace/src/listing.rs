@@ -13,7 +13,8 @@ use proxy_common::{COUNTED_BY_SOCKETS, COUNTED_BY_TC};
 use crate::{
     maps::{
         Counts, MapsError, Pins, ServiceMaps, Table as _, encoding::MapAddress, open_pinned,
-        open_pinned_counts, open_pinned_external, read_frontends, slot_count,
+        open_pinned_counts, open_pinned_external, open_pinned_source_ranges, read_frontends,
+        slot_count,
     },
     model::{FrontendKind, L4Addr},
 };
@@ -54,9 +55,25 @@ fn list_family<A: MapAddress>(
     let mut listed = list(&maps, counts.as_ref())?;
     // Pins of an agent from before the tc programs have no such maps.
     if external && let Ok(maps) = open_pinned_external::<A>(pins) {
-        listed.extend(list_external(&maps, counts.as_ref())?);
+        let ranges = source_ranges::<A>(pins)?;
+        listed.extend(list_external(&maps, counts.as_ref(), &ranges)?);
     }
     Ok(listed)
+}
+
+/// Each load-balancer frontend's loadBalancerSourceRanges, as the trie
+/// holds them; none from pins of an agent from before the trie.
+fn source_ranges<A: MapAddress>(pins: &Pins) -> Result<BTreeMap<L4Addr, Vec<String>>, ListError> {
+    let mut ranges: BTreeMap<L4Addr, Vec<String>> = BTreeMap::new();
+    let Ok(trie) = open_pinned_source_ranges::<A>(pins) else {
+        return Ok(ranges);
+    };
+    for (key, _) in trie.entries()? {
+        if let Some((frontend, range)) = L4Addr::from_source_range_key(&key) {
+            ranges.entry(frontend).or_default().push(range.to_string());
+        }
+    }
+    Ok(ranges)
 }
 
 /// One frontend as the maps hold it.
@@ -72,6 +89,11 @@ pub struct ListedService {
     /// sessionAffinity ClientIP's timeout, in seconds; absent without.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_seconds: Option<u32>,
+    /// A load-balancer frontend's loadBalancerSourceRanges (the tc
+    /// programs'): new flows from outside them are dropped; empty, from
+    /// everyone. Absent for a frontend that restricts no one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<Vec<String>>,
     /// With `--stats`: translations through this frontend (new connections;
     /// datagrams of unconnected UDP), its backends' sum.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -99,23 +121,27 @@ fn list<A: MapAddress>(
     maps: &ServiceMaps<A>,
     counts: Option<&Counts<A>>,
 ) -> Result<Vec<ListedService>, MapError> {
-    list_with(maps, counts, |flags| {
-        match FrontendKind::from_flags(flags) {
+    list_with(
+        maps,
+        counts,
+        &BTreeMap::new(),
+        |flags| match FrontendKind::from_flags(flags) {
             None => (
                 "ClusterIP".to_owned(),
                 &[COUNTED_BY_SOCKETS, COUNTED_BY_TC][..],
             ),
             Some(kind) => (format!("{kind}/sockets"), &[COUNTED_BY_SOCKETS][..]),
-        }
-    })
+        },
+    )
 }
 
 /// The tc programs' frontends, each with its kind and traffic policy.
 fn list_external<A: MapAddress>(
     maps: &ServiceMaps<A>,
     counts: Option<&Counts<A>>,
+    source_ranges: &BTreeMap<L4Addr, Vec<String>>,
 ) -> Result<Vec<ListedService>, MapError> {
-    list_with(maps, counts, |flags| {
+    list_with(maps, counts, source_ranges, |flags| {
         let kind =
             FrontendKind::from_flags(flags).map_or_else(|| "?".to_owned(), |k| k.to_string());
         let policy = if flags & proxy_common::FRONTEND_MASQUERADE == 0 {
@@ -128,10 +154,12 @@ fn list_external<A: MapAddress>(
 }
 
 /// The frontends of `maps`; `kind` names a frontend by its slot-0 flags,
-/// and says under which scopes its slots are counted.
+/// and says under which scopes its slots are counted. `source_ranges` are
+/// shown for the frontends whose flags say they have some.
 fn list_with<A: MapAddress>(
     maps: &ServiceMaps<A>,
     counts: Option<&Counts<A>>,
+    source_ranges: &BTreeMap<L4Addr, Vec<String>>,
     kind: impl Fn(u16) -> (String, &'static [u8]),
 ) -> Result<Vec<ListedService>, MapError> {
     let backends: BTreeMap<u32, proxy_common::Backend<A>> =
@@ -142,10 +170,16 @@ fn list_with<A: MapAddress>(
         let Some(count) = frontend_slots.count else {
             continue;
         };
-        let (frontend, protocol) = match L4Addr::from_service_key(&key) {
+        let addr = L4Addr::from_service_key(&key);
+        let (frontend, protocol) = match addr {
             Some(addr) => (addr.host_port(), addr.protocol.to_string()),
             None => (format!("{key:?}"), format!("proto {}", key.proto)),
         };
+        let ranges =
+            (frontend_slots.flags & proxy_common::FRONTEND_SOURCE_RANGES != 0).then(|| {
+                addr.and_then(|addr| source_ranges.get(&addr).cloned())
+                    .unwrap_or_default()
+            });
         let (kind, counted_by) = kind(frontend_slots.flags);
         let backends: Vec<ListedBackend> = (1..=count)
             .map(|slot| {
@@ -180,6 +214,7 @@ fn list_with<A: MapAddress>(
             kind,
             translations,
             affinity_seconds: (frontend_slots.affinity != 0).then_some(frontend_slots.affinity),
+            source_ranges: ranges,
             backends,
         });
     }
@@ -222,6 +257,14 @@ pub fn table(services: &[ListedService]) -> String {
         }
         if let Some(seconds) = service.affinity_seconds {
             line(&format!("sessionAffinity ClientIP, {seconds} s"));
+        }
+        match service.source_ranges.as_deref() {
+            None => {}
+            Some([]) => line("loadBalancerSourceRanges: none usable, every client dropped"),
+            Some(ranges) => line(&format!(
+                "loadBalancerSourceRanges: {} (other clients dropped)",
+                ranges.join(", ")
+            )),
         }
     }
     out

@@ -18,7 +18,9 @@ use std::{
 
 use serde::Serialize;
 
-pub use self::external::{FrontendKind, HealthCheck, PortRange};
+#[cfg(test)]
+pub use self::external::{ExternalFrontend, TrafficPolicy};
+pub use self::external::{ExternalState, FrontendKind, HealthCheck, PortRange};
 pub use crate::cidr::Cidr;
 use crate::{
     kube_proxy_config::NodePortAddress,

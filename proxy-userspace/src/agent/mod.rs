@@ -487,7 +487,14 @@ impl Loop {
             stale_sockets.follow(&ipv4.socket_events);
             stale_sockets.follow(&ipv6.socket_events);
         }
-        let passes = [ipv4.sockets, ipv4.tc, ipv6.sockets, ipv6.tc];
+        let passes = [
+            ipv4.sockets,
+            ipv4.tc,
+            ipv4.source_ranges,
+            ipv6.sockets,
+            ipv6.tc,
+            ipv6.source_ranges,
+        ];
         let failures = passes.iter().map(|pass| pass.failures).sum::<usize>();
         info!(
             frontends = self.model.desired().frontends.len(),

@@ -1,6 +1,7 @@
 //! One family's frontend tables, the socket programs' and the tc
-//! programs', with the per-slot counts that follow them. The agent keeps
-//! one for IPv4 and one for IPv6: the same code over maps of their own.
+//! programs' (with its loadBalancerSourceRanges), with the per-slot counts
+//! that follow them. The agent keeps one for IPv4 and one for IPv6: the
+//! same code over maps of their own.
 
 use std::time::Instant;
 
@@ -10,10 +11,11 @@ use tracing::{info, warn};
 use super::AgentError;
 use crate::{
     datapath::Datapath,
-    maps::{SizedTable, encoding::MapAddress},
+    maps::{SizedTable, SourceRanges, encoding::MapAddress},
     model::{Changes, Model},
     reconcile::{
         counts::SlotCounts,
+        source_ranges::SourceRangeTable,
         table::{Pass, TableEvent, TableReconciler},
     },
 };
@@ -29,6 +31,8 @@ pub struct FamilyTables<A: MapAddress> {
     /// The tc programs' table: NodePorts, externalIPs and load-balancer
     /// IPs reached from outside.
     pub tc: FrontendTable<A>,
+    /// The tc frontends' loadBalancerSourceRanges, written around `tc`.
+    pub source_ranges: SourceRangeTable<A, SourceRanges<A>>,
     /// Follows the tables' slots; `None` when the map cannot be opened.
     counts: Option<SlotCounts<A>>,
 }
@@ -37,6 +41,7 @@ pub struct FamilyTables<A: MapAddress> {
 pub struct FamilyPass<A: MapAddress> {
     pub sockets: Pass,
     pub tc: Pass,
+    pub source_ranges: Pass,
     /// The socket table's events, for the sockets of departed backends.
     pub socket_events: Vec<TableEvent<A>>,
 }
@@ -51,6 +56,9 @@ impl<A: MapAddress> FamilyTables<A> {
         let maps = datapath.take_external_maps::<A>()?;
         let tc = TableReconciler::adopt(family, maps.services, maps.backends)
             .map_err(AgentError::Adopt)?;
+        let source_ranges =
+            SourceRangeTable::adopt(A::MAPS.source_ranges, datapath.take_source_ranges::<A>()?)
+                .map_err(AgentError::Adopt)?;
         let counts = datapath
             .take_counts::<A>()
             .inspect_err(|error| warn!(family, error = %crate::report::chain(error), "the per-slot counts are not kept tidy"))
@@ -60,11 +68,16 @@ impl<A: MapAddress> FamilyTables<A> {
         let (external, _) = tc.sizes();
         info!(
             frontends,
-            backends, external, family, "adopted the pinned maps"
+            backends,
+            external,
+            source_ranges = source_ranges.entries(),
+            family,
+            "adopted the pinned maps"
         );
         Ok(Self {
             sockets,
             tc,
+            source_ranges,
             counts,
         })
     }
@@ -73,28 +86,35 @@ impl<A: MapAddress> FamilyTables<A> {
     pub fn view(&mut self, complete: bool) {
         self.sockets.view(complete);
         self.tc.view(complete);
+        self.source_ranges.view(complete);
     }
 
     /// The model's changes; those of the other family are passed over.
     pub fn changed(&mut self, changes: &Changes) {
         self.sockets.changed(changes.sockets.iter().copied());
         self.tc.changed(changes.tc.iter().copied());
+        self.source_ranges.changed(changes.tc.iter().copied());
     }
 
     pub fn has_work(&self) -> bool {
-        self.sockets.has_work() || self.tc.has_work()
+        self.sockets.has_work() || self.tc.has_work() || self.source_ranges.has_work()
     }
 
     pub fn retry_at(&self) -> Option<Instant> {
-        [self.sockets.retry_at(), self.tc.retry_at()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.sockets.retry_at(),
+            self.tc.retry_at(),
+            self.source_ranges.retry_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn wake(&mut self, now: Instant) {
         self.sockets.wake(now);
         self.tc.wake(now);
+        self.source_ranges.wake(now);
     }
 
     /// Brings both tables up to the model, and ends the counts of the
@@ -102,7 +122,10 @@ impl<A: MapAddress> FamilyTables<A> {
     pub fn reconcile(&mut self, model: &Model) -> FamilyPass<A> {
         let (mut socket_events, mut tc_events) = (Vec::new(), Vec::new());
         let sockets = self.sockets.reconcile(model.desired(), &mut socket_events);
+        // A frontend's ranges are in before its flag, and out after it.
+        let ranges_added = self.source_ranges.add(model.external());
         let tc = self.tc.reconcile(model.tc_desired(), &mut tc_events);
+        let source_ranges = self.source_ranges.remove_leaving(ranges_added);
         if let Some(counts) = &mut self.counts {
             counts.forget(&socket_events, &tc_events, |slot| {
                 self.tc.holds_frontend(slot)
@@ -111,6 +134,7 @@ impl<A: MapAddress> FamilyTables<A> {
         FamilyPass {
             sockets,
             tc,
+            source_ranges,
             socket_events,
         }
     }

@@ -19,7 +19,8 @@ use proxy_common::{Backend, PROGRAMS, ServiceKey, ServiceValue};
 use tracing::info;
 
 use crate::maps::{
-    Counts, MapsError, Pins, PinsError, SizedTable, encoding::MapAddress, table::typed_map,
+    Counts, MapsError, Pins, PinsError, SizedTable, SourceRanges, encoding::MapAddress,
+    table::typed_map,
 };
 
 mod attach;
@@ -104,6 +105,13 @@ impl Datapath {
         let name = A::MAPS.counts;
         let map = self.take_map(name)?;
         Ok(Counts::try_from(map).map_err(|source| MapsError::Open { name, source })?)
+    }
+
+    /// Hands out one family's loadBalancerSourceRanges trie, for its table.
+    pub fn take_source_ranges<A: MapAddress>(&mut self) -> Result<SourceRanges<A>, DatapathError> {
+        let name = A::MAPS.source_ranges;
+        let map = self.take_map(name)?;
+        Ok(SourceRanges::try_from(map).map_err(|source| MapsError::Open { name, source })?)
     }
 
     /// Hands out one family's socket frontend maps, for their writer.

@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use proxy_common::{Address, Backend, Ip4, Ip6, PROTO_TCP, PROTO_UDP, RevNatPair, ServiceKey};
+use aya::maps::lpm_trie::Key;
+use proxy_common::{
+    Address, Backend, Ip4, Ip6, PROTO_TCP, PROTO_UDP, RevNatPair, ServiceKey, SourceRange,
+};
 
 use crate::model::{Cidr, L4Addr, Protocol};
 
@@ -92,6 +95,45 @@ impl L4Addr {
             port: u16::from_be(key.port_be),
             protocol: Protocol::from_number(key.proto)?,
         })
+    }
+
+    /// The source-range trie's entry for `range` of this frontend (its
+    /// network, host bits cleared); `None` when either is of the other
+    /// family.
+    #[must_use]
+    pub fn source_range_key<A: MapAddress>(self, range: Cidr) -> Option<Key<SourceRange<A>>> {
+        let frontend = self.service_key::<A>()?;
+        let range = range.network();
+        Some(Key::new(
+            SourceRange::<A>::prefix_len(range.prefix_len),
+            SourceRange {
+                frontend_addr_be: frontend.addr_be,
+                frontend_port_be: frontend.port_be,
+                proto: frontend.proto,
+                pad: 0,
+                source_be: A::from_ip(range.address)?,
+            },
+        ))
+    }
+
+    /// The frontend and range of a source-range trie entry; `None` for an
+    /// entry this agent does not write.
+    #[must_use]
+    pub fn from_source_range_key<A: MapAddress>(key: &Key<SourceRange<A>>) -> Option<(Self, Cidr)> {
+        let entry = key.data();
+        let prefix_len = key
+            .prefix_len()
+            .checked_sub(SourceRange::<A>::prefix_len(0))?;
+        let frontend = Self {
+            ip: entry.frontend_addr_be.to_ip(),
+            port: u16::from_be(entry.frontend_port_be),
+            protocol: Protocol::from_number(entry.proto)?,
+        };
+        let range = Cidr {
+            address: entry.source_be.to_ip(),
+            prefix_len: u8::try_from(prefix_len).ok()?,
+        };
+        Some((frontend, range))
     }
 
     #[must_use]

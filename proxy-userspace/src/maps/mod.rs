@@ -12,6 +12,7 @@ pub mod table;
 pub use error::MapsError;
 pub use pins::{Pins, PinsError};
 pub use table::{
-    BatchError, Counts, FrontendSlots, ServiceMaps, SizedTable, Table, open_pinned,
-    open_pinned_counts, open_pinned_events, open_pinned_external, read_frontends, slot_count,
+    BatchError, Counts, FrontendSlots, ServiceMaps, SizedTable, SourceRanges, Table, open_pinned,
+    open_pinned_counts, open_pinned_events, open_pinned_external, open_pinned_source_ranges,
+    read_frontends, slot_count,
 };

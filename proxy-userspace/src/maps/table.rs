@@ -7,8 +7,11 @@
 
 use std::{collections::BTreeMap, io};
 
-use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
-use proxy_common::{Backend, EVENTS_MAP, Ip4, ServiceKey, ServiceValue};
+use aya::maps::{
+    HashMap as BpfHashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+    lpm_trie::Key,
+};
+use proxy_common::{Backend, EVENTS_MAP, Ip4, ServiceKey, ServiceValue, SourceRange};
 
 use super::{encoding::MapAddress, error::MapsError, pins::Pins};
 use crate::{bpf_sys, sorted_vec::VecMap};
@@ -86,6 +89,36 @@ impl<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod> Table<K, V>
     fn entries(&self) -> Result<Vec<(K, V)>, MapError> {
         self.iter().collect()
     }
+}
+
+/// One family's loadBalancerSourceRanges trie.
+pub type SourceRanges<A = Ip4> = LpmTrie<MapData, SourceRange<A>, u8>;
+
+impl<A: MapAddress> Table<Key<SourceRange<A>>, u8> for SourceRanges<A> {
+    fn put(&mut self, key: &Key<SourceRange<A>>, value: &u8) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+
+    fn delete(&mut self, key: &Key<SourceRange<A>>) -> Result<(), MapError> {
+        let result = self.remove(key);
+        if is_missing_key(&result) {
+            Ok(())
+        } else {
+            result
+        }
+    }
+
+    fn entries(&self) -> Result<Vec<(Key<SourceRange<A>>, u8)>, MapError> {
+        self.iter().collect()
+    }
+}
+
+/// Opens one family's pinned source-range trie
+/// ([`proxy_common::SOURCE_RANGES_MAP`]).
+pub fn open_pinned_source_ranges<A: MapAddress>(pins: &Pins) -> Result<SourceRanges<A>, MapsError> {
+    let name = A::MAPS.source_ranges;
+    let map = open_pin(pins, name, Map::LpmTrie)?;
+    SourceRanges::try_from(map).map_err(|source| MapsError::Open { name, source })
 }
 
 /// A batch write that stopped: the first `written` entries are in the map.

@@ -18,8 +18,8 @@ use std::{
 };
 
 use super::{
-    CheckedSlice, IpFamily, L4Addr, Model, Problem, Protocol, Readiness, Selection, ServiceOutput,
-    backends, valid_port,
+    CheckedSlice, Cidr, IpFamily, L4Addr, Model, Problem, Protocol, Readiness, Selection,
+    ServiceOutput, backends, valid_port,
 };
 use crate::{
     kube_proxy_config::NodePortAddress,
@@ -150,6 +150,11 @@ pub struct ExternalFrontend {
     /// sessionAffinity ClientIP timeout in seconds (0: none), by the
     /// client's address.
     pub affinity: u32,
+    /// A load-balancer IP's loadBalancerSourceRanges of its family,
+    /// networks only: new flows from clients outside them are dropped.
+    /// `None`: the Service restricts no one. Empty: it lists ranges, none
+    /// usable for this family, and admits no one here.
+    pub source_ranges: Option<Arc<[Cidr]>>,
 }
 
 impl ExternalFrontend {
@@ -164,6 +169,11 @@ impl ExternalFrontend {
                 | match self.policy {
                     TrafficPolicy::Cluster => proxy_common::FRONTEND_MASQUERADE,
                     TrafficPolicy::Local => 0,
+                }
+                | if self.source_ranges.is_some() {
+                    proxy_common::FRONTEND_SOURCE_RANGES
+                } else {
+                    0
                 },
             affinity: self.affinity,
         }
@@ -334,7 +344,8 @@ impl Model {
             Some("Local") if node_ports || !service.external_ips.is_empty() => TrafficPolicy::Local,
             _ => TrafficPolicy::Cluster,
         };
-        let (external_ips, lb_ips) = outside_addresses(service, family, &mut problem);
+        let (external_ips, lb_ips, source_ranges) =
+            outside_addresses(service, family, &mut problem);
         for port in &service.ports {
             let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) else {
                 continue;
@@ -373,6 +384,11 @@ impl Model {
                 backends: backends.clone(),
                 cluster_backends: frontend.backends.clone(),
                 affinity: frontend.affinity,
+                // kube-proxy restricts load-balancer IPs only: NodePorts
+                // and externalIPs stay open to all.
+                source_ranges: (kind == FrontendKind::LoadBalancer)
+                    .then(|| source_ranges.clone())
+                    .flatten(),
             };
             if node_ports {
                 match self.node_port(port) {
@@ -631,15 +647,15 @@ pub(super) struct ExternalTouched {
     health_ports: BTreeSet<u16>,
 }
 
-/// A Service's externalIPs and load-balancer IPs of `family`. Each
-/// family's go with its ClusterIP's backends; those of a family the
-/// Service has no ClusterIP of are not served, as kube-proxy's proxier of
-/// that family never sees the Service.
+/// A Service's externalIPs and load-balancer IPs of `family`, and the
+/// load-balancer IPs' source ranges. Each family's go with its ClusterIP's
+/// backends; those of a family the Service has no ClusterIP of are not
+/// served, as kube-proxy's proxier of that family never sees the Service.
 fn outside_addresses(
     service: &ServiceObject,
     family: IpFamily,
     problem: &mut impl FnMut(String),
-) -> (Vec<IpAddr>, Vec<IpAddr>) {
+) -> (Vec<IpAddr>, Vec<IpAddr>, Option<Arc<[Cidr]>>) {
     let external_ips = addresses(&service.external_ips, family, "externalIP", problem);
     let lb_ips = if service.type_.as_deref() == Some("LoadBalancer") {
         addresses(
@@ -651,7 +667,48 @@ fn outside_addresses(
     } else {
         Vec::new()
     };
-    (external_ips, lb_ips)
+    let source_ranges = if lb_ips.is_empty() {
+        None
+    } else {
+        source_ranges(service, family, problem)
+    };
+    (external_ips, lb_ips, source_ranges)
+}
+
+/// A Service's loadBalancerSourceRanges of `family`, as kube-proxy reads
+/// them (spaces trimmed, each family's ranges for its own load-balancer
+/// IPs). A range that does not parse is a problem and left out. Where
+/// kube-proxy would then restrict nothing (every range bad, or none of
+/// this family), the load-balancer IPs admit no one instead: the Service
+/// asked for a restriction, and opening it to all is the one reading that
+/// cannot be what was meant.
+fn source_ranges(
+    service: &ServiceObject,
+    family: IpFamily,
+    problem: &mut impl FnMut(String),
+) -> Option<Arc<[Cidr]>> {
+    if service.load_balancer_source_ranges.is_empty() {
+        return None;
+    }
+    let mut ranges = Vec::new();
+    for text in &service.load_balancer_source_ranges {
+        match text.trim().parse::<Cidr>() {
+            Ok(range) if IpFamily::of(range.address) == family => ranges.push(range.network()),
+            // Each family's pass says it alike: the model keeps one.
+            Err(message) => problem(format!("loadBalancerSourceRanges: {message}; left out")),
+            Ok(_) => {}
+        }
+    }
+    if ranges.is_empty() {
+        problem(format!(
+            "loadBalancerSourceRanges has no valid {} range: its {} load-balancer IPs admit no client",
+            family.name(),
+            family.name()
+        ));
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    Some(ranges.into())
 }
 
 /// The addresses of a list of one family (the others are the other

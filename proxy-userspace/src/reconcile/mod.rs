@@ -7,6 +7,8 @@
 //!   backends (the per-slot counts, the sockets of departed backends).
 //! - [`writer::MapWriter`]: the diff engine under a table, the only code
 //!   that writes the service maps.
+//! - [`source_ranges::SourceRangeTable`]: each family's
+//!   loadBalancerSourceRanges trie, written around the tc table's pass.
 //! - [`counts::SlotCounts`]: the per-slot counts end with their slots.
 //! - [`masquerade::Masquerade`]: the iptables masquerade rules, which do
 //!   not depend on the Services, checked and repaired on a timer of their
@@ -14,5 +16,6 @@
 
 pub mod counts;
 pub mod masquerade;
+pub mod source_ranges;
 pub mod table;
 pub mod writer;

@@ -151,6 +151,8 @@ pub struct ServiceObject {
     pub external_ips: Vec<String>,
     /// `status.loadBalancer.ingress[].ip`.
     pub load_balancer_ips: Vec<String>,
+    /// `spec.loadBalancerSourceRanges`: boxed, since few Services have any.
+    pub load_balancer_source_ranges: Box<[String]>,
     pub external_traffic_policy: Option<String>,
     pub internal_traffic_policy: Option<String>,
     pub health_check_node_port: Option<i32>,
@@ -317,6 +319,10 @@ impl From<&Service> for ServiceObject {
                 .collect(),
             external_ips: spec.external_ips.unwrap_or_default(),
             load_balancer_ips,
+            load_balancer_source_ranges: spec
+                .load_balancer_source_ranges
+                .unwrap_or_default()
+                .into(),
             external_traffic_policy: spec.external_traffic_policy,
             internal_traffic_policy: spec.internal_traffic_policy,
             health_check_node_port: spec.health_check_node_port,

@@ -397,3 +397,71 @@ fn the_nodes_own_sockets_reach_outside_frontends_over_every_endpoint() {
         "default/squat:http"
     );
 }
+
+/// A LoadBalancer Service at 198.51.100.1 (and an externalIP) with
+/// `ranges` as its loadBalancerSourceRanges, over `slice`'s endpoints.
+fn fenced(ranges: &str) -> Model {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        &format!("{LB}  loadBalancerSourceRanges: {ranges}\n"),
+        "name: http, port: 80, nodePort: 30080",
+    )
+    .replace(
+        "---\n",
+        "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\n---\n",
+    ) + &slice("web");
+    model_of(config(), &yaml)
+}
+
+#[test]
+fn source_ranges_restrict_load_balancer_ips_only_and_bad_ones_are_named() {
+    // Spaces trimmed, host bits cleared, the other family's range left to
+    // that family, a bad range named and left out.
+    let model = fenced("[\" 10.255.77.1/30\", \"fd00::/64\", \"10.0.0.0/33\"]");
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("Service default/web")
+            && problems[0].contains("loadBalancerSourceRanges")
+            && problems[0].contains("10.0.0.0/33"),
+        "{problems:?}"
+    );
+    let state = model.external();
+    let lb = &state.frontends[&at("198.51.100.1", 80, Protocol::Tcp)];
+    let ranges: Vec<String> = lb
+        .source_ranges
+        .as_deref()
+        .expect("restricted")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(ranges, ["10.255.77.0/30"]);
+    assert_ne!(lb.desired().flags & proxy_common::FRONTEND_SOURCE_RANGES, 0);
+    // kube-proxy restricts load-balancer IPs, not NodePorts or externalIPs.
+    for open in [
+        at("203.0.113.7", 80, Protocol::Tcp),
+        at("192.168.100.11", 30080, Protocol::Tcp),
+    ] {
+        let frontend = &state.frontends[&open];
+        assert_eq!(frontend.source_ranges, None, "{open}");
+        assert_eq!(
+            frontend.desired().flags & proxy_common::FRONTEND_SOURCE_RANGES,
+            0
+        );
+    }
+}
+
+#[test]
+fn ranges_none_usable_for_the_family_admit_no_one_and_say_so() {
+    let model = fenced("[\"fd00::/64\"]");
+    let lb = &model.external().frontends[&at("198.51.100.1", 80, Protocol::Tcp)];
+    assert_eq!(lb.source_ranges.as_deref(), Some(&[][..]));
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("no valid IPv4 range") && p.contains("admit no client")),
+        "{problems:?}"
+    );
+}
