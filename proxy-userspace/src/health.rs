@@ -3,8 +3,9 @@
 //! `/healthz` is what load balancers and the DaemonSet's readiness probe
 //! ask, and it means what kube-proxy's means: 503 only while a change has
 //! waited longer than `--health-stale-after` to reach the maps, before the
-//! datapath is attached, and while the Node is being deleted (KEP-3836), so
-//! traffic drains from a node that is going away. A source that fails with
+//! datapath is attached, and while the Node is being deleted or carries the
+//! cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint (KEP-3836),
+//! so traffic drains from a node that is going away. A source that fails with
 //! nothing waiting (the API server away, the maps as they were) is no
 //! reason to drain every node at once: it is logged, counted in the
 //! metrics and named in the body, and the status stays 200. `/livez` is 200
@@ -32,7 +33,8 @@ pub struct Health {
     pending_since: Option<Instant>,
     /// The source's last error, and since when it fails.
     source_error: Option<(String, Instant)>,
-    node_deleting: bool,
+    /// Why the Node is going away, while it is.
+    node_leaving: Option<&'static str>,
 }
 
 /// Shared between the loop and the HTTP tasks.
@@ -62,7 +64,7 @@ impl Health {
             last_sync: None,
             pending_since: None,
             source_error: None,
-            node_deleting: false,
+            node_leaving: None,
         }))
     }
 
@@ -95,8 +97,9 @@ impl Health {
         };
     }
 
-    pub fn node_deleting(&mut self, deleting: bool) {
-        self.node_deleting = deleting;
+    /// The Node is going away (`Some`, why), or not.
+    pub fn node_leaving(&mut self, why: Option<&'static str>) {
+        self.node_leaving = why;
     }
 
     /// Whether `/healthz` answers 200.
@@ -115,10 +118,8 @@ impl Health {
 
     /// Why the node should not get traffic, if it should not.
     fn problem(&self) -> Option<String> {
-        self.proxy_problem().or_else(|| {
-            self.node_deleting
-                .then(|| "the Node is being deleted".to_owned())
-        })
+        self.proxy_problem()
+            .or_else(|| self.node_leaving.map(str::to_owned))
     }
 
     /// Why the maps cannot be trusted, if they cannot: not in use yet, not
@@ -154,7 +155,7 @@ impl Health {
         let body = HealthzBody {
             last_updated: self.last_sync.map(timestamp).unwrap_or_default(),
             current_time: timestamp(SystemTime::now()),
-            node_eligible: !self.node_deleting,
+            node_eligible: self.node_leaving.is_none(),
             reason: reason.clone(),
             source_error: self.source_error.as_ref().map(|(error, since)| {
                 format!("failing for {}s: {error}", since.elapsed().as_secs())
@@ -213,7 +214,10 @@ mod tests {
         assert!(health.lock().unwrap().healthz().1.contains("/x is gone"));
         health.lock().unwrap().datapath_problem(None);
         assert_eq!(status(), 200);
-        health.lock().unwrap().node_deleting(true);
+        health
+            .lock()
+            .unwrap()
+            .node_leaving(Some("the Node is being deleted"));
         assert_eq!(status(), 503);
         let body = health.lock().unwrap().healthz().1;
         assert!(body.contains("\"nodeEligible\":false"), "{body}");

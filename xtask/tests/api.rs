@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::{api::core::v1::Taint, apimachinery::pkg::apis::meta::v1::Time};
 use xtask::{
     apiserver::ApiServer,
     lab::{Agent, Lab, Pod, agent_binary, manifests},
@@ -264,13 +264,41 @@ fn wait_for_healthz(agent: &Agent, status: u16, within: Duration) -> String {
     }
 }
 
+/// KEP-3836, as kube-proxy 1.30+: /healthz answers 503 with
+/// `nodeEligible: false` while the cluster autoscaler's taint is on the
+/// Node and while it is being deleted, so load balancers drain it first;
+/// /livez stays 200, and the node's own pods keep their Services.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
-fn a_node_being_deleted_is_not_eligible_and_keeps_serving() {
+fn a_node_being_deleted_or_drained_by_the_autoscaler_is_not_eligible_and_keeps_serving() {
     let (lab, pods, api) = api_lab();
     let agent = start_agent_as_node_1(&lab, &pods, &api);
     let body = wait_for_healthz(&agent, 200, Duration::from_secs(2));
     assert!(body.contains("\"nodeEligible\":true"), "{body}");
+
+    let tainted =
+        |taints: Vec<Taint>| manifests::node_with_spec("node-1", |spec| spec.taints = Some(taints));
+    api.apply_yaml(&tainted(vec![Taint {
+        key: "ToBeDeletedByClusterAutoscaler".to_owned(),
+        value: Some("1733400000".to_owned()),
+        effect: "NoSchedule".to_owned(),
+        ..Taint::default()
+    }]))
+    .unwrap();
+    let body = wait_for_healthz(&agent, 503, Duration::from_secs(2));
+    assert!(
+        body.contains("\"nodeEligible\":false") && body.contains("ToBeDeletedByClusterAutoscaler"),
+        "{body}"
+    );
+    assert_eq!(agent.http_get("healthz", "/livez").unwrap().0, 200);
+    // Another taint is no reason.
+    api.apply_yaml(&tainted(vec![Taint {
+        key: "node.kubernetes.io/unschedulable".to_owned(),
+        effect: "NoSchedule".to_owned(),
+        ..Taint::default()
+    }]))
+    .unwrap();
+    wait_for_healthz(&agent, 200, Duration::from_secs(2));
 
     api.apply_yaml(&manifests::node("node-1", |node| {
         node.deletion_timestamp = Some(Time("2026-01-01T00:00:00Z".parse().unwrap()));

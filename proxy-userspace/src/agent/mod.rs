@@ -42,7 +42,7 @@ use crate::{
     model::{Model, ModelConfig, Problem},
     reconcile::masquerade::Masquerade,
     service_health::ServiceHealthServers,
-    source::{Change, EventSink, Source, SourceError, SourceEvent},
+    source::{Change, EventSink, NodeObject, Source, SourceError, SourceEvent},
     stale_sockets::{StaleSockets, Termination, Translations},
 };
 
@@ -388,7 +388,7 @@ impl Loop {
                         }
                         Change::Node(node) => self
                             .health()
-                            .node_deleting(node.as_ref().is_some_and(|n| n.deleting)),
+                            .node_leaving(node.as_ref().and_then(NodeObject::leaving)),
                         _ => {}
                     }
                     self.model.apply(change);

@@ -279,6 +279,10 @@ pub struct NodeObject {
     /// Set while the Node is being deleted: /healthz then answers 503
     /// (KEP-3836), so load balancers drain this node.
     pub deleting: bool,
+    /// Set while the Node carries the cluster autoscaler's
+    /// `ToBeDeletedByClusterAutoscaler` taint: it is about to go, and
+    /// /healthz answers 503 as for `deleting` (kube-proxy 1.30+).
+    pub autoscaler_deleting: bool,
 }
 
 impl From<&Service> for ServiceObject {
@@ -402,6 +406,29 @@ impl From<&Node> for NodeObject {
                 .map(|a| a.address.clone())
                 .collect(),
             deleting: meta.deletion_timestamp.is_some(),
+            autoscaler_deleting: node
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.taints.as_ref())
+                .is_some_and(|taints| taints.iter().any(|taint| taint.key == TO_BE_DELETED_TAINT)),
+        }
+    }
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+impl NodeObject {
+    /// Why load balancers should drain this node, if they should: it is
+    /// going away (KEP-3836).
+    #[must_use]
+    pub const fn leaving(&self) -> Option<&'static str> {
+        if self.deleting {
+            Some("the Node is being deleted")
+        } else if self.autoscaler_deleting {
+            Some("the Node is tainted ToBeDeletedByClusterAutoscaler")
+        } else {
+            None
         }
     }
 }

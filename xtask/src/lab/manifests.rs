@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service, ServicePort, ServiceSpec},
+        core::v1::{Node, NodeSpec, Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -307,6 +307,21 @@ pub fn node(name: &str, more: impl FnOnce(&mut ObjectMeta)) -> String {
     more(&mut metadata);
     yaml(&Node {
         metadata,
+        ..Node::default()
+    })
+}
+
+/// The Node `name` with the spec `more` makes (its taints, say).
+#[must_use]
+pub fn node_with_spec(name: &str, more: impl FnOnce(&mut NodeSpec)) -> String {
+    let mut spec = NodeSpec::default();
+    more(&mut spec);
+    yaml(&Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
         ..Node::default()
     })
 }
