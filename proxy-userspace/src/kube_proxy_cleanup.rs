@@ -7,7 +7,12 @@
 //!   in both iptables back ends (legacy and nft), and every rule elsewhere
 //!   that jumps to one of them;
 //! - the `kube-proxy` nftables tables (families ip and ip6) of its nftables
-//!   mode.
+//!   mode;
+//! - what its IPVS mode leaves besides chains: the `kube-ipvs0` dummy
+//!   device that holds the Service addresses, its ipsets (by their exact
+//!   names, IPv4 and IPv6, so another program's `KUBE-*` sets stay), and
+//!   the IPVS virtual servers, where the kernel has IPVS (with `ipvsadm
+//!   --clear`, as kube-proxy's own cleanup flushes them all).
 //!
 //! Nothing else is touched. In particular kubelet's own chains stay
 //! (`KUBE-FIREWALL`, `KUBE-KUBELET-CANARY`, `KUBE-IPTABLES-HINT`,
@@ -15,6 +20,8 @@
 //! changes in one `iptables-restore --noflush` transaction that deletes the
 //! jumps, then flushes and deletes the chains, so a rule added by someone
 //! else meanwhile survives and no half-removed state is ever visible.
+
+use std::path::{Path, PathBuf};
 
 use tracing::{debug, info};
 
@@ -30,7 +37,47 @@ const KUBE_PROXY_CHAINS: &[&str] = &[
     "KUBE-FORWARD",
     "KUBE-PROXY-FIREWALL",
     "KUBE-PROXY-CANARY",
+    // IPVS mode's.
+    "KUBE-NODE-PORT",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
 ];
+
+/// The ipsets of kube-proxy's IPVS mode; its IPv6 proxier names each
+/// `KUBE-6-` and the rest of the name.
+const IPVS_SETS: &[&str] = &[
+    "KUBE-LOOP-BACK",
+    "KUBE-CLUSTER-IP",
+    "KUBE-EXTERNAL-IP",
+    "KUBE-EXTERNAL-IP-LOCAL",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-LOAD-BALANCER-LOCAL",
+    "KUBE-LOAD-BALANCER-FW",
+    "KUBE-LOAD-BALANCER-SOURCE-IP",
+    "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+    "KUBE-NODE-PORT-TCP",
+    "KUBE-NODE-PORT-LOCAL-TCP",
+    "KUBE-NODE-PORT-UDP",
+    "KUBE-NODE-PORT-LOCAL-UDP",
+    "KUBE-NODE-PORT-SCTP-HASH",
+    "KUBE-NODE-PORT-LOCAL-SCTP-HASH",
+    "KUBE-HEALTH-CHECK-NODE-PORT",
+    "KUBE-IPVS-IPS",
+];
+
+/// The dummy device IPVS mode binds every Service address to; removed by
+/// its name, which is kube-proxy's alone.
+const IPVS_DEVICE: &str = "kube-ipvs0";
+
+/// Whether kube-proxy's IPVS mode owns an ipset of this name.
+fn is_ipvs_set(name: &str) -> bool {
+    IPVS_SETS.contains(&name)
+        || name
+            .strip_prefix("KUBE-6-")
+            .is_some_and(|rest| IPVS_SETS.contains(&format!("KUBE-{rest}").as_str()))
+}
 
 /// Per-Service and per-endpoint chains: service, service-local, external,
 /// firewall, endpoint, and the pre-1.24 external-local ones.
@@ -111,7 +158,52 @@ pub fn remove_kube_proxy_leftovers() -> Result<(), IptablesError> {
         run(&nft, &["delete", "table", family, NFT_TABLE], None)?;
         info!(family, "removed kube-proxy's nftables table");
     }
+    remove_ipvs_leftovers()
+}
+
+/// IPVS mode's device, ipsets and virtual servers; after its chains,
+/// whose rules hold the ipsets (a set in use cannot be destroyed).
+fn remove_ipvs_leftovers() -> Result<(), IptablesError> {
+    if let Some(ip) = program("ip")
+        && has_ipvs_device()
+    {
+        run(&ip, &["link", "delete", IPVS_DEVICE], None)?;
+        info!(device = IPVS_DEVICE, "removed kube-proxy's IPVS device");
+    }
+    if let Some(ipset) = program("ipset") {
+        for set in ipvs_sets(&ipset)? {
+            run(&ipset, &["destroy", &set], None)?;
+            info!(set, "removed kube-proxy's ipset");
+        }
+    } else {
+        info!("ipset is not installed; kube-proxy's ipsets (if any) were not looked for");
+    }
+    if !Path::new(IPVS_PROC).exists() {
+        info!("the kernel has no IPVS: no virtual servers to remove");
+    } else if let Some(ipvsadm) = program("ipvsadm") {
+        run(&ipvsadm, &["--clear"], None)?;
+        info!("removed the IPVS virtual servers");
+    } else {
+        info!("ipvsadm is not installed; IPVS virtual servers (if any) were left");
+    }
     Ok(())
+}
+
+/// Present while the kernel has IPVS.
+const IPVS_PROC: &str = "/proc/net/ip_vs";
+
+fn has_ipvs_device() -> bool {
+    Path::new("/sys/class/net").join(IPVS_DEVICE).exists()
+}
+
+/// kube-proxy's ipsets among those in this network namespace.
+fn ipvs_sets(ipset: &PathBuf) -> Result<Vec<String>, IptablesError> {
+    Ok(run(ipset, &["list", "-n"], None)?
+        .lines()
+        .map(str::trim)
+        .filter(|name| is_ipvs_set(name))
+        .map(str::to_owned)
+        .collect())
 }
 
 /// What a kube-proxy left (or keeps) in this network namespace, without
@@ -140,6 +232,16 @@ pub fn find_kube_proxy_leftovers() -> Result<Vec<String>, IptablesError> {
                 .map(|family| format!("nft: table {family} {NFT_TABLE}")),
         );
     }
+    if has_ipvs_device() {
+        found.push(format!("device {IPVS_DEVICE}"));
+    }
+    if let Some(ipset) = program("ipset") {
+        found.extend(
+            ipvs_sets(&ipset)?
+                .into_iter()
+                .map(|set| format!("ipset: {set}")),
+        );
+    }
     Ok(found)
 }
 
@@ -158,6 +260,22 @@ fn nft_kube_proxy_families(tables: &str) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_kube_proxys_own_ipsets_are_its() {
+        for ours in ["KUBE-CLUSTER-IP", "KUBE-6-CLUSTER-IP", "KUBE-6-LOOP-BACK"] {
+            assert!(is_ipvs_set(ours), "{ours}");
+        }
+        // kube-router's policy sets, and a near miss.
+        for theirs in [
+            "KUBE-DST-ABCDEF",
+            "KUBE-SRC-ABCDEF",
+            "KUBE-CLUSTER-IPS",
+            "KUBE-6-",
+        ] {
+            assert!(!is_ipvs_set(theirs), "{theirs}");
+        }
+    }
     use crate::iptables::RemovalScript;
 
     const DUMP: &str = r#"# Generated by iptables-save v1.8.9

@@ -25,6 +25,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    // kube-proxy's IPVS leftovers, in the `cleanup --kube-proxy` test.
+    ("ipset", "ipset"),
 ];
 
 /// Where Debian's fonts-dejavu-core puts the font the bench's chart labels

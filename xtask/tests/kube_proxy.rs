@@ -298,3 +298,56 @@ fn cleanup_kube_proxy_removes_its_rules_and_nothing_else() {
         );
     }
 }
+
+/// The ipsets of the namespace, by name, sorted.
+fn ipsets(ns: &Netns) -> Vec<String> {
+    let mut sets: Vec<String> = ns
+        .run("ipset", &["list", "-n"], "")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    sets.sort();
+    sets
+}
+
+/// IPVS mode's leftovers besides its chains: the `kube-ipvs0` device, its
+/// ipsets of both families (one held by a rule in its `KUBE-LOAD-BALANCER`
+/// chain, so the chain must go first), all removed; a `KUBE-*` set of
+/// another program (kube-router names its policy sets so) and another
+/// device stay. This kernel has no IPVS: the cleanup says so and
+/// goes on.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn cleanup_kube_proxy_removes_ipvs_modes_device_and_ipsets() {
+    let node = Netns::new("ipvs");
+    // kube-proxy makes a dummy device; this kernel has no dummy driver,
+    // and the cleanup goes by the name.
+    node.run("ip", &["link", "add", "kube-ipvs0", "type", "bridge"], "");
+    node.run("ip", &["link", "add", "mine0", "type", "bridge"], "");
+    for (set, family) in [
+        ("KUBE-CLUSTER-IP", "inet"),
+        ("KUBE-LOOP-BACK", "inet"),
+        ("KUBE-6-CLUSTER-IP", "inet6"),
+        ("KUBE-DST-POLICY1", "inet"),
+    ] {
+        node.run("ipset", &["create", set, "hash:ip", "family", family], "");
+    }
+    node.run(
+        "iptables-legacy-restore",
+        &["--noflush"],
+        "*nat\n:KUBE-LOAD-BALANCER - [0:0]\n\
+         -A PREROUTING -j KUBE-LOAD-BALANCER\n\
+         -A KUBE-LOAD-BALANCER -m set --match-set KUBE-CLUSTER-IP dst -j RETURN\n\
+         COMMIT\n",
+    );
+
+    let agent = agent_binary();
+    let agent = agent.to_str().expect("UTF-8 path");
+    node.run(agent, &["cleanup", "--kube-proxy"], "");
+    assert_eq!(ipsets(&node), ["KUBE-DST-POLICY1"]);
+    let links = node.run("ip", &["-o", "link", "show"], "");
+    assert!(!links.contains("kube-ipvs0"), "{links}");
+    assert!(links.contains("mine0"), "{links}");
+    let nat = node.run("iptables-legacy-save", &["-t", "nat"], "");
+    assert!(!nat.contains("KUBE-LOAD-BALANCER"), "{nat}");
+}
