@@ -109,6 +109,14 @@ pub fn explain(
     let endpoints = owner
         .map(|claim| claim.candidates.iter().map(|c| view(c, claim)).collect())
         .unwrap_or_default();
+    for service in model.proxied_load_balancer_ip(frontend.ip) {
+        notes.push(format!(
+            "{} is a load-balancer IP of Service {service} with ipMode Proxy: not programmed, \
+             so connections go to the load balancer, which reaches the Service through its \
+             NodePort (as kube-proxy 1.30+ does)",
+            frontend.ip
+        ));
+    }
     if owner.is_none() {
         for (service, frontends) in model.services_at(frontend.ip) {
             let ports: Vec<String> = frontends.iter().map(ToString::to_string).collect();

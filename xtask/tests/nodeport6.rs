@@ -148,6 +148,10 @@ fn wait_listed(agent: &Agent, frontend: &str) {
 fn kinds_of(agent: &Agent, frontend: &str) -> Vec<String> {
     let listed: serde_json::Value =
         serde_json::from_str(&agent.services_json().expect("services")).expect("JSON");
+    assert!(
+        !listed.to_string().contains("192.168.200.31"),
+        "ipMode Proxy is not programmed: {listed}"
+    );
     let mut kinds: Vec<String> = listed
         .as_array()
         .into_iter()
@@ -653,8 +657,8 @@ fn status_within(mut client: Command, url: &str, seconds: u32) -> u16 {
 }
 
 /// The dual-stack LoadBalancer Service `fenced` (load-balancer IPs
-/// 192.168.200.30 and fd00:192:168:200::30) over node 1's pod, admitting
-/// the clients in `ranges` only.
+/// 192.168.200.30 and fd00:192:168:200::30, and 192.168.200.31 of ipMode
+/// Proxy) over node 1's pod, admitting the clients in `ranges` only.
 fn fenced_manifest(pod: &Pod, ranges: &[&str]) -> String {
     let mut fenced = service(
         "fenced",
@@ -669,13 +673,18 @@ fn fenced_manifest(pod: &Pod, ranges: &[&str]) -> String {
     fenced.status = Some(ServiceStatus {
         load_balancer: Some(LoadBalancerStatus {
             ingress: Some(
-                ["192.168.200.30", "fd00:192:168:200::30"]
-                    .into_iter()
-                    .map(|ip| LoadBalancerIngress {
-                        ip: Some(ip.to_owned()),
-                        ..LoadBalancerIngress::default()
-                    })
-                    .collect(),
+                [
+                    ("192.168.200.30", None),
+                    ("fd00:192:168:200::30", Some("VIP")),
+                    ("192.168.200.31", Some("Proxy")),
+                ]
+                .into_iter()
+                .map(|(ip, mode)| LoadBalancerIngress {
+                    ip: Some(ip.to_owned()),
+                    ip_mode: mode.map(str::to_owned),
+                    ..LoadBalancerIngress::default()
+                })
+                .collect(),
             ),
         }),
         ..ServiceStatus::default()
@@ -701,8 +710,10 @@ fn fenced_manifest(pod: &Pod, ranges: &[&str]) -> String {
 /// dual-stack LoadBalancer Service admitting the far client's networks
 /// serves the far client through both load-balancer IPs and drops the
 /// external client there (counted), while its NodePort stays open to all;
-/// `services` shows the ranges. Rewritten to admit the external client's
-/// networks instead, the two trade places within seconds.
+/// `services` shows the ranges. Its load-balancer IP of ipMode Proxy is not
+/// programmed at all (kube-proxy 1.30+ leaves it to the load balancer).
+/// Rewritten to admit the external client's networks instead, the two
+/// trade places within seconds.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn load_balancer_source_ranges_admit_only_their_clients_in_both_families() {

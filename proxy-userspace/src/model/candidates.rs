@@ -142,6 +142,24 @@ impl Model {
             .collect()
     }
 
+    /// The LoadBalancer Services that list `ip` with ipMode Proxy: this
+    /// proxy leaves it to the load balancer.
+    #[must_use]
+    pub fn proxied_load_balancer_ip(&self, ip: IpAddr) -> Vec<ObjectName> {
+        let text = ip.to_string();
+        self.services
+            .iter()
+            .filter(|(_, entry)| {
+                let service = &entry.service.object;
+                service.type_.as_deref() == Some("LoadBalancer")
+                    && service.load_balancer_ingress.iter().any(|ingress| {
+                        ingress.ip == text && ingress.ip_mode.as_deref() == Some("Proxy")
+                    })
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// The Service's valid ClusterIP of `family`, if it has one.
     fn cluster_ip_of(&self, service: &ServiceObject, family: IpFamily) -> Option<IpAddr> {
         self.cluster_ips(service)

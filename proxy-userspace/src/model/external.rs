@@ -658,12 +658,24 @@ fn outside_addresses(
 ) -> (Vec<IpAddr>, Vec<IpAddr>, Option<Arc<[Cidr]>>) {
     let external_ips = addresses(&service.external_ips, family, "externalIP", problem);
     let lb_ips = if service.type_.as_deref() == Some("LoadBalancer") {
-        addresses(
-            &service.load_balancer_ips,
-            family,
-            "load-balancer IP",
-            problem,
-        )
+        let mut served = Vec::new();
+        for ingress in &service.load_balancer_ingress {
+            match ingress.ip_mode.as_deref() {
+                None | Some("VIP") => served.push(ingress.ip.clone()),
+                // kube-proxy 1.30+ leaves these to the load balancer, which
+                // may terminate TLS or add the PROXY protocol, and reaches
+                // the Service through its NodePort.
+                Some("Proxy") => {}
+                Some(other) => {
+                    problem(format!(
+                        "load-balancer IP {}: unknown ipMode {other:?}; served as VIP",
+                        ingress.ip
+                    ));
+                    served.push(ingress.ip.clone());
+                }
+            }
+        }
+        addresses(&served, family, "load-balancer IP", problem)
     } else {
         Vec::new()
     };

@@ -149,8 +149,8 @@ pub struct ServiceObject {
     pub ip_families: IpFamilies,
     pub ports: Vec<ServicePortObject>,
     pub external_ips: Vec<String>,
-    /// `status.loadBalancer.ingress[].ip`.
-    pub load_balancer_ips: Vec<String>,
+    /// `status.loadBalancer.ingress[]` entries that have an IP.
+    pub load_balancer_ingress: Vec<LoadBalancerIngressObject>,
     /// `spec.loadBalancerSourceRanges`: boxed, since few Services have any.
     pub load_balancer_source_ranges: Box<[String]>,
     pub external_traffic_policy: Option<String>,
@@ -160,6 +160,15 @@ pub struct ServiceObject {
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout_seconds: Option<i32>,
     pub traffic_distribution: Option<String>,
+}
+
+/// An entry of `status.loadBalancer.ingress` with an IP.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LoadBalancerIngressObject {
+    pub ip: String,
+    /// `ipMode`: `None` (or `VIP`) when traffic to the IP arrives with the
+    /// IP as its destination; `Proxy` when the load balancer proxies it.
+    pub ip_mode: Option<String>,
 }
 
 /// One entry of `spec.ipFamilies`.
@@ -294,14 +303,19 @@ impl From<&Service> for ServiceObject {
             (_, Some(ip)) => vec![ip],
             _ => Vec::new(),
         };
-        let load_balancer_ips = service
+        let load_balancer_ingress = service
             .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
-            .filter_map(|ingress| ingress.ip.clone())
+            .filter_map(|ingress| {
+                Some(LoadBalancerIngressObject {
+                    ip: ingress.ip.clone()?,
+                    ip_mode: ingress.ip_mode.clone(),
+                })
+            })
             .collect();
         Self {
             name: ObjectName::of(meta),
@@ -322,7 +336,7 @@ impl From<&Service> for ServiceObject {
                 })
                 .collect(),
             external_ips: spec.external_ips.unwrap_or_default(),
-            load_balancer_ips,
+            load_balancer_ingress,
             load_balancer_source_ranges: spec
                 .load_balancer_source_ranges
                 .unwrap_or_default()

@@ -465,3 +465,41 @@ fn ranges_none_usable_for_the_family_admit_no_one_and_say_so() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn load_balancer_ips_of_ip_mode_proxy_are_left_to_the_load_balancer() {
+    let yaml = service(
+        "web",
+        "10.96.0.20",
+        "  type: LoadBalancer\n",
+        "name: http, port: 80, nodePort: 30080",
+    )
+    .replace(
+        "---\n",
+        "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2, ipMode: VIP}, \
+         {ip: 198.51.100.3, ipMode: Proxy}, {ip: 198.51.100.4, ipMode: Tunnel}]}}\n---\n",
+    ) + &slice("web");
+    let model = model_of(config(), &yaml);
+    let lb_ips: Vec<IpAddr> = model
+        .external()
+        .frontends
+        .iter()
+        .filter(|(_, f)| f.kind == FrontendKind::LoadBalancer)
+        .map(|(addr, _)| addr.ip)
+        .collect();
+    let expected: Vec<IpAddr> = ["198.51.100.1", "198.51.100.2", "198.51.100.4"]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+    assert_eq!(lb_ips, expected);
+    // Not for the node's own sockets either.
+    let proxied: IpAddr = "198.51.100.3".parse().unwrap();
+    assert!(model.desired().frontends.keys().all(|f| f.ip != proxied));
+    assert_eq!(model.proxied_load_balancer_ip(proxied).len(), 1);
+    let problems: Vec<String> = model.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("198.51.100.4") && problems[0].contains("\"Tunnel\""),
+        "{problems:?}"
+    );
+}
