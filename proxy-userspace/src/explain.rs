@@ -250,6 +250,11 @@ fn view(candidate: &Candidate, claim: &Claim) -> EndpointView {
             "not on this node: internalTrafficPolicy Local uses only this node's endpoints"
                 .to_owned()
         }
+        (_, false, Some(Exclusion::HintedForOtherNodes)) => {
+            "hinted for other nodes: trafficDistribution PreferSameNode keeps traffic on the node \
+             when an endpoint is hinted for it"
+                .to_owned()
+        }
         (_, false, Some(Exclusion::OtherZone)) => match &claim.hinted_zone {
             Some(zone) => format!(
                 "not hinted for this node's zone {zone}: topology hints keep traffic in the zone"

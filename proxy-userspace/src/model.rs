@@ -247,12 +247,35 @@ struct CheckedEndpoint {
         reason = "a thin pointer to the rare list, not a fat one in every endpoint"
     )]
     zone_hints: Option<Box<Vec<String>>>,
+    /// `hints.forNodes`, as it concerns this node.
+    node_hint: NodeHint,
+}
+
+/// What an endpoint's `hints.forNodes` (trafficDistribution
+/// PreferSameNode) says of this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeHint {
+    /// No node hints.
+    None,
+    /// Hinted for this node, among others perhaps.
+    ThisNode,
+    /// Hinted for other nodes only.
+    OtherNodes,
 }
 
 impl CheckedEndpoint {
     fn zone_hints(&self) -> &[String] {
         self.zone_hints.as_deref().map_or(&[], Vec::as_slice)
     }
+}
+
+/// What topology hints narrow a port's ready endpoints to, when they do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hinted<'a> {
+    /// Those hinted for this node (`hints.forNodes`).
+    Node,
+    /// Those hinted for this node's zone (`hints.forZones`).
+    Zone(&'a str),
 }
 
 /// How one Service picks its endpoints on this node.
@@ -265,30 +288,42 @@ struct Selection<'a> {
 }
 
 impl<'a> Selection<'a> {
-    /// The zone whose hints narrow the ready endpoints, if they do: never
-    /// under internalTrafficPolicy Local, and only when the hints are
-    /// complete and name this node's zone (see [`prefers_zone`]).
-    fn hinted_zone<'e>(
+    /// What hints narrow the ready endpoints to, if they do: never under
+    /// internalTrafficPolicy Local; this node when every ready endpoint has
+    /// node hints and one names it (see [`prefers_node`]), else this
+    /// node's zone under the same rule for zones (see [`prefers_zone`]).
+    fn hinted<'e>(
         self,
-        endpoints: impl Iterator<Item = &'e CheckedEndpoint>,
-    ) -> Option<&'a str> {
+        endpoints: impl Iterator<Item = &'e CheckedEndpoint> + Clone,
+    ) -> Option<Hinted<'a>> {
+        if self.local_only {
+            return None;
+        }
+        if prefers_node(endpoints.clone()) {
+            return Some(Hinted::Node);
+        }
         self.zone
-            .filter(|zone| !self.local_only && prefers_zone(endpoints, zone))
+            .filter(|zone| prefers_zone(endpoints, zone))
+            .map(Hinted::Zone)
     }
 
     /// Why these rules pass over `endpoint` before its readiness counts,
-    /// `hinted_zone` being what [`Self::hinted_zone`] gave for the
-    /// endpoints of its port. The zone holds back only ready endpoints: when
-    /// none is ready, the terminating ones serve whatever their zone.
+    /// `hinted` being what [`Self::hinted`] gave for the endpoints of its
+    /// port. Hints hold back only ready endpoints: when none is ready, the
+    /// terminating ones serve wherever they are hinted for.
     fn passes_over(
         self,
         endpoint: &CheckedEndpoint,
-        hinted_zone: Option<&str>,
+        hinted: Option<Hinted<'_>>,
     ) -> Option<candidates::Exclusion> {
+        let ready = matches!(endpoint.readiness, Readiness::Ready);
         if self.local_only && !endpoint.local {
             Some(candidates::Exclusion::OtherNode)
-        } else if let Some(zone) = hinted_zone
-            && matches!(endpoint.readiness, Readiness::Ready)
+        } else if hinted == Some(Hinted::Node) && ready && endpoint.node_hint != NodeHint::ThisNode
+        {
+            Some(candidates::Exclusion::HintedForOtherNodes)
+        } else if let Some(Hinted::Zone(zone)) = hinted
+            && ready
             && !endpoint.zone_hints().iter().any(|z| z == zone)
         {
             Some(candidates::Exclusion::OtherZone)
@@ -965,6 +1000,15 @@ fn check_slice(sourced: &Sourced<SliceObject>, family: IpFamily, node_name: &str
                 local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
                 zone_hints: (!endpoint.zone_hints.is_empty())
                     .then(|| Box::new(endpoint.zone_hints.clone())),
+                node_hint: if endpoint.node_hints.is_empty() {
+                    NodeHint::None
+                } else if !node_name.is_empty()
+                    && endpoint.node_hints.iter().any(|n| n == node_name)
+                {
+                    NodeHint::ThisNode
+                } else {
+                    NodeHint::OtherNodes
+                },
             }),
             Err(_) => problem(format!(
                 "endpoint address {address:?} is not an {} address",
@@ -1001,10 +1045,12 @@ fn readiness(endpoint: &EndpointObject) -> Readiness {
 /// - internalTrafficPolicy Local: this node's ready endpoints, else its
 ///   serving terminating ones, else none (connections are refused, as
 ///   kube-proxy drops them);
-/// - otherwise the ready endpoints, narrowed to those hinted for this node's
-///   zone when every ready endpoint has zone hints and one names the zone
-///   (how trafficDistribution PreferClose reaches a proxy: the EndpointSlice
-///   controller writes the hints); when nothing is ready, the ones still
+/// - otherwise the ready endpoints, narrowed to those hinted for this node
+///   when every ready endpoint has node hints and one names the node
+///   (trafficDistribution PreferSameNode), else to those hinted for this
+///   node's zone when every ready endpoint has zone hints and one names the
+///   zone (PreferClose, PreferSameZone: the EndpointSlice controller writes
+///   the hints, the proxy reads only them); when nothing is ready, the ones still
 ///   serving while they terminate, whatever their zone (kube-proxy does the
 ///   same, so a rolling update never refuses connections it could have
 ///   served).
@@ -1027,11 +1073,11 @@ fn backends(
                 .flat_map(|(port, endpoints)| endpoints.iter().map(move |e| (port, e)))
         })
     };
-    let zone = selection.hinted_zone(endpoints().map(|(_, e)| e));
+    let hinted = selection.hinted(endpoints().map(|(_, e)| e));
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for (port, endpoint) in endpoints() {
-        if selection.passes_over(endpoint, zone).is_some() {
+        if selection.passes_over(endpoint, hinted).is_some() {
             continue;
         }
         let addr = L4Addr {
@@ -1050,6 +1096,24 @@ fn backends(
 }
 
 pub mod candidates;
+
+/// kube-proxy's `topologyModeFromHints` for nodes (1.33+,
+/// PreferSameTrafficDistribution): node hints count only when every ready
+/// endpoint has some and at least one names this node.
+fn prefers_node<'a>(endpoints: impl Iterator<Item = &'a CheckedEndpoint>) -> bool {
+    let mut for_node = false;
+    for endpoint in endpoints {
+        if !matches!(endpoint.readiness, Readiness::Ready) {
+            continue;
+        }
+        match endpoint.node_hint {
+            NodeHint::None => return false,
+            NodeHint::ThisNode => for_node = true,
+            NodeHint::OtherNodes => {}
+        }
+    }
+    for_node
+}
 
 /// kube-proxy's `topologyModeFromHints` for zones: hints count only when
 /// every ready endpoint has some and at least one names `zone`; otherwise

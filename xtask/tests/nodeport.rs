@@ -930,3 +930,71 @@ fn clsact_filters_and_devices_that_come_later() {
         agent.log()
     );
 }
+
+/// Issue 18: trafficDistribution PreferSameNode, as kube-proxy 1.33+ reads
+/// it: the EndpointSlice's `hints.forNodes` keep node 1's own connections
+/// to a ClusterIP on node 1's endpoint. The same slice without the hints
+/// (the control) spreads them over both nodes.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn prefer_same_node_keeps_the_nodes_connections_on_its_own_endpoint() {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointHints, ForNode};
+
+    let mut lab = TwoNodeLab::new().expect("lab");
+    let mut pods = Vec::new();
+    for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
+        let node = lab.node_mut(number);
+        let pod = node.add_pod(name).expect("pod");
+        node.serve_http(&pod, 8080).expect("nginx");
+        pods.push((pod.ip, format!("node-{number}")));
+    }
+    let manifest = |hinted: bool| {
+        let mut near = manifests::service_object("near", "10.96.0.80", common::HTTP);
+        if let Some(spec) = near.spec.as_mut() {
+            spec.traffic_distribution = Some("PreferSameNode".to_owned());
+        }
+        let endpoints = pods
+            .iter()
+            .map(|(ip, node)| Endpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    ..EndpointConditions::default()
+                }),
+                node_name: Some(node.clone()),
+                hints: hinted.then(|| EndpointHints {
+                    for_nodes: Some(vec![ForNode { name: node.clone() }]),
+                    ..EndpointHints::default()
+                }),
+                ..Endpoint::default()
+            })
+            .collect();
+        manifests::documents(&[
+            manifests::yaml(&near),
+            manifests::endpoint_slice_of("near-1", "near", HTTP_BACKEND, endpoints),
+        ])
+    };
+    lab.write_manifest("near.yaml", &manifest(true))
+        .expect("manifest");
+    let agent = lab.start_agent(1, &agent_binary(), &[]).expect("agent");
+    agent
+        .wait_for_log("attached (TCX)", Duration::from_secs(10))
+        .unwrap();
+    let counts = common::request_counts(lab.node(1), "10.96.0.80", 20);
+    assert_eq!(counts, BTreeMap::from([("web-1a".to_owned(), 20)]));
+
+    lab.write_manifest("near.yaml", &manifest(false))
+        .expect("manifest");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = common::request_counts(lab.node(1), "10.96.0.80", 30);
+        if counts.get("web-2a").is_some_and(|n| *n > 0) {
+            assert_eq!(counts.get(""), None, "{counts:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "without hints, node 2's endpoint never answered: {counts:?}"
+        );
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use super::{CheckedEndpoint, IpFamily, L4Addr, Model, Readiness, Selection, frontend};
+use super::{CheckedEndpoint, Hinted, IpFamily, L4Addr, Model, Readiness, Selection, frontend};
 use crate::source::{ObjectName, ServiceObject};
 
 /// What an endpoint's conditions say.
@@ -47,6 +47,10 @@ pub enum Exclusion {
     /// Topology hints narrow the ready endpoints to those for this node's
     /// zone ([`Claim::hinted_zone`]), and this ready one is not hinted for it.
     OtherZone,
+    /// Node hints (trafficDistribution PreferSameNode) narrow the ready
+    /// endpoints to those for this node, and this ready one is hinted for
+    /// other nodes only.
+    HintedForOtherNodes,
 }
 
 /// One endpoint of one slice of a Service, for one of its ports.
@@ -77,6 +81,8 @@ pub struct Claim {
     /// This node's zone, when topology hints narrow the port's ready
     /// endpoints to those hinted for it.
     pub hinted_zone: Option<String>,
+    /// Whether node hints narrow them to those hinted for this node.
+    pub hinted_node: bool,
 }
 
 impl Model {
@@ -101,7 +107,7 @@ impl Model {
                     .iter()
                     .rfind(|p| frontend_of(ip, p) == Some(frontend))?;
                 let is_owner = owner.as_ref() == Some(name);
-                let (candidates, hinted_zone) = self.candidates(
+                let (candidates, hinted) = self.candidates(
                     name,
                     self.selection(service),
                     &port.name,
@@ -113,7 +119,11 @@ impl Model {
                     port_name: port.name.clone(),
                     owner: is_owner,
                     candidates,
-                    hinted_zone: hinted_zone.map(str::to_owned),
+                    hinted_zone: match hinted {
+                        Some(Hinted::Zone(zone)) => Some(zone.to_owned()),
+                        _ => None,
+                    },
+                    hinted_node: hinted == Some(Hinted::Node),
                 })
             })
             .collect();
@@ -168,8 +178,8 @@ impl Model {
             .find(|ip| IpFamily::of(*ip) == family)
     }
 
-    /// The candidates of one Service port, and the zone whose hints
-    /// narrowed them, if any.
+    /// The candidates of one Service port, and what hints narrowed them
+    /// to, if any.
     fn candidates<'a>(
         &'a self,
         service: &ObjectName,
@@ -177,7 +187,7 @@ impl Model {
         port_name: &str,
         frontend: L4Addr,
         chosen: impl Fn(L4Addr) -> bool,
-    ) -> (Vec<Candidate>, Option<&'a str>) {
+    ) -> (Vec<Candidate>, Option<Hinted<'a>>) {
         let mut listed = Vec::new();
         for slice_name in self.slices_of.get(service).into_iter().flatten() {
             let Some(slice) = self
@@ -199,7 +209,7 @@ impl Model {
         let at_service_ip = |e: &CheckedEndpoint| self.service_ips.contains_key(&e.ip);
         // Over the endpoints the desired state was chosen from: those at a
         // Service's address are refused before.
-        let hinted_zone = selection.hinted_zone(
+        let hinted = selection.hinted(
             listed
                 .iter()
                 .map(|&(_, _, e)| e)
@@ -221,7 +231,7 @@ impl Model {
                         Readiness::Terminating => Condition::Terminating,
                         Readiness::Unusable => Condition::NotReady,
                     };
-                    (condition, selection.passes_over(endpoint, hinted_zone))
+                    (condition, selection.passes_over(endpoint, hinted))
                 };
                 Candidate {
                     slice: slice_name.clone(),
@@ -232,7 +242,7 @@ impl Model {
                 }
             })
             .collect();
-        (candidates, hinted_zone)
+        (candidates, hinted)
     }
 }
 
@@ -428,6 +438,49 @@ mod tests {
             [(10, true, None), (11, true, None), (12, false, None)]
         );
         assert_eq!(model.claims_of(WEB)[0].hinted_zone, None);
+    }
+
+    #[test]
+    fn with_node_hints_prefer_same_node_keeps_this_nodes_endpoints_before_zones() {
+        let endpoints = "- {addresses: [10.244.0.10], nodeName: node-1, \
+                hints: {forNodes: [{name: node-1}], forZones: [{name: zone-a}]}}\n\
+             - {addresses: [10.244.0.11], nodeName: node-2, \
+                hints: {forNodes: [{name: node-2}], forZones: [{name: zone-a}]}}\n\
+             - {addresses: [10.244.0.12], nodeName: node-3, \
+                hints: {forNodes: [{name: node-3}], forZones: [{name: zone-b}]}}\n";
+        let model = model_on_node(&(SERVICE.to_owned() + &slice(endpoints)), Some("zone-a"));
+        let other = Some(Exclusion::HintedForOtherNodes);
+        assert_eq!(
+            exclusions(&model),
+            [(10, true, None), (11, false, other), (12, false, other)]
+        );
+        let claim = &model.claims_of(WEB)[0];
+        assert!(
+            claim.hinted_node && claim.hinted_zone.is_none(),
+            "{claim:?}"
+        );
+
+        // No endpoint hinted for this node: the zone hints, as kube-proxy
+        // falls back.
+        let elsewhere =
+            endpoints.replace("forNodes: [{name: node-1}]", "forNodes: [{name: node-9}]");
+        let model = model_on_node(&(SERVICE.to_owned() + &slice(&elsewhere)), Some("zone-a"));
+        assert_eq!(
+            exclusions(&model),
+            [
+                (10, true, None),
+                (11, true, None),
+                (12, false, Some(Exclusion::OtherZone))
+            ]
+        );
+        // One ready endpoint without node hints: they are not complete, and
+        // count for nothing.
+        let incomplete = endpoints.replace("forNodes: [{name: node-3}], ", "");
+        let model = model_on_node(&(SERVICE.to_owned() + &slice(&incomplete)), None);
+        assert_eq!(
+            exclusions(&model),
+            [(10, true, None), (11, true, None), (12, true, None)]
+        );
     }
 
     /// The reasons come from the rules the desired state is chosen with:

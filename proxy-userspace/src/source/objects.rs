@@ -250,6 +250,8 @@ pub struct EndpointObject {
     pub zone: Option<String>,
     /// `hints.forZones[].name`.
     pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name` (trafficDistribution PreferSameNode).
+    pub node_hints: Vec<String>,
 }
 
 /// What the model reads of an EndpointSlice.
@@ -391,6 +393,14 @@ impl From<&EndpointSlice> for SliceObject {
                             .into_iter()
                             .flatten()
                             .map(|z| z.name.clone())
+                            .collect(),
+                        node_hints: e
+                            .hints
+                            .as_ref()
+                            .and_then(|h| h.for_nodes.as_ref())
+                            .into_iter()
+                            .flatten()
+                            .map(|n| n.name.clone())
                             .collect(),
                     }
                 })
