@@ -12,6 +12,7 @@ use crate::{
     agent::AgentConfig,
     datapath::MapSizes,
     kube_proxy_config::{self, KubeProxyConfig, NodePortAddress, parse_go_duration},
+    logging::{LogFormat, LogSettings},
     maps::Pins,
     model::{Cidr, ModelConfig, PortRange},
     source::{Source, SourceError, kube::KubeSource, manifests::ManifestDir},
@@ -160,14 +161,42 @@ pub struct RunArgs {
     /// it (the verifier drops the log statements).
     #[arg(long)]
     pub trace: bool,
+    /// The log's format: text, or JSON with one object per line
+    /// (kube-proxy's --logging-format) [default: logging.format, else text]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub logging_format: Option<LogFormat>,
+    /// The log's verbosity, as kube-proxy's -v: up to 2 information, 3 to
+    /// 5 debugging, 6 and up everything; RUST_LOG, when set, is used
+    /// instead [default: logging.verbosity, else 0]
+    #[arg(short = 'v', long = "v", value_name = "N")]
+    pub verbosity: Option<u32>,
 }
 
 impl RunArgs {
-    /// The agent's configuration and its source, or an error that says
-    /// which flag is wrong. It reads what it checks (the --config file, the
-    /// capabilities, /proc/mounts, the cgroup's file system, the host name)
-    /// and changes nothing, so a wrong flag leaves the node as it was.
-    pub fn resolve(self) -> Result<(AgentConfig, SourceArgs)> {
+    /// The log settings the flags alone give, for what is said while the
+    /// rest is resolved.
+    #[must_use]
+    pub fn log_flags(&self) -> LogSettings {
+        self.log_settings(&KubeProxyConfig::default())
+    }
+
+    /// The log settings of the flags, else of the --config `file`.
+    fn log_settings(&self, file: &KubeProxyConfig) -> LogSettings {
+        LogSettings {
+            format: self
+                .logging_format
+                .or(file.logging_format)
+                .unwrap_or_default(),
+            verbosity: self.verbosity.or(file.verbosity),
+        }
+    }
+
+    /// The agent's configuration, its source and its log settings (the
+    /// flags over the --config file), or an error that says which flag is
+    /// wrong. It reads what it checks (the --config file, the capabilities,
+    /// /proc/mounts, the cgroup's file system, the host name) and changes
+    /// nothing, so a wrong flag leaves the node as it was.
+    pub fn resolve(self) -> Result<(AgentConfig, SourceArgs, LogSettings)> {
         let file = match &self.config {
             Some(path) => {
                 let file = kube_proxy_config::load(path)
@@ -182,6 +211,7 @@ impl RunArgs {
             }
             None => KubeProxyConfig::default(),
         };
+        let logging = self.log_settings(&file);
         crate::privileges::check()?;
         let cgroup = match self.cgroup {
             Some(path) => path,
@@ -264,7 +294,7 @@ impl RunArgs {
                 tcp: self.terminate_tcp,
             },
         };
-        Ok((config, source))
+        Ok((config, source, logging))
     }
 }
 

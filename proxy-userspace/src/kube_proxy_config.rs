@@ -28,6 +28,15 @@ use serde_json::Value;
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
 
+/// kube-proxy's log formats (`logging.format`, `--logging-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// kube-proxy's defaults for the bind addresses given without a port.
 const HEALTHZ_PORT: u16 = 10256;
 const METRICS_PORT: u16 = 10249;
@@ -53,6 +62,10 @@ pub struct KubeProxyConfig {
     /// `iptables.minSyncPeriod`. kube-proxy reads 0 as "use the default",
     /// so a zero period is `None` too.
     pub min_sync_period: Option<Duration>,
+    /// `logging.format`: `text` or `json`.
+    pub logging_format: Option<LogFormat>,
+    /// `logging.verbosity`, klog's `-v`.
+    pub verbosity: Option<u32>,
     /// Fields of the real type that are set but do not apply to this
     /// agent, as dotted paths (`ipvs.scheduler`), sorted.
     pub ignored: Vec<String>,
@@ -162,9 +175,9 @@ const TOP_LEVEL: &[(&str, Field)] = &[
     (
         "logging",
         Object(&[
-            ("format", Ignored),
+            ("format", Used),
             ("flushFrequency", Ignored),
-            ("verbosity", Ignored),
+            ("verbosity", Used),
             ("vmodule", Ignored),
             (
                 "options",
@@ -362,6 +375,24 @@ fn applicable(config: &Value, ignored: Vec<String>) -> Result<KubeProxyConfig, C
         hostname_override: non_empty(field::<String>(config, "hostnameOverride")?)
             .map(|name| name.trim().to_lowercase()),
         min_sync_period,
+        logging_format: non_empty(field::<String>(config, "logging.format")?)
+            .map(|format| match format.as_str() {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                other => Err(ConfigError::Invalid {
+                    field: "logging.format",
+                    reason: format!("{other:?} is neither \"text\" nor \"json\""),
+                }),
+            })
+            .transpose()?,
+        verbosity: field::<i64>(config, "logging.verbosity")?
+            .map(|v| {
+                u32::try_from(v).map_err(|_| ConfigError::Invalid {
+                    field: "logging.verbosity",
+                    reason: format!("{v} is not a verbosity (0 or more)"),
+                })
+            })
+            .transpose()?,
         ignored,
     })
 }

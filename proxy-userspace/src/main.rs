@@ -23,6 +23,7 @@ mod kube_proxy_cleanup;
 mod kube_proxy_config;
 mod listener;
 mod listing;
+mod logging;
 mod maps;
 mod metrics;
 mod model;
@@ -145,21 +146,14 @@ fn print_services(pins: &PinDir, output: Output, stats: bool) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // notify says at info when a watched directory is removed,
-                // which the agent reports itself (the pin directory).
-                .unwrap_or_else(|_| "info,notify=warn".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let log = logging::init();
     match Cli::parse().command {
         Command::Run(args) => {
+            log.apply(args.log_flags());
             raise_open_file_limit();
             // Everything is checked before anything is made on the node.
-            let (config, source) = args.resolve()?;
+            let (config, source, log_settings) = args.resolve()?;
+            log.apply(log_settings);
             // Before any thread starts: capabilities are per thread.
             let (keep, startup) = privileges::agent_capabilities(config.termination.any());
             privileges::drop_to(&keep, &startup)?;

@@ -10,6 +10,7 @@
 mod common;
 
 use std::{
+    collections::BTreeSet,
     fs::{self, DirBuilder},
     io::Read as _,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
@@ -843,4 +844,44 @@ fn the_running_agent_holds_only_the_documented_capabilities() {
     assert_eq!(request_counts(&lab, WEB_VIP, 10).get("pod-a"), Some(&10));
     lab.remove_manifest("web.yaml").unwrap();
     wait_for_backends(&agent, WEB_VIP, &[], Duration::from_secs(2));
+}
+
+/// Issue 18: `--logging-format json` writes one JSON object per line, with
+/// its level and message at the top level as klog's JSON has them, and
+/// `-v 4` (klog's debugging verbosity) lets debug lines through; the same
+/// agent without them writes text at info.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn json_logs_are_one_object_per_line_and_v_sets_the_level() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let agent = lab
+        .start_agent_with(&agent_binary(), &["--logging-format", "json", "-v", "4"])
+        .unwrap();
+    assert!(served(&lab), "not served");
+    let log = agent.log();
+    let mut levels = BTreeSet::new();
+    for line in log.lines().filter(|line| !line.trim().is_empty()) {
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            object["message"].is_string() && object["timestamp"].is_string(),
+            "{line}"
+        );
+        levels.insert(object["level"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(
+        levels.contains("DEBUG"),
+        "-v 4 lets debug through: {levels:?}"
+    );
+    drop(agent);
+
+    let agent = lab.start_agent(&agent_binary()).unwrap();
+    assert!(served(&lab), "not served after the restart");
+    let log = agent.log();
+    assert!(
+        log.lines().any(|line| line.contains(" INFO ")) && !log.contains(" DEBUG "),
+        "text at info by default:\n{log}"
+    );
 }

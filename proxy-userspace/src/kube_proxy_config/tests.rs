@@ -132,6 +132,8 @@ fn kubeadm_default_gives_its_cluster_cidr_and_lists_what_it_sets_in_vain() {
         config,
         KubeProxyConfig {
             cluster_cidrs: vec![cidr("10.244.0.0/16")],
+            // kube-proxy's own default, read as written.
+            verbosity: Some(0),
             // Only what kubeadm sets to other than the zero value.
             ignored: vec!["bindAddress".into(), "clientConnection.kubeconfig".into()],
             ..KubeProxyConfig::default()
@@ -204,6 +206,9 @@ iptables:
   masqueradeAll: true
   masqueradeBit: 31
   minSyncPeriod: 1m30.5s
+logging:
+  format: json
+  verbosity: 4
 ",
     )
     .unwrap();
@@ -223,6 +228,8 @@ iptables:
             metrics_bind_address: Some("0.0.0.0:10249".parse().unwrap()),
             hostname_override: Some("node-1".to_owned()),
             min_sync_period: Some(Duration::from_millis(90_500)),
+            logging_format: Some(LogFormat::Json),
+            verbosity: Some(4),
             ignored: Vec::new(),
         }
     );
@@ -259,7 +266,6 @@ logging: {verbosity: 4, options: {json: {splitStream: true}}}
             "ipvs.scheduler",
             "ipvs.strictARP",
             "logging.options.json.splitStream",
-            "logging.verbosity",
             "mode",
             "nftables.masqueradeAll",
         ]

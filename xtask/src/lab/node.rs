@@ -622,12 +622,15 @@ impl Lab {
             .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
             .count();
         let log = self.dir.join(format!("agent-{run}.log"));
+        // The agent's own default level unless a run asks for another
+        // (RUST_LOG would override its -v).
+        if let Ok(level) = std::env::var("LAB_AGENT_LOG") {
+            command.env("RUST_LOG", level);
+        } else {
+            command.env_remove("RUST_LOG");
+        }
         let child = command
             .args(flags)
-            .env(
-                "RUST_LOG",
-                std::env::var("LAB_AGENT_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
