@@ -616,6 +616,37 @@ impl Model {
         &self.desired
     }
 
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: the
+    /// Service ports of traffic policy Local (internal, then external)
+    /// that have no endpoint on this node to send that traffic to.
+    #[must_use]
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        let mut internal = BTreeSet::new();
+        for (name, entry) in &self.services {
+            if entry.service.object.internal_traffic_policy.as_deref() != Some("Local") {
+                continue;
+            }
+            for frontend in self
+                .outputs
+                .get(name)
+                .into_iter()
+                .flat_map(|o| o.frontends.values())
+            {
+                if frontend.backends.is_empty() {
+                    internal.insert(frontend.service.as_str());
+                }
+            }
+        }
+        let external: BTreeSet<&str> = self
+            .external()
+            .frontends
+            .values()
+            .filter(|f| f.policy == external::TrafficPolicy::Local && f.backends.is_empty())
+            .map(|f| f.service.as_str())
+            .collect();
+        (internal.len(), external.len())
+    }
+
     /// Whether changes are waiting for [`Model::recompute`].
     #[must_use]
     pub fn is_dirty(&self) -> bool {

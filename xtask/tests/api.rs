@@ -8,7 +8,7 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     thread,
     time::{Duration, Instant},
 };
@@ -90,8 +90,93 @@ fn healthz_and_metrics_report_the_datapath_as_kube_proxy_does() {
         "ebpf_proxy_frontend_translations_total{frontend=\"10.96.0.10:80/TCP\"} 10",
         "ebpf_proxy_map_fill_ratio{map=\"lb4_be_v2\"}",
         "ebpf_proxy_sync_duration_seconds_count 1",
+        // kube-proxy's own names: one full sync of one Service and its
+        // slice, nothing pending, and the process.
+        "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
+        "kubeproxy_sync_proxy_rules_service_changes_total 1",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
+        "kubeproxy_sync_proxy_rules_service_changes_pending 0",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 0",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 0",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"}",
+        "process_cpu_seconds_total ",
+        "process_max_fds ",
     ] {
         assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}"))
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for stamp in [
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "process_start_time_seconds",
+    ] {
+        let at = sample(stamp);
+        assert!(
+            (now - 600.0..=now + 1.0).contains(&at),
+            "{stamp} {at}, now {now}"
+        );
+    }
+    assert!(sample("process_resident_memory_bytes") > 1e6);
+    assert!(sample("process_open_fds") > 3.0);
+    assert_dashboard_queries_name_exported_metrics(&metrics);
+}
+
+/// Every metric deploy/grafana-dashboard.json queries is one the agent
+/// exports (a histogram by its `_bucket`, `_count` and `_sum` series).
+fn assert_dashboard_queries_name_exported_metrics(metrics: &str) {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/grafana-dashboard.json"),
+        )
+        .expect("the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let exported: BTreeSet<&str> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    let mut queried = BTreeSet::new();
+    let exprs = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|target| target["expr"].as_str().map(str::to_owned));
+    for expr in exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if ["kubeproxy_", "process_", "ebpf_proxy_"]
+                .iter()
+                .any(|prefix| word.starts_with(prefix))
+            {
+                queried.insert(word.to_owned());
+            }
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    for name in &queried {
+        assert!(
+            exported.contains(name.as_str()),
+            "the dashboard queries {name}, which the agent does not export:\n{metrics}"
+        );
     }
 }
 

@@ -372,6 +372,7 @@ impl Loop {
     fn take(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::Changes(changes) => {
+                let (mut services, mut endpoint_slices) = (0, 0);
                 for change in changes {
                     match &change {
                         Change::EndpointSlice(_, Some(slice)) => {
@@ -389,10 +390,16 @@ impl Loop {
                         Change::Node(node) => self
                             .health()
                             .node_leaving(node.as_ref().and_then(NodeObject::leaving)),
-                        _ => {}
+                        Change::Service(..) | Change::EndpointSlice(_, None) => {}
+                    }
+                    match &change {
+                        Change::Service(..) => services += 1,
+                        Change::EndpointSlice(..) => endpoint_slices += 1,
+                        Change::Node(_) => {}
                     }
                     self.model.apply(change);
                 }
+                self.metrics.queued(services, endpoint_slices);
                 self.health().pending();
             }
             SourceEvent::Synced { complete } => {
@@ -505,8 +512,10 @@ impl Loop {
             took_us = started.elapsed().as_micros(),
             "applied"
         );
-        self.observe_sync(started.elapsed());
+        let full = passes.iter().any(|pass| pass.full);
+        self.observe_sync(started.elapsed(), full);
         if failures == 0 {
+            self.metrics.synced();
             let now = SystemTime::now();
             for trigger in self.triggers.drain(..) {
                 if let Ok(latency) = now.duration_since(trigger) {
@@ -520,8 +529,10 @@ impl Loop {
         true
     }
 
-    fn observe_sync(&self, took: Duration) {
-        self.metrics.observe_sync(took);
+    fn observe_sync(&self, took: Duration, full: bool) {
+        self.metrics.observe_sync(took, full);
+        let (internal, external) = self.model.no_local_endpoints();
+        self.metrics.no_local_endpoints(internal, external);
         self.observe_tables(&self.ipv4);
         self.observe_tables(&self.ipv6);
     }

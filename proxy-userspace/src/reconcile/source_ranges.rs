@@ -136,6 +136,7 @@ where
         };
         let mut pass = Pass {
             looked_at: frontends.len(),
+            full,
             ..Pass::default()
         };
         for frontend in frontends {

@@ -108,6 +108,9 @@ pub struct Pass {
     pub failures: usize,
     /// Frontends the pass looked at.
     pub looked_at: usize,
+    /// Whether it compared everything (kube-proxy's full sync) rather than
+    /// the changes (a partial one).
+    pub full: bool,
 }
 
 /// One frontend table of one family and what it still owes the desired
@@ -231,6 +234,7 @@ where
             changes: stats.changes(),
             failures: stats.failures(),
             looked_at,
+            full,
         }
     }
 

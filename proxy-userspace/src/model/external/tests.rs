@@ -153,6 +153,23 @@ fn policy_local_keeps_this_nodes_endpoints_and_counts_them() {
             .len(),
         2
     );
+    // kube-proxy's no_local_endpoints: one Service port, counted once
+    // however many node addresses and load-balancer IPs it has.
+    assert_eq!(model.no_local_endpoints(), (0, 0));
+    assert_eq!(other.no_local_endpoints(), (0, 1));
+    let internal = model_of(
+        ModelConfig {
+            node_name: "node-3".to_owned(),
+            ..ModelConfig::default()
+        },
+        &(service(
+            "web",
+            "10.96.0.20",
+            "  internalTrafficPolicy: Local\n",
+            "name: http, port: 80",
+        ) + &slice("web")),
+    );
+    assert_eq!(internal.no_local_endpoints(), (1, 0));
 }
 
 #[test]
