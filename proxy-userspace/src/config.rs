@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::AgentConfig,
+    agent_record::AgentRecord,
     datapath::MapSizes,
     kube_proxy_config::{self, KubeProxyConfig, NodePortAddress, parse_go_duration},
     logging::{LogFormat, LogSettings},
@@ -249,7 +250,7 @@ impl RunArgs {
             );
         }
         sizes.check()?;
-        let config = AgentConfig {
+        let mut config = AgentConfig {
             cgroup,
             pins: self.pins.pins(),
             sizes,
@@ -293,7 +294,9 @@ impl RunArgs {
                 udp: self.terminate_udp,
                 tcp: self.terminate_tcp,
             },
+            record: None,
         };
+        config.record = Some(AgentRecord::of(&config, &source));
         Ok((config, source, logging))
     }
 }

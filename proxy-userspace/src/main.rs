@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 mod agent;
+mod agent_record;
 #[expect(
     unsafe_code,
     reason = "bpf(2), statfs(2) and mount(2) have no safe wrapper in aya or std"
@@ -145,6 +146,43 @@ fn print_services(pins: &PinDir, output: Output, stats: bool) -> Result<()> {
     Ok(())
 }
 
+/// `explain`: with the source named, else the running agent's.
+fn explain_frontend(
+    address: std::net::SocketAddr,
+    proto: Proto,
+    pins: &PinDir,
+    source: config::SourceArgs,
+    output: Output,
+) -> Result<()> {
+    let protocol = match proto {
+        Proto::Tcp => model::Protocol::Tcp,
+        Proto::Udp => model::Protocol::Udp,
+    };
+    let running = agent_record::running(&pins.pins());
+    let source = match &running {
+        agent_record::Running::Agent(record)
+            if source.manifests.is_none() && source.kubeconfig.is_none() =>
+        {
+            record.source()
+        }
+        _ => source,
+    };
+    let snapshot = runtime()?.block_on(async {
+        let config = source.model_config();
+        let built = source.build().await?.into_source();
+        doctor::snapshot::take(built, config).await
+    })?;
+    let mut explanation = explain::explain(address, protocol, &snapshot, &pins.pins());
+    explanation
+        .notes
+        .push(format!("explained with {}", running.describe(&pins.pins())));
+    match output {
+        Output::Table => print!("{}", explanation.text()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let log = logging::init();
     match Cli::parse().command {
@@ -210,23 +248,7 @@ fn main() -> Result<()> {
             pins,
             source,
             output,
-        } => {
-            let protocol = match proto {
-                Proto::Tcp => model::Protocol::Tcp,
-                Proto::Udp => model::Protocol::Udp,
-            };
-            let snapshot = runtime()?.block_on(async {
-                let config = source.model_config();
-                let built = source.build().await?.into_source();
-                doctor::snapshot::take(built, config).await
-            })?;
-            let explanation = explain::explain(address, protocol, &snapshot, &pins.pins());
-            match output {
-                Output::Table => print!("{}", explanation.text()),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
-            }
-            Ok(())
-        }
+        } => explain_frontend(address, proto, &pins, source, output),
         Command::Cleanup { pins, force, .. } => {
             datapath::cleanup(&pins.pins(), force)?;
             info!(bpffs = %pins.bpffs.display(), "removed the datapath");

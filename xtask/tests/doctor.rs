@@ -329,3 +329,45 @@ fn doctor_and_explain_read_the_ipv6_maps_too() {
         &format!("missing {frontend6}/TCP (default/both:http)"),
     );
 }
+
+/// Issue 18: on a node, `doctor` and `explain` need no flags but
+/// `--bpffs`: the running agent's record gives its source (here its
+/// manifests directory), its /healthz address and its cgroup, and both
+/// say so. With the agent gone they say that and fall back to defaults.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_and_explain_use_the_running_agents_settings_without_flags() {
+    let (lab, pods) = web_lab(&["pod-a"]);
+    lab.write_manifest("web.yaml", &web_manifest(&[&pods[0]]))
+        .unwrap();
+    let mut agent = lab.start_agent(&agent_binary()).unwrap();
+    let (ok, checks) = common::doctor_with(Command::new(agent_binary()), &lab, &[]);
+    assert_all_ok(ok, &checks);
+    assert_check(&checks, "agent", "OK", "settings of the agent running on");
+    assert_check(&checks, "drift", "OK", "1 frontends");
+    assert_check(&checks, "sync", "OK", "/healthz 200");
+
+    let explain = |what: &str| {
+        let out = Command::new(agent_binary())
+            .args(["explain", &format!("{WEB_VIP}:80"), "--bpffs"])
+            .arg(lab.bpffs())
+            .output()
+            .expect("explain");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{what}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let text = explain("with the agent");
+    assert!(
+        text.contains("default/web") && text.contains("settings of the agent running on"),
+        "{text}"
+    );
+
+    agent.kill();
+    let (_, checks) = common::doctor_with(Command::new(agent_binary()), &lab, &[]);
+    assert_check(&checks, "agent", "FAIL", "defaults: no agent runs on");
+}

@@ -33,6 +33,7 @@ use tracing::{info, warn};
 
 use self::{attachment::Attachment, tables::FamilyTables};
 use crate::{
+    agent_record,
     datapath::{Datapath, DatapathError, MapSizes, ProgramSettings},
     devices,
     health::{Health, HealthEndpoints, SharedHealth},
@@ -78,6 +79,8 @@ pub struct AgentConfig {
     pub programs: ProgramOptions,
     /// `--terminate-udp`, `--terminate-tcp`.
     pub termination: Termination,
+    /// What to record for `doctor` and `explain` once /healthz is bound.
+    pub record: Option<agent_record::AgentRecord>,
 }
 
 /// How the programs are attached and loaded.
@@ -157,7 +160,9 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
 
     let health = Health::shared(config.health_stale_after);
     let metrics = Metrics::new(config.pins.clone());
-    serve_endpoints(&config, &health, &metrics).await?;
+    let healthz = serve_endpoints(&config, &health, &metrics).await?;
+    // Removed when the agent returns.
+    let _record = record(&config, healthz);
 
     let (sink, mut events) = EventSink::channel();
     source.start(sink)?;
@@ -321,12 +326,13 @@ fn start_stale_sockets(config: &AgentConfig) -> Option<StaleSockets> {
     }
 }
 
-/// Starts /healthz, /livez and /metrics.
+/// Starts /healthz, /livez and /metrics; returns where /healthz answers.
 async fn serve_endpoints(
     config: &AgentConfig,
     health: &SharedHealth,
     metrics: &Metrics,
-) -> Result<(), AgentError> {
+) -> Result<SocketAddr, AgentError> {
+    let mut healthz = config.healthz_bind_address;
     for (what, address, responder, connections) in [
         (
             "healthz",
@@ -341,16 +347,31 @@ async fn serve_endpoints(
             METRICS_CONNECTIONS,
         ),
     ] {
-        crate::listener::serve(what, address, responder, Connections::new(connections))
+        let bound = crate::listener::serve(what, address, responder, Connections::new(connections))
             .await
             .map_err(|source| AgentError::Listen {
                 what,
                 address,
                 source,
             })?;
+        if what == "healthz" {
+            healthz = bound;
+        }
     }
+    Ok(healthz)
+}
 
-    Ok(())
+/// Records the agent's settings for `doctor` and `explain`, with the
+/// address /healthz is bound to (a port of 0 is chosen at bind); a failure
+/// costs them only their defaults, so it is a warning.
+fn record(config: &AgentConfig, healthz: SocketAddr) -> Option<agent_record::Written> {
+    let mut record = config.record.clone()?;
+    record.healthz_bind_address = healthz;
+    agent_record::write(&config.pins, &record)
+        .inspect_err(|error| {
+            warn!(%error, dir = agent_record::RECORD_DIR, "cannot record the agent's settings; doctor and explain will need flags");
+        })
+        .ok()
 }
 
 /// The masquerade rules and the node's addresses are looked at on this

@@ -16,7 +16,7 @@ const HEALTHZ_BODY_LIMIT: usize = 64 * 1024;
 pub(super) fn agent(cx: &Context) -> Check {
     const NAME: &str = "agent";
     let root = cx.pins.root().display();
-    match cx.holder {
+    let check = match cx.holder {
         Some(pid) => {
             let command = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             Check::ok(NAME, format!("{} (pid {pid}) holds {root}", command.trim()))
@@ -35,7 +35,8 @@ pub(super) fn agent(cx: &Context) -> Check {
             ),
             cx.restart.clone(),
         ),
-    }
+    };
+    check.with_details(vec![format!("checked with {}", cx.args.origin)])
 }
 
 /// kube-proxy's `/healthz` body, as far as it is read here.

@@ -48,7 +48,7 @@ pub(super) fn masquerade(cx: &Context) -> Check {
     let mut devices: Vec<&str> = links.iter().map(|(_, device)| device.as_str()).collect();
     devices.dedup();
     let on = format!("tc programs on {}", devices.join(", "));
-    let families = match crate::reconcile::masquerade::check(cx.args.iptables_masquerade_bit) {
+    let families = match crate::reconcile::masquerade::check(cx.args.masquerade_bit) {
         Ok(families) => families,
         Err(error) => {
             return Check::problem(

@@ -41,14 +41,62 @@ pub struct DoctorArgs {
     /// Default: the cgroup2 root.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// Where the agent serves /healthz (its --healthz-bind-address).
-    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10256")]
-    pub healthz_address: SocketAddr,
-    /// The mark bit the agent masquerades (its --iptables-masquerade-bit).
-    #[arg(long, value_name = "0-31", default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
-    pub iptables_masquerade_bit: u8,
+    /// Where the agent serves /healthz (its --healthz-bind-address)
+    /// [default: the running agent's, else 127.0.0.1:10256].
+    #[arg(long, value_name = "IP:PORT")]
+    pub healthz_address: Option<SocketAddr>,
+    /// The mark bit the agent masquerades (its --iptables-masquerade-bit)
+    /// [default: the running agent's, else 14].
+    #[arg(long, value_name = "0-31", value_parser = clap::value_parser!(u8).range(0..32))]
+    pub iptables_masquerade_bit: Option<u8>,
+    /// The source to compare the maps with [default: the running agent's].
     #[command(flatten)]
     pub source: SourceArgs,
+}
+
+/// The settings the checks use: the flags, else the running agent's
+/// record, else the defaults.
+struct Settings {
+    cgroup: Option<PathBuf>,
+    healthz_address: SocketAddr,
+    masquerade_bit: u8,
+    source: SourceArgs,
+    /// Where they came from, for the agent check.
+    origin: String,
+}
+
+impl Settings {
+    fn of(args: &DoctorArgs, pins: &Pins) -> Self {
+        let running = crate::agent_record::running(pins);
+        let record = match &running {
+            crate::agent_record::Running::Agent(record) => Some(record),
+            _ => None,
+        };
+        let source = if args.source.manifests.is_some() || args.source.kubeconfig.is_some() {
+            args.source.clone()
+        } else {
+            record.map_or_else(
+                || args.source.clone(),
+                crate::agent_record::AgentRecord::source,
+            )
+        };
+        Self {
+            cgroup: args
+                .cgroup
+                .clone()
+                .or_else(|| record.map(|r| r.cgroup.clone())),
+            healthz_address: args
+                .healthz_address
+                .or_else(|| record.map(crate::agent_record::AgentRecord::healthz_address))
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 10256))),
+            masquerade_bit: args
+                .iptables_masquerade_bit
+                .or_else(|| record.map(|r| r.masquerade_bit))
+                .unwrap_or(14),
+            source,
+            origin: running.describe(pins),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -155,7 +203,7 @@ impl Report {
 
 /// What the checks share: the node's facts, read once.
 struct Context<'a> {
-    args: &'a DoctorArgs,
+    args: &'a Settings,
     pins: Pins,
     holder: Option<u32>,
     /// How to start or restart the agent here.
@@ -165,6 +213,8 @@ struct Context<'a> {
 /// Runs every check.
 pub async fn run(args: &DoctorArgs) -> Report {
     let pins = args.pins.pins();
+    let settings = Settings::of(args, &pins);
+    let args = &settings;
     let holder = pins.holder();
     let restart = match holder {
         Some(pid) => format!(

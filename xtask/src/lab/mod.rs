@@ -83,6 +83,23 @@ fn teardown(namespaces: &[String], cgroup: &Path, bpffs: &Path, dir: &Path) {
             .stderr(Stdio::null())
             .status();
     }
+    // The settings records killed agents left, named after their pins as
+    // the agent's `agent_record` names them (a test's second pin
+    // directory beside the lab's too).
+    let record = bpffs
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "%2F");
+    for entry in fs::read_dir("/run/ebpf-proxy")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == format!("{record}.json") || name.starts_with(&format!("{record}-")) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     let _ = fs::remove_dir_all(dir);
 }
 

@@ -110,17 +110,38 @@ pub fn wait_for_frontend(agent: &Agent, vip: &str, within: Duration) {
 /// it: whether it exited 0, and each check's status and its evidence
 /// (details and fix included), by name.
 pub fn doctor_in(
-    mut command: Command,
+    command: Command,
     lab: &Lab,
     healthz: &str,
+) -> (bool, BTreeMap<String, (String, String)>) {
+    let cgroup = lab.cgroup();
+    let manifests = lab.manifests_dir();
+    doctor_with(
+        command,
+        lab,
+        &[
+            OsStr::new("--cgroup"),
+            cgroup.as_os_str(),
+            OsStr::new("--healthz-address"),
+            OsStr::new(healthz),
+            OsStr::new("--manifests"),
+            manifests.as_os_str(),
+        ],
+    )
+}
+
+/// `doctor --output json --bpffs` on the lab's pins with `flags`: whether
+/// it exited 0, and each check's status and its evidence (details and fix
+/// included), by name.
+pub fn doctor_with(
+    mut command: Command,
+    lab: &Lab,
+    flags: &[&OsStr],
 ) -> (bool, BTreeMap<String, (String, String)>) {
     let out = command
         .args(["doctor", "--output", "json", "--bpffs"])
         .arg(lab.bpffs())
-        .arg("--cgroup")
-        .arg(lab.cgroup())
-        .args(["--healthz-address", healthz, "--manifests"])
-        .arg(lab.manifests_dir())
+        .args(flags)
         .output()
         .expect("doctor");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
