@@ -18,7 +18,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{agent::AgentConfig, config::SourceArgs, maps::Pins};
+use crate::{agent::AgentConfig, config::SourceArgs, maps::Pins, model::ModelConfig};
 
 /// Where the records live: tmpfs, gone with a reboot as the agents are.
 pub const RECORD_DIR: &str = "/run/ebpf-proxy";
@@ -31,6 +31,10 @@ pub struct AgentRecord {
     pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
     pub service_cidrs: Vec<String>,
+    /// `--nodeport-addresses` (or `nodePortAddresses`), as written.
+    pub node_port_addresses: Vec<String>,
+    /// `--nodeport-range`.
+    pub node_port_range: String,
     /// The cgroup its socket programs are attached to.
     pub cgroup: PathBuf,
     pub healthz_bind_address: SocketAddr,
@@ -55,24 +59,64 @@ impl AgentRecord {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            node_port_addresses: config
+                .model
+                .node_port_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            node_port_range: config.model.node_port_range.to_string(),
             cgroup: config.cgroup.clone(),
             healthz_bind_address: config.healthz_bind_address,
             masquerade_bit: config.masquerade_bit,
         }
     }
 
-    /// The source flags the agent runs with, for a reader to use alike.
+    /// `given` with what it leaves out taken from the agent's: its source
+    /// (unless `given` names one), node name and Service CIDRs, so that a
+    /// reader sees the Services as this agent does.
     #[must_use]
-    pub fn source(&self) -> SourceArgs {
+    pub fn source(&self, given: &SourceArgs) -> SourceArgs {
+        let names_a_source = given.manifests.is_some() || given.kubeconfig.is_some();
         SourceArgs {
-            manifests: self.manifests.clone(),
-            kubeconfig: self.kubeconfig.clone(),
-            hostname_override: Some(self.node_name.clone()),
-            service_cidr: self
-                .service_cidrs
+            manifests: if names_a_source {
+                given.manifests.clone()
+            } else {
+                self.manifests.clone()
+            },
+            kubeconfig: if names_a_source {
+                given.kubeconfig.clone()
+            } else {
+                self.kubeconfig.clone()
+            },
+            hostname_override: given
+                .hostname_override
+                .clone()
+                .or_else(|| Some(self.node_name.clone())),
+            service_cidr: if given.service_cidr.is_empty() {
+                self.service_cidrs
+                    .iter()
+                    .filter_map(|cidr| cidr.parse().ok())
+                    .collect()
+            } else {
+                given.service_cidr.clone()
+            },
+        }
+    }
+
+    /// The model's settings for `source` (see [`AgentRecord::source`]),
+    /// with the agent's NodePort settings, so that a reader computes the
+    /// same NodePorts.
+    #[must_use]
+    pub fn model_config(&self, source: &SourceArgs) -> ModelConfig {
+        ModelConfig {
+            node_port_addresses: self
+                .node_port_addresses
                 .iter()
-                .filter_map(|cidr| cidr.parse().ok())
+                .filter_map(|address| address.parse().ok())
                 .collect(),
+            node_port_range: self.node_port_range.parse().unwrap_or_default(),
+            ..source.model_config()
         }
     }
 
@@ -132,7 +176,7 @@ pub fn write(pins: &Pins, record: &AgentRecord) -> io::Result<Written> {
 #[derive(Debug)]
 pub enum Running {
     /// It runs, and this is its record.
-    Agent(AgentRecord),
+    Agent(Box<AgentRecord>),
     /// An agent runs (this pid) but left no record: an older build, or
     /// one that could not write it.
     Unrecorded(u32),
@@ -150,7 +194,9 @@ pub fn running(pins: &Pins) -> Running {
         .ok()
         .and_then(|text| serde_json::from_str::<AgentRecord>(&text).ok())
         .filter(|record| record.pid == pid)
-        .map_or(Running::Unrecorded(pid), Running::Agent)
+        .map_or(Running::Unrecorded(pid), |record| {
+            Running::Agent(Box::new(record))
+        })
 }
 
 impl Running {
@@ -190,6 +236,8 @@ mod tests {
             kubeconfig: Some("/etc/kube.conf".into()),
             node_name: "node-1".into(),
             service_cidrs: vec!["10.96.0.0/12".into(), "fd10:96::/112".into()],
+            node_port_addresses: vec!["192.168.100.0/24".into(), "primary".into()],
+            node_port_range: "30000-32767".into(),
             cgroup: "/sys/fs/cgroup".into(),
             healthz_bind_address: "0.0.0.0:10256".parse().unwrap(),
             masquerade_bit: 14,
@@ -197,8 +245,29 @@ mod tests {
         assert_eq!(record.healthz_address(), "127.0.0.1:10256".parse().unwrap());
         record.healthz_bind_address = "[::]:10256".parse().unwrap();
         assert_eq!(record.healthz_address(), "[::1]:10256".parse().unwrap());
-        let source = record.source();
+        let none = SourceArgs {
+            manifests: None,
+            kubeconfig: None,
+            hostname_override: None,
+            service_cidr: Vec::new(),
+        };
+        let source = record.source(&none);
+        assert_eq!(source.kubeconfig, record.kubeconfig);
         assert_eq!(source.hostname_override.as_deref(), Some("node-1"));
         assert_eq!(source.service_cidr.len(), 2);
+        let model = record.model_config(&source);
+        assert_eq!(model.node_port_addresses.len(), 2);
+        assert_eq!(model.node_name, "node-1");
+        // What is given wins, the rest is the agent's.
+        let given = SourceArgs {
+            manifests: Some("/tmp/m".into()),
+            ..none
+        };
+        let source = record.source(&given);
+        assert_eq!(
+            (source.manifests, source.kubeconfig),
+            (Some("/tmp/m".into()), None)
+        );
+        assert_eq!(source.hostname_override.as_deref(), Some("node-1"));
     }
 }

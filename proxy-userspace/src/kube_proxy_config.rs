@@ -426,6 +426,17 @@ fn bind_address(
         })
 }
 
+impl std::fmt::Display for NodePortAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cidr(cidr) => write!(f, "{cidr}"),
+            Self::Primary => f.write_str("primary"),
+            Self::Localhost => f.write_str("localhost"),
+            Self::All => f.write_str("all"),
+        }
+    }
+}
+
 impl FromStr for NodePortAddress {
     type Err = String;
 

@@ -159,16 +159,15 @@ fn explain_frontend(
         Proto::Udp => model::Protocol::Udp,
     };
     let running = agent_record::running(&pins.pins());
-    let source = match &running {
-        agent_record::Running::Agent(record)
-            if source.manifests.is_none() && source.kubeconfig.is_none() =>
-        {
-            record.source()
-        }
-        _ => source,
+    let (source, config) = if let agent_record::Running::Agent(record) = &running {
+        let source = record.source(&source);
+        let config = record.model_config(&source);
+        (source, config)
+    } else {
+        let config = source.model_config();
+        (source, config)
     };
     let snapshot = runtime()?.block_on(async {
-        let config = source.model_config();
         let built = source.build().await?.into_source();
         doctor::snapshot::take(built, config).await
     })?;

@@ -1,5 +1,8 @@
 //! Whether the maps hold what the source asks for: each frontend and its
-//! backends, compared both ways.
+//! backends, compared both ways, in the socket programs' maps and in the
+//! tc programs' (NodePorts, externalIPs, load-balancer IPs; named `tc ...`
+//! below, since one address may be a frontend of both with other
+//! backends).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,12 +18,22 @@ use crate::{
 /// A frontend as both sides are compared: its address and its backends.
 type Frontends = BTreeMap<String, (String, BTreeSet<String>)>;
 
+/// How the tc programs' frontends are told apart from the sockets'.
+const TC: &str = "tc ";
+
 fn listed_frontends(services: &[ListedService]) -> Frontends {
     services
         .iter()
         .map(|s| {
+            // The socket programs' kinds are `ClusterIP` and `.../sockets`;
+            // the tc programs' name their traffic policy.
+            let table = if s.kind == "ClusterIP" || s.kind.ends_with("/sockets") {
+                ""
+            } else {
+                TC
+            };
             (
-                format!("{}/{}", s.frontend, s.protocol),
+                format!("{table}{}/{}", s.frontend, s.protocol),
                 (
                     String::new(),
                     s.backends.iter().map(|b| b.address.clone()).collect(),
@@ -31,14 +44,14 @@ fn listed_frontends(services: &[ListedService]) -> Frontends {
 }
 
 fn desired_frontends(snapshot: &Snapshot) -> Frontends {
-    snapshot
-        .model
-        .desired()
-        .frontends
-        .iter()
-        .map(|(frontend, desired)| {
+    let model = &snapshot.model;
+    let sockets = model.desired().frontends.iter().map(|f| ("", f));
+    let tc = model.tc_desired().frontends.iter().map(|f| (TC, f));
+    sockets
+        .chain(tc)
+        .map(|(table, (frontend, desired))| {
             (
-                frontend.to_string(),
+                format!("{table}{frontend}"),
                 (
                     desired.service.clone(),
                     desired
@@ -104,7 +117,7 @@ pub(super) fn drift(cx: &Context, snapshot: Option<&Snapshot>) -> Check {
     };
     let read_maps = || -> Result<Frontends, String> {
         Ok(listed_frontends(
-            &listing::list_pinned(&cx.pins, false, false).map_err(|e| chain(&e))?,
+            &listing::list_pinned(&cx.pins, false, true).map_err(|e| chain(&e))?,
         ))
     };
     let desired = desired_frontends(snapshot);
@@ -185,6 +198,27 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn the_tc_programs_frontends_are_kept_apart_from_the_sockets() {
+        let listed = |kind: &str| ListedService {
+            frontend: "192.168.100.11:30080".to_owned(),
+            protocol: "TCP".to_owned(),
+            kind: kind.to_owned(),
+            affinity_seconds: None,
+            source_ranges: None,
+            translations: None,
+            backends: Vec::new(),
+        };
+        let keys: Vec<String> =
+            listed_frontends(&[listed("NodePort/sockets"), listed("NodePort/Local")])
+                .into_keys()
+                .collect();
+        assert_eq!(
+            keys,
+            ["192.168.100.11:30080/TCP", "tc 192.168.100.11:30080/TCP"]
+        );
     }
 
     #[test]

@@ -61,6 +61,9 @@ struct Settings {
     healthz_address: SocketAddr,
     masquerade_bit: u8,
     source: SourceArgs,
+    /// The model's settings for `source`, the agent's NodePort settings
+    /// among them.
+    model: crate::model::ModelConfig,
     /// Where they came from, for the agent check.
     origin: String,
 }
@@ -72,14 +75,8 @@ impl Settings {
             crate::agent_record::Running::Agent(record) => Some(record),
             _ => None,
         };
-        let source = if args.source.manifests.is_some() || args.source.kubeconfig.is_some() {
-            args.source.clone()
-        } else {
-            record.map_or_else(
-                || args.source.clone(),
-                crate::agent_record::AgentRecord::source,
-            )
-        };
+        let source = record.map_or_else(|| args.source.clone(), |r| r.source(&args.source));
+        let model = record.map_or_else(|| source.model_config(), |r| r.model_config(&source));
         Self {
             cgroup: args
                 .cgroup
@@ -87,13 +84,14 @@ impl Settings {
                 .or_else(|| record.map(|r| r.cgroup.clone())),
             healthz_address: args
                 .healthz_address
-                .or_else(|| record.map(crate::agent_record::AgentRecord::healthz_address))
+                .or_else(|| record.map(|r| r.healthz_address()))
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 10256))),
             masquerade_bit: args
                 .iptables_masquerade_bit
                 .or_else(|| record.map(|r| r.masquerade_bit))
                 .unwrap_or(14),
             source,
+            model,
             origin: running.describe(pins),
         }
     }

@@ -12,7 +12,7 @@ use crate::report::chain;
 pub(super) async fn source(cx: &Context<'_>) -> (Check, Option<Snapshot>) {
     const NAME: &str = "source";
     let args = &cx.args.source;
-    let model = args.model_config();
+    let model = cx.args.model.clone();
     let built = match args.build().await {
         Ok(built) => built,
         Err(error) => {
