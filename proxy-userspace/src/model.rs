@@ -1029,12 +1029,12 @@ fn check_slice(sourced: &Sourced<SliceObject>, family: IpFamily, node_name: &str
                 ip,
                 readiness: readiness(endpoint),
                 local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-                zone_hints: (!endpoint.zone_hints.is_empty())
-                    .then(|| Box::new(endpoint.zone_hints.clone())),
-                node_hint: if endpoint.node_hints.is_empty() {
+                zone_hints: (!endpoint.zone_hints().is_empty())
+                    .then(|| Box::new(endpoint.zone_hints().to_vec())),
+                node_hint: if endpoint.node_hints().is_empty() {
                     NodeHint::None
                 } else if !node_name.is_empty()
-                    && endpoint.node_hints.iter().any(|n| n == node_name)
+                    && endpoint.node_hints().iter().any(|n| n == node_name)
                 {
                     NodeHint::ThisNode
                 } else {

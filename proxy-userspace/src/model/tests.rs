@@ -607,9 +607,12 @@ pub(super) fn random_change(rng: &mut XorShift) -> Change {
                 serving: Some(rng.below(2) == 0),
                 terminating: Some(rng.below(3) == 0),
                 node_name: Some(format!("node-{}", rng.pick(2) + 1)),
-                zone_hints: (0..rng.below(3))
-                    .filter_map(|_| ZONES[usize::from(rng.pick(3))].map(str::to_owned))
-                    .collect(),
+                hints: Some(Box::new(crate::source::objects::HintsObject {
+                    zones: (0..rng.below(3))
+                        .filter_map(|_| ZONES[usize::from(rng.pick(3))].map(str::to_owned))
+                        .collect(),
+                    nodes: Vec::new(),
+                })),
                 ..EndpointObject::default()
             })
             .collect();

@@ -248,10 +248,30 @@ pub struct EndpointObject {
     pub terminating: Option<bool>,
     pub node_name: Option<String>,
     pub zone: Option<String>,
-    /// `hints.forZones[].name`.
-    pub zone_hints: Vec<String>,
-    /// `hints.forNodes[].name` (trafficDistribution PreferSameNode).
-    pub node_hints: Vec<String>,
+    /// `hints`, boxed: few endpoints have any, and a list of all of a
+    /// cluster's slices passes through here at once.
+    pub hints: Option<Box<HintsObject>>,
+}
+
+/// An endpoint's topology hints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HintsObject {
+    /// `forZones[].name`.
+    pub zones: Vec<String>,
+    /// `forNodes[].name` (trafficDistribution PreferSameNode).
+    pub nodes: Vec<String>,
+}
+
+impl EndpointObject {
+    #[must_use]
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| h.zones.as_slice())
+    }
+
+    #[must_use]
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| h.nodes.as_slice())
+    }
 }
 
 /// What the model reads of an EndpointSlice.
@@ -386,22 +406,21 @@ impl From<&EndpointSlice> for SliceObject {
                         terminating: conditions.terminating,
                         node_name: e.node_name.clone(),
                         zone: e.zone.clone(),
-                        zone_hints: e
-                            .hints
-                            .as_ref()
-                            .and_then(|h| h.for_zones.as_ref())
-                            .into_iter()
-                            .flatten()
-                            .map(|z| z.name.clone())
-                            .collect(),
-                        node_hints: e
-                            .hints
-                            .as_ref()
-                            .and_then(|h| h.for_nodes.as_ref())
-                            .into_iter()
-                            .flatten()
-                            .map(|n| n.name.clone())
-                            .collect(),
+                        hints: e.hints.as_ref().map(|h| {
+                            let names = |list: Option<Vec<String>>| list.unwrap_or_default();
+                            Box::new(HintsObject {
+                                zones: names(
+                                    h.for_zones
+                                        .as_ref()
+                                        .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+                                ),
+                                nodes: names(
+                                    h.for_nodes
+                                        .as_ref()
+                                        .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+                                ),
+                            })
+                        }),
                     }
                 })
                 .collect(),
