@@ -76,12 +76,7 @@ fn nodeport_lab() -> (TwoNodeLab, Vec<Agent>, [String; 2]) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let pods: Vec<Pod> = ["web-1a", "web-1b"]
         .iter()
-        .map(|name| {
-            let node = lab.node_mut(1);
-            let pod = node.add_pod(name).expect("pod");
-            node.serve_http(&pod, 8080).expect("nginx");
-            pod
-        })
+        .map(|name| lab.add_web_pod(1, name).expect("pod"))
         .collect();
     for (program, source) in [("iptables", "10.99.0.0/16"), ("ip6tables", "fd00:99::/64")] {
         for rule in [
@@ -268,9 +263,7 @@ fn two_node_nodeport_lab() -> (TwoNodeLab, Vec<Agent>) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let mut pods = Vec::new();
     for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
-        let node = lab.node_mut(number);
-        let pod = node.add_pod(name).expect("pod");
-        node.serve_http(&pod, 8080).expect("nginx");
+        let pod = lab.add_web_pod(number, name).expect("pod");
         pods.push((pod, format!("node-{number}")));
     }
     let dns = {
@@ -583,9 +576,7 @@ fn outside_frontends_lab() -> (TwoNodeLab, Vec<Agent>) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let mut endpoints = Vec::new();
     for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
-        let node = lab.node_mut(number);
-        let pod = node.add_pod(name).expect("pod");
-        node.serve_http(&pod, 8080).expect("nginx");
+        let pod = lab.add_web_pod(number, name).expect("pod");
         endpoints.push((pod.ip, format!("node-{number}")));
     }
     let endpoints: Vec<(Ipv4Addr, &str)> =
@@ -829,9 +820,7 @@ fn clsact_filters(
 #[ignore = "needs root: run with cargo xtask test"]
 fn clsact_filters_and_devices_that_come_later() {
     let mut lab = TwoNodeLab::new().expect("lab");
-    let node = lab.node_mut(1);
-    let pod = node.add_pod("web-1a").expect("pod");
-    node.serve_http(&pod, 8080).expect("nginx");
+    let pod = lab.add_web_pod(1, "web-1a").expect("pod");
     lab.write_manifest(
         "web.yaml",
         &manifests::documents(&[
@@ -948,9 +937,7 @@ fn prefer_same_node_keeps_the_nodes_connections_on_its_own_endpoint() {
     let mut lab = TwoNodeLab::new().expect("lab");
     let mut pods = Vec::new();
     for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
-        let node = lab.node_mut(number);
-        let pod = node.add_pod(name).expect("pod");
-        node.serve_http(&pod, 8080).expect("nginx");
+        let pod = lab.add_web_pod(number, name).expect("pod");
         pods.push((pod.ip, format!("node-{number}")));
     }
     let manifest = |hinted: bool| {

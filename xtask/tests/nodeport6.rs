@@ -86,6 +86,18 @@ fn udp6_service(name: &str, cluster_ip: &str, node_port: i64) -> String {
     ))
 }
 
+/// Node 1's agent with the dual-stack flags, once its tc programs are
+/// attached.
+fn dual_stack_agent_on_node_1(lab: &TwoNodeLab) -> Agent {
+    let agent = lab
+        .start_agent(1, &agent_binary(), DUAL_STACK_FLAGS)
+        .expect("agent on node 1");
+    agent
+        .wait_for_log("attached (TCX)", Duration::from_secs(10))
+        .unwrap();
+    agent
+}
+
 /// Node `number`'s IPv6 address on the external segment, in brackets with
 /// `port`, as a URL and the agent's listing write it.
 fn node6(lab: &TwoNodeLab, number: u8, port: u16) -> String {
@@ -178,9 +190,7 @@ fn nodeport6_lab() -> (TwoNodeLab, Vec<Agent>) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let mut pods: Vec<(Pod, String)> = Vec::new();
     for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
-        let node = lab.node_mut(number);
-        let pod = node.add_pod(name).expect("pod");
-        node.serve_http(&pod, 8080).expect("nginx");
+        let pod = lab.add_web_pod(number, name).expect("pod");
         pods.push((pod, format!("node-{number}")));
     }
     let dns = {
@@ -403,9 +413,7 @@ fn outside_frontends6_lab() -> (TwoNodeLab, Vec<Agent>) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let mut endpoints6: Vec<(Ipv6Addr, String)> = Vec::new();
     for (number, name) in [(1, "web-1a"), (2, "web-2a")] {
-        let node = lab.node_mut(number);
-        let pod = node.add_pod(name).expect("pod");
-        node.serve_http(&pod, 8080).expect("nginx");
+        let pod = lab.add_web_pod(number, name).expect("pod");
         endpoints6.push((pod.ip6, format!("node-{number}")));
     }
     let endpoints6: Vec<(Ipv6Addr, &str)> =
@@ -586,12 +594,7 @@ fn tc_cost(lab: &TwoNodeLab, host: &str, port: u16, count: u64) -> Vec<(f64, u64
 #[ignore = "needs root: run with cargo xtask test"]
 fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
     let mut lab = TwoNodeLab::new().expect("lab");
-    let pod = {
-        let node = lab.node_mut(1);
-        let pod = node.add_pod("web-1a").expect("pod");
-        node.serve_http(&pod, 8080).expect("nginx");
-        pod
-    };
+    let pod = lab.add_web_pod(1, "web-1a").expect("pod");
     lab.write_manifest(
         "web.yaml",
         &manifests::documents(&[
@@ -612,12 +615,7 @@ fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
         ]),
     )
     .expect("manifest");
-    let agent = lab
-        .start_agent(1, &agent_binary(), DUAL_STACK_FLAGS)
-        .expect("agent on node 1");
-    agent
-        .wait_for_log("attached (TCX)", Duration::from_secs(10))
-        .unwrap();
+    let agent = dual_stack_agent_on_node_1(&lab);
     let node1 = lab.node_ip(1).to_string();
     let node1_v6 = lab.node_ip6(1).to_string();
     wait_listed(&agent, &format!("{node1}:30080"));
@@ -718,12 +716,7 @@ fn fenced_manifest(pod: &Pod, ranges: &[&str]) -> String {
 #[ignore = "needs root: run with cargo xtask test"]
 fn load_balancer_source_ranges_admit_only_their_clients_in_both_families() {
     let mut lab = TwoNodeLab::new().expect("lab");
-    let pod = {
-        let node = lab.node_mut(1);
-        let pod = node.add_pod("web-1a").expect("pod");
-        node.serve_http(&pod, 8080).expect("nginx");
-        pod
-    };
+    let pod = lab.add_web_pod(1, "web-1a").expect("pod");
     let far_networks = ["192.168.101.0/24", "fd00:192:168:101::/64"];
     let external_networks = ["192.168.100.0/24", "fd00:192:168:100::/64"];
     lab.write_manifest("fenced.yaml", &fenced_manifest(&pod, &far_networks))
@@ -732,12 +725,7 @@ fn load_balancer_source_ranges_admit_only_their_clients_in_both_families() {
         lab.route_via_node(cidr, 1).expect("route");
     }
     lab.add_far_client(1500).expect("far client");
-    let agent = lab
-        .start_agent(1, &agent_binary(), DUAL_STACK_FLAGS)
-        .expect("agent on node 1");
-    agent
-        .wait_for_log("attached (TCX)", Duration::from_secs(10))
-        .unwrap();
+    let agent = dual_stack_agent_on_node_1(&lab);
     let lb_urls = ["http://192.168.200.30/", "http://[fd00:192:168:200::30]/"];
     wait_listed(&agent, "[fd00:192:168:200::30]:80");
 
@@ -824,17 +812,10 @@ fn load_balancer_source_ranges_admit_only_their_clients_in_both_families() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn ipv6_nodeport_session_affinity_and_hairpin() {
     let mut lab = TwoNodeLab::new().expect("lab");
-    let pods: Vec<Pod> = {
-        let node = lab.node_mut(1);
-        ["web-1a", "web-1b"]
-            .into_iter()
-            .map(|name| {
-                let pod = node.add_pod(name).expect("pod");
-                node.serve_http(&pod, 8080).expect("nginx");
-                pod
-            })
-            .collect()
-    };
+    let pods: Vec<Pod> = ["web-1a", "web-1b"]
+        .into_iter()
+        .map(|name| lab.add_web_pod(1, name).expect("pod"))
+        .collect();
     let both: Vec<(Ipv6Addr, &str)> = pods.iter().map(|p| (p.ip6, "node-1")).collect();
     lab.write_manifest(
         "sticky.yaml",
@@ -854,12 +835,7 @@ fn ipv6_nodeport_session_affinity_and_hairpin() {
         ]),
     )
     .expect("manifest");
-    let agent = lab
-        .start_agent(1, &agent_binary(), DUAL_STACK_FLAGS)
-        .expect("agent on node 1");
-    agent
-        .wait_for_log("attached (TCX)", Duration::from_secs(10))
-        .unwrap();
+    let agent = dual_stack_agent_on_node_1(&lab);
     wait_listed(&agent, &node6(&lab, 1, 30099));
 
     let (answers, failed) =

@@ -84,27 +84,29 @@ impl<A: MapAddress> FamilyTables<A> {
 
     /// See [`TableReconciler::view`].
     pub fn view(&mut self, complete: bool) {
-        self.sockets.view(complete);
-        self.tc.view(complete);
-        self.source_ranges.view(complete);
+        self.sockets.owed.view(complete);
+        self.tc.owed.view(complete);
+        self.source_ranges.owed.view(complete);
     }
 
     /// The model's changes; those of the other family are passed over.
     pub fn changed(&mut self, changes: &Changes) {
-        self.sockets.changed(changes.sockets.iter().copied());
-        self.tc.changed(changes.tc.iter().copied());
-        self.source_ranges.changed(changes.tc.iter().copied());
+        self.sockets.owed.changed(changes.sockets.iter().copied());
+        self.tc.owed.changed(changes.tc.iter().copied());
+        self.source_ranges.owed.changed(changes.tc.iter().copied());
     }
 
     pub fn has_work(&self) -> bool {
-        self.sockets.has_work() || self.tc.has_work() || self.source_ranges.has_work()
+        self.sockets.owed.has_work()
+            || self.tc.owed.has_work()
+            || self.source_ranges.owed.has_work()
     }
 
     pub fn retry_at(&self) -> Option<Instant> {
         [
-            self.sockets.retry_at(),
-            self.tc.retry_at(),
-            self.source_ranges.retry_at(),
+            self.sockets.owed.retry_at(),
+            self.tc.owed.retry_at(),
+            self.source_ranges.owed.retry_at(),
         ]
         .into_iter()
         .flatten()
@@ -112,9 +114,9 @@ impl<A: MapAddress> FamilyTables<A> {
     }
 
     pub fn wake(&mut self, now: Instant) {
-        self.sockets.wake(now);
-        self.tc.wake(now);
-        self.source_ranges.wake(now);
+        self.sockets.owed.wake(now);
+        self.tc.owed.wake(now);
+        self.source_ranges.owed.wake(now);
     }
 
     /// Brings both tables up to the model, and ends the counts of the

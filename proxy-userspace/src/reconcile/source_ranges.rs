@@ -9,17 +9,13 @@
 //! then never closed to a client its ranges admit, and while its ranges
 //! are replaced it admits the old and the new for the moment between.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    marker::PhantomData,
-    time::Instant,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{MapError, lpm_trie::Key};
 use proxy_common::SourceRange;
 use tracing::warn;
 
-use super::table::{Pass, Retry};
+use super::table::{Owed, Pass};
 use crate::{
     maps::{Table, encoding::MapAddress},
     model::{Cidr, ExternalState, L4Addr},
@@ -35,16 +31,9 @@ pub struct SourceRangeTable<A: MapAddress, T> {
     trie: T,
     /// What the trie holds, by frontend.
     written: BTreeMap<L4Addr, BTreeSet<Cidr>>,
-    /// Frontends changed since the last pass, or whose write failed.
-    pending: BTreeSet<L4Addr>,
-    /// As [`super::table::TableReconciler`]'s: a pass over everything is
-    /// owed, and whether it may delete what nothing desires.
-    full_pass_owed: bool,
-    prune: bool,
+    pub owed: Owed<A>,
     /// Entries to take out once the tc frontend table's pass is done.
     leaving: Vec<(L4Addr, Cidr)>,
-    retry: Retry,
-    family: PhantomData<A>,
 }
 
 impl<A, T> SourceRangeTable<A, T>
@@ -53,7 +42,7 @@ where
     T: Table<Key<SourceRange<A>>, u8>,
 {
     /// Takes over the trie with whatever it holds; nothing is written
-    /// before the first [`SourceRangeTable::view`].
+    /// before the first [`Owed::view`].
     pub fn adopt(name: &'static str, trie: T) -> Result<Self, MapError> {
         let mut written: BTreeMap<L4Addr, BTreeSet<Cidr>> = BTreeMap::new();
         for (key, _) in trie.entries()? {
@@ -65,43 +54,9 @@ where
             name,
             trie,
             written,
-            pending: BTreeSet::new(),
-            full_pass_owed: false,
-            prune: false,
+            owed: Owed::default(),
             leaving: Vec::new(),
-            retry: Retry::default(),
-            family: PhantomData,
         })
-    }
-
-    /// See [`super::table::TableReconciler::view`].
-    pub fn view(&mut self, complete: bool) {
-        self.full_pass_owed = true;
-        self.prune = complete;
-    }
-
-    /// These tc frontends' desired state changed; those of the other
-    /// family are passed over.
-    pub fn changed(&mut self, frontends: impl IntoIterator<Item = L4Addr>) {
-        self.pending.extend(
-            frontends
-                .into_iter()
-                .filter(|frontend| frontend.service_key::<A>().is_some()),
-        );
-    }
-
-    #[must_use]
-    pub fn has_work(&self) -> bool {
-        self.full_pass_owed || (!self.pending.is_empty() && !self.retry.is_waiting())
-    }
-
-    #[must_use]
-    pub const fn retry_at(&self) -> Option<Instant> {
-        self.retry.at()
-    }
-
-    pub fn wake(&mut self, now: Instant) {
-        self.retry.wake(now);
     }
 
     /// How many (frontend, range) entries the trie holds.
@@ -115,9 +70,9 @@ where
     /// [`SourceRangeTable::remove_leaving`]. Call before the tc frontend
     /// table's pass.
     pub fn add(&mut self, external: &ExternalState) -> Pass {
-        let full = std::mem::take(&mut self.full_pass_owed);
+        let full = std::mem::take(&mut self.owed.full_pass);
         let frontends: BTreeSet<L4Addr> = if full {
-            self.pending.clear();
+            self.owed.pending.clear();
             self.written
                 .keys()
                 .copied()
@@ -132,7 +87,7 @@ where
                 )
                 .collect()
         } else {
-            std::mem::take(&mut self.pending)
+            std::mem::take(&mut self.owed.pending)
         };
         let mut pass = Pass {
             looked_at: frontends.len(),
@@ -149,7 +104,7 @@ where
                     .collect(),
                 // While the source's view is incomplete, a frontend it
                 // does not show may only be unseen yet.
-                None if full && !self.prune => continue,
+                None if full && !self.owed.prune => continue,
                 None => BTreeSet::new(),
             };
             let held = self.written.get(&frontend).cloned().unwrap_or_default();
@@ -164,7 +119,7 @@ where
                     }
                     Err(error) => {
                         warn!(table = self.name, %frontend, %range, %error, "cannot write a source range");
-                        self.pending.insert(frontend);
+                        self.owed.pending.insert(frontend);
                         pass.failures += 1;
                     }
                 }
@@ -195,12 +150,12 @@ where
                 }
                 Err(error) => {
                     warn!(table = self.name, %frontend, %range, %error, "cannot delete a source range");
-                    self.pending.insert(frontend);
+                    self.owed.pending.insert(frontend);
                     pass.failures += 1;
                 }
             }
         }
-        self.retry.settle(self.name, pass.failures);
+        self.owed.retry.settle(self.name, pass.failures);
         pass
     }
 }
@@ -298,12 +253,12 @@ mod tests {
     fn ranges_follow_the_model_new_ones_in_before_old_ones_out() {
         let mut table = SourceRangeTable::adopt("test", Trie::default()).unwrap();
         let front = lb("192.0.2.10");
-        table.view(true);
+        table.owed.view(true);
         let pass1 = pass(&mut table, &state(&[(front, Some(&["10.255.77.0/30"]))]));
         assert_eq!((pass1.changes, pass1.failures), (1, 0));
         assert_eq!(held(&table), [(front, "10.255.77.0/30".to_owned())]);
 
-        table.changed([front]);
+        table.owed.changed([front]);
         let next = state(&[(front, Some(&["192.168.101.0/24"]))]);
         table.add(&next);
         // Between the two halves (the tc table's pass), both admit.
@@ -312,7 +267,7 @@ mod tests {
         assert_eq!(held(&table), [(front, "192.168.101.0/24".to_owned())]);
 
         // The restriction lifted, and a frontend of the other family passed over.
-        table.changed([front, lb("fd00::10")]);
+        table.owed.changed([front, lb("fd00::10")]);
         pass(&mut table, &state(&[(front, None)]));
         assert!(held(&table).is_empty());
         assert_eq!(table.entries(), 0);
@@ -331,7 +286,7 @@ mod tests {
         .unwrap();
         let mut table = SourceRangeTable::adopt("test", trie).unwrap();
         assert_eq!(table.entries(), 1);
-        table.view(false);
+        table.owed.view(false);
         pass(&mut table, &state(&[]));
         assert_eq!(
             table.entries(),
@@ -341,16 +296,16 @@ mod tests {
 
         let front = lb("192.0.2.10");
         table.trie.refuse_writes = true;
-        table.changed([front]);
+        table.owed.changed([front]);
         let failed = pass(&mut table, &state(&[(front, Some(&["10.1.0.0/16"]))]));
         assert_eq!(failed.failures, 1);
-        let retry_at = table.retry_at().expect("a retry is due");
-        assert!(!table.has_work(), "held back until the retry");
+        let retry_at = table.owed.retry_at().expect("a retry is due");
+        assert!(!table.owed.has_work(), "held back until the retry");
         table.trie.refuse_writes = false;
-        table.wake(retry_at);
-        assert!(table.has_work());
+        table.owed.wake(retry_at);
+        assert!(table.owed.has_work());
         let retried = pass(&mut table, &state(&[(front, Some(&["10.1.0.0/16"]))]));
         assert_eq!((retried.changes, retried.failures), (1, 0));
-        assert_eq!(table.retry_at(), None);
+        assert_eq!(table.owed.retry_at(), None);
     }
 }

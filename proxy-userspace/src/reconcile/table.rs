@@ -113,63 +113,46 @@ pub struct Pass {
     pub full: bool,
 }
 
-/// One frontend table of one family and what it still owes the desired
-/// state. Its frontends are the desired state's of its family; changes
-/// of the other family's are passed over, so one list of changes feeds
-/// both families' instances.
-pub struct TableReconciler<A: MapAddress, S, B> {
-    /// For the log: which table.
-    name: &'static str,
-    writer: MapWriter<A, S, B>,
+/// What a table of one family still owes the desired state, and when it
+/// may try: shared by the frontend tables and the source-range trie.
+#[derive(Debug)]
+pub struct Owed<A> {
     /// Frontends changed since the last pass, or whose write failed.
-    pending: BTreeSet<L4Addr>,
+    pub(super) pending: BTreeSet<L4Addr>,
     /// A pass over everything is owed: the first complete view, a change
     /// of completeness, or a failure not tied to one frontend.
-    full_pass_owed: bool,
+    pub(super) full_pass: bool,
     /// Whether a pass over everything deletes what nothing desires: only
     /// while the source's view is complete, or a file that does not parse
     /// would take its Services down.
-    prune: bool,
-    retry: Retry,
-    /// Whether [`TableEvent::BackendLeft`] is wanted: finding them costs a
-    /// look at each changed frontend's backends before it is written.
-    report_departures: bool,
+    pub(super) prune: bool,
+    pub(super) retry: Retry,
+    family: std::marker::PhantomData<A>,
 }
 
-impl<A, S, B> TableReconciler<A, S, B>
-where
-    A: MapAddress,
-    S: Table<ServiceKey<A>, ServiceValue<A>>,
-    B: Table<u32, Backend<A>>,
-{
-    /// Takes over the table with whatever it already holds; nothing is
-    /// written before the first [`TableReconciler::view`].
-    pub fn adopt(name: &'static str, services: S, backends: B) -> Result<Self, MapError> {
-        Ok(Self {
-            name,
-            writer: MapWriter::adopt(services, backends)?,
+impl<A> Default for Owed<A> {
+    fn default() -> Self {
+        Self {
             pending: BTreeSet::new(),
-            full_pass_owed: false,
+            full_pass: false,
             prune: false,
             retry: Retry::default(),
-            report_departures: false,
-        })
+            family: std::marker::PhantomData,
+        }
     }
+}
 
-    /// Hands out [`TableEvent::BackendLeft`] from now on.
-    pub const fn report_departures(&mut self) {
-        self.report_departures = true;
-    }
-
+impl<A: MapAddress> Owed<A> {
     /// The source's view became complete (`true`) or incomplete: the next
     /// pass compares everything, and deletes what nothing desires only
     /// when complete.
     pub fn view(&mut self, complete: bool) {
-        self.full_pass_owed = true;
+        self.full_pass = true;
         self.prune = complete;
     }
 
-    /// These frontends' desired state changed.
+    /// These frontends' desired state changed; those of the other family
+    /// are passed over.
     pub fn changed(&mut self, frontends: impl IntoIterator<Item = L4Addr>) {
         self.pending.extend(
             frontends
@@ -182,7 +165,7 @@ where
     /// frontends wait and no retry timer holds them back.
     #[must_use]
     pub fn has_work(&self) -> bool {
-        self.full_pass_owed || (!self.pending.is_empty() && !self.retry.is_waiting())
+        self.full_pass || (!self.pending.is_empty() && !self.retry.is_waiting())
     }
 
     /// When failed writes are due again.
@@ -195,11 +178,48 @@ where
     pub fn wake(&mut self, now: Instant) {
         self.retry.wake(now);
     }
+}
+
+/// One frontend table of one family and what it still owes the desired
+/// state. Its frontends are the desired state's of its family; changes
+/// of the other family's are passed over, so one list of changes feeds
+/// both families' instances.
+pub struct TableReconciler<A: MapAddress, S, B> {
+    /// For the log: which table.
+    name: &'static str,
+    writer: MapWriter<A, S, B>,
+    pub owed: Owed<A>,
+    /// Whether [`TableEvent::BackendLeft`] is wanted: finding them costs a
+    /// look at each changed frontend's backends before it is written.
+    report_departures: bool,
+}
+
+impl<A, S, B> TableReconciler<A, S, B>
+where
+    A: MapAddress,
+    S: Table<ServiceKey<A>, ServiceValue<A>>,
+    B: Table<u32, Backend<A>>,
+{
+    /// Takes over the table with whatever it already holds; nothing is
+    /// written before the first [`Owed::view`].
+    pub fn adopt(name: &'static str, services: S, backends: B) -> Result<Self, MapError> {
+        Ok(Self {
+            name,
+            writer: MapWriter::adopt(services, backends)?,
+            owed: Owed::default(),
+            report_departures: false,
+        })
+    }
+
+    /// Hands out [`TableEvent::BackendLeft`] from now on.
+    pub const fn report_departures(&mut self) {
+        self.report_departures = true;
+    }
 
     /// Brings the table to `desired`: everything when a full pass is owed,
     /// else the frontends pending. What went is appended to `events`.
     pub fn reconcile(&mut self, desired: &DesiredState, events: &mut Vec<TableEvent<A>>) -> Pass {
-        let full = std::mem::take(&mut self.full_pass_owed);
+        let full = std::mem::take(&mut self.owed.full_pass);
         let looked_at;
         let departures;
         let stats = if full {
@@ -207,15 +227,15 @@ where
             // Which sockets a full pass strands is unknown: only a change
             // says which backend left.
             departures = Vec::new();
-            self.writer.apply_all(desired, self.prune)
+            self.writer.apply_all(desired, self.owed.prune)
         } else {
-            looked_at = self.pending.len();
+            looked_at = self.owed.pending.len();
             departures = if self.report_departures {
                 self.departures(desired)
             } else {
                 Vec::new()
             };
-            self.writer.apply_changed(desired, &self.pending)
+            self.writer.apply_changed(desired, &self.owed.pending)
         };
         events.extend(
             self.writer
@@ -241,11 +261,11 @@ where
     /// Keeps what failed for a retry after a backoff; failures not tied to
     /// one frontend owe a full pass.
     fn settle(&mut self, stats: &ApplyStats) {
-        self.pending.clone_from(&stats.failed);
+        self.owed.pending.clone_from(&stats.failed);
         if stats.other_failures > 0 {
-            self.full_pass_owed = true;
+            self.owed.full_pass = true;
         }
-        self.retry.settle(self.name, stats.failures());
+        self.owed.retry.settle(self.name, stats.failures());
         if stats.failures() > 0 {
             debug!(table = self.name, frontends = ?stats.failed, "failed frontends");
         }
@@ -255,7 +275,7 @@ where
     /// no longer does.
     fn departures(&self, desired: &DesiredState) -> Vec<(L4Addr, L4Addr)> {
         let mut out = Vec::new();
-        for frontend in &self.pending {
+        for frontend in &self.owed.pending {
             // A set: a frontend may hold tens of thousands of backends.
             let staying: BTreeSet<&L4Addr> = desired
                 .frontends
@@ -309,13 +329,13 @@ mod tests {
     fn nothing_is_written_before_a_view_and_a_view_owes_a_full_pass() {
         let kernel = Rc::default();
         let mut table = table(&kernel);
-        assert!(!table.has_work());
-        table.view(true);
-        assert!(table.has_work());
+        assert!(!table.owed.has_work());
+        table.owed.view(true);
+        assert!(table.owed.has_work());
         let desired = state(&[(tcp(100, 80), &[tcp(1, 8080)])]);
         let pass = table.reconcile(&desired, &mut Vec::new());
         assert_eq!((pass.changes, pass.failures, pass.looked_at), (3, 0, 1));
-        assert!(!table.has_work());
+        assert!(!table.owed.has_work());
     }
 
     #[test]
@@ -324,12 +344,12 @@ mod tests {
         let mut table = table(&kernel);
         table.report_departures();
         let frontend = tcp(100, 80);
-        table.view(true);
+        table.owed.view(true);
         table.reconcile(
             &state(&[(frontend, &[tcp(1, 8080), tcp(2, 8080)])]),
             &mut Vec::new(),
         );
-        table.changed([frontend]);
+        table.owed.changed([frontend]);
         let mut events = Vec::new();
         table.reconcile(&state(&[(frontend, &[tcp(1, 8080)])]), &mut events);
         assert!(
@@ -351,23 +371,23 @@ mod tests {
     fn failed_frontends_wait_for_their_retry_and_are_written_then() {
         let kernel: Rc<RefCell<Kernel>> = Rc::default();
         let mut table = table(&kernel);
-        table.view(true);
+        table.owed.view(true);
         table.reconcile(&state(&[]), &mut Vec::new());
         // Room for nothing: the frontend's write fails.
         kernel.borrow_mut().services_capacity = Some(0);
         let frontend = tcp(100, 80);
         let desired = state(&[(frontend, &[tcp(1, 8080)])]);
-        table.changed([frontend]);
+        table.owed.changed([frontend]);
         let pass = table.reconcile(&desired, &mut Vec::new());
         assert!(pass.failures > 0);
-        let retry_at = table.retry_at().expect("a retry is due");
-        assert!(!table.has_work(), "held back until the retry");
+        let retry_at = table.owed.retry_at().expect("a retry is due");
+        assert!(!table.owed.has_work(), "held back until the retry");
         kernel.borrow_mut().services_capacity = None;
-        table.wake(retry_at);
-        assert!(table.has_work());
+        table.owed.wake(retry_at);
+        assert!(table.owed.has_work());
         let pass = table.reconcile(&desired, &mut Vec::new());
         assert_eq!(pass.failures, 0);
-        assert_eq!(table.retry_at(), None);
+        assert_eq!(table.owed.retry_at(), None);
         assert_eq!(kernel.borrow().view()[&frontend], [tcp(1, 8080)]);
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Result, bail};
 
 use super::{
-    Agent, Lab, enable_ipv6, ip, kill_netns_processes, lab_name, node::decimal_digits_as_hex,
+    Agent, Lab, Pod, enable_ipv6, ip, kill_netns_processes, lab_name, node::decimal_digits_as_hex,
 };
 
 /// The flags of a dual-stack cluster, beside those of
@@ -168,6 +168,15 @@ impl TwoNodeLab {
     /// Node 1 or 2, to add pods to.
     pub fn node_mut(&mut self, number: u8) -> &mut Lab {
         &mut self.nodes[usize::from(number) - 1]
+    }
+
+    /// A pod `name` on node `number` whose nginx answers HTTP on 8080 with
+    /// its name.
+    pub fn add_web_pod(&mut self, number: u8, name: &str) -> Result<Pod> {
+        let node = self.node_mut(number);
+        let pod = node.add_pod(name)?;
+        node.serve_http(&pod, 8080)?;
+        Ok(pod)
     }
 
     /// Node `number`'s address on the external segment.
