@@ -509,6 +509,12 @@ fn assert_doctor_checks_the_masquerade(lab: &TwoNodeLab, agent: &Agent) {
     // addresses) are compared with the source as the sockets' are; the
     // node name for policy Local comes from the running agent.
     assert_check(&checks, "drift", "OK", "frontends of the source");
+    // Every map with a size is counted, the tc programs' too.
+    let maps = &checks["maps"].1;
+    for map in ["lb4_ext_svc_v1", "lb4_flows_v1", "lb6_src_range_v1"] {
+        assert!(maps.contains(&format!("{map} ")), "{maps}");
+    }
+    assert!(!maps.contains("lb4_flows_v1 0/"), "flows were made: {maps}");
     let restored = agent.log().matches("restored them").count();
     for (round, (program, problem)) in [
         ("iptables", "IPv4: their rules differ"),
