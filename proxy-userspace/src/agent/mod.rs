@@ -396,11 +396,11 @@ impl Loop {
                 let (mut services, mut endpoint_slices) = (0, 0);
                 for change in changes {
                     match &change {
-                        Change::EndpointSlice(_, Some(slice)) => {
+                        Change::EndpointSlice(_, slice) => {
+                            endpoint_slices += 1;
                             if let Some(time) = slice
-                                .object
-                                .trigger_time
-                                .as_deref()
+                                .as_ref()
+                                .and_then(|slice| slice.object.trigger_time.as_deref())
                                 .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
                                 .and_then(|t| u64::try_from(t.as_millisecond()).ok())
                             {
@@ -408,15 +408,10 @@ impl Loop {
                                     .push(SystemTime::UNIX_EPOCH + Duration::from_millis(time));
                             }
                         }
+                        Change::Service(..) => services += 1,
                         Change::Node(node) => self
                             .health()
                             .node_leaving(node.as_ref().and_then(NodeObject::leaving)),
-                        Change::Service(..) | Change::EndpointSlice(_, None) => {}
-                    }
-                    match &change {
-                        Change::Service(..) => services += 1,
-                        Change::EndpointSlice(..) => endpoint_slices += 1,
-                        Change::Node(_) => {}
                     }
                     self.model.apply(change);
                 }
