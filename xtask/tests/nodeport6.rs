@@ -160,10 +160,6 @@ fn wait_listed(agent: &Agent, frontend: &str) {
 fn kinds_of(agent: &Agent, frontend: &str) -> Vec<String> {
     let listed: serde_json::Value =
         serde_json::from_str(&agent.services_json().expect("services")).expect("JSON");
-    assert!(
-        !listed.to_string().contains("192.168.200.31"),
-        "ipMode Proxy is not programmed: {listed}"
-    );
     let mut kinds: Vec<String> = listed
         .as_array()
         .into_iter()
@@ -757,6 +753,25 @@ fn load_balancer_source_ranges_admit_only_their_clients_in_both_families() {
     assert!(dropped >= 2, "each family's drops are counted: {dropped}");
     let listed: serde_json::Value =
         serde_json::from_str(&agent.services_json().expect("services")).expect("JSON");
+    assert!(
+        !listed.to_string().contains("192.168.200.31"),
+        "ipMode Proxy is not programmed: {listed}"
+    );
+    // explain, run on node 1 with no flags but the pins, names the ranges
+    // and whom they drop.
+    let out = lab
+        .node(1)
+        .in_node(agent_binary())
+        .args(["explain", "192.168.200.30:80", "--bpffs"])
+        .arg(lab.node(1).bpffs())
+        .output()
+        .expect("explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("a client outside 192.168.101.0/24 has its new connections dropped"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown: Vec<(String, serde_json::Value)> = listed
         .as_array()
         .expect("a list")
