@@ -1,7 +1,8 @@
 //! What a running agent tells `doctor` and `explain` about itself, so that
 //! on a node they need no flags: the source it reads (the manifests
-//! directory, or the kubeconfig and the node name), its Service CIDRs,
-//! where it answers /healthz and the masquerade bit.
+//! directory, or the kubeconfig and the node name), its Service CIDRs and
+//! NodePort settings, its cgroup, where it answers /healthz and the
+//! masquerade bit.
 //!
 //! The agent writes it when it starts, to a file of its own under
 //! [`RECORD_DIR`] named after its pin directory (bpffs holds only BPF
@@ -54,8 +55,9 @@ impl AgentRecord {
             manifests: absolute(&source.manifests),
             kubeconfig: absolute(&source.kubeconfig),
             node_name: config.model.node_name.clone(),
-            service_cidrs: source
-                .service_cidr
+            service_cidrs: config
+                .model
+                .service_cidrs
                 .iter()
                 .map(ToString::to_string)
                 .collect(),

@@ -90,7 +90,7 @@ fn fill<A: MapAddress>(cx: &Context) -> Result<Vec<(&'static str, Full, usize)>,
         ),
         (
             names.source_ranges,
-            Full::Refuses("(fixed size)"),
+            sized(names.source_ranges),
             maps::open_pinned_source_ranges::<A>(&cx.pins)
                 .ok()
                 .map(|trie| trie.keys().count()),
@@ -134,8 +134,13 @@ pub(super) fn maps(cx: &Context) -> Check {
             Full::Refuses(_) | Full::Degrades => Status::Warn,
         };
         match full {
-            Full::Refuses(flag) if status != Status::Ok => fixes.push(format!(
-                "raise {flag}, then `proxy-userspace cleanup` and restart the agent"
+            Full::Refuses(flag) if status != Status::Ok && flag.starts_with("--") => {
+                fixes.push(format!(
+                    "raise {flag}, then `proxy-userspace cleanup` and restart the agent"
+                ));
+            }
+            Full::Refuses(_) if status != Status::Ok => fixes.push(format!(
+                "{name} has a fixed size: fewer entries of its kind (load-balancer source ranges) are all it can take"
             )),
             Full::Degrades if status != Status::Ok => fixes.push(format!(
                 "{name} is near full: see `proxy-userspace stats` for what it refused"
