@@ -1,6 +1,6 @@
 //! The agent: keeps the eBPF service maps equal to the Services and
 //! EndpointSlices it is given, and lets you read them.
-// Raw system calls live in bpf_sys and sock_diag and nowhere else.
+// Raw system calls live in bpf_sys, netlink and sock_diag and nowhere else.
 #![deny(unsafe_code)]
 
 mod agent;
@@ -28,13 +28,18 @@ mod logging;
 mod maps;
 mod metrics;
 mod model;
+#[expect(
+    unsafe_code,
+    reason = "netlink sockets have no safe wrapper in std or nix's enabled features"
+)]
+mod netlink;
 mod privileges;
 mod reconcile;
 mod report;
 mod service_health;
 #[expect(
     unsafe_code,
-    reason = "netlink sockets and setns(2) have no safe wrapper in std or nix's enabled features"
+    reason = "setns(2) has no safe wrapper in std or nix's enabled features"
 )]
 mod sock_diag;
 mod sorted_vec;

@@ -8,8 +8,10 @@
 use std::{
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, BorrowedFd},
 };
+
+use crate::netlink::{self, NLA_F_NESTED, find_attr, push_attr, u32_at};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -18,14 +20,11 @@ const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
 const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
 const SK_DIAG_BPF_STORAGE: u16 = 1;
 const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 /// `struct inet_diag_sockid`: ports, addresses, interface and cookie.
 const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_msg`: family, state, timer, retrans, the socket id,
 /// then five u32s.
 const DIAG_MSG_LEN: usize = 4 + SOCKID_LEN + 20;
-const NLMSG_HDR_LEN: usize = 16;
 
 /// A socket as sock_diag names it, cookie included: what `SOCK_DESTROY`
 /// wants back.
@@ -44,23 +43,11 @@ pub struct Listed<'a> {
 }
 
 /// A sock_diag socket, in the network namespace of the thread that made it.
-pub struct SockDiag(OwnedFd);
+pub struct SockDiag(netlink::Socket);
 
 impl SockDiag {
     pub fn open() -> io::Result<Self> {
-        // SAFETY: a plain socket call; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        netlink::Socket::open(libc::NETLINK_SOCK_DIAG).map(Self)
     }
 
     /// Lists the sockets of `family` (`AF_INET` or `AF_INET6`) and `proto`
@@ -86,12 +73,12 @@ impl SockDiag {
                 &map,
             );
         }
-        self.send(
+        self.0.send(
             SOCK_DIAG_BY_FAMILY,
             libc::NLM_F_REQUEST | libc::NLM_F_DUMP,
             &request,
         )?;
-        self.receive(|kind, message| {
+        self.0.receive(|kind, message| {
             if kind == SOCK_DIAG_BY_FAMILY
                 && let Some(listed) = listed(message)
             {
@@ -103,81 +90,12 @@ impl SockDiag {
     /// Ends the socket `id` of `proto`: its owner's next call fails with
     /// ECONNABORTED. ENOENT when it closed meanwhile.
     pub fn destroy(&self, family: u8, proto: u8, id: &SocketId) -> io::Result<()> {
-        self.send(
+        self.0.send(
             SOCK_DESTROY,
             libc::NLM_F_REQUEST | libc::NLM_F_ACK,
             &request(family, proto, u32::MAX, id),
         )?;
-        self.receive(|_, _| {})
-    }
-
-    fn send(&self, kind: u16, flags: libc::c_int, payload: &[u8]) -> io::Result<()> {
-        let len = u32::try_from(NLMSG_HDR_LEN + payload.len()).unwrap_or(u32::MAX);
-        let mut message = Vec::with_capacity(NLMSG_HDR_LEN + payload.len());
-        message.extend_from_slice(&len.to_ne_bytes());
-        message.extend_from_slice(&kind.to_ne_bytes());
-        message.extend_from_slice(&u16::try_from(flags).unwrap_or_default().to_ne_bytes());
-        message.extend_from_slice(&1_u32.to_ne_bytes());
-        message.extend_from_slice(&0_u32.to_ne_bytes());
-        message.extend_from_slice(payload);
-        // SAFETY: the buffer is valid for its length.
-        let sent = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Reads answers until the dump ends or the request is acknowledged,
-    /// handing each message's type and payload to `each`.
-    fn receive(&self, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
-        let mut buffer = vec![0_u8; 64 * 1024];
-        loop {
-            // SAFETY: the buffer is valid for its length.
-            let got = unsafe {
-                libc::recv(
-                    self.0.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    0,
-                )
-            };
-            let Ok(got) = usize::try_from(got) else {
-                return Err(io::Error::last_os_error());
-            };
-            let mut messages = &buffer[..got];
-            while messages.len() >= NLMSG_HDR_LEN {
-                let len = usize::try_from(u32_at(messages, 0)).unwrap_or(usize::MAX);
-                if len < NLMSG_HDR_LEN || len > messages.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a truncated netlink message",
-                    ));
-                }
-                let kind = u16::from_ne_bytes([messages[4], messages[5]]);
-                let payload = &messages[NLMSG_HDR_LEN..len];
-                match i32::from(kind) {
-                    libc::NLMSG_DONE => return Ok(()),
-                    libc::NLMSG_ERROR => {
-                        let code = i32::from_ne_bytes(u32_at(payload, 0).to_ne_bytes());
-                        return if code == 0 {
-                            Ok(())
-                        } else {
-                            Err(io::Error::from_raw_os_error(-code))
-                        };
-                    }
-                    _ => each(kind, payload),
-                }
-                messages = messages.get(align4(len)..).unwrap_or_default();
-            }
-        }
+        self.0.receive(|_, _| {})
     }
 }
 
@@ -191,12 +109,6 @@ pub fn enter_network_namespace(namespace: &fs::File) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    bytes
-        .get(at..at + 4)
-        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// An `inet_diag_msg` and its attributes, as the agent reads them.
@@ -227,39 +139,12 @@ fn storage_value(attributes: &[u8]) -> Option<&[u8]> {
     find_attr(storage, SK_DIAG_BPF_STORAGE_MAP_VALUE)
 }
 
-fn find_attr(mut attributes: &[u8], wanted: u16) -> Option<&[u8]> {
-    while attributes.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attributes[0], attributes[1]]));
-        let kind = u16::from_ne_bytes([attributes[2], attributes[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > attributes.len() {
-            return None;
-        }
-        if kind == wanted {
-            return Some(&attributes[4..len]);
-        }
-        attributes = attributes.get(align4(len)..).unwrap_or_default();
-    }
-    None
-}
-
-const fn align4(len: usize) -> usize {
-    (len + 3) & !3
-}
-
 /// `struct inet_diag_req_v2` for sockets of `family` and `proto`.
 fn request(family: u8, proto: u8, states: u32, id: &SocketId) -> Vec<u8> {
     let mut request = vec![family, proto, 0, 0];
     request.extend_from_slice(&states.to_ne_bytes());
     request.extend_from_slice(id);
     request
-}
-
-fn push_attr(buffer: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = 4 + value.len();
-    buffer.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
-    buffer.extend_from_slice(&kind.to_ne_bytes());
-    buffer.extend_from_slice(value);
-    buffer.resize(align4(buffer.len()), 0);
 }
 
 #[cfg(test)]
