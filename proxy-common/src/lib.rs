@@ -87,8 +87,9 @@ pub const BACKENDS_MAP: &str = "lb4_be_v2";
 pub const SOCK_REV_NAT_MAP: &str = "lb4_sk_rnat_v2";
 /// See [`SERVICES_MAP`]. v3: the tc programs' events joined the list; v4:
 /// `icmp_translated`; v5: `udp_connected_full`; v6:
-/// `ipv6_ext_header_passed`; v7: `ext_source_range_dropped`.
-pub const EVENTS_MAP: &str = "lb4_events_v7";
+/// `ipv6_ext_header_passed`; v7: `ext_source_range_dropped`; v8:
+/// `pod_forwarded`.
+pub const EVENTS_MAP: &str = "lb4_events_v8";
 /// The frontends the tc programs serve (NodePort, externalIP and
 /// load-balancer IP), laid out as [`SERVICES_MAP`]: kept apart because
 /// their backends follow externalTrafficPolicy, and slot 0 carries
@@ -249,23 +250,59 @@ pub enum TcHook {
     Egress,
 }
 
-/// A tc program, by the name of its function, and its hook.
+/// What a device carries, which decides the tc programs it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DeviceRole {
+    /// NodePort and external traffic arrives on it (`--devices`).
+    Node,
+    /// A pod's interface, on the host's side: its packets to Services are
+    /// translated there when pods' sockets are not balanced at `connect()`
+    /// (`--socket-lb-scope=host`).
+    Pod,
+}
+
+/// A tc program, by the name of its function, its hook, and the devices it
+/// goes on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcProgram {
     pub name: &'static str,
     pub hook: TcHook,
+    pub on_node_devices: bool,
+    pub on_pod_devices: bool,
 }
 
-/// The tc programs, attached to every device NodePort traffic arrives on;
-/// their links are pinned as `<program>@<device>`.
-pub const TC_PROGRAMS: [TcProgram; 2] = [
+impl TcProgram {
+    /// Whether the program goes on a device of `role`.
+    #[must_use]
+    pub const fn goes_on(self, role: DeviceRole) -> bool {
+        match role {
+            DeviceRole::Node => self.on_node_devices,
+            DeviceRole::Pod => self.on_pod_devices,
+        }
+    }
+}
+
+/// The tc programs; their links are pinned as `<program>@<device>`. The
+/// reverse translation is one program for both kinds of device: a reply
+/// leaves through the client's device, whichever it is.
+pub const TC_PROGRAMS: [TcProgram; 3] = [
     TcProgram {
         name: "tc_ingress",
         hook: TcHook::Ingress,
+        on_node_devices: true,
+        on_pod_devices: false,
+    },
+    TcProgram {
+        name: "tc_pod_ingress",
+        hook: TcHook::Ingress,
+        on_node_devices: false,
+        on_pod_devices: true,
     },
     TcProgram {
         name: "tc_egress",
         hook: TcHook::Egress,
+        on_node_devices: true,
+        on_pod_devices: true,
     },
 ];
 
@@ -279,6 +316,11 @@ pub const CLUSTER_CIDR_ADDR_GLOBAL: &str = "CLUSTER_CIDR_ADDR";
 pub const CLUSTER_CIDR_MASK_GLOBAL: &str = "CLUSTER_CIDR_MASK";
 /// See [`MASQUERADE_MARK_GLOBAL`].
 pub const MASQUERADE_ALL_GLOBAL: &str = "MASQUERADE_ALL";
+/// The socket programs' one global: the network namespace cookie of the
+/// host, whose sockets alone are balanced at `connect()` with
+/// `--socket-lb-scope=host` (a `u64`; 0 balances every socket). See
+/// `HOST_NETNS_COOKIE` in proxy-ebpf's `lb.rs`.
+pub const HOST_NETNS_COOKIE_GLOBAL: &str = "HOST_NETNS_COOKIE";
 /// The IPv6 cluster CIDR's network, an [`Ip6`] (network byte order); see
 /// [`MASQUERADE_MARK_GLOBAL`].
 pub const CLUSTER_CIDR6_ADDR_GLOBAL: &str = "CLUSTER_CIDR6_ADDR";
@@ -394,7 +436,8 @@ events! {
     ExtForwarded = 7 => "ext_forwarded",
     /// A packet to an outside frontend without backends was dropped
     /// (externalTrafficPolicy Local on a node without local endpoints, or
-    /// no ready endpoint at all).
+    /// no ready endpoint at all); with `--socket-lb-scope=host`, a pod's
+    /// packet to a Service without endpoints too.
     ExtDropped = 8 => "ext_dropped",
     /// A reply of a translated flow was given its frontend's address back
     /// (tc egress).
@@ -417,6 +460,10 @@ events! {
     /// A new flow to a load-balancer IP from a client outside the
     /// Service's loadBalancerSourceRanges was dropped (tc ingress).
     ExtSourceRangeDropped = 13 => "ext_source_range_dropped",
+    /// A pod's packet to a Service address was sent to a backend by tc on
+    /// the pod's interface (`--socket-lb-scope=host`, where pods' sockets
+    /// are not balanced at `connect()`).
+    PodForwarded = 14 => "pod_forwarded",
 }
 
 // The events map is indexed by the variant: the list must be dense and in

@@ -31,6 +31,22 @@ use crate::{
     sock_addr::SocketAddress,
 };
 
+// `no_mangle` takes the static's own name; this keeps it equal to the
+// shared one the agent sets it by.
+const _: () = assert!(crate::maps::eq(
+    proxy_common::HOST_NETNS_COOKIE_GLOBAL,
+    "HOST_NETNS_COOKIE"
+));
+
+/// `--socket-lb-scope=host`: the cookie of the host's network namespace,
+/// whose sockets alone are balanced here; the others (pods') reach the
+/// Service address itself, so that a mesh's iptables in the pod see it, and
+/// are translated per packet on the pod's interface (`tc_pod_ingress`).
+/// 0, the default, balances every socket: the verifier, which sees the
+/// constant, drops the check.
+#[unsafe(no_mangle)]
+static HOST_NETNS_COOKIE: u64 = 0;
+
 /// Let the system call go on.
 pub const ALLOW: i32 = 1;
 /// Fail the system call with the errno set by `bpf_set_retval`.
@@ -242,6 +258,9 @@ pub const fn user_port(addr: &bpf_sock_addr) -> u16 {
 /// endpoints refuses the connection at once, as kube-proxy's REJECT rule
 /// does.
 pub fn forward<A: SocketAddress>(ctx: &SockAddrContext, call: Call) -> i32 {
+    if !in_scope(ctx) {
+        return ALLOW;
+    }
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
     // The protocol is a u32 in the context; anything but TCP or UDP (SCTP,
@@ -308,6 +327,19 @@ pub fn forward<A: SocketAddress>(ctx: &SockAddrContext, call: Call) -> i32 {
     addr.user_port = u32::from(backend.port_be);
     record(Event::Forwarded);
     ALLOW
+}
+
+/// Whether the socket is one this hook balances (see [`HOST_NETNS_COOKIE`]).
+#[expect(
+    clippy::inline_always,
+    reason = "every hook calls it on its hot path, where a BPF-to-BPF call costs"
+)]
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a global the loader fills in; read as it is in the object.
+    let host = unsafe { core::ptr::read_volatile(&raw const HOST_NETNS_COOKIE) };
+    // SAFETY: a plain helper call on this program's context.
+    host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == host
 }
 
 /// Stores `pair` in the socket's storage, making it on first use; false

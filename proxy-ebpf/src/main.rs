@@ -1,11 +1,12 @@
 //! The datapath: cgroup socket-address hooks that load-balance ClusterIP
 //! Services where the socket is made, before any packet exists; and tc
 //! hooks on the node's devices that translate NodePort, externalIP and
-//! load-balancer traffic from outside, packet by packet.
+//! load-balancer traffic from outside, packet by packet (and, with
+//! `--socket-lb-scope=host`, pods' Service traffic on their interfaces).
 //!
 //! One file per hook; the backend choice they share lives in `lb`, the
-//! packet rewrites in `packet`, the maps in `maps`. Every hook fails open: an address that is not a Service is left
-//! alone.
+//! packet rewrites in `packet`, the maps in `maps`. Every hook fails
+//! open: an address that is not a Service is left alone.
 #![no_std]
 #![no_main]
 // `atomic_xadd`, for the per-slot counts: the bpf target has atomic adds
@@ -32,6 +33,7 @@ mod sock_addr;
 mod sock_release;
 mod tc_egress;
 mod tc_ingress;
+mod tc_pod_ingress;
 
 /// The socket-storage and set-retval helpers need a GPL-compatible license;
 /// Cargo.toml declares the crate's license to match.

@@ -14,7 +14,8 @@
 //! not a frontend passes untouched.
 //!
 //! IPv4 and IPv6 alike, each on its own maps, through one generic
-//! implementation (see `packet` for what differs).
+//! implementation (see `packet` for what differs). `tc_pod_ingress` runs
+//! the same code on pods' interfaces, over the frontends pods reach.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::info;
@@ -111,6 +112,10 @@ impl Ingress for Ip4 {
         u64::from(addr) | AFFINITY_CLIENT_IP
     }
 
+    // Inlined, as before there were two programs of this code: a call
+    // would stack its frame on the family's, past the verifier's 512 bytes.
+    #[expect(clippy::inline_always, reason = "see above")]
+    #[inline(always)]
     fn trace_flow(ctx: &TcContext, packet: &Packet<Self>, backend: &ServiceValue<Self>) {
         info!(
             ctx,
@@ -171,6 +176,10 @@ impl Ingress for Ip6 {
         (high ^ low) | AFFINITY_CLIENT_IP
     }
 
+    // Inlined, as before there were two programs of this code: a call
+    // would stack its frame on the family's, past the verifier's 512 bytes.
+    #[expect(clippy::inline_always, reason = "see above")]
+    #[inline(always)]
     fn trace_flow(ctx: &TcContext, packet: &Packet<Self>, backend: &ServiceValue<Self>) {
         info!(
             ctx,
@@ -191,9 +200,26 @@ impl Ingress for Ip6 {
     reason = "the program macro hands the context over by value"
 )]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
+    by_family::<FROM_OUTSIDE>(&ctx)
+}
+
+/// Packets from outside the node's pods, on the node's devices: the
+/// outside frontends first, then ClusterIPs.
+pub const FROM_OUTSIDE: bool = false;
+/// Packets from a pod, on its interface: the frontends as pods reach them,
+/// which are the node's own sockets' (see `tc_pod_ingress`).
+pub const FROM_POD: bool = true;
+
+/// The program, for packets from outside or (`POD`) from a pod.
+#[expect(
+    clippy::inline_always,
+    reason = "each program's body; its families are the calls"
+)]
+#[inline(always)]
+pub fn by_family<const POD: bool>(ctx: &TcContext) -> i32 {
     match ctx.skb.protocol() {
-        ETH_P_IP_BE => ingress4(&ctx),
-        ETH_P_IPV6_BE => ingress6(&ctx),
+        ETH_P_IP_BE => ingress4::<POD>(ctx),
+        ETH_P_IPV6_BE => ingress6::<POD>(ctx),
         _ => PASS,
     }
 }
@@ -203,26 +229,26 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 // its keys) inlined beside the IPv4 one, or called from its frame, would
 // pass the verifier's 512 bytes. One call per packet is what it costs.
 #[inline(never)]
-fn ingress4(ctx: &TcContext) -> i32 {
-    ingress::<Ip4>(ctx)
+fn ingress4<const POD: bool>(ctx: &TcContext) -> i32 {
+    ingress::<Ip4, POD>(ctx)
 }
 
 #[inline(never)]
-fn ingress6(ctx: &TcContext) -> i32 {
-    ingress::<Ip6>(ctx)
+fn ingress6<const POD: bool>(ctx: &TcContext) -> i32 {
+    ingress::<Ip6, POD>(ctx)
 }
 
 #[expect(clippy::inline_always, reason = "one frame per family (see ingress4)")]
 #[inline(always)]
-fn ingress<A: Ingress>(ctx: &TcContext) -> i32 {
+fn ingress<A: Ingress, const POD: bool>(ctx: &TcContext) -> i32 {
     match parse::<A>(ctx) {
-        Some(Parsed::Flow(packet)) => flow(ctx, &packet),
+        Some(Parsed::Flow(packet)) => flow::<A, POD>(ctx, &packet),
         Some(Parsed::IcmpError(error)) => icmp_error(ctx, &error),
         None => PASS,
     }
 }
 
-fn flow<A: Ingress>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
+fn flow<A: Ingress, const POD: bool>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
     let flows = A::flows();
     let forward = packet.flow_key(FLOW_FORWARD);
     // A TCP SYN always chooses afresh (a reused client port must not stick
@@ -232,7 +258,7 @@ fn flow<A: Ingress>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
         if let Some(flow) = unsafe { flows.get(forward) }.copied()
             && still_serving(packet, &flow)
         {
-            return translate(ctx, packet, &flow);
+            return translate::<A, POD>(ctx, packet, &flow);
         }
         // A TCP packet of no known flow is not ours to start one: it may
         // be the reply of a flow masqueraded to a node address.
@@ -240,7 +266,7 @@ fn flow<A: Ingress>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
             return PASS;
         }
     }
-    let (backend, flags) = match choose(packet) {
+    let (backend, flags) = match choose::<A, POD>(packet) {
         Ok(chosen) => chosen,
         Err(verdict) => {
             forget_reply(packet);
@@ -283,7 +309,7 @@ fn flow<A: Ingress>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
     }
     // `run --trace` only (see lb::forward).
     A::trace_flow(ctx, packet, &backend);
-    translate(ctx, packet, &flow)
+    translate::<A, POD>(ctx, packet, &flow)
 }
 
 /// A flow that starts here untranslated (a client reaching a pod straight
@@ -291,19 +317,54 @@ fn flow<A: Ingress>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
 /// now on: a reply entry left by the old flow would give its replies the
 /// frontend's address. Conntrack keeps the two apart the same way, by
 /// refusing a second flow with the same reply tuple.
+///
+/// Unless the packet is that flow's own, past its translation: a pod's
+/// packet translated on its interface comes into the node again through
+/// the pods' bridge on its way to the backend, and where that bridge is
+/// one of the node's devices too, its reply entry must stay. A frame of
+/// its own, and one key reused for every lookup: inlined, or with a key
+/// each, it would take the IPv6 path's stack past the verifier's 512 bytes.
+#[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the one key is lent to every lookup, not copied for each"
+)]
 fn forget_reply<A: Family>(packet: &Packet<A>) {
-    let _ = A::flows().remove(packet.answered_flow_key(FLOW_REPLY));
+    let flows = A::flows();
+    let mut key = packet.answered_flow_key(FLOW_REPLY);
+    let Some(frontend) = flows.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: a map value, read at once.
+    (key.daddr_be, key.dport_be) = unsafe { ((*frontend).addr_be, (*frontend).port_be) };
+    (key.saddr_be, key.sport_be, key.direction) = (packet.saddr_be, packet.sport_be, FLOW_FORWARD);
+    if let Some(flow) = flows.get_ptr(&key)
+        // SAFETY: as above.
+        && unsafe { (*flow).addr_be.same(packet.daddr_be) && (*flow).port_be == packet.dport_be }
+    {
+        return;
+    }
+    key = packet.answered_flow_key(FLOW_REPLY);
+    let _ = flows.remove(&key);
 }
 
 /// The backend for a new flow and the flow's flags, or the verdict for a
-/// packet that starts none. The outside frontends first (a load-balancer
-/// IP with source ranges drops a client outside them); then the
-/// ClusterIPs, from the socket programs' own map.
-fn choose<A: Ingress>(packet: &Packet<A>) -> Result<(ServiceValue<A>, u16), i32> {
+/// packet that starts none. From outside, the outside frontends first (a
+/// load-balancer IP with source ranges drops a client outside them); then
+/// the ClusterIPs, from the socket programs' own map. From a pod, only
+/// that map: it holds every frontend as the node's own sockets reach it,
+/// over the Service's backends whatever its externalTrafficPolicy, which
+/// is how pods reach them too.
+fn choose<A: Ingress, const POD: bool>(packet: &Packet<A>) -> Result<(ServiceValue<A>, u16), i32> {
     let frontend = ServiceKey::frontend(packet.daddr_be, packet.dport_be, packet.proto);
     // Session affinity follows the client's address here.
     let client = || A::affinity_client(packet.saddr_be);
-    let (picked, cluster_ip) = match frontend_of(A::ext_services(), frontend) {
+    let outside = if POD {
+        None
+    } else {
+        frontend_of(A::ext_services(), frontend)
+    };
+    let (picked, cluster_ip) = match outside {
         // loadBalancerSourceRanges, before any backend is chosen or counted.
         Some(slot0)
             if slot0.flags & FRONTEND_SOURCE_RANGES != 0
@@ -323,7 +384,9 @@ fn choose<A: Ingress>(packet: &Packet<A>) -> Result<(ServiceValue<A>, u16), i32>
         Pick::NotService => Err(PASS),
         Pick::NoBackends => {
             // kube-proxy drops these too (policy Local without a local
-            // endpoint), and a load balancer's health check moves on.
+            // endpoint), and a load balancer's health check moves on. A
+            // pod's connection times out here where its `connect()` would
+            // be refused: nothing answers for the Service in tc.
             record(Event::ExtDropped);
             Err(DROP)
         }
@@ -334,7 +397,7 @@ fn choose<A: Ingress>(packet: &Packet<A>) -> Result<(ServiceValue<A>, u16), i32>
         Pick::Backend { backend, flags } if !cluster_ip => Ok((backend, flags)),
         // That map also holds the outside frontends as the node's own
         // sockets reach them, over other backends: not for packets.
-        Pick::Backend { flags, .. } if flags & FRONTEND_KIND != 0 => Err(PASS),
+        Pick::Backend { flags, .. } if flags & FRONTEND_KIND != 0 && !POD => Err(PASS),
         Pick::Backend { backend, .. } => {
             let masquerade = if masquerades_cluster_ip(packet.saddr_be) {
                 FRONTEND_MASQUERADE
@@ -368,7 +431,11 @@ fn still_serving<A: Family>(packet: &Packet<A>, flow: &FlowNat<A>) -> bool {
 
 #[expect(clippy::inline_always, reason = "one frame per family (see ingress4)")]
 #[inline(always)]
-fn translate<A: Family>(ctx: &TcContext, packet: &Packet<A>, flow: &FlowNat<A>) -> i32 {
+fn translate<A: Family, const POD: bool>(
+    ctx: &TcContext,
+    packet: &Packet<A>,
+    flow: &FlowNat<A>,
+) -> i32 {
     if !packet.rewrite(ctx, Side::Destination, flow.addr_be, flow.port_be) {
         return DROP;
     }
@@ -379,7 +446,11 @@ fn translate<A: Family>(ctx: &TcContext, packet: &Packet<A>, flow: &FlowNat<A>) 
         let current = unsafe { (*ctx.skb.skb).mark };
         ctx.set_mark(current | mark);
     }
-    record(Event::ExtForwarded);
+    record(if POD {
+        Event::PodForwarded
+    } else {
+        Event::ExtForwarded
+    });
     PASS
 }
 
@@ -387,6 +458,8 @@ fn translate<A: Family>(ctx: &TcContext, packet: &Packet<A>, flow: &FlowNat<A>) 
 /// frontend the reply came from: it goes on to the backend, quoting the
 /// reply as the backend sent it, and conntrack relates it to the flow
 /// (undoing the masquerade, for policy Cluster).
+#[expect(clippy::inline_always, reason = "one frame per family (see ingress4)")]
+#[inline(always)]
 fn icmp_error<A: Family>(ctx: &TcContext, error: &IcmpError<A>) -> i32 {
     // SAFETY: the value is copied out at once.
     let Some(flow) =

@@ -340,6 +340,30 @@ pub fn cgroup_link_info(fd: impl AsFd) -> io::Result<CgroupLinkInfo> {
     })
 }
 
+/// The cookie of the calling thread's network namespace, as
+/// `bpf_get_netns_cookie` gives it to the programs (Linux 5.14 and later).
+pub fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: a plain socket call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let socket = owned_fd(libc::c_long::from(fd))?;
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(size_of::<u64>()).unwrap_or_default();
+    // SAFETY: the value and its length are this frame's, valid for the call.
+    let got = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if got != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The device index a TCX link is on: 0 once the device is gone, and the
 /// link defunct.
 pub fn tcx_link_ifindex(fd: impl AsFd) -> io::Result<u32> {

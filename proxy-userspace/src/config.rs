@@ -143,6 +143,20 @@ pub struct RunArgs {
     /// One that does not exist yet is picked up when it appears.
     #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
     pub devices: Vec<String>,
+    /// Which sockets are balanced at connect(): `all`, or `host`, the
+    /// node's own network namespace only. With `host`, pods' connections
+    /// leave the pod addressed to the Service, past the pod's own iptables
+    /// (a service mesh's sidecar redirect needs to see it), and are
+    /// translated per packet on the pods' interfaces (Cilium's
+    /// socketLB.hostNamespaceOnly).
+    #[arg(long, value_enum, value_name = "SCOPE", default_value_t = SocketLbScope::All)]
+    pub socket_lb_scope: SocketLbScope,
+    /// With --socket-lb-scope=host: the pods' interfaces on the host's
+    /// side, as globs (`veth*,cali*`; comma-separated). Default: every veth
+    /// whose peer is in another network namespace and that has no address.
+    /// Interfaces that appear later are picked up.
+    #[arg(long, value_name = "GLOB,...", value_delimiter = ',')]
+    pub pod_devices: Vec<String>,
     /// Attach the tc programs with TCX links (Linux 6.6 and later, pinned
     /// like the cgroup links). `false` uses clsact filters, as on older
     /// kernels, where TCX is also given up for clsact by itself.
@@ -286,6 +300,7 @@ impl RunArgs {
             iptables_sync_period: self.iptables_sync_period,
             install_iptables_rules: self.install_iptables_rules,
             devices: self.devices,
+            pod_devices: self.socket_lb_scope.pod_devices(self.pod_devices),
             programs: crate::agent::ProgramOptions {
                 tcx: self.tcx,
                 trace: self.trace,
@@ -298,6 +313,31 @@ impl RunArgs {
         };
         config.record = Some(AgentRecord::of(&config, &source));
         Ok((config, source, logging))
+    }
+}
+
+/// `--socket-lb-scope`: whose sockets the socket programs balance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLbScope {
+    /// Every socket of the cgroup, pods' included: the cheapest path.
+    #[default]
+    All,
+    /// The host's network namespace only; pods' traffic per packet.
+    Host,
+}
+
+impl SocketLbScope {
+    /// `--pod-devices` where the scope has pods' interfaces to attach to.
+    fn pod_devices(self, patterns: Vec<String>) -> Option<Vec<String>> {
+        match self {
+            Self::All => {
+                if !patterns.is_empty() {
+                    warn!("--pod-devices is ignored without --socket-lb-scope=host");
+                }
+                None
+            }
+            Self::Host => Some(patterns),
+        }
     }
 }
 

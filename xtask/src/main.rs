@@ -220,6 +220,8 @@ fn test(filter: Option<&str>) -> Result<()> {
         "--test",
         "lifecycle",
         "--test",
+        "mesh",
+        "--test",
         "listeners",
         "--test",
         "nodeport",

@@ -3,14 +3,18 @@
 //! addresses choose, and, from then on, a watch on the pins and the cgroup
 //! that puts back whatever goes from under them.
 
-use std::{collections::BTreeSet, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
 
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{error, info, warn};
 
 use crate::{
     datapath::{Datapath, DatapathError, GuardWatch},
-    devices::{DeviceWatch, Interface},
+    devices::{DeviceRole, DeviceWatch, Interface},
 };
 
 /// The loaded datapath and where it is attached.
@@ -19,8 +23,8 @@ pub struct Attachment {
     /// Whether the cgroup programs are attached yet; devices wait for it.
     attached: bool,
     devices: DeviceWatch,
-    /// Devices chosen but not yet attached to.
-    devices_wanted: Option<BTreeSet<String>>,
+    /// Devices chosen but not yet attached to, each with its role.
+    devices_wanted: Option<BTreeMap<String, DeviceRole>>,
     /// Every interface of the namespace, as last read: where clsact
     /// filters may have to be taken off.
     interface_names: Vec<String>,
@@ -33,11 +37,11 @@ pub struct Attachment {
 
 impl Attachment {
     #[must_use]
-    pub fn new(datapath: Datapath, devices: Vec<String>) -> Self {
+    pub fn new(datapath: Datapath, devices: DeviceWatch) -> Self {
         Self {
             datapath,
             attached: false,
-            devices: DeviceWatch::new(devices),
+            devices,
             devices_wanted: None,
             interface_names: Vec::new(),
             watch: None,

@@ -35,7 +35,7 @@ use self::{attachment::Attachment, tables::FamilyTables};
 use crate::{
     agent_record,
     datapath::{Datapath, DatapathError, MapSizes, ProgramSettings},
-    devices,
+    devices::{self, DeviceWatch},
     health::{Health, HealthEndpoints, SharedHealth},
     listener::{Connections, HEALTHZ_CONNECTIONS, METRICS_CONNECTIONS, Responder},
     maps::{Pins, encoding::MapAddress},
@@ -75,6 +75,9 @@ pub struct AgentConfig {
     pub iptables_sync_period: Duration,
     /// `--devices`.
     pub devices: Vec<String>,
+    /// `--pod-devices`, with `--socket-lb-scope=host`; `None` with `all`,
+    /// where pods' sockets are balanced at `connect()`.
+    pub pod_devices: Option<Vec<String>>,
     /// `--tcx` and `--trace`.
     pub programs: ProgramOptions,
     /// `--terminate-udp`, `--terminate-tcp`.
@@ -104,6 +107,10 @@ pub enum AgentError {
     SourceStopped,
     #[error("cannot listen for signals")]
     Signals(#[source] std::io::Error),
+    #[error(
+        "cannot read this network namespace's cookie (--socket-lb-scope=host needs Linux 5.14)"
+    )]
+    NetnsCookie(#[source] std::io::Error),
     #[error("cannot follow the programs' log records")]
     Trace(#[source] std::io::Error),
     #[error("cannot serve {what} on {address}")]
@@ -167,6 +174,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let (sink, mut events) = EventSink::channel();
     source.start(sink)?;
     let (guard_changes, mut guard_events) = tokio::sync::mpsc::unbounded_channel();
+    let mut link_events = follow_links();
     let stale_sockets = start_stale_sockets(&config);
     if stale_sockets.is_some() {
         ipv4.sockets.report_departures();
@@ -178,7 +186,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         ipv4,
         ipv6,
         stale_sockets,
-        attachment: Attachment::new(datapath, config.devices.clone()),
+        attachment: Attachment::new(
+            datapath,
+            DeviceWatch::new(config.devices.clone(), config.pod_devices.clone()),
+        ),
         masquerade: config
             .install_iptables_rules
             .then(|| Masquerade::new(config.masquerade_bit)),
@@ -215,6 +226,10 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
                 state.ipv6.wake(now);
             }
             _ = housekeeping.tick() => state.housekeeping(),
+            Some(()) = link_events.recv() => {
+                while link_events.try_recv().is_ok() {}
+                state.follow_interfaces();
+            }
             Some(()) = guard_events.recv() => state.guard_settled(&mut guard_events).await,
             _ = terminate.recv() => {
                 info!("SIGTERM: exiting; the pinned datapath keeps serving");
@@ -282,6 +297,11 @@ fn load(
                     std::net::IpAddr::V4(_) => None,
                 }),
             masquerade_all: config.masquerade_all,
+            host_netns_cookie: if config.pod_devices.is_some() {
+                crate::bpf_sys::netns_cookie().map_err(AgentError::NetnsCookie)?
+            } else {
+                0
+            },
             trace: config.programs.trace,
         },
     )?;
@@ -307,6 +327,16 @@ fn follow_trace(datapath: &mut Datapath) -> Result<(), AgentError> {
         .map_err(AgentError::Trace)?;
     info!("tracing every translation (--trace): expect a line per connection");
     Ok(())
+}
+
+/// The kernel's notices of links and addresses, a unit each; without
+/// them the interfaces are still read on the housekeeping timer.
+fn follow_links() -> UnboundedReceiver<()> {
+    let (changes, events) = tokio::sync::mpsc::unbounded_channel();
+    if let Err(error) = devices::follow_links(changes) {
+        warn!(%error, "cannot follow the links' notices; interfaces are looked at every --iptables-sync-period");
+    }
+    events
 }
 
 /// The thread that ends sockets of departed backends; without it (the
@@ -457,6 +487,13 @@ impl Loop {
         if let Some(masquerade) = &mut self.masquerade {
             masquerade.repair();
         }
+        self.follow_interfaces();
+        self.guard();
+    }
+
+    /// The node's interfaces and addresses: NodePorts follow the
+    /// addresses, the devices both.
+    fn follow_interfaces(&mut self) {
         match devices::read() {
             Ok(interfaces) => {
                 self.model
@@ -470,7 +507,6 @@ impl Loop {
                 warn!(error = %crate::report::chain(&error), "cannot read the interfaces");
             }
         }
-        self.guard();
     }
 
     /// [`Loop::guard`] once a burst of changes has settled.

@@ -3,7 +3,7 @@
 //! clsact filters.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
@@ -14,7 +14,7 @@ use aya::programs::{
     links::FdLink,
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
-use proxy_common::{PROGRAMS, TC_PROGRAMS, TcHook};
+use proxy_common::{DeviceRole, PROGRAMS, TC_PROGRAMS, TcHook};
 use tracing::{info, warn};
 
 use super::{
@@ -84,29 +84,33 @@ pub fn check_cgroup(path: &Path) -> Result<(), AttachError> {
 }
 
 impl Datapath {
-    /// Attaches the tc programs to exactly `devices`: a device's pinned
-    /// links get the new programs swapped in, a new device gets links of
-    /// its own (TCX, pinned; clsact where the kernel has no TCX), and the
-    /// links of devices no longer chosen are unpinned, which detaches them.
-    /// A device that fails is logged and skipped; the others still go on.
-    pub fn attach_devices(&mut self, devices: &BTreeSet<String>, all: &[String]) {
-        for device in devices {
-            for (name, attach_type) in tc_hooks() {
+    /// Attaches the tc programs to exactly `devices`, each device the
+    /// programs of its role: a device's pinned links get the new programs
+    /// swapped in, a new device gets links of its own (TCX, pinned; clsact
+    /// where the kernel has no TCX), and the links no longer wanted (a
+    /// device no longer chosen, or of another role now) are unpinned, which
+    /// detaches them. A device that fails is logged and skipped; the others
+    /// still go on.
+    pub fn attach_devices(&mut self, devices: &BTreeMap<String, DeviceRole>, all: &[String]) {
+        let mut wanted = BTreeSet::new();
+        for (device, role) in devices {
+            for (name, attach_type) in tc_hooks(Some(*role)) {
+                wanted.insert((name, device.as_str()));
                 if let Err(error) = self.attach_device(name, device, attach_type) {
                     warn!(program = name, device, error = %crate::report::chain(&error), "cannot attach to the device");
                 }
             }
         }
         // The links held but no longer pinned too: holding one keeps it.
-        let mut links: BTreeSet<(PathBuf, String)> = tc_links(&self.pins).into_iter().collect();
+        let mut links: BTreeSet<(PathBuf, TcLink)> = tc_links(&self.pins).into_iter().collect();
         links.extend(
             self.held
                 .tc_links
                 .keys()
-                .filter_map(|path| Some((path.clone(), tc_link_device(path)?))),
+                .filter_map(|path| Some((path.clone(), tc_link(path)?))),
         );
-        for (path, device) in links {
-            if !devices.contains(&device) {
+        for (path, TcLink { program, device }) in links {
+            if !wanted.contains(&(program, device.as_str())) {
                 let held = self.held.tc_links.remove(&path);
                 match fs::remove_file(&path) {
                     Ok(()) => {
@@ -123,7 +127,7 @@ impl Datapath {
         }
         if !self.tcx {
             // clsact filters have no pin to list them by: ask every device.
-            for device in all.iter().filter(|d| !devices.contains(*d)) {
+            for device in all.iter().filter(|d| !devices.contains_key(*d)) {
                 if detach_clsact(device) {
                     info!(
                         device,
@@ -279,15 +283,19 @@ fn swap_pinned(
     }
 }
 
-/// The tc programs, each with the hook it goes on as aya names it.
-fn tc_hooks() -> impl Iterator<Item = (&'static str, TcAttachType)> {
-    TC_PROGRAMS.into_iter().map(|program| {
-        let attach_type = match program.hook {
-            TcHook::Ingress => TcAttachType::Ingress,
-            TcHook::Egress => TcAttachType::Egress,
-        };
-        (program.name, attach_type)
-    })
+/// The tc programs for a device of `role` (every one without), each with
+/// the hook it goes on as aya names it.
+fn tc_hooks(role: Option<DeviceRole>) -> impl Iterator<Item = (&'static str, TcAttachType)> {
+    TC_PROGRAMS
+        .into_iter()
+        .filter(move |program| role.is_none_or(|role| program.goes_on(role)))
+        .map(|program| {
+            let attach_type = match program.hook {
+                TcHook::Ingress => TcAttachType::Ingress,
+                TcHook::Egress => TcAttachType::Egress,
+            };
+            (program.name, attach_type)
+        })
 }
 
 /// Where the clsact filters go: a priority and handle of this project's
@@ -341,7 +349,7 @@ fn attach_clsact(
 /// there were any.
 pub(super) fn detach_clsact(device: &str) -> bool {
     let mut detached = false;
-    for (name, attach_type) in tc_hooks() {
+    for (name, attach_type) in tc_hooks(None) {
         match tc::qdisc_detach_program(device, attach_type, name) {
             Ok(()) => detached = true,
             Err(tc::TcError::IoError(error)) if error.kind() == io::ErrorKind::NotFound => {}
@@ -353,27 +361,34 @@ pub(super) fn detach_clsact(device: &str) -> bool {
     detached
 }
 
-/// The device a tc link's pin (`links/<program>@<device>`) names.
-fn tc_link_device(path: &Path) -> Option<String> {
-    let name = path.file_name()?.to_str()?;
-    let (program, device) = name.split_once('@')?;
-    TC_PROGRAMS
-        .iter()
-        .any(|tc| tc.name == program)
-        .then(|| device.to_owned())
+/// What a tc link's pin (`links/<program>@<device>`) names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TcLink {
+    pub program: &'static str,
+    pub device: String,
 }
 
-/// The pinned tc links and the device each is on.
-pub fn tc_links(pins: &Pins) -> Vec<(PathBuf, String)> {
+fn tc_link(path: &Path) -> Option<TcLink> {
+    let name = path.file_name()?.to_str()?;
+    let (program, device) = name.split_once('@')?;
+    let program = TC_PROGRAMS.iter().find(|tc| tc.name == program)?.name;
+    Some(TcLink {
+        program,
+        device: device.to_owned(),
+    })
+}
+
+/// The pinned tc links and what each names.
+pub fn tc_links(pins: &Pins) -> Vec<(PathBuf, TcLink)> {
     let Ok(dir) = fs::read_dir(pins.links_dir()) else {
         return Vec::new();
     };
-    let mut links: Vec<(PathBuf, String)> = dir
+    let mut links: Vec<(PathBuf, TcLink)> = dir
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let path = entry.path();
-            let device = tc_link_device(&path)?;
-            Some((path, device))
+            let link = tc_link(&path)?;
+            Some((path, link))
         })
         .collect();
     links.sort();

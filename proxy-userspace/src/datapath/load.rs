@@ -10,9 +10,9 @@ use proxy_common::{
     BACKENDS_MAP, BACKENDS_MAX_ENTRIES, BACKENDS6_MAP, CLUSTER_CIDR_ADDR_GLOBAL,
     CLUSTER_CIDR_MASK_GLOBAL, CLUSTER_CIDR6_ADDR_GLOBAL, CLUSTER_CIDR6_MASK_GLOBAL,
     EXT_BACKENDS_MAP, EXT_BACKENDS_MAX_ENTRIES, EXT_BACKENDS6_MAP, EXT_SERVICES_MAP,
-    EXT_SERVICES_MAX_ENTRIES, EXT_SERVICES6_MAP, FLOWS_MAP, FLOWS_MAX_ENTRIES, FLOWS6_MAP, MAPS,
-    MASQUERADE_ALL_GLOBAL, MASQUERADE_MARK_GLOBAL, PROGRAMS, SERVICES_MAP, SERVICES_MAX_ENTRIES,
-    SERVICES6_MAP, TC_PROGRAMS, TcProgram,
+    EXT_SERVICES_MAX_ENTRIES, EXT_SERVICES6_MAP, FLOWS_MAP, FLOWS_MAX_ENTRIES, FLOWS6_MAP,
+    HOST_NETNS_COOKIE_GLOBAL, MAPS, MASQUERADE_ALL_GLOBAL, MASQUERADE_MARK_GLOBAL, PROGRAMS,
+    SERVICES_MAP, SERVICES_MAX_ENTRIES, SERVICES6_MAP, TC_PROGRAMS, TcProgram,
 };
 use tracing::warn;
 
@@ -127,6 +127,9 @@ pub struct ProgramSettings {
     pub cluster_cidr6: Option<(Ipv6Addr, u8)>,
     /// `--masquerade-all`: all ClusterIP traffic from outside is.
     pub masquerade_all: bool,
+    /// `--socket-lb-scope=host`: the cookie of the network namespace whose
+    /// sockets alone are balanced at `connect()`; 0 for every socket.
+    pub host_netns_cookie: u64,
     /// `run --trace`: the programs log each translation (aya-log).
     pub trace: bool,
 }
@@ -202,6 +205,7 @@ impl Datapath {
         for (name, value) in &globals6 {
             loader.override_global(name, value, true);
         }
+        loader.override_global(HOST_NETNS_COOKIE_GLOBAL, &settings.host_netns_cookie, true);
         // aya-log's level: off (0) unless tracing, so that the verifier,
         // which sees a constant, drops every log statement.
         let log_level: u8 = if settings.trace {

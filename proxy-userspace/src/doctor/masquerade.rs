@@ -21,9 +21,9 @@ pub(super) fn masquerade(cx: &Context) -> Check {
     }
     let defunct: Vec<String> = links
         .iter()
-        .filter_map(|(path, device)| {
+        .filter_map(|(path, link)| {
             let on_device = bpf_sys::obj_get(path).and_then(bpf_sys::tcx_link_ifindex);
-            let now = nix::net::if_::if_nametoindex(device.as_str()).ok();
+            let now = nix::net::if_::if_nametoindex(link.device.as_str()).ok();
             match on_device {
                 Ok(index) if index != 0 && Some(index) == now => None,
                 Ok(_) => Some(format!(
@@ -45,7 +45,7 @@ pub(super) fn masquerade(cx: &Context) -> Check {
             ),
         );
     }
-    let mut devices: Vec<&str> = links.iter().map(|(_, device)| device.as_str()).collect();
+    let mut devices: Vec<&str> = links.iter().map(|(_, link)| link.device.as_str()).collect();
     devices.dedup();
     let on = format!("tc programs on {}", devices.join(", "));
     let families = match crate::reconcile::masquerade::check(cx.args.masquerade_bit) {

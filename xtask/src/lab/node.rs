@@ -154,6 +154,20 @@ impl Lab {
             "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
         ])?;
         ip(&["-n", node, "link", "set", &veth, "master", "br0", "up"])?;
+        // As a bridge CNI with hairpinMode (kubelet's hairpin-veth): a pod
+        // that reaches itself through its Service per packet gets its
+        // packets back through its own port.
+        ip(&[
+            "-n",
+            node,
+            "link",
+            "set",
+            &veth,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         ip(&[
             "-n",
