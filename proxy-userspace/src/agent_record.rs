@@ -203,20 +203,36 @@ pub fn running(pins: &Pins) -> Running {
 
 impl Running {
     /// One line saying where the settings of `doctor` or `explain` came
-    /// from.
+    /// from, with the agent's pid.
     #[must_use]
     pub fn describe(&self, pins: &Pins) -> String {
+        match self.pid() {
+            Some(pid) => format!("{} (agent pid {pid})", self.origin(pins)),
+            None => self.origin(pins),
+        }
+    }
+
+    /// [`Running::describe`] without the pid, which changes with every
+    /// restart: what `doctor`'s JSON says.
+    #[must_use]
+    pub fn origin(&self, pins: &Pins) -> String {
+        let root = pins.root().display();
         match self {
-            Self::Agent(record) => format!(
-                "the settings of the agent running on {} (pid {})",
-                pins.root().display(),
-                record.pid
-            ),
-            Self::Unrecorded(pid) => format!(
-                "defaults: the agent on {} (pid {pid}) left no record of its settings",
-                pins.root().display()
-            ),
-            Self::None => format!("defaults: no agent runs on {}", pins.root().display()),
+            Self::Agent(_) => format!("the settings of the agent running on {root}"),
+            Self::Unrecorded(_) => {
+                format!("defaults: the agent on {root} left no record of its settings")
+            }
+            Self::None => format!("defaults: no agent runs on {root}"),
+        }
+    }
+
+    /// The running agent's pid.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Agent(record) => Some(record.pid),
+            Self::Unrecorded(pid) => Some(*pid),
+            Self::None => None,
         }
     }
 }

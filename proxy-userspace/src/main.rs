@@ -112,6 +112,10 @@ enum Command {
         args: Box<doctor::DoctorArgs>,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Put the volatile facts (pids, ages, counters, map fills, kernel
+        /// object ids) in the JSON too; the table always has them.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Say what happens to a connection from this node to ADDR:PORT: which
     /// Service, which backends and why, or that it passes untouched.
@@ -235,13 +239,24 @@ fn main() -> Result<()> {
         Command::Cleanup {
             kube_proxy: true, ..
         } => Ok(kube_proxy_cleanup::remove_kube_proxy_leftovers()?),
-        Command::Doctor { args, output } => {
+        Command::Doctor {
+            args,
+            output,
+            verbose,
+        } => {
             let report = runtime()?.block_on(doctor::run(&args));
+            let failed = report.failed();
             match output {
                 Output::Table => print!("{}", report.table()),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Json if verbose => {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report.without_volatile())?
+                ),
             }
-            if report.failed() {
+            if failed {
                 std::process::exit(1);
             }
             Ok(())

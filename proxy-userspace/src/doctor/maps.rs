@@ -115,7 +115,11 @@ pub(super) fn maps(cx: &Context) -> Check {
         }
     };
     let mut worst = Status::Ok;
-    let mut facts = Vec::new();
+    // How full a map is changes with traffic (the LRUs, connected UDP
+    // sockets) or with the Services: the fills are volatile, and the
+    // evidence names only the maps that are a problem.
+    let mut fills_read = Vec::new();
+    let mut problems = Vec::new();
     let mut fixes = Vec::new();
     for (name, full, used) in fills {
         let Ok(size) = bpf_sys::obj_get(&cx.pins.map(name))
@@ -126,13 +130,18 @@ pub(super) fn maps(cx: &Context) -> Check {
         };
         let used = u64::try_from(used).unwrap_or(u64::MAX);
         let percent = used * 100 / u64::from(size.max(1));
-        facts.push(format!("{name} {used}/{size} ({percent}%)"));
+        fills_read.push(format!("{name} {used}/{size} {percent}%"));
         let status = match full {
             Full::Evicts => Status::Ok,
             _ if percent < FILL_WARN_PERCENT => Status::Ok,
             Full::Refuses(_) if used >= u64::from(size) => Status::Fail,
             Full::Refuses(_) | Full::Degrades => Status::Warn,
         };
+        match status {
+            Status::Fail => problems.push(format!("{name} is full")),
+            Status::Warn => problems.push(format!("{name} is {FILL_WARN_PERCENT}% full or more")),
+            Status::Ok => {}
+        }
         match full {
             Full::Refuses(flag) if status != Status::Ok && flag.starts_with("--") => {
                 fixes.push(format!(
@@ -149,13 +158,77 @@ pub(super) fn maps(cx: &Context) -> Check {
         }
         worst = worst.max(status);
     }
-    let evidence = facts.join(", ");
-    if worst == Status::Ok {
-        Check::ok(NAME, evidence)
+    let check = if worst == Status::Ok {
+        Check::ok(
+            NAME,
+            format!(
+                "{} maps with a size: those that refuse entries when full are below {FILL_WARN_PERCENT}%; the flow and affinity LRUs evict",
+                fills_read.len()
+            ),
+        )
     } else {
-        Check::problem(NAME, worst, evidence, fixes.join("; "))
-    }
+        Check::problem(NAME, worst, problems.join(", "), fixes.join("; "))
+    };
+    check.with_volatile(fills_read)
 }
+
+/// The events that only ever count a problem, with what it is and its fix.
+const PROBLEM_EVENTS: &[(proxy_common::Event, &str, &str)] = &[
+    (
+        proxy_common::Event::RevNatNotStored,
+        "rev_nat_not_stored: replies could not be given their Service's address (no memory for a socket's storage, or a NodePort flow not stored): UDP clients get answers from the wrong address",
+        "look for memory pressure (`free`, `dmesg`); the count says how often since the datapath was loaded",
+    ),
+    (
+        proxy_common::Event::RevNatEvicted,
+        "rev_nat_evicted: an unconnected UDP socket talked to more backends at once than its translation slots hold, so a late reply shows the backend's address",
+        "connect() such clients' UDP sockets, or have them talk to fewer Service backends at once",
+    ),
+    (
+        proxy_common::Event::UdpConnectedFull,
+        "udp_connected_full: the connected UDP socket map was full: those sockets work, but are not ended when their backend leaves",
+        "fewer connected UDP sockets at once (the map has a fixed size)",
+    ),
+];
+
+/// The problems the event counts show, each with its fix, in
+/// [`proxy_common::Event::ALL`] order. Every one warns: the datapath goes
+/// on, but some traffic is not handled as it should be.
+fn problems_counted(counts: &[(proxy_common::Event, u64)]) -> Vec<(&'static str, &'static str)> {
+    use proxy_common::Event;
+    let get = |event: Event| {
+        counts
+            .iter()
+            .find(|(e, _)| *e == event)
+            .map_or(0, |(_, n)| *n)
+    };
+    let lost = get(Event::NoBackendSlot).saturating_add(get(Event::NoBackend));
+    let forwarded = get(Event::Forwarded);
+    let mut problems = Vec::new();
+    // A lost race now and then is a socket made while its Service shrank;
+    // many mean the maps change under heavy traffic all the time.
+    if lost > 0 && lost.saturating_mul(100) > forwarded {
+        problems.push((
+            "no_backend_slot and no_backend: more than 1% of translations lost a race with a write, and their sockets went untranslated",
+            "find the Service whose endpoints change constantly (`proxy-userspace services` twice)",
+        ));
+    }
+    for (event, problem, fix) in PROBLEM_EVENTS {
+        if get(*event) > 0 {
+            problems.push((*problem, *fix));
+        }
+    }
+    problems
+}
+
+/// What the counts that are no problem mean: said whatever they are, so
+/// that the evidence does not change with traffic.
+const EXPECTED_EVENTS: &str = "refused counts connections to Services without endpoints; \
+ext_dropped, packets to a NodePort, externalIP or load-balancer IP with no backend for them here, \
+expected under externalTrafficPolicy Local on a node without local endpoints (kube-proxy drops \
+them too); ext_source_range_dropped, new flows from clients outside a Service's \
+loadBalancerSourceRanges; ipv6_ext_header_passed, IPv6 packets with extension headers, MLD \
+reports among them, left alone";
 
 pub(super) fn counters(cx: &Context) -> Check {
     const NAME: &str = "counters";
@@ -163,37 +236,106 @@ pub(super) fn counters(cx: &Context) -> Check {
         .map_err(|e| chain(&e))
         .and_then(|map| listing::events(&map).map_err(|e| chain(&e)))
     {
-        Ok(counts) => counts,
+        Ok(counts) => counts.iter().collect::<Vec<_>>(),
         Err(error) => {
             return Check::problem(NAME, Status::Fail, error, cx.restart.clone());
         }
     };
-    let get = |event: proxy_common::Event| {
-        counts
-            .iter()
-            .find(|(e, _)| *e == event)
-            .map_or(0, |(_, n)| n)
-    };
-    let evidence = counts
+    counters_verdict(&counts)
+}
+
+/// The counters check from the counts read.
+fn counters_verdict(counts: &[(proxy_common::Event, u64)]) -> Check {
+    const NAME: &str = "counters";
+    let figures = counts
         .iter()
         .map(|(event, count)| format!("{} {count}", event.name()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let lost = get(proxy_common::Event::NoBackendSlot) + get(proxy_common::Event::NoBackend);
-    let forwarded = get(proxy_common::Event::Forwarded);
-    // A lost race now and then is a socket made while its Service shrank;
-    // many mean the maps change under heavy traffic all the time.
-    if lost > 0 && lost.saturating_mul(100) > forwarded {
+        .collect();
+    let problems = problems_counted(counts);
+    let check = if problems.is_empty() {
+        Check::ok(
+            NAME,
+            format!("no event counts a problem: {EXPECTED_EVENTS}"),
+        )
+    } else {
         Check::problem(
             NAME,
             Status::Warn,
-            format!("{evidence}: more than 1% of translations lost a race with a write"),
-            "find the Service whose endpoints change constantly (`proxy-userspace services` twice)",
+            format!(
+                "{} of the datapath's event counts show a problem",
+                problems.len()
+            ),
+            problems
+                .iter()
+                .map(|(_, fix)| *fix)
+                .collect::<Vec<_>>()
+                .join("; "),
         )
-    } else {
-        Check::ok(
-            NAME,
-            format!("{evidence} (refused: connections to Services without endpoints)"),
+        .with_details(
+            problems
+                .iter()
+                .map(|(problem, _)| (*problem).to_owned())
+                .collect(),
         )
+    };
+    check.with_volatile(figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::Event;
+
+    use super::*;
+
+    fn counts(nonzero: &[(Event, u64)]) -> Vec<(Event, u64)> {
+        Event::ALL
+            .iter()
+            .map(|event| {
+                let count = nonzero
+                    .iter()
+                    .find(|(e, _)| e == event)
+                    .map_or(0, |(_, n)| *n);
+                (*event, count)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn expected_drops_are_ok_and_their_evidence_does_not_change_with_traffic() {
+        let quiet = counters_verdict(&counts(&[]));
+        let busy = counters_verdict(&counts(&[
+            (Event::Forwarded, 1000),
+            (Event::Refused, 7),
+            (Event::ExtDropped, 40),
+            (Event::ExtSourceRangeDropped, 3),
+            (Event::Ipv6ExtHeaderPassed, 12),
+            (Event::NoBackendSlot, 2),
+        ]));
+        assert_eq!(busy.status, Status::Ok);
+        assert_eq!(quiet.evidence, busy.evidence);
+        assert!(busy.evidence.contains("externalTrafficPolicy Local"));
+        assert!(busy.volatile.contains(&"ext_dropped 40".to_owned()));
+        assert!(
+            busy.volatile
+                .contains(&"ext_source_range_dropped 3".to_owned())
+        );
+        assert_eq!(busy.volatile.len(), Event::ALL.len());
+    }
+
+    #[test]
+    fn lost_storage_full_maps_and_many_lost_races_warn() {
+        for event in [
+            Event::RevNatNotStored,
+            Event::RevNatEvicted,
+            Event::UdpConnectedFull,
+        ] {
+            let check = counters_verdict(&counts(&[(event, 1)]));
+            assert_eq!(check.status, Status::Warn, "{}", event.name());
+            assert!(check.details[0].starts_with(event.name()), "{check:?}");
+            assert!(check.fix.is_some());
+        }
+        let races = counters_verdict(&counts(&[(Event::Forwarded, 100), (Event::NoBackend, 2)]));
+        assert_eq!(races.status, Status::Warn);
+        assert!(races.details[0].contains("lost a race"));
     }
 }

@@ -2,8 +2,11 @@
 //! proxy as one command. Each check says OK, WARN or FAIL, with one line
 //! of evidence and, for a problem, the command that fixes it.
 //!
-//! The output has a fixed order of checks and no timestamps, so the JSON
-//! of two nodes diffs cleanly; the exit status is 1 on any FAIL, so it can
+//! The output has a fixed order of checks and no timestamps; what changes
+//! from one run to the next on the same node (pids, ages, counters, how full
+//! a map is, kernel object ids) is kept apart from the evidence as its
+//! volatile facts, which the JSON leaves out unless asked, so the JSON of
+//! two nodes diffs cleanly. The exit status is 1 on any FAIL, so it can
 //! serve as a probe or a cron job. Nothing on the node is changed: the
 //! maps are read through the same readers as `services` and `stats`, the
 //! desired state through the agent's own source and model; the one thing
@@ -92,7 +95,7 @@ impl Settings {
                 .unwrap_or(14),
             source,
             model,
-            origin: running.describe(pins),
+            origin: running.origin(pins),
         }
     }
 }
@@ -129,6 +132,11 @@ pub struct Check {
     /// found), sorted.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub details: Vec<String>,
+    /// What changes between two runs on the same node, or differs between
+    /// two healthy nodes: pids, ages, counters, fills, kernel object ids.
+    /// Kept out of the evidence, and out of the JSON unless `--verbose`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volatile: Vec<String>,
 }
 
 impl Check {
@@ -139,6 +147,7 @@ impl Check {
             evidence: evidence.into(),
             fix: None,
             details: Vec::new(),
+            volatile: Vec::new(),
         }
     }
 
@@ -154,12 +163,19 @@ impl Check {
             evidence: evidence.into(),
             fix: Some(fix.into()),
             details: Vec::new(),
+            volatile: Vec::new(),
         }
     }
 
     fn with_details(mut self, mut details: Vec<String>) -> Self {
         details.sort();
         self.details = details;
+        self
+    }
+
+    /// `volatile` in the order given: the evidence's figures, as it reads.
+    fn with_volatile(mut self, volatile: Vec<String>) -> Self {
+        self.volatile = volatile;
         self
     }
 }
@@ -176,18 +192,34 @@ impl Report {
         self.checks.iter().any(|c| c.status == Status::Fail)
     }
 
-    /// One line per check, its details and fix indented below it.
+    /// The report without its volatile facts: what two nodes, or two runs,
+    /// are compared by.
+    #[must_use]
+    pub fn without_volatile(mut self) -> Self {
+        for check in &mut self.checks {
+            check.volatile.clear();
+        }
+        self
+    }
+
+    /// One line per check, its volatile facts in brackets after the
+    /// evidence, its details and fix indented below it.
     #[must_use]
     pub fn table(&self) -> String {
         let mut out = String::new();
         for check in &self.checks {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "{:<5} {:<13} {}",
                 check.status.label(),
                 check.name,
                 check.evidence
             );
+            if check.volatile.is_empty() {
+                out.push('\n');
+            } else {
+                let _ = writeln!(out, " [{}]", check.volatile.join(", "));
+            }
             for detail in &check.details {
                 let _ = writeln!(out, "{:20}{detail}", "");
             }
@@ -214,10 +246,10 @@ pub async fn run(args: &DoctorArgs) -> Report {
     let settings = Settings::of(args, &pins);
     let args = &settings;
     let holder = pins.holder();
+    // No pid here: the fix is in the JSON, which has none (the agent
+    // check's volatile facts give it).
     let restart = match holder {
-        Some(pid) => format!(
-            "restart the agent (pid {pid}): `kubectl -n kube-system delete pod` of the ebpf-proxy pod on this node, or `kill {pid}` and start `proxy-userspace run` again"
-        ),
+        Some(_) => "restart the agent: `kubectl -n kube-system delete pod` of the ebpf-proxy pod on this node, or kill it (its pid is the agent check's) and start `proxy-userspace run` again".to_owned(),
         None => format!(
             "start the agent: `proxy-userspace run --bpffs {}` (or check the ebpf-proxy DaemonSet pod on this node)",
             pins.root().display()
@@ -264,6 +296,23 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&report).unwrap(),
             r#"{"checks":[{"name":"agent","status":"OK","evidence":"x"},{"name":"drift","status":"FAIL","evidence":"y","fix":"z","details":["a","b"]}]}"#
+        );
+    }
+
+    #[test]
+    fn volatile_facts_are_in_the_table_and_the_verbose_json_only() {
+        let report = Report {
+            checks: vec![Check::ok("agent", "x holds y").with_volatile(vec!["pid 7".into()])],
+        };
+        assert_eq!(report.table(), "OK    agent         x holds y [pid 7]\n");
+        assert!(
+            serde_json::to_string(&report)
+                .unwrap()
+                .ends_with(r#""volatile":["pid 7"]}]}"#)
+        );
+        assert_eq!(
+            serde_json::to_string(&report.without_volatile()).unwrap(),
+            r#"{"checks":[{"name":"agent","status":"OK","evidence":"x holds y"}]}"#
         );
     }
 }

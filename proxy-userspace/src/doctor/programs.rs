@@ -79,6 +79,8 @@ pub(super) fn programs(cx: &Context) -> Check {
     // On cgroup2 a cgroup's id is its directory's inode number.
     let cgroup_id = cgroup_dir.metadata().map(|m| m.ino()).unwrap_or_default();
     let mut problems = Vec::new();
+    // Kernel object ids differ from node to node and with every load.
+    let mut ids = Vec::new();
     for name in datapath::program_names() {
         let path = cx.pins.link(name);
         if !path.exists() {
@@ -105,17 +107,20 @@ pub(super) fn programs(cx: &Context) -> Check {
             ));
         } else if info.cgroup_id != cgroup_id {
             problems.push(format!(
-                "{name}: attached to cgroup id {}, not {} (id {cgroup_id})",
-                info.cgroup_id,
+                "{name}: attached to another cgroup than {}",
                 cgroup.display()
+            ));
+            ids.push(format!(
+                "{name}: cgroup id {}, not {cgroup_id}",
+                info.cgroup_id
             ));
         } else if !bpf_sys::cgroup_prog_ids(&cgroup_dir, info.attach_type, false)
             .is_ok_and(|ids| ids.contains(&info.prog_id))
         {
             problems.push(format!(
-                "{name}: program {} is not among the cgroup's programs",
-                info.prog_id
+                "{name}: its program is not among the cgroup's programs"
             ));
+            ids.push(format!("{name}: program id {}", info.prog_id));
         }
     }
     if problems.is_empty() {
@@ -142,6 +147,7 @@ pub(super) fn programs(cx: &Context) -> Check {
             ),
         )
         .with_details(problems)
+        .with_volatile(ids)
     }
 }
 
@@ -169,20 +175,20 @@ pub(super) fn shared_hooks(cx: &Context) -> Check {
         .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
         .collect();
     let mut others = Vec::new();
+    let mut ids = Vec::new();
     for program in datapath::program_names() {
         let Some(attach_type) = attach_type_of(program) else {
             continue;
         };
         // Effective: programs of ancestor cgroups run on these sockets too.
-        let Ok(ids) = bpf_sys::cgroup_prog_ids(&cgroup_dir, attach_type as u32, true) else {
+        let Ok(attached) = bpf_sys::cgroup_prog_ids(&cgroup_dir, attach_type as u32, true) else {
             continue;
         };
-        for id in ids.into_iter().filter(|id| !ours.contains(id)) {
-            others.push(format!(
-                "{}: program {id} ({})",
-                attach_type_name(attach_type),
-                names.get(&id).map_or("?", String::as_str)
-            ));
+        for id in attached.into_iter().filter(|id| !ours.contains(id)) {
+            let hook = attach_type_name(attach_type);
+            let name = names.get(&id).map_or("?", String::as_str);
+            others.push(format!("{hook}: program {name}"));
+            ids.push(format!("{hook}: {name} is program id {id}"));
         }
     }
     if others.is_empty() {
@@ -199,8 +205,9 @@ pub(super) fn shared_hooks(cx: &Context) -> Check {
                 others.len(),
                 cgroup.display()
             ),
-            "see who loaded them with `bpftool prog show id ID` and `bpftool cgroup tree`; remove the other proxy",
+            "see who loaded them with `bpftool prog show name NAME` and `bpftool cgroup tree`; remove the other proxy",
         )
         .with_details(others)
+        .with_volatile(ids)
     }
 }

@@ -130,16 +130,16 @@ pub fn doctor_in(
     )
 }
 
-/// `doctor --output json --bpffs` on the lab's pins with `flags`: whether
-/// it exited 0, and each check's status and its evidence (details and fix
-/// included), by name.
+/// `doctor --output json --verbose --bpffs` on the lab's pins with
+/// `flags`: whether it exited 0, and each check's status and its evidence
+/// (details, fix and volatile facts included), by name.
 pub fn doctor_with(
     mut command: Command,
     lab: &Lab,
     flags: &[&OsStr],
 ) -> (bool, BTreeMap<String, (String, String)>) {
     let out = command
-        .args(["doctor", "--output", "json", "--bpffs"])
+        .args(["doctor", "--output", "json", "--verbose", "--bpffs"])
         .arg(lab.bpffs())
         .args(flags)
         .output()
@@ -161,8 +161,8 @@ pub fn doctor_with(
                 (
                     check["status"].as_str().unwrap().to_owned(),
                     format!(
-                        "{} {} {}",
-                        check["evidence"], check["details"], check["fix"]
+                        "{} {} {} {}",
+                        check["evidence"], check["details"], check["fix"], check["volatile"]
                     ),
                 ),
             )
