@@ -15,7 +15,7 @@ use std::{
 };
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
-use xtask::lab::{Lab, agent_binary, manifests};
+use xtask::lab::{Lab, TwoNodeLab, agent_binary, manifests};
 
 use common::{
     HTTP, HTTP_BACKEND, WEB_VIP, assert_check, doctor, doctor_in, request_counts,
@@ -483,4 +483,83 @@ fn doctor_json_is_the_same_across_traffic_and_verbose_adds_the_counts() {
     assert_eq!(figure(&checks["counters"].1, "rev_nat_evicted"), 1);
     let plain = doctor_json(&lab, &healthz, false);
     assert!(!plain.contains("rev_nat_evicted 1"), "{plain}");
+}
+
+/// On a node whose tc programs drop NodePort packets of a
+/// Service of policy Local with no endpoint there, doctor counts the drops
+/// as kube-proxy's behaviour, not a problem; and it reads br_netfilter in
+/// the node's own namespace, where the pods' bridge is, even through
+/// `nsenter --net`, whose /sys is still the host's.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_explains_ext_dropped_and_checks_br_netfilter_in_the_nodes_namespace() {
+    let lab = TwoNodeLab::new().expect("lab");
+    lab.write_manifest(
+        "local.yaml",
+        &manifests::documents(&[
+            manifests::node_port_service(
+                "local",
+                "NodePort",
+                "10.96.0.41",
+                (80, 30081),
+                manifests::local_traffic,
+            ),
+            manifests::endpoint_slice_on_nodes(
+                "local-1",
+                "local",
+                HTTP_BACKEND,
+                &[(Ipv4Addr::new(10, 244, 1, 10), "node-1")],
+            ),
+        ]),
+    )
+    .unwrap();
+    let agent = lab.start_agent(2, &agent_binary(), &[]).unwrap();
+    agent
+        .wait_for_log("attached (TCX)", Duration::from_secs(10))
+        .unwrap();
+    let node = lab.node(2);
+    let healthz = agent.address("healthz").unwrap();
+    let doctor_here = || {
+        let mut command = node.in_node(agent_binary());
+        command.stdin(Stdio::null());
+        doctor_in(command, node, &healthz).1
+    };
+    let url = format!("http://{}:30081/", lab.node_ip(2));
+    let curl = lab
+        .external("curl")
+        .args(["-s", "--max-time", "2", &url])
+        .output()
+        .unwrap();
+    assert!(!curl.status.success(), "node 2 has no local endpoint");
+    let checks = doctor_here();
+    assert_check(&checks, "counters", "OK", "kube-proxy drops");
+    assert!(
+        figure(&checks["counters"].1, "ext_dropped") > 0,
+        "{checks:#?}"
+    );
+    assert_check(&checks, "netfilter", "OK", "br_netfilter for bridge br0");
+    assert_check(&checks, "netfilter", "OK", "nf_conntrack");
+    assert_check(&checks, "netfilter", "OK", "nf_nat");
+
+    node.node_output("sysctl", &["-w", "net.bridge.bridge-nf-call-iptables=0"])
+        .unwrap();
+    let checks = doctor_here();
+    assert_check(
+        &checks,
+        "netfilter",
+        "WARN",
+        "bridge br0, but br_netfilter does not hand its traffic to iptables",
+    );
+    assert_check(
+        &checks,
+        "netfilter",
+        "WARN",
+        "sysctl -w net.bridge.bridge-nf-call-iptables=1",
+    );
+    // The sysctl is the node namespace's: the host's doctor does not see it.
+    let host = common::doctor_with(Command::new(agent_binary()), node, &[]).1;
+    assert!(
+        !host["netfilter"].1.contains("bridge-nf-call-iptables = 0"),
+        "{host:#?}"
+    );
 }

@@ -29,6 +29,7 @@ mod kernel;
 mod kube_proxy;
 mod maps;
 mod masquerade;
+mod netfilter;
 mod programs;
 pub mod snapshot;
 mod source;
@@ -270,6 +271,7 @@ pub async fn run(args: &DoctorArgs) -> Report {
         kernel::kernel(&cx),
         programs::programs(&cx),
         masquerade::masquerade(&cx),
+        netfilter::netfilter(&cx),
         drift::drift(&cx, snapshot.as_ref()),
         kube_proxy::kube_proxy(),
         programs::shared_hooks(&cx),
