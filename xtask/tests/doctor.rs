@@ -485,6 +485,57 @@ fn doctor_json_is_the_same_across_traffic_and_verbose_adds_the_counts() {
     assert!(!plain.contains("rev_nat_evicted 1"), "{plain}");
 }
 
+/// A held xtables lock names its holder, and doctor does not
+/// wait for it. The lock is a file of the test's own, through iptables'
+/// XTABLES_LOCKFILE, so the node's iptables never wait on the test.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_names_who_holds_the_xtables_lock_without_waiting() {
+    let lab = Lab::new().expect("lab");
+    let lock = std::env::temp_dir().join(format!("doctor-xtables-{}.lock", std::process::id()));
+    fs::write(&lock, "").unwrap();
+    let doctor_here = || {
+        let mut command = Command::new(agent_binary());
+        command.env("XTABLES_LOCKFILE", &lock);
+        let started = Instant::now();
+        let checks = doctor_in(command, &lab, "127.0.0.1:1").1;
+        (checks, started.elapsed())
+    };
+    let (checks, _) = doctor_here();
+    assert_check(&checks, "xtables-lock", "OK", "is free");
+
+    let mut holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .expect("flock");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Command::new("flock")
+        .arg("--nonblock")
+        .arg(&lock)
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "flock did not take the lock");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (checks, took) = doctor_here();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    fs::remove_file(&lock).unwrap();
+    assert_check(&checks, "xtables-lock", "WARN", "is held by flock");
+    assert_check(
+        &checks,
+        "xtables-lock",
+        "WARN",
+        &format!("flock is pid {}", holder.id()),
+    );
+    // Its five tries take half a second; the rest is the other checks.
+    assert!(took < Duration::from_secs(20), "doctor took {took:?}");
+}
+
 /// On a node whose tc programs drop NodePort packets of a
 /// Service of policy Local with no endpoint there, doctor counts the drops
 /// as kube-proxy's behaviour, not a problem; and it reads br_netfilter in

@@ -33,6 +33,7 @@ mod netfilter;
 mod programs;
 pub mod snapshot;
 mod source;
+mod xtables_lock;
 
 use snapshot::SourceArgs;
 
@@ -272,6 +273,7 @@ pub async fn run(args: &DoctorArgs) -> Report {
         programs::programs(&cx),
         masquerade::masquerade(&cx),
         netfilter::netfilter(&cx),
+        xtables_lock::xtables_lock(),
         drift::drift(&cx, snapshot.as_ref()),
         kube_proxy::kube_proxy(),
         programs::shared_hooks(&cx),
