@@ -31,6 +31,9 @@ pub struct Interface {
     pub index: u32,
     pub loopback: bool,
     pub addresses: BTreeSet<IpAddr>,
+    /// The kind of link (`veth`, `bridge`, ...), as rtnetlink names it;
+    /// empty for a physical device.
+    pub kind: String,
     /// A veth whose peer is in another network namespace: on a node, a
     /// pod's interface seen from the host (or, in a node that is itself a
     /// container, its own uplink, which carries addresses).
@@ -50,7 +53,7 @@ pub enum DevicesError {
 /// IPv6 addresses are left out: every interface has one, and a NodePort
 /// is no use on an address that needs a zone to be reached.
 pub fn read() -> Result<Vec<Interface>, DevicesError> {
-    let veths = veths_to_other_namespaces().map_err(DevicesError::Links)?;
+    let links = links().map_err(DevicesError::Links)?;
     let mut interfaces: BTreeMap<String, Interface> = BTreeMap::new();
     for entry in getifaddrs().map_err(DevicesError::Addresses)? {
         let interface = interfaces
@@ -58,7 +61,13 @@ pub fn read() -> Result<Vec<Interface>, DevicesError> {
             .or_insert_with(|| Interface {
                 name: entry.interface_name.clone(),
                 index: nix::net::if_::if_nametoindex(entry.interface_name.as_str()).unwrap_or(0),
-                veth_to_other_namespace: veths.contains(&entry.interface_name),
+                kind: links
+                    .get(&entry.interface_name)
+                    .map(|link| link.kind.clone())
+                    .unwrap_or_default(),
+                veth_to_other_namespace: links
+                    .get(&entry.interface_name)
+                    .is_some_and(|link| link.kind == "veth" && link.peer_elsewhere),
                 ..Interface::default()
             });
         interface.loopback |= entry.flags.contains(InterfaceFlags::IFF_LOOPBACK);
@@ -107,37 +116,52 @@ const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_LINK_NETNSID: u16 = 37;
 
-/// The names of this namespace's veths whose peer is in another one.
-fn veths_to_other_namespaces() -> io::Result<BTreeSet<String>> {
+/// What rtnetlink says of a link that getifaddrs(3) does not.
+#[derive(Debug, PartialEq, Eq)]
+struct Link {
+    kind: String,
+    /// Its peer (a veth's other end) is in another network namespace.
+    peer_elsewhere: bool,
+}
+
+/// This namespace's links, by name: asked over a socket, so of the
+/// caller's namespace, where /sys/class/net is of the namespace sysfs was
+/// mounted in (which `nsenter --net` does not change).
+fn links() -> io::Result<BTreeMap<String, Link>> {
     let socket = netlink::Socket::open(libc::NETLINK_ROUTE)?;
     socket.send(
         libc::RTM_GETLINK,
         libc::NLM_F_REQUEST | libc::NLM_F_DUMP,
         &[0; IFINFOMSG_LEN],
     )?;
-    let mut veths = BTreeSet::new();
+    let mut links = BTreeMap::new();
     socket.receive(|kind, message| {
         if kind == libc::RTM_NEWLINK
-            && let Some(name) = veth_to_other_namespace(message)
+            && let Some((name, link)) = link(message)
         {
-            veths.insert(name);
+            links.insert(name, link);
         }
     })?;
-    Ok(veths)
+    Ok(links)
 }
 
-/// The interface an RTM_NEWLINK message describes, if it is a veth whose
-/// peer is in another namespace: the kernel then names the peer's
-/// namespace (`IFLA_LINK_NETNSID`).
-fn veth_to_other_namespace(message: &[u8]) -> Option<String> {
+/// The link an RTM_NEWLINK message describes: its kind, and whether the
+/// kernel names its peer's namespace (`IFLA_LINK_NETNSID`), which it does
+/// for a peer in another one.
+fn link(message: &[u8]) -> Option<(String, Link)> {
     let attributes = message.get(IFINFOMSG_LEN..)?;
-    let kind = find_attr(find_attr(attributes, IFLA_LINKINFO)?, IFLA_INFO_KIND)?;
-    if c_string(kind) != b"veth" {
-        return None;
-    }
-    find_attr(attributes, IFLA_LINK_NETNSID)?;
     let name = c_string(find_attr(attributes, IFLA_IFNAME)?);
-    Some(String::from_utf8_lossy(name).into_owned())
+    let kind = find_attr(attributes, IFLA_LINKINFO)
+        .and_then(|info| find_attr(info, IFLA_INFO_KIND))
+        .map(c_string)
+        .unwrap_or_default();
+    Some((
+        String::from_utf8_lossy(name).into_owned(),
+        Link {
+            kind: String::from_utf8_lossy(kind).into_owned(),
+            peer_elsewhere: find_attr(attributes, IFLA_LINK_NETNSID).is_some(),
+        },
+    ))
 }
 
 /// A netlink string attribute without its terminating NUL.
@@ -361,6 +385,7 @@ mod tests {
             index: 1,
             loopback: name == "lo",
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            kind: String::new(),
             veth_to_other_namespace: false,
         }
     }
@@ -516,7 +541,7 @@ mod tests {
     /// A netlink answer as the kernel sends it for a veth whose peer is
     /// elsewhere, and for the same veth with its peer here.
     #[test]
-    fn a_veth_to_another_namespace_is_told_by_its_link_attributes() {
+    fn a_links_kind_and_its_peers_namespace_come_from_its_attributes() {
         let message = |netnsid: bool| {
             let mut message = vec![0_u8; IFINFOMSG_LEN];
             netlink::push_attr(&mut message, IFLA_IFNAME, b"veth7\0");
@@ -528,11 +553,17 @@ mod tests {
             }
             message
         };
-        assert_eq!(
-            veth_to_other_namespace(&message(true)).as_deref(),
-            Some("veth7")
-        );
-        assert_eq!(veth_to_other_namespace(&message(false)), None);
+        let veth = |peer_elsewhere| {
+            Some((
+                "veth7".to_owned(),
+                Link {
+                    kind: "veth".to_owned(),
+                    peer_elsewhere,
+                },
+            ))
+        };
+        assert_eq!(link(&message(true)), veth(true));
+        assert_eq!(link(&message(false)), veth(false));
     }
 
     /// What the kernel lists here comes back one entry per interface, each

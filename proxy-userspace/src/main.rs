@@ -1,6 +1,6 @@
 //! The agent: keeps the eBPF service maps equal to the Services and
 //! EndpointSlices it is given, and lets you read them.
-// Raw system calls live in bpf_sys, ethtool, netlink and sock_diag and nowhere else.
+// Raw system calls live in bpf_sys, netlink and sock_diag and nowhere else.
 #![deny(unsafe_code)]
 
 mod agent;
@@ -16,11 +16,6 @@ mod config;
 mod datapath;
 mod devices;
 mod doctor;
-#[expect(
-    unsafe_code,
-    reason = "the ethtool ioctl has no safe wrapper in std or nix"
-)]
-mod ethtool;
 mod explain;
 mod health;
 mod http_get;

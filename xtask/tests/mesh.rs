@@ -10,7 +10,7 @@ mod common;
 use std::{
     collections::BTreeMap,
     fs,
-    process::Output,
+    process::{Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -275,6 +275,18 @@ fn socket_lb_scope_host_lets_the_pods_iptables_see_the_service() {
     // 30 connections of at least a SYN, an ACK and a request each.
     assert!(counted[WEB] >= 90 && counted[WEB6] >= 90, "{counted:?}");
     assert!(counted[DNS] >= 1, "{counted:?}");
+
+    // doctor names the pods' interfaces by their role, not one by one.
+    let mut doctor = lab.node(1).in_node(agent_binary());
+    doctor.stdin(Stdio::null());
+    let healthz = agent.address("healthz").unwrap();
+    let checks = common::doctor_in(doctor, lab.node(1), &healthz).1;
+    common::assert_check(
+        &checks,
+        "masquerade",
+        "OK",
+        "tc programs on br0, eth0, the pods' interfaces (--socket-lb-scope=host)",
+    );
 
     // A pod reaching itself through its Service (hairpin): masqueraded, as
     // kube-proxy does, or it would see its own address as the source.

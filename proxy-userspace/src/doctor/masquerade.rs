@@ -45,8 +45,19 @@ pub(super) fn masquerade(cx: &Context) -> Check {
             ),
         );
     }
-    let mut devices: Vec<&str> = links.iter().map(|(_, link)| link.device.as_str()).collect();
+    // The pods' interfaces by role, not by name: there is one per pod.
+    let mut devices: Vec<&str> = links
+        .iter()
+        .filter(|(_, link)| link.program == "tc_ingress")
+        .map(|(_, link)| link.device.as_str())
+        .collect();
     devices.dedup();
+    if links
+        .iter()
+        .any(|(_, link)| link.program == "tc_pod_ingress")
+    {
+        devices.push("the pods' interfaces (--socket-lb-scope=host)");
+    }
     let on = format!("tc programs on {}", devices.join(", "));
     let families = match crate::reconcile::masquerade::check(cx.args.masquerade_bit) {
         Ok(families) => families,

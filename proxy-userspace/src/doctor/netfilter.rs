@@ -96,7 +96,7 @@ fn bridges() -> Vec<String> {
     crate::devices::read()
         .unwrap_or_default()
         .into_iter()
-        .filter(|device| crate::ethtool::driver(&device.name).is_ok_and(|d| d == "bridge"))
+        .filter(|device| device.kind == "bridge")
         .map(|device| device.name)
         .collect()
 }
