@@ -727,6 +727,10 @@ where
 /// node (a router sending the Service CIDR to nodes): its frontend came
 /// from [`SERVICES_MAP`], so its backend id is one of [`BACKENDS_MAP`]'s.
 pub const FLOW_CLUSTER_IP: u16 = 0x8000;
+/// [`FlowNat`] flag of a flow that `tc_pod_ingress` translated, from a
+/// pod: when its translated packets come into the node again (through a
+/// bridge that is a NodePort device), `tc_ingress` keeps its reply entry.
+pub const FLOW_FROM_POD: u16 = 0x4000;
 
 /// The data of a [`SOURCE_RANGES_MAP`] key, after the LPM trie's prefix
 /// length: the frontend, matched whole, then the client's address, matched

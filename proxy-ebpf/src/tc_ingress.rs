@@ -20,9 +20,9 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::info;
 use proxy_common::{
-    AFFINITY_CLIENT_IP, COUNTED_BY_TC, Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_REPLY,
-    FRONTEND_KIND, FRONTEND_MASQUERADE, FRONTEND_SOURCE_RANGES, FlowKey, FlowNat, Ip4, Ip6,
-    PROTO_UDP, ServiceKey, ServiceValue,
+    AFFINITY_CLIENT_IP, COUNTED_BY_TC, Event, FLOW_CLUSTER_IP, FLOW_FORWARD, FLOW_FROM_POD,
+    FLOW_REPLY, FRONTEND_KIND, FRONTEND_MASQUERADE, FRONTEND_SOURCE_RANGES, FlowKey, FlowNat, Ip4,
+    Ip6, PROTO_UDP, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -280,11 +280,9 @@ fn flow<A: Ingress, const POD: bool>(ctx: &TcContext, packet: &Packet<A>) -> i32
     let flow = FlowNat {
         addr_be: backend.addr_be,
         port_be: backend.port_be,
-        flags: if hairpin {
-            flags | FRONTEND_MASQUERADE
-        } else {
-            flags
-        },
+        flags: flags
+            | if hairpin { FRONTEND_MASQUERADE } else { 0 }
+            | if POD { FLOW_FROM_POD } else { 0 },
         backend_id: backend.backend_id,
     };
     let reply = FlowKey {
@@ -321,7 +319,10 @@ fn flow<A: Ingress, const POD: bool>(ctx: &TcContext, packet: &Packet<A>) -> i32
 /// Unless the packet is that flow's own, past its translation: a pod's
 /// packet translated on its interface comes into the node again through
 /// the pods' bridge on its way to the backend, and where that bridge is
-/// one of the node's devices too, its reply entry must stay. A frame of
+/// one of the node's devices too, its reply entry must stay. Only a pod's
+/// flow ([`FLOW_FROM_POD`]) is kept so: an outside client that reaches a
+/// pod straight from a port it used for a NodePort looks the same in the
+/// table, and its new flow takes the reply direction. A frame of
 /// its own, and one key reused for every lookup: inlined, or with a key
 /// each, it would take the IPv6 path's stack past the verifier's 512 bytes.
 #[inline(never)]
@@ -340,7 +341,11 @@ fn forget_reply<A: Family>(packet: &Packet<A>) {
     (key.saddr_be, key.sport_be, key.direction) = (packet.saddr_be, packet.sport_be, FLOW_FORWARD);
     if let Some(flow) = flows.get_ptr(&key)
         // SAFETY: as above.
-        && unsafe { (*flow).addr_be.same(packet.daddr_be) && (*flow).port_be == packet.dport_be }
+        && unsafe {
+            (*flow).flags & FLOW_FROM_POD != 0
+                && (*flow).addr_be.same(packet.daddr_be)
+                && (*flow).port_be == packet.dport_be
+        }
     {
         return;
     }
