@@ -22,6 +22,8 @@ use common::HTTP_BACKEND;
 const WEB: &str = "10.96.0.90";
 const WEB6: &str = "fd10:96::90";
 const DNS: &str = "10.96.0.91";
+/// A Service over a pod on a routed veth and one on the bridge.
+const ROUTED: &str = "10.96.0.92";
 
 /// Runs `program` in `pod` (in the lab's cgroup, as the pod's processes
 /// are) and returns its output; fails the test if it cannot start.
@@ -35,10 +37,11 @@ fn in_pod(node: &Lab, pod: &Pod, program: &str, args: &[&str]) -> Output {
 /// The counting rules, each with the iptables of its family: a mesh's
 /// sidecar redirect, as far as this test needs it, matches the Service
 /// address in the pod's own OUTPUT chain.
-const COUNTED: [(&str, &str, &str, &str); 3] = [
+const COUNTED: [(&str, &str, &str, &str); 4] = [
     ("iptables", WEB, "tcp", "80"),
     ("ip6tables", WEB6, "tcp", "80"),
     ("iptables", DNS, "udp", "53"),
+    ("iptables", ROUTED, "tcp", "80"),
 ];
 
 fn add_counting_rules(node: &Lab, pod: &Pod) {
@@ -183,10 +186,22 @@ fn wait_until(agent: &Agent, what: &str, within: Duration, mut done: impl FnMut(
     }
 }
 
-/// Two nodes: on node 1 a web pod and a client pod with the counting
-/// rules; on node 2 a web pod and a DNS pod. A dual-stack web Service over
-/// both web pods, and a DNS Service over UDP.
-fn mesh_lab() -> (TwoNodeLab, Pod, Pod) {
+/// The lab's pods that the test talks from or checks.
+struct Pods {
+    /// web-1a, on node 1's bridge.
+    near: Pod,
+    /// A client on node 1's bridge, with the counting rules.
+    client: Pod,
+    /// A client on a routed veth of node 1, with the counting rules.
+    routed_client: Pod,
+}
+
+/// Two nodes: on node 1's bridge a web pod and a client pod, and on routed
+/// veths of node 1 a web pod and a client pod, both clients with the
+/// counting rules; on node 2 a web pod and a DNS pod. A dual-stack web
+/// Service over both bridge web pods, a DNS Service over UDP, and a
+/// Service over node 1's routed and bridge web pods.
+fn mesh_lab() -> (TwoNodeLab, Pods) {
     let mut lab = TwoNodeLab::new().expect("lab");
     let near = lab.add_web_pod(1, "web-1a").expect("pod");
     let far = lab.add_web_pod(2, "web-2a").expect("pod");
@@ -197,6 +212,14 @@ fn mesh_lab() -> (TwoNodeLab, Pod, Pod) {
         pod
     };
     let client = lab.node_mut(1).add_pod("client-1").expect("pod");
+    let routed_web = lab.node_mut(1).add_routed_pod("routed-web").expect("pod");
+    lab.node_mut(1)
+        .serve_http(&routed_web, 8080)
+        .expect("nginx");
+    let routed_client = lab
+        .node_mut(1)
+        .add_routed_pod("routed-client")
+        .expect("pod");
     lab.write_manifest(
         "mesh.yaml",
         &manifests::documents(&[
@@ -220,11 +243,25 @@ fn mesh_lab() -> (TwoNodeLab, Pod, Pod) {
                 &[("dns", 5353, "UDP")],
                 &[(dns.ip, "node-2")],
             ),
+            manifests::service("routed", ROUTED, common::HTTP),
+            manifests::endpoint_slice_on_nodes(
+                "routed-1",
+                "routed",
+                HTTP_BACKEND,
+                &[(routed_web.ip, "node-1"), (near.ip, "node-1")],
+            ),
         ]),
     )
     .expect("manifest");
-    add_counting_rules(lab.node(1), &client);
-    (lab, near, client)
+    for pod in [&client, &routed_client] {
+        add_counting_rules(lab.node(1), pod);
+    }
+    let pods = Pods {
+        near,
+        client,
+        routed_client,
+    };
+    (lab, pods)
 }
 
 /// Issue 18, item 2. A client pod on node 1 counts, with iptables rules in
@@ -233,15 +270,22 @@ fn mesh_lab() -> (TwoNodeLab, Pod, Pod) {
 /// answer: HTTP over both families from a pod on the client's node (the
 /// reply crosses only the bridge) and one on node 2 (it crosses the
 /// nodes' routing), DNS over UDP from node 2, with the Service's address
-/// as the replies' source; a pod reaches itself through its Service; a pod
-/// made after the agent started is served at once. With `all`, the
+/// as the replies' source; a pod reaches itself through its Service; a
+/// pod on a routed veth (as Calico and Cilium wire them) reaches a Service
+/// over a routed pod of its own node and a bridge one; a pod made after
+/// the agent started is served at once. With `all`, the
 /// default, the rules see nothing (the socket went to the pod at
 /// `connect()`), the pods' interfaces lose their programs, and the
 /// Services answer the same.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn socket_lb_scope_host_lets_the_pods_iptables_see_the_service() {
-    let (mut lab, near, client) = mesh_lab();
+    let (mut lab, pods) = mesh_lab();
+    let Pods {
+        near,
+        client,
+        routed_client,
+    } = &pods;
     let mut flags = vec![
         "--socket-lb-scope",
         "host",
@@ -262,16 +306,17 @@ fn socket_lb_scope_host_lets_the_pods_iptables_see_the_service() {
         &agent,
         "the pods' interfaces got their program",
         Duration::from_secs(10),
-        || pod_links(lab.node(1)).len() == 2,
+        // node 1's four pods, two on the bridge and two routed.
+        || pod_links(lab.node(1)).len() == 4,
     );
 
-    warm(lab.node(1), &client);
-    counted_and_zeroed(lab.node(1), &client);
+    warm(lab.node(1), client);
+    counted_and_zeroed(lab.node(1), client);
     for address in [WEB, WEB6] {
-        assert_answered_by(lab.node(1), &client, address, 30, &["web-1a", "web-2a"]);
+        assert_answered_by(lab.node(1), client, address, 30, &["web-1a", "web-2a"]);
     }
-    assert_eq!(dns_answer(lab.node(1), &client), "\"dns-2a\"");
-    let counted = counted_and_zeroed(lab.node(1), &client);
+    assert_eq!(dns_answer(lab.node(1), client), "\"dns-2a\"");
+    let counted = counted_and_zeroed(lab.node(1), client);
     // 30 connections of at least a SYN, an ACK and a request each.
     assert!(counted[WEB] >= 90 && counted[WEB6] >= 90, "{counted:?}");
     assert!(counted[DNS] >= 1, "{counted:?}");
@@ -290,7 +335,19 @@ fn socket_lb_scope_host_lets_the_pods_iptables_see_the_service() {
 
     // A pod reaching itself through its Service (hairpin): masqueraded, as
     // kube-proxy does, or it would see its own address as the source.
-    assert_answered_by(lab.node(1), &near, WEB, 20, &["web-1a"]);
+    assert_answered_by(lab.node(1), near, WEB, 20, &["web-1a"]);
+
+    // Routed veths: pod to pod on one node (the reply goes from one routed
+    // veth to the other through the node's routing) and to the bridge.
+    assert_answered_by(
+        lab.node(1),
+        routed_client,
+        ROUTED,
+        20,
+        &["routed-web", "web-1a"],
+    );
+    let counted = counted_and_zeroed(lab.node(1), routed_client);
+    assert!(counted[ROUTED] >= 60, "{counted:?}");
 
     let late = lab.node_mut(1).add_pod("late-1").expect("pod");
     wait_until(
@@ -310,13 +367,16 @@ fn socket_lb_scope_host_lets_the_pods_iptables_see_the_service() {
         Duration::from_secs(10),
         || pod_links(lab.node(1)).is_empty(),
     );
-    warm(lab.node(1), &client);
-    counted_and_zeroed(lab.node(1), &client);
+    warm(lab.node(1), client);
+    counted_and_zeroed(lab.node(1), client);
     for address in [WEB, WEB6] {
-        assert_answered_by(lab.node(1), &client, address, 10, &[]);
+        assert_answered_by(lab.node(1), client, address, 10, &[]);
     }
-    assert_eq!(dns_answer(lab.node(1), &client), "\"dns-2a\"");
-    let counted = counted_and_zeroed(lab.node(1), &client);
-    assert!(counted.values().all(|n| *n == 0), "{counted:?}");
-    assert_eq!(counted.len(), 3, "{counted:?}");
+    assert_eq!(dns_answer(lab.node(1), client), "\"dns-2a\"");
+    assert_answered_by(lab.node(1), routed_client, ROUTED, 10, &[]);
+    for pod in [client, routed_client] {
+        let counted = counted_and_zeroed(lab.node(1), pod);
+        assert!(counted.values().all(|n| *n == 0), "{counted:?}");
+        assert_eq!(counted.len(), COUNTED.len(), "{counted:?}");
+    }
 }

@@ -211,6 +211,66 @@ impl Lab {
         Ok(pod)
     }
 
+    /// Adds a pod on a routed veth of its own, as Calico and Cilium wire
+    /// pods: no bridge; the node routes the pod's /32 to the veth, and the
+    /// pod reaches everything through a gateway, 169.254.1.1, that only its
+    /// neighbour entry names (the node's end of the veth). IPv4 only: its
+    /// `ip6` is unspecified. Addresses 10.244.(100 + subnet).10, .11, ...
+    /// in the order pods of either kind are added.
+    pub fn add_routed_pod(&mut self, name: &str) -> Result<Pod> {
+        const GATEWAY: &str = "169.254.1.1";
+        let index = u8::try_from(self.pods.len()).context("too many pods")?;
+        let pod = Pod {
+            name: name.to_owned(),
+            ip: Ipv4Addr::new(10, 244, 100 + self.subnet, FIRST_POD_HOST + index),
+            ip6: Ipv6Addr::UNSPECIFIED,
+            netns: format!("{}-{name}", self.name),
+        };
+        ip(&["netns", "add", &pod.netns])?;
+        self.pods.push(pod.clone());
+        let (node, ns) = (self.node_netns.as_str(), pod.netns.as_str());
+        let veth = format!("veth{index}");
+        ip(&[
+            "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        ip(&["-n", node, "link", "set", &veth, "up"])?;
+        let address = format!("{}/32", pod.ip);
+        ip(&["-n", node, "route", "add", &address, "dev", &veth])?;
+        // The node's end's MAC, from ip: /sys is the host's here.
+        let link = String::from_utf8(
+            Command::new("ip")
+                .args(["-n", node, "-o", "link", "show", &veth])
+                .output()?
+                .stdout,
+        )?;
+        let mac = link
+            .split_whitespace()
+            .skip_while(|word| *word != "link/ether")
+            .nth(1)
+            .context("the veth has no MAC address")?
+            .to_owned();
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "addr", "add", &address, "dev", "eth0"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "neigh",
+            "add",
+            GATEWAY,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        ip(&[
+            "-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0", "onlink",
+        ])?;
+        Ok(pod)
+    }
+
     /// Routes `cidr` from the node onto the bridge, as a node's default route
     /// would: iptables translates a Service address only after the kernel
     /// found a route for it, while the socket hooks need none.
