@@ -7,9 +7,9 @@
 //! checksums cover an address, which ICMP types are errors) is the
 //! [`Family`] trait's, with an impl for each.
 //!
-//! Reads go through `bpf_skb_load_bytes` and writes through
-//! `bpf_skb_store_bytes`, so no direct packet pointer has to be proven in
-//! bounds, and a header the skb does not hold is just a failed load.
+//! Reads are direct, from windows of the packet checked against its end
+//! (see [`window`]); writes go through `bpf_skb_store_bytes` and the
+//! checksum helpers, which keep the skb's checksum state right.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -37,6 +37,10 @@ const IP_CSUM: usize = 10;
 const IP_FRAGMENTED: u16 = 0x3fff;
 /// The IPv6 header: fixed size, the next header at 6.
 const IPV6_HLEN: usize = 40;
+/// The IPv4 header without options: what the programs read of it.
+const IPV4_HLEN: usize = 20;
+/// Source and destination port, the first four bytes of TCP and UDP.
+const PORTS_LEN: usize = 4;
 const IPV6_NEXT_HEADER: usize = 6;
 const TCP_CSUM: usize = 16;
 const UDP_CSUM: usize = 6;
@@ -60,12 +64,48 @@ const ICMPV6_TIME_EXCEEDED: u8 = 3;
 /// without it.
 const BPF_F_IPV6: u64 = 1 << 7;
 
+/// The start of `len` bytes at `offset` of the packet, straight in its
+/// linear data: the skb's headers are pulled in first when they are not
+/// (rarely: the stack keeps headers linear). Reading fields from there
+/// costs a load each, where `bpf_skb_load_bytes` cost a helper call each,
+/// which was most of what a packet cost the programs. `len` is a constant
+/// at every call, so the verifier sees the bound.
+#[expect(
+    clippy::inline_always,
+    reason = "a few windows per packet; a call each would cost more than the reads"
+)]
+#[inline(always)]
+fn window(ctx: &TcContext, offset: usize, len: usize) -> Option<usize> {
+    let start = ctx.data() + offset;
+    if start + len <= ctx.data_end() {
+        return Some(start);
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "headers end far below 4 GiB"
+    )]
+    ctx.pull_data((offset + len) as u32).ok()?;
+    let start = ctx.data() + offset;
+    (start + len <= ctx.data_end()).then_some(start)
+}
+
+/// A `T` at `at`, an address within a [`window`].
+#[expect(clippy::inline_always, reason = "one load; a call would cost more")]
+#[inline(always)]
+fn read<T: Copy>(at: usize) -> T {
+    // SAFETY: the callers read within a window checked against the
+    // packet's end; packet data may be read unaligned.
+    unsafe { core::ptr::read_unaligned(at as *const T) }
+}
+
 /// What the tc programs look at.
 pub enum Parsed<A: Family> {
     /// A TCP or UDP packet.
     Flow(Packet<A>),
     /// An ICMP error about a TCP or UDP packet.
-    IcmpError(IcmpError<A>),
+    /// An ICMP error, at this offset: [`icmp_error`] reads what it quotes,
+    /// apart, so that the flows' path does not carry the quote's stack.
+    IcmpError(usize),
 }
 
 /// The parts of a packet the translation reads. Addresses and ports in
@@ -106,6 +146,10 @@ pub trait Family: FamilyMaps {
     /// Offsets of the addresses in the IP header.
     const SADDR: usize;
     const DADDR: usize;
+    /// The fixed header's length, which holds both addresses.
+    const HLEN: usize;
+    /// The address at `at`, within a [`window`].
+    fn read_addr(at: usize) -> Self;
     /// ICMP or ICMPv6.
     const PROTO_ICMP: u8;
     /// The protocol and L4 offset of the IP header at `l3`, for a packet
@@ -135,6 +179,11 @@ pub trait Family: FamilyMaps {
 impl Family for Ip4 {
     const SADDR: usize = 12;
     const DADDR: usize = 16;
+    const HLEN: usize = IPV4_HLEN;
+
+    fn read_addr(at: usize) -> Self {
+        read(at)
+    }
     const PROTO_ICMP: u8 = PROTO_ICMP;
 
     /// Unless it is a fragment: fragments after the first carry no ports,
@@ -146,15 +195,16 @@ impl Family for Ip4 {
     )]
     #[inline(always)]
     fn header(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
-        let version_ihl: u8 = ctx.load(l3).ok()?;
+        let ip = window(ctx, l3, IPV4_HLEN)?;
+        let version_ihl: u8 = read(ip);
         if version_ihl >> 4 != 4 {
             return None;
         }
-        let fragment: u16 = ctx.load(l3 + 6).ok()?;
+        let fragment: u16 = read(ip + 6);
         if u16::from_be(fragment) & IP_FRAGMENTED != 0 {
             return None;
         }
-        let proto: u8 = ctx.load(l3 + 9).ok()?;
+        let proto: u8 = read(ip + 9);
         Some((proto, l3 + usize::from(version_ihl & 0x0f) * 4))
     }
 
@@ -225,6 +275,13 @@ fn replace_by_diff(ctx: &TcContext, at: usize, diff: u64, flags: u64) -> bool {
 impl Family for Ip6 {
     const SADDR: usize = 8;
     const DADDR: usize = 24;
+    const HLEN: usize = IPV6_HLEN;
+
+    /// Word by word, into registers: read whole, the address goes
+    /// through a stack copy, on the IPv6 path's full stack.
+    fn read_addr(at: usize) -> Self {
+        [read(at), read(at + 4), read(at + 8), read(at + 12)]
+    }
     const PROTO_ICMP: u8 = PROTO_ICMPV6;
 
     /// Only when TCP, UDP or ICMPv6 follows the fixed header at once: a
@@ -236,11 +293,12 @@ impl Family for Ip6 {
     )]
     #[inline(always)]
     fn header(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
-        let version: u8 = ctx.load(l3).ok()?;
+        let ip = window(ctx, l3, IPV6_HLEN)?;
+        let version: u8 = read(ip);
         if version >> 4 != 6 {
             return None;
         }
-        let next: u8 = ctx.load(l3 + IPV6_NEXT_HEADER).ok()?;
+        let next: u8 = read(ip + IPV6_NEXT_HEADER);
         match next {
             PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => Some((next, l3 + IPV6_HLEN)),
             // Hop-by-hop, routing, fragment, ESP, AH, destination options,
@@ -300,25 +358,35 @@ pub fn parse<A: Family>(ctx: &TcContext) -> Option<Parsed<A>> {
     match proto {
         PROTO_TCP | PROTO_UDP => Packet::read(ctx, proto, ETH_HLEN, l4, true).map(Parsed::Flow),
         _ if proto == A::PROTO_ICMP => {
-            let kind: u8 = ctx.load(l4).ok()?;
-            if !A::is_icmp_error(kind) {
-                return None;
-            }
-            let quoted_l3 = l4 + ICMP_HLEN;
-            let (quoted_proto, quoted_l4) = A::header(ctx, quoted_l3)?;
-            if quoted_proto != PROTO_TCP && quoted_proto != PROTO_UDP {
-                return None;
-            }
-            Some(Parsed::IcmpError(IcmpError {
-                // The quote may end after the ports: no TCP flags.
-                quoted: Packet::read(ctx, quoted_proto, quoted_l3, quoted_l4, false)?,
-                saddr_be: ctx.load(ETH_HLEN + A::SADDR).ok()?,
-                daddr_be: ctx.load(ETH_HLEN + A::DADDR).ok()?,
-                icmp: l4,
-            }))
+            let kind: u8 = read(window(ctx, l4, ICMP_HLEN)?);
+            A::is_icmp_error(kind).then_some(Parsed::IcmpError(l4))
         }
         _ => None,
     }
+}
+
+/// The ICMP error at `l4` (see [`Parsed::IcmpError`]), if it quotes a TCP
+/// or UDP packet the programs can translate.
+#[expect(
+    clippy::inline_always,
+    reason = "each tc program's ICMP path calls it once"
+)]
+#[inline(always)]
+pub fn icmp_error<A: Family>(ctx: &TcContext, l4: usize) -> Option<IcmpError<A>> {
+    let quoted_l3 = l4 + ICMP_HLEN;
+    let (quoted_proto, quoted_l4) = A::header(ctx, quoted_l3)?;
+    if quoted_proto != PROTO_TCP && quoted_proto != PROTO_UDP {
+        return None;
+    }
+    // The quote may end after the ports: no TCP flags.
+    let quoted = Packet::read(ctx, quoted_proto, quoted_l3, quoted_l4, false)?;
+    let ip = window(ctx, ETH_HLEN, A::HLEN)?;
+    Some(IcmpError {
+        quoted,
+        saddr_be: A::read_addr(ip + A::SADDR),
+        daddr_be: A::read_addr(ip + A::DADDR),
+        icmp: l4,
+    })
 }
 
 impl<A: Family> Packet<A> {
@@ -328,16 +396,21 @@ impl<A: Family> Packet<A> {
     )]
     #[inline(always)]
     fn read(ctx: &TcContext, proto: u8, l3: usize, l4: usize, tcp_flags: bool) -> Option<Self> {
+        // The ports first: the flags' window may pull the skb, which moves
+        // its data.
+        let ports = window(ctx, l4, PORTS_LEN)?;
+        let (sport_be, dport_be) = (read(ports), read(ports + 2));
         let starts_tcp = tcp_flags && proto == PROTO_TCP && {
-            let flags: u8 = ctx.load(l4 + TCP_FLAGS).ok()?;
+            let flags: u8 = read(window(ctx, l4, TCP_FLAGS + 1)? + TCP_FLAGS);
             flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         };
+        let ip = window(ctx, l3, A::HLEN)?;
         Some(Self {
             proto,
-            saddr_be: ctx.load(l3 + A::SADDR).ok()?,
-            daddr_be: ctx.load(l3 + A::DADDR).ok()?,
-            sport_be: ctx.load(l4).ok()?,
-            dport_be: ctx.load(l4 + 2).ok()?,
+            saddr_be: A::read_addr(ip + A::SADDR),
+            daddr_be: A::read_addr(ip + A::DADDR),
+            sport_be,
+            dport_be,
             starts_tcp,
             l3,
             l4,

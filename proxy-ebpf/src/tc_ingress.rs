@@ -28,9 +28,7 @@ use proxy_common::{
 use crate::{
     lb::{Pick, frontend_of, pick, pick_in},
     maps::{eq, record},
-    packet::{
-        DROP, ETH_P_IP_BE, ETH_P_IPV6_BE, Family, IcmpError, PASS, Packet, Parsed, Side, parse,
-    },
+    packet::{self, DROP, ETH_P_IP_BE, ETH_P_IPV6_BE, Family, PASS, Packet, Parsed, Side, parse},
 };
 
 // `no_mangle` takes the static's own name; these keep the names equal to
@@ -218,9 +216,34 @@ pub const FROM_POD: bool = true;
 #[inline(always)]
 pub fn by_family<const POD: bool>(ctx: &TcContext) -> i32 {
     match ctx.skb.protocol() {
-        ETH_P_IP_BE => ingress4::<POD>(ctx),
-        ETH_P_IPV6_BE => ingress6::<POD>(ctx),
+        ETH_P_IP_BE => then::<Ip4>(ctx, ingress4::<POD>(ctx)),
+        ETH_P_IPV6_BE => then::<Ip6>(ctx, ingress6::<POD>(ctx)),
         _ => PASS,
+    }
+}
+
+/// What a family's flow path leaves to the program beside its verdict:
+/// the rare work kept out of that path's frame, done from the program's
+/// own after it returns, in a frame of its own that parses the packet
+/// again. Each frame stacked on the IPv6 flow path's would take the
+/// program past the verifier's 512 bytes.
+const THEN_ICMP_ERROR: i32 = 0x100;
+/// See [`THEN_ICMP_ERROR`]: with the verdict in its low bits.
+const THEN_FORGET_REPLY: i32 = 0x200;
+
+#[expect(
+    clippy::inline_always,
+    reason = "the program's own frame: that is the point"
+)]
+#[inline(always)]
+fn then<A: Family>(ctx: &TcContext, code: i32) -> i32 {
+    match code {
+        THEN_ICMP_ERROR => icmp_error::<A>(ctx),
+        code if code & THEN_FORGET_REPLY != 0 => {
+            forget_reply::<A>(ctx);
+            code & !THEN_FORGET_REPLY
+        }
+        verdict => verdict,
     }
 }
 
@@ -243,7 +266,7 @@ fn ingress6<const POD: bool>(ctx: &TcContext) -> i32 {
 fn ingress<A: Ingress, const POD: bool>(ctx: &TcContext) -> i32 {
     match parse::<A>(ctx) {
         Some(Parsed::Flow(packet)) => flow::<A, POD>(ctx, &packet),
-        Some(Parsed::IcmpError(error)) => icmp_error(ctx, &error),
+        Some(Parsed::IcmpError(_)) => THEN_ICMP_ERROR,
         None => PASS,
     }
 }
@@ -268,10 +291,7 @@ fn flow<A: Ingress, const POD: bool>(ctx: &TcContext, packet: &Packet<A>) -> i32
     }
     let (backend, flags) = match choose::<A, POD>(packet) {
         Ok(chosen) => chosen,
-        Err(verdict) => {
-            forget_reply(packet);
-            return verdict;
-        }
+        Err(verdict) => return verdict | THEN_FORGET_REPLY,
     };
     // A pod reaching itself through its Service must not see its own
     // address as the source: masquerade it, as kube-proxy's KUBE-SEP rule
@@ -322,15 +342,17 @@ fn flow<A: Ingress, const POD: bool>(ctx: &TcContext, packet: &Packet<A>) -> i32
 /// one of the node's devices too, its reply entry must stay. Only a pod's
 /// flow ([`FLOW_FROM_POD`]) is kept so: an outside client that reaches a
 /// pod straight from a port it used for a NodePort looks the same in the
-/// table, and its new flow takes the reply direction. A frame of
-/// its own, and one key reused for every lookup: inlined, or with a key
-/// each, it would take the IPv6 path's stack past the verifier's 512 bytes.
+/// table, and its new flow takes the reply direction. See
+/// [`THEN_FORGET_REPLY`].
 #[inline(never)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "the one key is lent to every lookup, not copied for each"
 )]
-fn forget_reply<A: Family>(packet: &Packet<A>) {
+fn forget_reply<A: Family>(ctx: &TcContext) {
+    let Some(Parsed::Flow(packet)) = parse::<A>(ctx) else {
+        return;
+    };
     let flows = A::flows();
     let mut key = packet.answered_flow_key(FLOW_REPLY);
     let Some(frontend) = flows.get_ptr(&key) else {
@@ -463,9 +485,16 @@ fn translate<A: Family, const POD: bool>(
 /// frontend the reply came from: it goes on to the backend, quoting the
 /// reply as the backend sent it, and conntrack relates it to the flow
 /// (undoing the masquerade, for policy Cluster).
-#[expect(clippy::inline_always, reason = "one frame per family (see ingress4)")]
-#[inline(always)]
-fn icmp_error<A: Family>(ctx: &TcContext, error: &IcmpError<A>) -> i32 {
+///
+/// See [`THEN_ICMP_ERROR`].
+#[inline(never)]
+fn icmp_error<A: Family>(ctx: &TcContext) -> i32 {
+    let Some(Parsed::IcmpError(at)) = parse::<A>(ctx) else {
+        return PASS;
+    };
+    let Some(error) = packet::icmp_error::<A>(ctx, at) else {
+        return PASS;
+    };
     // SAFETY: the value is copied out at once.
     let Some(flow) =
         (unsafe { A::flows().get(error.quoted.answered_flow_key(FLOW_FORWARD)) }).copied()
