@@ -630,6 +630,19 @@ fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
         );
         costs.push((family, cost));
     }
+    // Packets for no frontend (the client straight to the pod, routed by
+    // node 1): what every other packet on the node's devices pays.
+    lab.route_via_node(&format!("{}/32", pod.ip), 1).unwrap();
+    lab.route_via_node(&format!("{}/128", pod.ip6), 1).unwrap();
+    for (family, host) in [("IPv4", pod.ip.to_string()), ("IPv6", pod.ip6.to_string())] {
+        tc_cost(&lab, &host, 8080, 20);
+        let cost = tc_cost(&lab, &host, 8080, count);
+        println!(
+            "{family} no frontend: tc_ingress {:.0} ns per packet over {} packets, tc_egress {:.0} ns over {}",
+            cost[0].0, cost[0].1, cost[1].0, cost[1].1
+        );
+        costs.push((family, cost));
+    }
     // Each connection is at least SYN, ACK with the request, FIN, ACK
     // inbound, and as many outbound.
     for (family, cost) in &costs {
