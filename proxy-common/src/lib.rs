@@ -43,6 +43,9 @@ pub trait Address: sealed::Sealed + Pod + Default + Eq + Ord + Hash + Debug {
     type TailPad: Pod + Default + Eq + Ord + Hash + Debug;
     /// The names of this family's maps.
     const MAPS: FamilyMaps;
+    /// The address in 32 bits, for [`filter_bit`]: IPv4's as it is, IPv6's
+    /// four words XORed.
+    fn fold(&self) -> u32;
 }
 
 mod sealed {
@@ -54,11 +57,19 @@ mod sealed {
 impl Address for Ip4 {
     type TailPad = [u8; 0];
     const MAPS: FamilyMaps = IPV4_MAPS;
+
+    fn fold(&self) -> u32 {
+        *self
+    }
 }
 
 impl Address for Ip6 {
     type TailPad = [u8; 4];
     const MAPS: FamilyMaps = IPV6_MAPS;
+
+    fn fold(&self) -> u32 {
+        self[0] ^ self[1] ^ self[2] ^ self[3]
+    }
 }
 
 /// `::ffff:a.b.c.d`: how an IPv6 socket names an IPv4 address.
@@ -202,8 +213,33 @@ pub const IPV6_MAPS: FamilyMaps = FamilyMaps {
     source_ranges: SOURCE_RANGES6_MAP,
 };
 
+/// The tc programs' address filters, one for both families: arrays of
+/// [`FILTER_WORDS`] words, a bit per [`filter_bit`] of an (address, port,
+/// protocol). [`FRONTEND_FILTER_MAP`] has the bit of every frontend a
+/// packet may be addressed to (both frontend tables', and those of flows
+/// still running), [`BACKEND_FILTER_MAP`] that of every backend a reply may
+/// come from. A packet whose bit is clear leaves the programs before any
+/// hash lookup, which is most of what such a packet cost; a set bit may be
+/// another address's, and costs only the lookups it would have saved.
+pub const FRONTEND_FILTER_MAP: &str = "lb_fe_filter_v1";
+/// See [`FRONTEND_FILTER_MAP`].
+pub const BACKEND_FILTER_MAP: &str = "lb_be_filter_v1";
+/// Words of each filter: 2^20 bits, 128 KiB, so that 100,000 addresses
+/// set fewer than one bit in ten.
+pub const FILTER_WORDS: u32 = 1 << 14;
+
+/// The filter bit of an address (see [`Address::fold`]), a port (network
+/// byte order) and a protocol, below `64 * FILTER_WORDS`: two multiplies,
+/// the same in the programs and the agent.
+#[must_use]
+pub const fn filter_bit(folded: u32, port_be: u16, proto: u8) -> u32 {
+    let address = folded.wrapping_mul(0x9e37_79b1);
+    let mixed = (address ^ ((port_be as u32) << 8 | proto as u32)).wrapping_mul(0x85eb_ca6b);
+    mixed >> 12
+}
+
 /// Every map of the object; all are pinned.
-pub const MAPS: [&str; 21] = [
+pub const MAPS: [&str; 23] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REV_NAT_MAP,
@@ -225,6 +261,8 @@ pub const MAPS: [&str; 21] = [
     AFFINITY6_MAP,
     COUNTS6_MAP,
     SOURCE_RANGES6_MAP,
+    FRONTEND_FILTER_MAP,
+    BACKEND_FILTER_MAP,
 ];
 
 /// The cgroup programs, by the names of their functions: the

@@ -2,12 +2,12 @@
 //! pin and open them; they carry a layout version.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, lpm_trie::Key},
     macros::btf_map,
 };
 use proxy_common::{
     AFFINITY_MAX_ENTRIES, Address, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
-    COUNTS_MAX_ENTRIES, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event,
+    COUNTS_MAX_ENTRIES, EXT_BACKENDS_MAX_ENTRIES, EXT_SERVICES_MAX_ENTRIES, Event, FILTER_WORDS,
     FLOWS_MAX_ENTRIES, FlowKey, FlowNat, Ip4, Ip6, RevNatPair, SERVICES_MAX_ENTRIES,
     SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevNat, SourceRange,
     UDP_CONNECTED_MAX_ENTRIES,
@@ -36,7 +36,36 @@ const _: () = {
     assert!(eq(proxy_common::AFFINITY6_MAP, "lb6_affinity_v1"));
     assert!(eq(proxy_common::COUNTS6_MAP, "lb6_counts_v1"));
     assert!(eq(proxy_common::SOURCE_RANGES6_MAP, "lb6_src_range_v1"));
+    assert!(eq(proxy_common::FRONTEND_FILTER_MAP, "lb_fe_filter_v1"));
+    assert!(eq(proxy_common::BACKEND_FILTER_MAP, "lb_be_filter_v1"));
 };
+
+/// An address filter (see [`proxy_common::FRONTEND_FILTER_MAP`]).
+pub type Filter = Array<u64, { FILTER_WORDS as usize }>;
+
+/// The frontends a packet may be addressed to; the agent keeps it.
+#[btf_map(name = "lb_fe_filter_v1")]
+pub static FRONTEND_FILTER: Filter = Array::new();
+
+/// The backends a reply may come from; the agent keeps it.
+#[btf_map(name = "lb_be_filter_v1")]
+pub static BACKEND_FILTER: Filter = Array::new();
+
+/// Whether `filter` may hold (`addr`, `port_be`, `proto`): false only when
+/// it certainly does not. An array lookup, which the verifier turns into a
+/// bounds check and a load, and two multiplies.
+#[expect(
+    clippy::inline_always,
+    reason = "every tc packet asks it first; a call would cost as much as the answer"
+)]
+#[inline(always)]
+pub fn may_hold<A: Address>(filter: &Filter, addr: A, port_be: u16, proto: u8) -> bool {
+    let bit = proxy_common::filter_bit(addr.fold(), port_be, proto);
+    // A word the filter lacks (an agent that never wrote it) says "maybe".
+    filter
+        .get(bit >> 6)
+        .is_none_or(|word| word & (1 << (bit & 63)) != 0)
+}
 
 /// A frontend map of either family: the socket programs' or the tc
 /// programs'.

@@ -10,7 +10,7 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use proxy_common::{Event, FLOW_REPLY, Ip4, Ip6};
 
 use crate::{
-    maps::record,
+    maps::{BACKEND_FILTER, may_hold, record},
     packet::{self, DROP, ETH_P_IP_BE, ETH_P_IPV6_BE, Family, PASS, Parsed, Side, parse},
 };
 
@@ -42,6 +42,16 @@ fn egress6(ctx: &TcContext) -> i32 {
 fn egress<A: Family>(ctx: &TcContext) -> i32 {
     match parse::<A>(ctx) {
         Some(Parsed::Flow(packet)) => {
+            // A reply comes from a backend; most packets leaving a node's
+            // devices do not, and go before any hash lookup.
+            if !may_hold(
+                &BACKEND_FILTER,
+                packet.saddr_be,
+                packet.sport_be,
+                packet.proto,
+            ) {
+                return PASS;
+            }
             // SAFETY: the value is copied out at once.
             let Some(frontend) = (unsafe { A::flows().get(packet.flow_key(FLOW_REPLY)) }).copied()
             else {

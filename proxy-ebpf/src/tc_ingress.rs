@@ -27,7 +27,7 @@ use proxy_common::{
 
 use crate::{
     lb::{Pick, frontend_of, pick, pick_in},
-    maps::{eq, record},
+    maps::{BACKEND_FILTER, FRONTEND_FILTER, eq, may_hold, record},
     packet::{self, DROP, ETH_P_IP_BE, ETH_P_IPV6_BE, Family, PASS, Packet, Parsed, Side, parse},
 };
 
@@ -272,6 +272,29 @@ fn ingress<A: Ingress, const POD: bool>(ctx: &TcContext) -> i32 {
 }
 
 fn flow<A: Ingress, const POD: bool>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
+    // Most packets on a node's devices are for no frontend: out before
+    // any hash lookup. A flow that starts here untranslated may still have
+    // to take a reply direction back (see `forget_reply`), which only a
+    // backend's address can have.
+    if !may_hold(
+        &FRONTEND_FILTER,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.proto,
+    ) {
+        let starts = packet.starts_tcp || packet.proto == PROTO_UDP;
+        return if starts
+            && may_hold(
+                &BACKEND_FILTER,
+                packet.daddr_be,
+                packet.dport_be,
+                packet.proto,
+            ) {
+            PASS | THEN_FORGET_REPLY
+        } else {
+            PASS
+        };
+    }
     let flows = A::flows();
     let forward = packet.flow_key(FLOW_FORWARD);
     // A TCP SYN always chooses afresh (a reused client port must not stick

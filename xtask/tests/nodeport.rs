@@ -653,7 +653,7 @@ fn edge_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn outside_frontends_flow_pinning_and_icmp_errors() {
-    let (lab, agents) = outside_frontends_lab();
+    let (lab, mut agents) = outside_frontends_lab();
     let node1 = lab.node_ip(1).to_string();
     let masqueraded = [node1.clone(), lab.node(1).bridge_ip().to_string()];
     for frontend in ["192.168.200.10", "192.168.200.20", "10.96.0.50"] {
@@ -682,7 +682,8 @@ fn outside_frontends_flow_pinning_and_icmp_errors() {
     assert_direct_flow_after_a_frontend_flow_on_one_port(&lab);
     assert_udp_refusal_reaches_the_client(&lab);
     assert_path_mtu_discovery_through_the_frontend(&lab);
-    assert_flow_keeps_its_backend(&lab);
+    let held = assert_flow_keeps_its_backend(&lab);
+    assert_a_running_flow_outlives_its_frontend_and_a_restart(&lab, &mut agents[0], held);
 
     let stats = agents[0].stats_json().unwrap();
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
@@ -722,7 +723,8 @@ fn assert_direct_flow_after_a_frontend_flow_on_one_port(lab: &TwoNodeLab) {
 /// A keep-alive connection to the NodePort keeps the pod it got while that
 /// pod is taken out of the Service (as conntrack keeps an established
 /// connection under kube-proxy), while new connections go to the other.
-fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) {
+/// Returns the connection, held, and the pod that answers it.
+fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) -> (Conversation, String) {
     let mut held = Conversation::start({
         let mut command = lab.external("python3");
         command.args([
@@ -760,6 +762,35 @@ fn assert_flow_keeps_its_backend(lab: &TwoNodeLab) {
         thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(held.ask(), first, "the held connection changed backend");
+    (held, first)
+}
+
+/// The held connection goes on when every outside frontend is gone and
+/// node 1's agent starts again: the address filters' rebuild drops the
+/// frontends' bits but keeps those of flows still running.
+fn assert_a_running_flow_outlives_its_frontend_and_a_restart(
+    lab: &TwoNodeLab,
+    agent: &mut Agent,
+    (mut held, backend): (Conversation, String),
+) {
+    lab.write_manifest("edge.yaml", "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.services_json().unwrap().contains("30090") {
+        assert!(Instant::now() < deadline, "the NodePort stayed");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(held.ask(), backend, "after the frontend went");
+    agent.kill();
+    let restarted = lab
+        .start_agent(1, &agent_binary(), &["--cluster-cidr", "10.244.0.0/16"])
+        .expect("agent");
+    restarted
+        .wait_for_log(
+            "rebuilt the tc programs' address filters",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(held.ask(), backend, "after the filters' rebuild");
 }
 
 /// A UDP datagram to a NodePort whose pod has nothing on the port: the

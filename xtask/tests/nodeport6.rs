@@ -630,11 +630,17 @@ fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
         );
         costs.push((family, cost));
     }
-    // Packets for no frontend (the client straight to the pod, routed by
-    // node 1): what every other packet on the node's devices pays.
-    lab.route_via_node(&format!("{}/32", pod.ip), 1).unwrap();
-    lab.route_via_node(&format!("{}/128", pod.ip6), 1).unwrap();
-    for (family, host) in [("IPv4", pod.ip.to_string()), ("IPv6", pod.ip6.to_string())] {
+    // Packets for no frontend (the client straight to a pod of no
+    // Service, routed by node 1): what every other packet on the node's
+    // devices pays.
+    let other = lab.add_web_pod(1, "other-1b").expect("pod");
+    lab.route_via_node(&format!("{}/32", other.ip), 1).unwrap();
+    lab.route_via_node(&format!("{}/128", other.ip6), 1)
+        .unwrap();
+    for (family, host) in [
+        ("IPv4", other.ip.to_string()),
+        ("IPv6", other.ip6.to_string()),
+    ] {
         tc_cost(&lab, &host, 8080, 20);
         let cost = tc_cost(&lab, &host, 8080, count);
         println!(

@@ -41,7 +41,7 @@ use crate::{
     maps::{Pins, encoding::MapAddress},
     metrics::Metrics,
     model::{Model, ModelConfig, Problem},
-    reconcile::masquerade::Masquerade,
+    reconcile::{filters::Filters, masquerade::Masquerade},
     service_health::ServiceHealthServers,
     source::{Change, EventSink, NodeObject, Source, SourceError, SourceEvent},
     stale_sockets::{StaleSockets, Termination, Translations},
@@ -138,6 +138,9 @@ struct Loop {
     view: View,
     ipv4: FamilyTables<Ip4>,
     ipv6: FamilyTables<Ip6>,
+    /// The tc programs' address filters, kept ahead of both families'
+    /// tables.
+    filters: Filters,
     /// Follows the backends that leave; `None` with `--terminate-udp=false`
     /// and `--terminate-tcp=false`.
     stale_sockets: Option<StaleSockets>,
@@ -161,6 +164,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
     let (mut datapath, mut ipv4, mut ipv6) = load(&config)?;
+    let filters = datapath.take_filters()?;
     if config.programs.trace {
         follow_trace(&mut datapath)?;
     }
@@ -185,6 +189,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
         view: View::Partial,
         ipv4,
         ipv6,
+        filters,
         stale_sockets,
         attachment: Attachment::new(
             datapath,
@@ -488,6 +493,10 @@ impl Loop {
             masquerade.repair();
         }
         self.follow_interfaces();
+        if self.filters.rebuild_due(Instant::now()) {
+            self.filters
+                .rebuild(&self.model, self.view == View::Complete);
+        }
         self.guard();
     }
 
@@ -536,6 +545,10 @@ impl Loop {
         let started = Instant::now();
         let changes = self.model.recompute();
         self.log_problems();
+        // The filters' bits before the tables' frontends, or a new
+        // frontend's first packets would leave the programs untranslated.
+        self.filters
+            .before_pass(&self.model, &changes, self.view == View::Complete);
         self.ipv4.changed(&changes);
         self.ipv6.changed(&changes);
         self.service_health

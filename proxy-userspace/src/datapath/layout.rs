@@ -221,7 +221,10 @@ pub(super) fn stale_maps(pins: &Pins) -> Vec<PathBuf> {
         .filter(|entry| {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            (name.starts_with("lb4_") || name.starts_with("lb6_")) && !MAPS.contains(&name.as_ref())
+            ["lb4_", "lb6_", "lb_"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+                && !MAPS.contains(&name.as_ref())
         })
         .map(|entry| entry.path())
         .collect();

@@ -19,8 +19,9 @@ use proxy_common::{Backend, PROGRAMS, ServiceKey, ServiceValue};
 use tracing::info;
 
 use crate::maps::{
-    Counts, MapsError, Pins, PinsError, SizedTable, SourceRanges, encoding::MapAddress,
-    table::typed_map,
+    Counts, MapsError, Pins, PinsError, SizedTable, SourceRanges,
+    encoding::MapAddress,
+    table::{Filter, Flows, typed_map},
 };
 
 mod attach;
@@ -105,6 +106,25 @@ impl Datapath {
         let name = A::MAPS.counts;
         let map = self.take_map(name)?;
         Ok(Counts::try_from(map).map_err(|source| MapsError::Open { name, source })?)
+    }
+
+    /// Hands out the tc programs' address filters and both families' flow
+    /// tables, whose flows keep their bits.
+    pub fn take_filters(&mut self) -> Result<crate::reconcile::filters::Filters, DatapathError> {
+        let mut typed = |name: &'static str| -> Result<Map, DatapathError> { self.take_map(name) };
+        let (frontends, backends, flows4, flows6) = (
+            typed(proxy_common::FRONTEND_FILTER_MAP)?,
+            typed(proxy_common::BACKEND_FILTER_MAP)?,
+            typed(proxy_common::FLOWS_MAP)?,
+            typed(proxy_common::FLOWS6_MAP)?,
+        );
+        let open = |name: &'static str| move |source| MapsError::Open { name, source };
+        Ok(crate::reconcile::filters::Filters::adopt(
+            Filter::try_from(frontends).map_err(open(proxy_common::FRONTEND_FILTER_MAP))?,
+            Filter::try_from(backends).map_err(open(proxy_common::BACKEND_FILTER_MAP))?,
+            Flows::try_from(flows4).map_err(open(proxy_common::FLOWS_MAP))?,
+            Flows::try_from(flows6).map_err(open(proxy_common::FLOWS6_MAP))?,
+        ))
     }
 
     /// Hands out one family's loadBalancerSourceRanges trie, for its table.

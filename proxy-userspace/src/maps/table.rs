@@ -287,6 +287,13 @@ pub fn open_pinned_external<A: MapAddress>(pins: &Pins) -> Result<ServiceMaps<A>
 /// One family's translation counts per backend slot.
 pub type Counts<A = Ip4> = aya::maps::HashMap<MapData, ServiceKey<A>, u64>;
 
+/// A tc address filter ([`proxy_common::FRONTEND_FILTER_MAP`]).
+pub type Filter = aya::maps::Array<MapData, u64>;
+
+/// One family's tc flow table, read for the filters' rebuild.
+pub type Flows<A = Ip4> =
+    aya::maps::HashMap<MapData, proxy_common::FlowKey<A>, proxy_common::FlowNat<A>>;
+
 /// Opens one family's pinned per-slot counts ([`proxy_common::COUNTS_MAP`]).
 pub fn open_pinned_counts<A: MapAddress>(pins: &Pins) -> Result<Counts<A>, MapsError> {
     let name = A::MAPS.counts;

@@ -15,6 +15,7 @@
 //!   own.
 
 pub mod counts;
+pub mod filters;
 pub mod masquerade;
 pub mod source_ranges;
 pub mod table;

@@ -1,11 +1,13 @@
 # A keep-alive HTTP connection to HOST:PORT: prints who answered its first
-# request, waits for a line on stdin, and prints who answered the second.
+# request, then, for each line on stdin, who answered the next one on the
+# same connection; ends with stdin.
 import http.client
 import sys
 
 host, port = sys.argv[1], int(sys.argv[2])
 c = http.client.HTTPConnection(host, port, timeout=5)
-for _ in range(2):
+while True:
     c.request("GET", "/held")
     print(c.getresponse().read().decode().strip(), flush=True)
-    sys.stdin.readline()
+    if not sys.stdin.readline():
+        break
