@@ -99,7 +99,10 @@ fn answers(node: &Lab, pod: &Pod, address: &str, count: usize) -> BTreeMap<Strin
     } else {
         format!("http://{address}/")
     };
-    let mut args = vec!["-s", "-g", "--max-time", "30", "--connect-timeout", "2"];
+    // Room for a SYN sent again twice (1 s, then 3 s): in these namespaces
+    // a first packet to the other node's pod is now and then lost while
+    // its neighbours are found, with or without this proxy.
+    let mut args = vec!["-s", "-g", "--max-time", "60", "--connect-timeout", "5"];
     args.extend(std::iter::repeat_n(url.as_str(), count));
     let out = in_pod(node, pod, "curl", &args);
     let mut counts = BTreeMap::new();

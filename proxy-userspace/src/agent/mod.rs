@@ -163,11 +163,7 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
-    let (mut datapath, mut ipv4, mut ipv6) = load(&config)?;
-    let filters = datapath.take_filters()?;
-    if config.programs.trace {
-        follow_trace(&mut datapath)?;
-    }
+    let (datapath, mut ipv4, mut ipv6, filters) = load(&config)?;
 
     let health = Health::shared(config.health_stale_after);
     let metrics = Metrics::new(config.pins.clone());
@@ -280,10 +276,12 @@ pub async fn run(config: AgentConfig, source: Box<dyn Source>) -> Result<(), Age
 }
 
 /// Loads the datapath and adopts its pinned maps: per family, the socket
-/// programs' table and the tc programs', each with a reconciler of its own.
+/// programs' table and the tc programs', each with a reconciler of its own,
+/// and the tc programs' address filters; with `--trace`, follows the
+/// programs' log.
 fn load(
     config: &AgentConfig,
-) -> Result<(Datapath, FamilyTables<Ip4>, FamilyTables<Ip6>), AgentError> {
+) -> Result<(Datapath, FamilyTables<Ip4>, FamilyTables<Ip6>, Filters), AgentError> {
     let mut datapath = Datapath::load(
         config.pins.clone(),
         config.sizes,
@@ -312,8 +310,12 @@ fn load(
     )?;
     let ipv4 = FamilyTables::adopt(&mut datapath)?;
     let ipv6 = FamilyTables::adopt(&mut datapath)?;
+    let filters = datapath.take_filters()?;
     datapath.set_tcx(config.programs.tcx);
-    Ok((datapath, ipv4, ipv6))
+    if config.programs.trace {
+        follow_trace(&mut datapath)?;
+    }
+    Ok((datapath, ipv4, ipv6, filters))
 }
 
 /// `--trace`: the programs' log records, read twenty times a second on a

@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// How often bits nothing needs any more are cleared.
-pub const SWEEP_PERIOD: Duration = Duration::from_secs(600);
+pub const SWEEP_PERIOD: Duration = Duration::from_mins(10);
 
 /// Both filters as the programs see them, and the flow tables a rebuild
 /// keeps the bits of.
