@@ -563,10 +563,22 @@ fn ipv6_outside_frontends_cluster_ip_from_outside_and_packet_too_big() {
 /// Nanoseconds per call of node 1's tc programs while the external client
 /// makes `count` HTTP connections to `host:port`.
 fn tc_cost(lab: &TwoNodeLab, host: &str, port: u16, count: u64) -> Vec<(f64, u64)> {
+    tc_cost_of(lab, include_str!("clients/http_gets.py"), host, port, count)
+}
+
+/// [`tc_cost`] of `client` (a Python script taking host, port and count
+/// that prints how many requests were answered).
+fn tc_cost_of(
+    lab: &TwoNodeLab,
+    client: &str,
+    host: &str,
+    port: u16,
+    count: u64,
+) -> Vec<(f64, u64)> {
     cost_of(lab.node(1), &["tc_ingress@eth0", "tc_egress@eth0"], || {
         let out = lab
             .external("python3")
-            .args(["-c", include_str!("clients/http_gets.py"), host])
+            .args(["-c", client, host])
             .args([port.to_string(), count.to_string()])
             .output()?;
         assert_succeeded(&out);
@@ -629,6 +641,14 @@ fn tc_cost_per_packet_ipv4_and_ipv6_nodeport() {
             cost[0].0, cost[0].1, cost[1].0, cost[1].1
         );
         costs.push((family, cost));
+        // One keep-alive connection: packets of a flow already running
+        // only, which sets the new flows' cost apart from theirs.
+        let keepalive = include_str!("clients/http_keepalive_gets.py");
+        let cost = tc_cost_of(&lab, keepalive, host, 30080, count);
+        println!(
+            "{family} NodePort, one flow: tc_ingress {:.0} ns per packet over {} packets, tc_egress {:.0} ns over {}",
+            cost[0].0, cost[0].1, cost[1].0, cost[1].1
+        );
     }
     // Packets for no frontend (the client straight to a pod of no
     // Service, routed by node 1): what every other packet on the node's
