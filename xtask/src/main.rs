@@ -43,10 +43,11 @@ enum Task {
     /// iptables and nftables modes, side by side in one run (new connections
     /// per second, connect latency, endpoint changes, install time, memory,
     /// the eBPF programs' cost), then the fairness of the random choice and
-    /// a NodePort per family. Writes target/bench/clusterip.{md,png}.
+    /// NodePorts per family and size against kube-proxy's three modes.
+    /// Writes target/bench/clusterip.{md,png}.
     /// Needs root.
     Bench {
-        /// Cluster sizes to compare the ClusterIP datapaths at
+        /// Cluster sizes to compare the ClusterIP and NodePort datapaths at
         /// (comma-separated, e.g. 1,1000,10000,30000).
         #[arg(
             long,

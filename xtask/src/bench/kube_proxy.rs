@@ -3,7 +3,7 @@
 //! random → KUBE-SEP-* DNAT) and its nftables mode (KEP-3866: the
 //! `service-ips` verdict map, numgen random), for N Services over the same
 //! pods; and the update each mode writes when one endpoint of one Service
-//! changes; and its NodePort rules.
+//! changes; and its NodePort rules in each mode.
 //!
 //! kube-proxy writes the same rules for each family, in its own table:
 //! ip6tables' nat table, and `table ip6 kube-proxy` beside `table ip
@@ -158,15 +158,38 @@ fn nftables_endpoint_rule(family: Family, index: usize, slot: usize, endpoint: I
 /// kube-proxy's nat rules for the two NodePorts: KUBE-NODEPORTS behind the
 /// LOCAL address-type match, KUBE-EXT-* marking policy Cluster for the
 /// masquerade, and KUBE-POSTROUTING doing it; `pod` is the backend's
-/// `address:port` as `--to-destination` takes it (IPv6 in brackets), and
-/// the same rules serve ip6tables-restore.
-pub fn node_ports(pod: &str, local: u16, cluster: u16) -> String {
+/// address, and the same rules serve ip6tables-restore. `services` filler
+/// Services over the same pod come first in KUBE-SERVICES, as a cluster's
+/// ClusterIPs do: kube-proxy's NodePort jump is its last rule, so a
+/// NodePort packet is matched against every ClusterIP rule first.
+pub fn node_ports(
+    family: Family,
+    services: usize,
+    pod: IpAddr,
+    local: u16,
+    cluster: u16,
+) -> String {
+    let mut filler_chains = String::new();
+    let mut filler_rules = String::new();
+    for i in 0..services {
+        let _ = writeln!(
+            filler_rules,
+            "-A KUBE-SERVICES -d {}/{} -p tcp -m comment --comment \"default/svc-{i}:http cluster IP\" \
+             -m tcp --dport 80 -j KUBE-SVC-{i}",
+            service_ip(family, i, services),
+            family.host_prefix()
+        );
+        iptables_service(i, &[pod], &mut filler_chains, &mut filler_rules);
+    }
+    let pod = backend(pod);
     format!(
         "*nat\n\
          :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
          :KUBE-MARK-MASQ - [0:0]\n:KUBE-EXT-CLUSTER - [0:0]\n:KUBE-SEP-POD - [0:0]\n\
+         {filler_chains}\
          -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         {filler_rules}\
          -A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
          -A KUBE-NODEPORTS -p tcp -m tcp --dport {local} -j KUBE-SEP-POD\n\
          -A KUBE-NODEPORTS -p tcp -m tcp --dport {cluster} -j KUBE-EXT-CLUSTER\n\
@@ -178,5 +201,48 @@ pub fn node_ports(pod: &str, local: u16, cluster: u16) -> String {
          -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
          -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n\
          COMMIT\n"
+    )
+}
+
+/// kube-proxy's nftables mode for the two NodePorts, after `services`
+/// filler Services over the same pod: the `services` chain's last rule
+/// looks the node's own addresses up in the `service-nodeports` verdict
+/// map, whose policy Cluster arm marks for the masquerade that
+/// `masquerading` does in postrouting; `pod` is the backend's address.
+pub fn nftables_node_ports(
+    family: Family,
+    services: usize,
+    pod: IpAddr,
+    local: u16,
+    cluster: u16,
+) -> String {
+    let table = format!("{} kube-proxy", family.nft_family());
+    let nft_family = family.nft_family();
+    let loopback = match family {
+        Family::Ipv4 => "127.0.0.0/8",
+        Family::Ipv6 => "::1",
+    };
+    format!(
+        "{fillers}\
+         add chain {table} nat-postrouting {{ type nat hook postrouting priority 100 ; policy accept ; }}\n\
+         add chain {table} masquerading\n\
+         add chain {table} mark-for-masquerade\n\
+         add chain {table} nodeport-pod\n\
+         add chain {table} external-cluster\n\
+         add map {table} service-nodeports {{ type inet_proto . inet_service : verdict ; }}\n\
+         add rule {table} nat-postrouting jump masquerading\n\
+         add rule {table} masquerading mark and 0x4000 == 0 return\n\
+         add rule {table} masquerading mark set mark xor 0x4000\n\
+         add rule {table} masquerading masquerade fully-random\n\
+         add rule {table} mark-for-masquerade mark set mark or 0x4000\n\
+         add rule {table} nodeport-pod meta l4proto tcp dnat to {pod}\n\
+         add rule {table} external-cluster jump mark-for-masquerade\n\
+         add rule {table} external-cluster goto nodeport-pod\n\
+         add rule {table} services fib daddr type local {nft_family} daddr != {loopback} \
+         meta l4proto . th dport vmap @service-nodeports\n\
+         add element {table} service-nodeports {{ tcp . {local} : goto nodeport-pod , \
+         tcp . {cluster} : goto external-cluster }}\n",
+        fillers = nftables(family, services, |_| vec![pod]),
+        pod = backend(pod),
     )
 }

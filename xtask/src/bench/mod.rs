@@ -32,7 +32,7 @@
 //! agent's peak RSS, and what each eBPF program costs per call (from the
 //! kernel's bpf_stats: connect4 beside connect6) are taken. The fairness
 //! of the random choice ([`fairness`]) and a NodePort table per family
-//! ([`node_port`]) follow.
+//! and size, against kube-proxy's three modes ([`node_port`]), follow.
 //! Everything is printed, written to `target/bench/`, and drawn as a chart
 //! per family.
 //!
@@ -73,10 +73,14 @@ const CONNECTS: usize = 2000;
 const TIME_WAIT_OVER: Duration = Duration::from_secs(65);
 
 /// One wrk run's result.
+#[derive(Clone)]
 struct Measurement {
     mode: &'static str,
     requests_per_second: f64,
     latency: String,
+    /// The tc programs' nanoseconds per packet, ingress and egress, where
+    /// they carry the traffic.
+    tc_nanoseconds: Option<[f64; 2]>,
 }
 
 pub struct BenchOptions {
@@ -288,22 +292,22 @@ pub fn run(agent_binary: &Path, options: &BenchOptions) -> Result<()> {
         println!("(drawn in {})", chart.display());
     }
     for &family in &options.families {
-        let results = node_port::node_port(agent_binary, family, options)?;
-        node_port::print_results(
-            &format!(
-                "{} NodePort: new connections per second from an external namespace, \
-                 through node 1",
-                family.name()
-            ),
-            &results,
-            "direct",
-            options,
-        );
+        for (services, results) in node_port::node_port(agent_binary, family, options)? {
+            node_port::print_results(
+                &format!(
+                    "{} NodePort at {services} Services: new connections per second from an \
+                     external namespace, through node 1",
+                    family.name()
+                ),
+                &results,
+                "direct",
+                options,
+            );
+        }
     }
     println!(
-        "\npolicy Cluster masquerades (MASQUERADE --random-fully, as kube-proxy does): from one\n\
-         client at this rate, remapped source ports meet the pod's TIME_WAIT sockets and SYNs\n\
-         are retransmitted. Both datapaths pay it alike; many clients do not."
+        "\npolicy Cluster masquerades (MASQUERADE --random-fully, as kube-proxy does); the pod\n\
+         keeps no TIME_WAIT sockets here, which one client's remapped ports would meet."
     );
     Ok(())
 }
@@ -686,6 +690,7 @@ fn measure(
         mode,
         requests_per_second,
         latency,
+        tc_nanoseconds: None,
     })
 }
 
