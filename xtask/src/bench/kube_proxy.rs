@@ -34,6 +34,18 @@ pub fn iptables(
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
     );
+    iptables_services(family, services, endpoints_of, &mut chains, &mut rules);
+    chains + &rules + "COMMIT\n"
+}
+
+/// Each Service's KUBE-SERVICES rule, KUBE-SVC chain and KUBE-SEP chains.
+fn iptables_services(
+    family: Family,
+    services: usize,
+    endpoints_of: impl Fn(usize) -> Vec<IpAddr>,
+    chains: &mut String,
+    rules: &mut String,
+) {
     for i in 0..services {
         let _ = writeln!(
             rules,
@@ -42,9 +54,8 @@ pub fn iptables(
             service_ip(family, i, services),
             family.host_prefix()
         );
-        iptables_service(i, &endpoints_of(i), &mut chains, &mut rules);
+        iptables_service(i, &endpoints_of(i), chains, rules);
     }
-    chains + &rules + "COMMIT\n"
 }
 
 /// What kube-proxy restores (`iptables-restore --noflush`) when the
@@ -171,16 +182,13 @@ pub fn node_ports(
 ) -> String {
     let mut filler_chains = String::new();
     let mut filler_rules = String::new();
-    for i in 0..services {
-        let _ = writeln!(
-            filler_rules,
-            "-A KUBE-SERVICES -d {}/{} -p tcp -m comment --comment \"default/svc-{i}:http cluster IP\" \
-             -m tcp --dport 80 -j KUBE-SVC-{i}",
-            service_ip(family, i, services),
-            family.host_prefix()
-        );
-        iptables_service(i, &[pod], &mut filler_chains, &mut filler_rules);
-    }
+    iptables_services(
+        family,
+        services,
+        |_| vec![pod],
+        &mut filler_chains,
+        &mut filler_rules,
+    );
     let pod = backend(pod);
     format!(
         "*nat\n\
